@@ -1,0 +1,24 @@
+"""ptq_jax: accurate post-training quantization of Flax models with small calibration sets.
+
+The public API is re-exported here; see README.md for the architecture.
+"""
+
+from ptq_jax.bundled import bundled_checkpoints, model_card, resolve_checkpoint
+from ptq_jax.checkpoint import (CheckpointError, check_variables_match, load_checkpoint,
+                                load_model, save_checkpoint)
+from ptq_jax.data.loader import (ArraySplit, CalibrationSet, DatasetNotFoundError,
+                                 ImageClassificationSource, calibration_set, load_split,
+                                 preprocess)
+from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
+from ptq_jax.models import MODELS, create_model
+from ptq_jax.trace import LayerInfo, totals, trace
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'ArraySplit', 'CalibrationSet', 'CheckpointError', 'DatasetNotFoundError',
+    'ImageClassificationSource', 'LayerInfo', 'MODELS', 'bundled_checkpoints',
+    'calibration_set', 'check_variables_match', 'create_model', 'load_checkpoint',
+    'load_model', 'load_split', 'model_card', 'predict_logits', 'preprocess',
+    'resolve_checkpoint', 'save_checkpoint', 'top1_accuracy_pct', 'totals', 'trace',
+]

@@ -1,0 +1,43 @@
+"""Batched, jit-compiled inference and accuracy of a (float or quantized) model."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptq_jax.models.fast_depthwise import fast_depthwise
+
+
+def predict_logits(model: nn.Module, variables: Dict[str, Any], images: np.ndarray,
+                   batch_size: int = 500, use_fast_depthwise: bool = True) -> np.ndarray:
+  """Logits of ``model`` on ``images`` (float32, NHWC), in batches of ``batch_size``.
+
+  The last partial batch is padded to ``batch_size`` so only one shape compiles.
+  """
+  if len(images) == 0:
+    raise ValueError('predict_logits got an empty set of images.')
+
+  @jax.jit
+  def forward(variables, x):
+    ctx = fast_depthwise() if use_fast_depthwise else contextlib.nullcontext()
+    with ctx:
+      return model.apply(variables, x, train=False)
+
+  outputs = []
+  for start in range(0, len(images), batch_size):
+    batch = np.asarray(images[start:start + batch_size], np.float32)
+    n = len(batch)
+    if n < batch_size and len(images) > batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)])
+    outputs.append(np.asarray(forward(variables, batch))[:n])
+  return np.concatenate(outputs)
+
+
+def top1_accuracy_pct(logits: np.ndarray, labels: np.ndarray) -> float:
+  """Percentage of rows whose arg-max equals the label."""
+  return float(100.0 * np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))

@@ -1,0 +1,44 @@
+"""ptq_jax command line: run the job a config file describes.
+
+  python run.py                                    # built-in default (configs/default.py)
+  python run.py --config=configs/train_resnet20.py --workdir=/tmp/r20
+  python run.py --config=configs/default.py --config.checkpoint=PATH --workdir=DIR
+
+Every config field can be overridden with --config.KEY=VALUE; an unknown key is an
+error. This file stays thin: it parses flags and calls ptq_jax.jobs.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ptq_jax import jobs
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                       'configs', 'default.py'),
+                                'Path to an ml_collections config file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for results, logs and checkpoints '
+                    '(default: the config\'s workdir field).')
+flags.DEFINE_bool('traceback', False, 'Show the full traceback of an input error.')
+
+# Errors that mean "bad input": reported as one line naming the problem and the fix.
+INPUT_ERRORS = (FileNotFoundError, KeyError, ValueError)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    jobs.run(FLAGS.config, FLAGS.workdir)
+  except INPUT_ERRORS as e:
+    if FLAGS.traceback:
+      raise
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    sys.exit(f'run.py: error: {message}\n(--traceback shows where it was raised)')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Sets up ptq_jax on a Debian/Ubuntu machine with Python 3.11+: the Fashion-MNIST
+# Debian package and a virtual environment in .venv with requirements.txt.
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
+  echo "setup: installing Debian package dataset-fashion-mnist" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+    echo "setup: installing python3-venv" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    rm -rf .venv
+    "$PYTHON" -m venv .venv
+  fi
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 \
+  | grep -v -e "^WARNING: Location" -e "is ignored" || true
+.venv/bin/python -c "import jax, flax, optax, tensorflow_datasets, array_record" \
+  || { echo "setup: the virtual environment is incomplete" >&2; exit 1; }
+echo "setup: ready (.venv, $(.venv/bin/python --version))" >&2

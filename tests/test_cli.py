@@ -1,0 +1,101 @@
+"""run.py jobs: training and evaluation end to end, and bad command lines."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import default as default_config
+from configs import train_resnet20
+from ptq_jax import checkpoint as ckpt
+from ptq_jax import jobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, tfds_dir):
+  """A ResNet-20 trained for two steps on 256 images: a real checkpoint, quickly."""
+  config = train_resnet20.get_config()
+  config.data.data_dir = tfds_dir
+  config.num_epochs, config.train_limit, config.eval_limit = 1, 256, 200
+  workdir = str(tmp_path_factory.mktemp('train'))
+  card = jobs.run(config, workdir)
+  return workdir, card
+
+
+def test_train_job_writes_checkpoint_and_model_card(trained):
+  workdir, card = trained
+  assert sorted(os.listdir(workdir)) == ['model_card.json', 'resnet20_fashion_mnist.msgpack',
+                                         'train_log.jsonl']
+  with open(os.path.join(workdir, 'model_card.json')) as f:
+    on_disk = json.load(f)
+  for key in ('test_top1_pct', 'config', 'seed', 'training_seconds', 'command', 'device'):
+    assert key in on_disk
+  assert 0.0 <= on_disk['test_top1_pct'] <= 100.0
+  assert on_disk['config']['train_limit'] == 256
+  model, variables, meta = ckpt.load_model(os.path.join(workdir, 'resnet20_fashion_mnist.msgpack'))
+  assert meta['model'] == 'resnet20' and meta['test_top1_pct'] == card['test_top1_pct']
+
+
+def test_evaluate_job_reproduces_the_model_card(trained, tfds_dir, tmp_path):
+  workdir, card = trained
+  config = default_config.get_config()
+  config.checkpoint = os.path.join(workdir, 'resnet20_fashion_mnist.msgpack')
+  config.data.data_dir = tfds_dir
+  config.eval_limit = 200
+  result = jobs.run(config, str(tmp_path))
+  with open(tmp_path / 'results.json') as f:
+    records = json.load(f)
+  assert records == [result]
+  assert result['top1_pct'] == card['test_top1_pct']  # same 200 test images, same weights
+  assert result['num_examples'] == 200 and result['params'] == 270618
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  proc = run_cli('--config.no_such_key=1', f'--workdir={tmp_path / "w"}')
+  assert proc.returncode != 0
+  assert 'no_such_key' in proc.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+def test_missing_checkpoint_is_an_error(tmp_path):
+  proc = run_cli(f'--config.checkpoint={tmp_path / "nope.msgpack"}', f'--workdir={tmp_path / "w"}')
+  assert proc.returncode != 0
+  assert 'neither a bundled checkpoint' in proc.stderr
+  assert not (tmp_path / 'w' / 'results.json').exists()
+
+
+def test_corrupt_checkpoint_is_an_error(tmp_path):
+  bad = tmp_path / 'bad.msgpack'
+  bad.write_bytes(b'\x00\x01garbage')
+  proc = run_cli(f'--config.checkpoint={bad}', f'--workdir={tmp_path / "w"}')
+  assert proc.returncode != 0 and 'corrupt' in proc.stderr
+  assert 'Traceback' not in proc.stderr  # one clear line, not a stack
+  assert not (tmp_path / 'w' / 'results.json').exists()
+
+
+def test_wrong_data_dir_is_an_error(tmp_path, trained):
+  checkpoint = os.path.join(trained[0], 'resnet20_fashion_mnist.msgpack')
+  proc = run_cli(f'--config.checkpoint={checkpoint}', f'--config.data.idx_dir={tmp_path / "nowhere"}',
+                 f'--config.data.data_dir={tmp_path / "tfds"}', f'--workdir={tmp_path / "w"}')
+  assert proc.returncode != 0
+  assert 'apt-get install dataset-fashion-mnist' in proc.stderr
+  assert not (tmp_path / 'w' / 'results.json').exists()
+
+
+def test_default_job_on_the_bundled_checkpoint(tmp_path, tfds_dir):
+  proc = run_cli('--config.eval_limit=1000', f'--config.data.data_dir={tfds_dir}',
+                 f'--workdir={tmp_path}')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(tmp_path / 'results.json') as f:
+    (record,) = json.load(f)
+  assert record['model'] == 'resnet20' and record['num_examples'] == 1000
+  assert record['top1_pct'] >= 92.0
