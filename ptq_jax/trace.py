@@ -1,17 +1,24 @@
 """The layer table of a Flax model, from one traced forward pass.
 
-``flax.linen.intercept_methods`` sees every ``nn.Conv`` / ``nn.Dense`` call with its
-module path, input and output; ``jax.eval_shape`` makes the trace free of any
-computation. Nothing is inferred from layer names. Counts are per example.
+``flax.linen.intercept_methods`` sees every ``nn.Conv`` / ``nn.Dense`` /
+``nn.BatchNorm`` call with its module path, input and output; ``jax.make_jaxpr``
+makes the trace abstract (no computation) and gives the dataflow graph, in which
+each operation carries the module path in its name stack. From it we read which
+BatchNorm consumes a layer's output directly (to fold) and whether the (folded)
+output feeds a ReLU / ReLU6 directly (AdaQuant's loss needs this). The activation
+is recognised by what it computes on probe values, not by any name. Counts are
+per example.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -27,6 +34,9 @@ class LayerInfo:
   output_shape: Tuple[int, ...]
   params: int                      # kernel + bias elements
   macs: int                        # multiply-accumulates per example
+  bn_path: Optional[str] = None    # the BatchNorm consuming the output directly, if any
+  bn_epsilon: Optional[float] = None
+  activation: str = 'none'         # 'relu' / 'relu6' if the (BN-)output feeds one directly
 
 
 def _conv_info(module: nn.Conv, path: str, x, y, variables) -> LayerInfo:
@@ -51,6 +61,79 @@ def _dense_info(module: nn.Dense, path: str, x, y, variables) -> LayerInfo:
 _HANDLERS = ((nn.Conv, _conv_info), (nn.Dense, _dense_info))
 
 
+_PROBE = np.array([-7.0, -3.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 3.0, 5.5, 6.0, 6.5, 9.0],
+                  np.float32)
+_ACTIVATIONS = (('relu', lambda x: np.maximum(x, 0.0)),
+                ('relu6', lambda x: np.clip(x, 0.0, 6.0)))
+
+
+def _classify_activation(eqn) -> str:
+  """'relu' / 'relu6' if the one-input elementwise ``eqn`` computes it, else 'none'."""
+  variables = [v for v in eqn.invars if not isinstance(v, jex.Literal)]
+  if len(variables) != 1 or len(eqn.outvars) != 1:
+    return 'none'
+  aval = variables[0].aval
+  if eqn.outvars[0].aval.shape != aval.shape or not jnp.issubdtype(aval.dtype, jnp.floating):
+    return 'none'
+  probe = np.resize(_PROBE, aval.shape).astype(aval.dtype)
+  try:
+    closed = jex.ClosedJaxpr(jex.Jaxpr([], variables, list(eqn.outvars), [eqn], eqn.effects), [])
+    (out,) = jex.jaxpr_as_fun(closed)(probe)
+  except Exception:  # Not evaluable in isolation: not a plain activation.
+    return 'none'
+  out = np.asarray(out)
+  for name, fn in _ACTIVATIONS:
+    if np.array_equal(out, fn(probe)):
+      return name
+  return 'none'
+
+
+def _graph_facts(jaxpr, root: str, layers: List[LayerInfo],
+                 bn_of: Dict[str, str]) -> List[LayerInfo]:
+  """Fills ``bn_path`` and ``activation`` from the dataflow graph.
+
+  Operations inside module ``path`` carry the name stack ``root/path``.
+  """
+  eqns = jaxpr.eqns
+  consumers: Dict[Any, List[int]] = {}
+  for i, eqn in enumerate(eqns):
+    for v in eqn.invars:
+      if not isinstance(v, jex.Literal):
+        consumers.setdefault(v, []).append(i)
+
+  def stack_of(eqn) -> str:
+    return str(eqn.source_info.name_stack)
+
+  def output_var(path: str):
+    """The output of the last operation run directly inside module ``path``."""
+    full = f'{root}/{path}'
+    for eqn in reversed(eqns):
+      if stack_of(eqn) == full:
+        return eqn.outvars[0]
+    return None
+
+  def in_module(i: int, path: str) -> bool:
+    name, full = stack_of(eqns[i]), f'{root}/{path}'
+    return name == full or name.startswith(full + '/')
+
+  result = []
+  for layer in layers:
+    out = output_var(layer.path)
+    bn_path = bn_of.get(layer.path)
+    if bn_path is not None and out is not None:
+      # Fold only if the BatchNorm is the sole consumer of the layer's output.
+      if not all(in_module(i, bn_path) for i in consumers.get(out, [])):
+        bn_path = None
+    if bn_path is not None:
+      out = output_var(bn_path)
+    activation = 'none'
+    uses = consumers.get(out, []) if out is not None else []
+    if len(uses) == 1:
+      activation = _classify_activation(eqns[uses[0]])
+    result.append(dataclasses.replace(layer, bn_path=bn_path, activation=activation))
+  return result
+
+
 def trace(model: nn.Module, variables: Dict[str, Any], x: Any,
           **apply_kwargs) -> List[LayerInfo]:
   """Layer table of ``model`` at input ``x`` (a batch; only its shape and dtype matter).
@@ -59,24 +142,38 @@ def trace(model: nn.Module, variables: Dict[str, Any], x: Any,
   once per call.
   """
   layers: List[LayerInfo] = []
+  outputs: Dict[int, str] = {}   # id(output array) -> path of the layer that made it
+  bn_of: Dict[str, str] = {}     # layer path -> path of the BatchNorm fed by its output
+  bn_eps: Dict[str, float] = {}
 
   def interceptor(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
     module = context.module
-    if context.method_name == '__call__' and args:
-      for cls, handler in _HANDLERS:
-        if isinstance(module, cls):
-          path = '/'.join(module.path)
-          layers.append(handler(module, path, args[0], y, module.variables['params']))
-          break
+    if context.method_name != '__call__' or not args:
+      return y
+    path = '/'.join(module.path)
+    if isinstance(module, nn.BatchNorm):
+      producer = outputs.get(id(args[0]))
+      if producer is not None and producer not in bn_of:
+        bn_of[producer] = path
+        bn_eps[path] = float(module.epsilon)
+      return y
+    for cls, handler in _HANDLERS:
+      if isinstance(module, cls):
+        layers.append(handler(module, path, args[0], y, module.variables['params']))
+        outputs[id(y)] = path
+        break
     return y
 
   def forward(variables, x):
     with nn.intercept_methods(interceptor):
       return model.apply(variables, x, **apply_kwargs)
 
-  jax.eval_shape(forward, variables, x)
-  return layers
+  closed = jax.make_jaxpr(forward)(variables, x)
+  root = model.name or type(model).__name__
+  layers = _graph_facts(closed.jaxpr, root, layers, bn_of)
+  return [dataclasses.replace(l, bn_epsilon=bn_eps[l.bn_path]) if l.bn_path else l
+          for l in layers]
 
 
 def totals(layers: Sequence[LayerInfo]) -> Dict[str, int]:

@@ -55,6 +55,21 @@ def depthwise_conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int]
   return out
 
 
+def depthwise_plan(module: nn.Conv, input_shape: Sequence[int], kernel_shape: Sequence[int]):
+  """``(strides, pads)`` if ``module`` is a plain 2-D depthwise conv, else None."""
+  if len(input_shape) != 4 or len(kernel_shape) != 4:
+    return None
+  strides = module.strides or (1, 1)
+  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+  channels = input_shape[-1]
+  if not (kernel_shape[2] == 1 and module.feature_group_count == channels == kernel_shape[3]
+          and module.mask is None and module.input_dilation in (None, 1, (1, 1))
+          and module.kernel_dilation in (None, 1, (1, 1))):
+    return None
+  pads = _explicit_padding(module.padding, input_shape[1:3], kernel_shape[:2], strides)
+  return None if pads is None else (strides, pads)
+
+
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   if not (isinstance(module, nn.Conv) and context.method_name == '__call__'
@@ -62,20 +77,11 @@ def _interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
   (x,) = args
   kernel = module.get_variable('params', 'kernel')
-  channels = x.shape[-1]
-  strides = module.strides or (1, 1)
-  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-  is_depthwise = (x.ndim == 4 and kernel.ndim == 4 and kernel.shape[2] == 1
-                  and module.feature_group_count == channels == kernel.shape[3]
-                  and module.mask is None
-                  and module.input_dilation in (None, 1, (1, 1))
-                  and module.kernel_dilation in (None, 1, (1, 1)))
-  pads = _explicit_padding(module.padding, x.shape[1:3], kernel.shape[:2], strides) \
-      if is_depthwise else None
-  if pads is None:
+  plan = depthwise_plan(module, x.shape, kernel.shape)
+  if plan is None:
     return next_fun(*args, **kwargs)
-  x, kernel = jnp.asarray(x, module.dtype or x.dtype), jnp.asarray(kernel, module.dtype or x.dtype)
-  y = depthwise_conv2d(x, kernel, strides, pads)
+  dtype = module.dtype or x.dtype
+  y = depthwise_conv2d(jnp.asarray(x, dtype), jnp.asarray(kernel, dtype), *plan)
   if module.use_bias:
     y = y + module.get_variable('params', 'bias')
   return y

@@ -1,0 +1,237 @@
+"""The public entry point: ``ptq_jax.quantize(model, variables, calib, **options)``.
+
+It traces the model, folds its BatchNorms, sets every layer's bit widths (with
+the first/last-layer policy and per-layer overrides), calibrates the quantizer
+ranges and returns a :class:`QuantizedModel` whose ``.apply(x)`` runs the
+quantized network, whose ``.report`` is the per-layer table, and which saves
+and loads. Later pipeline stages (AdaQuant, bit allocation, BN and bias tuning)
+extend this same entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptq_jax import checkpoint as ckpt
+from ptq_jax.quant import calibrate
+from ptq_jax.quant.folding import fold_batchnorm
+from ptq_jax.quant.qmodel import LayerQuant, QState, apply_quantized, quantized_weight
+from ptq_jax.quant.quantizer import RANGE_METHODS, QuantizerState, check_bits
+from ptq_jax.trace import LayerInfo, trace
+
+Bits = Optional[int]
+
+
+def _check_calibration(images: Any, input_shape: Optional[Tuple[int, ...]] = None) -> np.ndarray:
+  images = np.asarray(getattr(images, 'images', images))
+  if images.ndim == 0 or len(images) == 0:
+    raise ValueError('The calibration set is empty: pass at least one image '
+                     '(e.g. ptq_jax.calibration_set("fashion_mnist", n=1000)).')
+  if not np.issubdtype(images.dtype, np.floating):
+    raise ValueError(f'Calibration images must be preprocessed floats, got dtype {images.dtype} '
+                     '(use ptq_jax.preprocess or ptq_jax.calibration_set).')
+  if input_shape is not None and tuple(images.shape[1:]) != tuple(input_shape):
+    raise ValueError(f'Calibration images have shape {images.shape[1:]} per example; the model '
+                     f'was traced with {tuple(input_shape)}.')
+  bad = ~np.isfinite(images)
+  if bad.any():
+    which = np.unique(np.nonzero(bad.reshape(len(images), -1))[0])
+    raise ValueError(f'The calibration set holds NaN or Inf values in {len(which)} image(s) '
+                     f'(first indices {which[:5].tolist()}); clean or drop them.')
+  return images.astype(np.float32)
+
+
+def assign_bits(layers: Sequence[LayerInfo], w_bits: Bits, a_bits: Bits,
+                first_last_bits: Bits, overrides: Optional[Mapping[str, Mapping[str, Bits]]]
+                ) -> Dict[str, Tuple[Bits, Bits]]:
+  """(w_bits, a_bits) per layer path: the default, the first/last policy, then overrides."""
+  w_bits, a_bits = check_bits(w_bits, 'w_bits'), check_bits(a_bits, 'a_bits')
+  first_last_bits = check_bits(first_last_bits, 'first_last_bits')
+  bits = {l.path: (w_bits, a_bits) for l in layers}
+  if first_last_bits is not None and layers:
+    for layer in (layers[0], layers[-1]):
+      bits[layer.path] = (first_last_bits if w_bits is not None else None,
+                          first_last_bits if a_bits is not None else None)
+  for path, option in (overrides or {}).items():
+    if path not in bits:
+      raise KeyError(f'Override names layer {path!r}, which the model does not have. Layers: '
+                     f'{list(bits)}')
+    unknown = set(option) - {'w_bits', 'a_bits'}
+    if unknown:
+      raise KeyError(f'Override for {path!r} has unknown keys {sorted(unknown)}; use w_bits '
+                     'and/or a_bits.')
+    w, a = bits[path]
+    bits[path] = (check_bits(option.get('w_bits', w), f'{path} w_bits'),
+                  check_bits(option.get('a_bits', a), f'{path} a_bits'))
+  return bits
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+  """A quantized view of an unmodified Flax model."""
+
+  model: nn.Module
+  variables: Dict[str, Any]
+  layers: List[LayerInfo]
+  qstate: QState
+  options: Dict[str, Any]
+  input_shape: Tuple[int, ...]
+  timings: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+  @property
+  def folded_bns(self) -> frozenset:
+    return frozenset(l.bn_path for l in self.layers if l.bn_path)
+
+  @functools.cached_property
+  def _forward(self):
+    return jax.jit(lambda variables, qstate, x: apply_quantized(
+        self.model, variables, qstate, self.folded_bns, x))
+
+  def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Quantized model output on a batch ``x`` (jit-compiled once per shape)."""
+    return self._forward(self.variables, self.qstate, jnp.asarray(x, jnp.float32))
+
+  def predict(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Outputs on a whole array of images, batched (the last batch padded)."""
+    outs = []
+    for start in range(0, len(images), batch_size):
+      batch = np.asarray(images[start:start + batch_size], np.float32)
+      n = len(batch)
+      if n < batch_size and len(images) > batch_size:
+        batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], np.float32)])
+      outs.append(np.asarray(self.apply(batch))[:n])
+    return np.concatenate(outs)
+
+  def bits(self) -> Dict[str, Tuple[Bits, Bits]]:
+    """(w_bits, a_bits) per layer."""
+    return {p: (lq.w_quant.bits if lq.w_quant else None, lq.a_quant.bits if lq.a_quant else None)
+            for p, lq in self.qstate.items()}
+
+  @property
+  def report(self) -> List[Dict[str, Any]]:
+    """Per-layer table: shape, folding, activation, bits, size, MACs, weight error."""
+    rows = []
+    for layer in self.layers:
+      lq = self.qstate[layer.path]
+      w, a = self.bits()[layer.path]
+      err = jnp.sum((quantized_weight(lq) - lq.kernel)**2) / jnp.maximum(
+          jnp.sum(lq.kernel**2), 1e-30)
+      rows.append({'path': layer.path, 'kind': layer.kind,
+                   'kernel_shape': 'x'.join(map(str, layer.kernel_shape)), 'groups': layer.groups,
+                   'folded_bn': layer.bn_path or '', 'activation': layer.activation,
+                   'w_bits': w, 'a_bits': a, 'params': layer.params, 'macs': layer.macs,
+                   'weight_bits_total': layer.params * (w or 32),
+                   'weight_rel_mse': float(err)})
+    return rows
+
+  def size_bits(self) -> int:
+    """Weight storage of all quantized layers, in bits."""
+    return sum(r['weight_bits_total'] for r in self.report)
+
+  def save(self, path: str) -> None:
+    """Writes the original variables, the quantization state and the options atomically."""
+    qtree = {p: _layer_to_tree(lq) for p, lq in self.qstate.items()}
+    meta = {'kind': 'quantized', 'options': self.options, 'input_shape': list(self.input_shape),
+            'bits': {p: list(b) for p, b in self.bits().items()},
+            'symmetric': self.options.get('symmetric', False)}
+    if 'model' in self.options:
+      meta['model'] = self.options['model']
+    ckpt.save_checkpoint(path, {'variables': self.variables, 'qstate': qtree}, meta)
+
+  @classmethod
+  def load(cls, path: str, model: nn.Module) -> 'QuantizedModel':
+    """Reloads a saved quantized model for ``model`` (the same module that was quantized)."""
+    tree, meta = ckpt.load_checkpoint(path)
+    if meta.get('kind') != 'quantized':
+      raise ckpt.CheckpointError(f'{path} is a float checkpoint, not a quantized model; use '
+                                 'ptq_jax.load_model / load_checkpoint for it.')
+    variables = tree['variables']
+    input_shape = tuple(meta['input_shape'])
+    layers = trace(model, variables, jnp.zeros((1,) + input_shape))
+    paths = {l.path for l in layers}
+    if paths != set(tree['qstate']):
+      raise ckpt.CheckpointError(f'{path} was saved from another model: its layers '
+                                 f'{sorted(set(tree["qstate"]) ^ paths)[:5]} do not match.')
+    qstate = {p: _layer_from_tree(tree['qstate'][p], *meta['bits'][p], meta['symmetric'])
+              for p in (l.path for l in layers)}
+    return cls(model, variables, layers, qstate, meta['options'], input_shape)
+
+
+def _layer_to_tree(lq: LayerQuant) -> Dict[str, Any]:
+  tree = {'kernel': lq.kernel, 'bias': lq.bias}
+  for name, q in (('w_quant', lq.w_quant), ('a_quant', lq.a_quant)):
+    if q is not None:
+      tree[name] = {'range': q.range, 'low': q.low}
+  return tree
+
+
+def _layer_from_tree(tree: Mapping[str, Any], w_bits: Bits, a_bits: Bits,
+                     symmetric: bool) -> LayerQuant:
+  def quantizer(name, bits):
+    if bits is None:
+      return None
+    return QuantizerState(jnp.asarray(tree[name]['range']), jnp.asarray(tree[name]['low']),
+                          int(bits), bool(symmetric))
+  return LayerQuant(jnp.asarray(tree['kernel']), jnp.asarray(tree['bias']),
+                    quantizer('w_quant', w_bits), quantizer('a_quant', a_bits))
+
+
+def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
+             w_bits: Bits = 4, a_bits: Bits = 4, range_method: str = 'minmax',
+             weight_range_method: Optional[str] = None, first_last_bits: Bits = 8,
+             overrides: Optional[Mapping[str, Mapping[str, Bits]]] = None,
+             symmetric: bool = False, percentile: float = 99.99,
+             batch_size: int = 100, model_name: Optional[str] = None) -> QuantizedModel:
+  """Post-training quantization with calibrated ranges (the baseline PTQ).
+
+  Args:
+    model, variables: an unmodified Flax module and its ``{'params', 'batch_stats'}``.
+    calib: preprocessed float calibration images (N, ...) or a ``CalibrationSet``.
+    w_bits, a_bits: default weight / layer-input bit widths, 2..8, or None for float.
+    range_method: 'minmax' (the reference), 'mse' or 'percentile', for activations
+      and (unless ``weight_range_method`` says otherwise) weights.
+    first_last_bits: bits of the first and last layer (the paper's 8), or None to
+      treat them like every other layer.
+    overrides: ``{layer_path: {'w_bits': b, 'a_bits': b}}`` for individual layers.
+    symmetric: symmetric instead of asymmetric quantizers.
+    batch_size: calibration batch size for activation statistics.
+  """
+  start = time.time()
+  images = _check_calibration(calib)
+  for name, method in (('range_method', range_method), ('weight_range_method',
+                                                        weight_range_method or range_method)):
+    if method not in RANGE_METHODS:
+      raise ValueError(f'{name}={method!r} is not one of {RANGE_METHODS}.')
+  layers = trace(model, variables, jnp.asarray(images[:1]))
+  if not layers:
+    raise ValueError('The model has no nn.Conv or nn.Dense layer to quantize.')
+  bits = assign_bits(layers, w_bits, a_bits, first_last_bits, overrides)
+  folded = fold_batchnorm(layers, variables)
+  folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
+  wmethod = weight_range_method or range_method
+  a_quants = calibrate.activation_quantizers(
+      model, variables, folded, folded_bns, images, {p: b[1] for p, b in bits.items()},
+      range_method, symmetric, percentile, batch_size)
+  qstate = {}
+  for layer in layers:
+    f = folded[layer.path]
+    qstate[layer.path] = LayerQuant(
+        f.kernel, f.bias,
+        calibrate.weight_quantizer(f.kernel, bits[layer.path][0], wmethod, symmetric, percentile),
+        a_quants.get(layer.path))
+  options = {'w_bits': w_bits, 'a_bits': a_bits, 'range_method': range_method,
+             'weight_range_method': wmethod, 'first_last_bits': first_last_bits,
+             'overrides': {k: dict(v) for k, v in (overrides or {}).items()},
+             'symmetric': symmetric, 'percentile': percentile, 'calib_size': len(images)}
+  if model_name:
+    options['model'] = model_name
+  return QuantizedModel(model, dict(variables), layers, qstate, options,
+                        tuple(images.shape[1:]), {'calibrate_seconds': time.time() - start})

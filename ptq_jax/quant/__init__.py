@@ -1,0 +1,1 @@
+"""Quantization core: quantizers, BN folding, the quantized forward pass, export."""

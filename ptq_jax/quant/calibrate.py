@@ -1,0 +1,66 @@
+"""Range calibration: weight quantizers from the folded kernels, input quantizers
+from the layer inputs the float model sees on the calibration set.
+
+Activation ranges are computed per calibration batch inside one jitted forward
+pass (every layer at once) and averaged over batches, as the reference does for
+min/max; memory stays at one batch of activations whatever the depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptq_jax.quant.folding import FoldedLayer
+from ptq_jax.quant.qmodel import LayerQuant, apply_quantized
+from ptq_jax.quant.quantizer import QuantizerState, init_range
+
+
+def weight_quantizer(kernel: jnp.ndarray, bits: Optional[int], method: str,
+                     symmetric: bool, percentile: float) -> Optional[QuantizerState]:
+  """Per-output-channel quantizer of a (folded) kernel; None when ``bits`` is None."""
+  if bits is None:
+    return None
+  return init_range(kernel, bits, method, channel_axis=-1, symmetric=symmetric,
+                    percentile=percentile)
+
+
+def activation_quantizers(model: nn.Module, variables: Mapping[str, Any],
+                          folded: Mapping[str, FoldedLayer], folded_bns: frozenset,
+                          images: np.ndarray, a_bits: Mapping[str, Optional[int]],
+                          method: str, symmetric: bool, percentile: float,
+                          batch_size: int = 100) -> Dict[str, QuantizerState]:
+  """Per-tensor input quantizers for every layer with ``a_bits[path]`` set."""
+  float_state = {p: LayerQuant(f.kernel, f.bias) for p, f in folded.items()}
+  wanted = {p: b for p, b in a_bits.items() if b is not None}
+  if not wanted:
+    return {}
+
+  @jax.jit
+  def batch_ranges(x):
+    found: Dict[str, QuantizerState] = {}
+
+    def on_layer(path, inputs):
+      if path in wanted and path not in found:
+        found[path] = init_range(inputs, wanted[path], method, None, symmetric, percentile)
+
+    apply_quantized(model, variables, float_state, folded_bns, x, on_layer=on_layer)
+    return found
+
+  totals: Optional[Dict[str, QuantizerState]] = None
+  count = 0
+  for start in range(0, len(images), batch_size):
+    batch = jnp.asarray(images[start:start + batch_size], jnp.float32)
+    ranges = batch_ranges(batch)
+    weighted = jax.tree.map(lambda a: a * len(batch), ranges)
+    totals = weighted if totals is None else jax.tree.map(jnp.add, totals, weighted)
+    count += len(batch)
+  missing = sorted(set(wanted) - set(totals))
+  if missing:
+    raise RuntimeError(f'Layers {missing} never ran on the calibration data; was the model '
+                       'traced with another input shape?')
+  return jax.tree.map(lambda a: a / count, totals)

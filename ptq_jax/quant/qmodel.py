@@ -1,0 +1,101 @@
+"""The quantized forward pass: the unmodified model run under an interceptor.
+
+Each traced conv/dense layer's computation is swapped for its quantized one,
+``f(Q(W) Q(x) + b)`` with the folded weights, and each folded BatchNorm becomes
+the identity. The layer itself is computed by a parameter-free clone of the
+original module, so strides, padding, groups and dilation keep Flax's exact
+semantics. One mechanism serves evaluation, calibration capture and (later)
+sequential AdaQuant, BN tuning and bias tuning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from ptq_jax.models.fast_depthwise import depthwise_conv2d, depthwise_plan
+from ptq_jax.quant.quantizer import QuantizerState, fake_quant, reshape_for
+
+
+@struct.dataclass
+class LayerQuant:
+  """Everything one quantized layer computes with (a pytree)."""
+
+  kernel: jnp.ndarray                      # continuous folded weight
+  bias: jnp.ndarray                        # folded bias (float)
+  w_quant: Optional[QuantizerState] = None  # per output channel; None: float weights
+  a_quant: Optional[QuantizerState] = None  # per tensor on the layer input; None: float input
+
+
+QState = Dict[str, LayerQuant]
+
+
+def quantized_weight(lq: LayerQuant) -> jnp.ndarray:
+  """The fake-quantized kernel (or the float kernel if weights are not quantized)."""
+  if lq.w_quant is None:
+    return lq.kernel
+  return fake_quant(lq.kernel, reshape_for(lq.w_quant, lq.kernel.ndim))
+
+
+def quantized_input(lq: LayerQuant, x: jnp.ndarray) -> jnp.ndarray:
+  """The fake-quantized layer input (or ``x`` if activations are not quantized)."""
+  return x if lq.a_quant is None else fake_quant(x, reshape_for(lq.a_quant, x.ndim))
+
+
+def layer_forward(module: nn.Module, x: jnp.ndarray, kernel: jnp.ndarray,
+                  bias: jnp.ndarray) -> jnp.ndarray:
+  """``module``'s linear map with the given kernel, plus ``bias``, in float32.
+
+  On CPU a depthwise conv runs as shifted products (see models/fast_depthwise.py).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  if jax.default_backend() == 'cpu' and isinstance(module, nn.Conv):
+    plan = depthwise_plan(module, x.shape, kernel.shape)
+    if plan is not None:
+      return depthwise_conv2d(x, kernel, *plan) + bias
+  clone = module.clone(parent=None, use_bias=False, dtype=jnp.float32,
+                       param_dtype=jnp.float32)
+  y = clone.apply({'params': {'kernel': kernel}}, x)
+  return y + bias
+
+
+def quantized_layer_output(module: nn.Module, lq: LayerQuant, x: jnp.ndarray) -> jnp.ndarray:
+  """``Q(W) Q(x) + b`` for one layer (before any activation)."""
+  return layer_forward(module, quantized_input(lq, x), quantized_weight(lq), lq.bias)
+
+
+def make_interceptor(qstate: Mapping[str, LayerQuant], folded_bns: frozenset,
+                     on_layer: Optional[Callable[[str, jnp.ndarray], None]] = None):
+  """An ``nn.intercept_methods`` interceptor applying ``qstate``.
+
+  ``on_layer(path, x)``, if given, is called with each quantized layer's float
+  input before quantization (used to capture calibration activations).
+  """
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or not args or not module.path:
+      return next_fun(*args, **kwargs)
+    path = '/'.join(module.path)
+    if isinstance(module, nn.BatchNorm) and path in folded_bns:
+      return args[0]
+    if path in qstate and isinstance(module, (nn.Conv, nn.Dense)):
+      if on_layer is not None:
+        on_layer(path, args[0])
+      out = quantized_layer_output(module, qstate[path], args[0])
+      return out.astype(module.dtype) if module.dtype is not None else out
+    return next_fun(*args, **kwargs)
+
+  return interceptor
+
+
+def apply_quantized(model: nn.Module, variables: Mapping[str, Any],
+                    qstate: Mapping[str, LayerQuant], folded_bns: frozenset,
+                    x: jnp.ndarray, on_layer=None, **apply_kwargs) -> jnp.ndarray:
+  """Runs ``model`` on ``x`` with every layer in ``qstate`` quantized."""
+  with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer)):
+    return model.apply(variables, x, **apply_kwargs)
