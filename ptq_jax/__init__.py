@@ -3,6 +3,7 @@
 The public API is re-exported here; see README.md for the architecture.
 """
 
+from ptq_jax.api import QuantizedModel, assign_bits, quantize
 from ptq_jax.bundled import bundled_checkpoints, model_card, resolve_checkpoint
 from ptq_jax.checkpoint import (CheckpointError, check_variables_match, load_checkpoint,
                                 load_model, save_checkpoint)
@@ -11,11 +12,15 @@ from ptq_jax.data.loader import (ArraySplit, CalibrationSet, DatasetNotFoundErro
                                  preprocess)
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
 from ptq_jax.models import MODELS, create_model
+from ptq_jax.quant.export import export_integer, integer_layer_output, load_integer
+from ptq_jax.quant.quantizer import QuantizerState, fake_quant, init_range
 from ptq_jax.trace import LayerInfo, totals, trace
 
 __version__ = '0.1.0'
 
 __all__ = [
+    'QuantizedModel', 'QuantizerState', 'assign_bits', 'export_integer', 'fake_quant',
+    'init_range', 'integer_layer_output', 'load_integer', 'quantize',
     'ArraySplit', 'CalibrationSet', 'CheckpointError', 'DatasetNotFoundError',
     'ImageClassificationSource', 'LayerInfo', 'MODELS', 'bundled_checkpoints',
     'calibration_set', 'check_variables_match', 'create_model', 'load_checkpoint',

@@ -40,7 +40,7 @@ def _check_calibration(images: Any, input_shape: Optional[Tuple[int, ...]] = Non
                      '(use ptq_jax.preprocess or ptq_jax.calibration_set).')
   if input_shape is not None and tuple(images.shape[1:]) != tuple(input_shape):
     raise ValueError(f'Calibration images have shape {images.shape[1:]} per example; the model '
-                     f'was traced with {tuple(input_shape)}.')
+                     f'expects {tuple(input_shape)}.')
   bad = ~np.isfinite(images)
   if bad.any():
     which = np.unique(np.nonzero(bad.reshape(len(images), -1))[0])
@@ -155,7 +155,11 @@ class QuantizedModel:
                                  'ptq_jax.load_model / load_checkpoint for it.')
     variables = tree['variables']
     input_shape = tuple(meta['input_shape'])
-    layers = trace(model, variables, jnp.zeros((1,) + input_shape))
+    try:
+      layers = trace(model, variables, jnp.zeros((1,) + input_shape))
+    except Exception as e:  # The saved variables do not fit this module at all.
+      raise ckpt.CheckpointError(f'{path} was saved from another model: {type(e).__name__}: '
+                                 f'{str(e)[:200]}') from e
     paths = {l.path for l in layers}
     if paths != set(tree['qstate']):
       raise ckpt.CheckpointError(f'{path} was saved from another model: its layers '
@@ -189,7 +193,8 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
              weight_range_method: Optional[str] = None, first_last_bits: Bits = 8,
              overrides: Optional[Mapping[str, Mapping[str, Bits]]] = None,
              symmetric: bool = False, percentile: float = 99.99,
-             batch_size: int = 100, model_name: Optional[str] = None) -> QuantizedModel:
+             batch_size: int = 100, input_shape: Optional[Sequence[int]] = None,
+             model_name: Optional[str] = None) -> QuantizedModel:
   """Post-training quantization with calibrated ranges (the baseline PTQ).
 
   Args:
@@ -203,14 +208,21 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
     overrides: ``{layer_path: {'w_bits': b, 'a_bits': b}}`` for individual layers.
     symmetric: symmetric instead of asymmetric quantizers.
     batch_size: calibration batch size for activation statistics.
+    input_shape: the per-example input shape the model expects, to check the
+      calibration data against (optional).
+    model_name: registry name recorded with the saved model (optional).
   """
   start = time.time()
-  images = _check_calibration(calib)
+  images = _check_calibration(calib, None if input_shape is None else tuple(input_shape))
   for name, method in (('range_method', range_method), ('weight_range_method',
                                                         weight_range_method or range_method)):
     if method not in RANGE_METHODS:
       raise ValueError(f'{name}={method!r} is not one of {RANGE_METHODS}.')
-  layers = trace(model, variables, jnp.asarray(images[:1]))
+  try:
+    layers = trace(model, variables, jnp.asarray(images[:1]))
+  except Exception as e:  # Flax reports a shape clash deep inside the model.
+    raise ValueError(f'The model cannot run on calibration images of shape {images.shape[1:]}: '
+                     f'{type(e).__name__}: {str(e)[:300]}') from e
   if not layers:
     raise ValueError('The model has no nn.Conv or nn.Dense layer to quantize.')
   bits = assign_bits(layers, w_bits, a_bits, first_last_bits, overrides)
@@ -220,13 +232,10 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
   a_quants = calibrate.activation_quantizers(
       model, variables, folded, folded_bns, images, {p: b[1] for p, b in bits.items()},
       range_method, symmetric, percentile, batch_size)
-  qstate = {}
-  for layer in layers:
-    f = folded[layer.path]
-    qstate[layer.path] = LayerQuant(
-        f.kernel, f.bias,
-        calibrate.weight_quantizer(f.kernel, bits[layer.path][0], wmethod, symmetric, percentile),
-        a_quants.get(layer.path))
+  w_quants = calibrate.weight_quantizers(folded, {p: b[0] for p, b in bits.items()}, wmethod,
+                                         symmetric, percentile)
+  qstate = {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias,
+                               w_quants.get(l.path), a_quants.get(l.path)) for l in layers}
   options = {'w_bits': w_bits, 'a_bits': a_bits, 'range_method': range_method,
              'weight_range_method': wmethod, 'first_last_bits': first_last_bits,
              'overrides': {k: dict(v) for k, v in (overrides or {}).items()},

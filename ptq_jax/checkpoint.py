@@ -54,7 +54,8 @@ def atomic_write_json(path: str, obj: Any) -> None:
 def save_checkpoint(path: str, variables: Dict[str, Any],
                     metadata: Optional[Dict[str, Any]] = None) -> None:
   """Saves a variable tree (``{'params', 'batch_stats', ...}``) and JSON-able metadata."""
-  host = jax.tree.map(np.asarray, serialization.to_state_dict(variables))
+  host = jax.tree.map(lambda a: a if isinstance(a, str) else np.asarray(a),
+                      serialization.to_state_dict(variables))
   payload = {'format': FORMAT, 'version': VERSION,
              'metadata': json.dumps(metadata or {}), 'variables': host}
   atomic_write_bytes(path, serialization.msgpack_serialize(payload))
@@ -78,7 +79,8 @@ def load_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
   if payload.get('version') != VERSION:
     raise CheckpointError(f'{path} has checkpoint version {payload.get("version")}; this '
                           f'ptq_jax reads version {VERSION}.')
-  variables = jax.tree.map(jnp.asarray, payload['variables'])
+  variables = jax.tree.map(lambda a: a if isinstance(a, str) else jnp.asarray(a),
+                           payload['variables'])
   return variables, json.loads(payload['metadata'])
 
 

@@ -34,9 +34,40 @@ class LayerInfo:
   output_shape: Tuple[int, ...]
   params: int                      # kernel + bias elements
   macs: int                        # multiply-accumulates per example
+  # Conv geometry (None for dense): strides, explicit (low, high) padding, dilations.
+  strides: Optional[Tuple[int, ...]] = None
+  padding: Optional[Tuple[Tuple[int, int], ...]] = None
+  kernel_dilation: Optional[Tuple[int, ...]] = None
+  input_dilation: Optional[Tuple[int, ...]] = None
   bn_path: Optional[str] = None    # the BatchNorm consuming the output directly, if any
   bn_epsilon: Optional[float] = None
   activation: str = 'none'         # 'relu' / 'relu6' if the (BN-)output feeds one directly
+
+
+def _as_tuple(value, n: int) -> Tuple[int, ...]:
+  if value is None:
+    return (1,) * n
+  return (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def _conv_geometry(module: nn.Conv, x_shape, kernel_shape):
+  """Strides, explicit padding and dilations as ``lax.conv_general_dilated`` takes them."""
+  n = len(kernel_shape) - 2
+  strides = _as_tuple(module.strides, n)
+  kdil = _as_tuple(module.kernel_dilation, n)
+  idil = _as_tuple(module.input_dilation, n)
+  padding = module.padding
+  if isinstance(padding, str):
+    if padding not in ('SAME', 'VALID'):
+      return strides, None, kdil, idil  # CIRCULAR / CAUSAL: no plain conv equivalent
+    window = [(k - 1) * d + 1 for k, d in zip(kernel_shape[:n], kdil)]
+    spatial = [(s - 1) * i + 1 for s, i in zip(x_shape[1:1 + n], idil)]
+    pads = jax.lax.padtype_to_pads(spatial, window, strides, padding)
+  elif isinstance(padding, int):
+    pads = [(padding, padding)] * n
+  else:
+    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  return strides, tuple((int(lo), int(hi)) for lo, hi in pads), kdil, idil
 
 
 def _conv_info(module: nn.Conv, path: str, x, y, variables) -> LayerInfo:
@@ -45,8 +76,9 @@ def _conv_info(module: nn.Conv, path: str, x, y, variables) -> LayerInfo:
   # Each output element sums over the kernel's spatial window and in_channels/groups.
   macs = int(np.prod(y.shape[1:])) * int(np.prod(kernel.shape[:-1]))
   params = sum(int(np.size(v)) for v in variables.values())
+  strides, padding, kdil, idil = _conv_geometry(module, x.shape, kernel.shape)
   return LayerInfo(path, 'conv', tuple(kernel.shape), groups, tuple(x.shape[1:]),
-                   tuple(y.shape[1:]), params, macs)
+                   tuple(y.shape[1:]), params, macs, strides, padding, kdil, idil)
 
 
 def _dense_info(module: nn.Dense, path: str, x, y, variables) -> LayerInfo:
@@ -76,9 +108,13 @@ def _classify_activation(eqn) -> str:
   if eqn.outvars[0].aval.shape != aval.shape or not jnp.issubdtype(aval.dtype, jnp.floating):
     return 'none'
   probe = np.resize(_PROBE, aval.shape).astype(aval.dtype)
+  args = [probe if not isinstance(v, jex.Literal) else v.val for v in eqn.invars]
   try:
-    closed = jex.ClosedJaxpr(jex.Jaxpr([], variables, list(eqn.outvars), [eqn], eqn.effects), [])
-    (out,) = jex.jaxpr_as_fun(closed)(probe)
+    inner = eqn.params.get('call_jaxpr', eqn.params.get('jaxpr'))  # custom_jvp / pjit
+    if isinstance(inner, jex.ClosedJaxpr):
+      (out,) = jex.jaxpr_as_fun(inner)(*args)
+    else:
+      out = eqn.primitive.bind(*args, **eqn.params)
   except Exception:  # Not evaluable in isolation: not a plain activation.
     return 'none'
   out = np.asarray(out)

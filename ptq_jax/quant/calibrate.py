@@ -20,13 +20,22 @@ from ptq_jax.quant.qmodel import LayerQuant, apply_quantized
 from ptq_jax.quant.quantizer import QuantizerState, init_range
 
 
-def weight_quantizer(kernel: jnp.ndarray, bits: Optional[int], method: str,
-                     symmetric: bool, percentile: float) -> Optional[QuantizerState]:
-  """Per-output-channel quantizer of a (folded) kernel; None when ``bits`` is None."""
-  if bits is None:
-    return None
-  return init_range(kernel, bits, method, channel_axis=-1, symmetric=symmetric,
-                    percentile=percentile)
+def weight_quantizers(folded: Mapping[str, FoldedLayer], w_bits: Mapping[str, Optional[int]],
+                      method: str, symmetric: bool, percentile: float
+                      ) -> Dict[str, QuantizerState]:
+  """Per-output-channel quantizers of the folded kernels of every layer with bits set.
+
+  All layers are initialised in one jitted program (one compilation per model
+  rather than one per kernel shape).
+  """
+  wanted = {p: b for p, b in w_bits.items() if b is not None}
+
+  @jax.jit
+  def init_all(kernels):
+    return {p: init_range(kernels[p], wanted[p], method, channel_axis=-1, symmetric=symmetric,
+                          percentile=percentile) for p in wanted}
+
+  return init_all({p: folded[p].kernel for p in wanted})
 
 
 def activation_quantizers(model: nn.Module, variables: Mapping[str, Any],

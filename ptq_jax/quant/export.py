@@ -1,0 +1,131 @@
+"""Integer export and an integer-arithmetic reference for one layer.
+
+``export_integer`` writes, per layer, the unsigned weight codes (two 4-bit-or-less
+codes per byte), per-channel weight scales and zero points, the input scale and
+zero point, the float bias and the conv geometry, atomically. Symmetric
+quantizers are stored the same way with the zero point ``2^(b-1) - 1``.
+
+``integer_layer_output`` recomputes a layer from those integers alone: input
+codes minus zero point, weight codes minus zero points, an int32-accumulating
+``lax.conv_general_dilated`` / ``lax.dot_general``, then one float rescale and the
+bias. It equals the fake-quantized layer up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptq_jax import checkpoint as ckpt
+from ptq_jax.quant.quantizer import QuantizerState, quantize_to_int, reshape_for, \
+    scale_and_zero_point
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+  """Unsigned codes -> uint8 bytes: two per byte (low nibble first) if bits <= 4."""
+  codes = np.asarray(codes).astype(np.uint8).ravel()
+  if codes.size and codes.max() >= 2**bits:
+    raise ValueError(f'A code exceeds {bits} bits.')
+  if bits > 4:
+    return codes
+  if codes.size % 2:
+    codes = np.append(codes, np.uint8(0))
+  return (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, shape: Tuple[int, ...]) -> np.ndarray:
+  """Inverse of :func:`pack_codes`."""
+  packed = np.asarray(packed, np.uint8)
+  count = int(np.prod(shape))
+  if bits <= 4:
+    codes = np.empty(packed.size * 2, np.uint8)
+    codes[0::2], codes[1::2] = packed & 0x0F, packed >> 4
+    packed = codes
+  if packed.size < count:
+    raise ckpt.CheckpointError(f'Packed weights hold {packed.size} codes, shape {shape} needs '
+                               f'{count}: the export is corrupt.')
+  return packed[:count].reshape(shape)
+
+
+def unsigned_codes(x: jnp.ndarray, q: QuantizerState) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(codes in [0, 2^b - 1], scale, zero point) of ``x`` under ``q``."""
+  s, zp = scale_and_zero_point(q)
+  codes = quantize_to_int(x, q)
+  if q.symmetric:
+    zp = jnp.full_like(s, 2**(q.bits - 1) - 1)
+    codes = codes + zp.astype(jnp.int32)
+  return np.asarray(codes), np.asarray(s, np.float32), np.asarray(jnp.round(zp), np.int32)
+
+
+def layer_export(layer, lq) -> Dict[str, Any]:
+  """The integer record of one layer (see module docstring)."""
+  if lq.w_quant is None or lq.a_quant is None:
+    raise ValueError(f'Layer {layer.path} keeps float weights or inputs; integer export needs '
+                     'every layer quantized (set w_bits and a_bits for it).')
+  if layer.kind == 'conv' and layer.padding is None:
+    raise ValueError(f'Layer {layer.path} uses a padding mode with no plain-conv equivalent.')
+  w_q = reshape_for(lq.w_quant, lq.kernel.ndim)
+  w_codes, w_scale, w_zp = unsigned_codes(lq.kernel, w_q)
+  a_scale, a_zp = (np.asarray(v) for v in scale_and_zero_point(lq.a_quant))
+  a_code_max = lq.a_quant.levels
+  if lq.a_quant.symmetric:  # codes -qmax..qmax stored as 0..2 qmax
+    a_zp = np.asarray(2**(lq.a_quant.bits - 1) - 1)
+    a_code_max = 2 * int(a_zp)
+  record = {
+      'kind': layer.kind, 'kernel_shape': np.asarray(lq.kernel.shape, np.int64),
+      'w_bits': lq.w_quant.bits, 'a_bits': lq.a_quant.bits,
+      'w_codes': pack_codes(w_codes, lq.w_quant.bits),
+      'w_scale': w_scale.reshape(-1), 'w_zero_point': w_zp.reshape(-1),
+      'a_scale': np.float32(a_scale), 'a_zero_point': np.int32(np.round(a_zp)),
+      'a_code_max': np.int32(a_code_max),
+      'bias': np.asarray(lq.bias, np.float32), 'groups': layer.groups,
+  }
+  if layer.kind == 'conv':
+    record.update(strides=np.asarray(layer.strides), padding=np.asarray(layer.padding),
+                  kernel_dilation=np.asarray(layer.kernel_dilation),
+                  input_dilation=np.asarray(layer.input_dilation))
+  return record
+
+
+def export_integer(qmodel, path: str) -> Dict[str, Dict[str, Any]]:
+  """Writes every layer's integer record to ``path`` (atomically) and returns them."""
+  records = {l.path: layer_export(l, qmodel.qstate[l.path]) for l in qmodel.layers}
+  ckpt.save_checkpoint(path, records, {'kind': 'integer', 'layers': list(records)})
+  return records
+
+
+def load_integer(path: str) -> Dict[str, Dict[str, Any]]:
+  """Reads an integer export; layer order is preserved."""
+  tree, meta = ckpt.load_checkpoint(path)
+  if meta.get('kind') != 'integer':
+    raise ckpt.CheckpointError(f'{path} is not an integer export (written by export_integer).')
+  return {p: tree[p] for p in meta['layers']}
+
+
+def integer_layer_output(record: Mapping[str, Any], x: jnp.ndarray) -> jnp.ndarray:
+  """A layer's output computed with integer arithmetic from its export record."""
+  bits = int(record['w_bits'])
+  shape = tuple(int(d) for d in np.asarray(record['kernel_shape']))
+  w_codes = unpack_codes(np.asarray(record['w_codes']), bits, shape).astype(np.int32)
+  w_int = jnp.asarray(w_codes - np.asarray(record['w_zero_point'], np.int32))
+  a_scale, a_zp = jnp.float32(record['a_scale']), jnp.int32(record['a_zero_point'])
+  x_int = jnp.clip(jnp.round(x / a_scale).astype(jnp.int32) + a_zp, 0,
+                   jnp.int32(record['a_code_max'])) - a_zp
+  if str(record['kind']) == 'conv':
+    n = w_int.ndim - 2
+    spatial = ''.join('HWD'[:n])
+    acc = jax.lax.conv_general_dilated(
+        x_int, w_int, tuple(int(s) for s in np.asarray(record['strides'])),
+        [tuple(int(v) for v in p) for p in np.asarray(record['padding'])],
+        lhs_dilation=tuple(int(d) for d in np.asarray(record['input_dilation'])),
+        rhs_dilation=tuple(int(d) for d in np.asarray(record['kernel_dilation'])),
+        dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'),
+        feature_group_count=int(record['groups']), preferred_element_type=jnp.int32)
+  else:
+    acc = jax.lax.dot_general(x_int, w_int, (((x_int.ndim - 1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+  scale = a_scale * jnp.asarray(record['w_scale'], jnp.float32)
+  return acc.astype(jnp.float32) * scale + jnp.asarray(record['bias'], jnp.float32)
