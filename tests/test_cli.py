@@ -9,6 +9,7 @@ import pytest
 
 from configs import default as default_config
 from configs import train_resnet20
+import ptq_jax
 from ptq_jax import checkpoint as ckpt
 from ptq_jax import jobs
 
@@ -52,6 +53,22 @@ def test_evaluate_job_reproduces_the_model_card(trained, tfds_dir, tmp_path):
   assert records == [result]
   assert result['top1_pct'] == card['test_top1_pct']  # same 200 test images, same weights
   assert result['num_examples'] == 200 and result['params'] == 270618
+
+
+def test_quantize_job_writes_reloadable_outputs(trained, tfds_dir, tmp_path):
+  from configs import ptq_baseline
+  config = ptq_baseline.get_config()
+  config.checkpoint = os.path.join(trained[0], 'resnet20_fashion_mnist.msgpack')
+  config.data.data_dir = tfds_dir
+  config.calib_size, config.eval_limit = 64, 200
+  records = jobs.run(config, str(tmp_path))
+  assert [r['method'] for r in records] == ['fp32', 'baseline_ptq (minmax)']
+  assert sorted(os.listdir(tmp_path)) == ['integer.msgpack', 'layers.md', 'quantized.msgpack',
+                                          'results.json']
+  model, _, _ = ckpt.load_model(config.checkpoint)
+  qm = ptq_jax.QuantizedModel.load(str(tmp_path / 'quantized.msgpack'), model)
+  assert qm.bits()['conv_init'] == (8, 8) and qm.bits()['BasicBlock_0/Conv_0'] == (4, 4)
+  assert len(ptq_jax.load_integer(str(tmp_path / 'integer.msgpack'))) == 22
 
 
 def run_cli(*args):

@@ -1,0 +1,71 @@
+"""run.py job 'quantize': PTQ of a checkpoint, evaluated on the test split.
+
+Writes to the work dir: ``results.json`` (FP32 and quantized top-1), ``layers.md``
+(the per-layer report), ``quantized.msgpack`` (reloadable with
+``QuantizedModel.load``) and ``integer.msgpack`` (the integer export).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Dict, List
+
+import ml_collections
+
+import ptq_jax
+from ptq_jax.checkpoint import atomic_write_bytes, atomic_write_json
+from ptq_jax.data import loader
+from ptq_jax.results import render_markdown
+from ptq_jax.train import describe_device
+
+
+def _bits(value: int):
+  return None if value == 0 else int(value)
+
+
+def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[str, Any]]:
+  """Quantizes ``config.checkpoint`` as ``config.quant`` says and evaluates it."""
+  path = ptq_jax.resolve_checkpoint(config.checkpoint)
+  model, variables, meta = ptq_jax.load_model(path)
+  data_kwargs = dict(data_dir=config.data.data_dir, idx_dir=config.data.idx_dir,
+                     download=config.data.download)
+  train = loader.load_split(config.data.dataset, 'train', **data_kwargs)
+  test = loader.load_split(config.data.dataset, 'test', **data_kwargs)
+  limit = config.eval_limit or len(test)
+  test_images = loader.preprocess(config.data.dataset, test.images[:limit])
+  labels = test.labels[:limit]
+  calib = ptq_jax.calibration_set(config.data.dataset, config.calib_size, config.seed, data=train)
+  q = config.quant
+  print(f'Quantizing {meta["model"]} at W{q.w_bits}A{q.a_bits} ({q.range_method} ranges, '
+        f'{config.calib_size} calibration images)...', flush=True)
+  start = time.time()
+  qm = ptq_jax.quantize(model, variables, calib, w_bits=_bits(q.w_bits), a_bits=_bits(q.a_bits),
+                        range_method=q.range_method, first_last_bits=_bits(q.first_last_bits),
+                        symmetric=q.symmetric, model_name=meta['model'])
+  quant_seconds = time.time() - start
+  fp32 = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables, test_images), labels)
+  top1 = ptq_jax.top1_accuracy_pct(qm.predict(test_images), labels)
+  fp32_bits = sum(l.params for l in qm.layers) * 32
+  common = {'model': meta['model'], 'calib_size': config.calib_size, 'test_images': int(limit),
+            'device': describe_device(), 'command': 'python ' + ' '.join(sys.argv)}
+  records = [
+      {**common, 'method': 'fp32', 'w_bits': 32, 'a_bits': 32, 'top1_pct': round(fp32, 2),
+       'size_pct_of_fp32': 100.0, 'seconds': 0.0},
+      {**common, 'method': f'baseline_ptq ({q.range_method})', 'w_bits': q.w_bits,
+       'a_bits': q.a_bits, 'top1_pct': round(top1, 2),
+       'size_pct_of_fp32': round(100 * qm.size_bits() / fp32_bits, 2),
+       'seconds': round(quant_seconds, 1)},
+  ]
+  os.makedirs(workdir, exist_ok=True)
+  qm.save(os.path.join(workdir, 'quantized.msgpack'))
+  ptq_jax.export_integer(qm, os.path.join(workdir, 'integer.msgpack'))
+  atomic_write_json(os.path.join(workdir, 'results.json'), records)
+  atomic_write_bytes(os.path.join(workdir, 'layers.md'),
+                     render_markdown(qm.report, f'Per-layer report: {meta["model"]}').encode())
+  for r in records:
+    print(f'{r["method"]:28s} W{r["w_bits"]}A{r["a_bits"]}  top-1 {r["top1_pct"]:6.2f}%  '
+          f'size {r["size_pct_of_fp32"]:6.2f}% of FP32')
+  print(f'Wrote results.json, layers.md, quantized.msgpack, integer.msgpack to {workdir}')
+  return records
