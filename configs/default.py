@@ -1,23 +1,18 @@
-"""Built-in default job: evaluate the bundled ResNet-20 on the Fashion-MNIST test split.
+"""Built-in default job (`python run.py`): baseline PTQ of the bundled ResNet-20 at W4A4.
 
 Command:
   python run.py
-Expected: the top-1 recorded in ptq_jax/checkpoints/resnet20_fashion_mnist.json
-(>= 93.0%), written to ./workdir/default/results.json in about a minute on 2 cores.
+Expected: FP32 and W4A4 (first/last layer 8-bit, min/max ranges, 1000 calibration
+images) test top-1 on the 10,000 Fashion-MNIST test images, as in
+results/baseline_ptq.md, in about a minute on 2 CPU cores; outputs in ./workdir/default.
 """
 
 import ml_collections
 
-from configs import common
+from configs import ptq_baseline
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.job = 'evaluate'
+  config = ptq_baseline.get_config()
   config.workdir = './workdir/default'
-  # A bundled checkpoint name (see ptq_jax.bundled_checkpoints()) or a file path.
-  config.checkpoint = 'resnet20_fashion_mnist'
-  config.data = common.data_config()
-  config.batch_size = 500
-  config.eval_limit = 0  # 0: the whole test split.
   return config

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax import checkpoint as ckpt
+from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant import calibrate
 from ptq_jax.quant.folding import fold_batchnorm
 from ptq_jax.quant.qmodel import LayerQuant, QState, apply_quantized, quantized_weight
@@ -101,14 +102,7 @@ class QuantizedModel:
 
   def predict(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """Outputs on a whole array of images, batched (the last batch padded)."""
-    outs = []
-    for start in range(0, len(images), batch_size):
-      batch = np.asarray(images[start:start + batch_size], np.float32)
-      n = len(batch)
-      if n < batch_size and len(images) > batch_size:
-        batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], np.float32)])
-      outs.append(np.asarray(self.apply(batch))[:n])
-    return np.concatenate(outs)
+    return batched_predict(self.apply, images, batch_size)
 
   def bits(self) -> Dict[str, Tuple[Bits, Bits]]:
     """(w_bits, a_bits) per layer."""
@@ -192,8 +186,8 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
              w_bits: Bits = 4, a_bits: Bits = 4, range_method: str = 'minmax',
              weight_range_method: Optional[str] = None, first_last_bits: Bits = 8,
              overrides: Optional[Mapping[str, Mapping[str, Bits]]] = None,
-             symmetric: bool = False, percentile: float = 99.99,
-             batch_size: int = 100, input_shape: Optional[Sequence[int]] = None,
+             symmetric: bool = False, per_channel_inputs: bool = False,
+             percentile: float = 99.99, batch_size: int = 100, input_shape: Optional[Sequence[int]] = None,
              model_name: Optional[str] = None) -> QuantizedModel:
   """Post-training quantization with calibrated ranges (the baseline PTQ).
 
@@ -207,6 +201,9 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
       treat them like every other layer.
     overrides: ``{layer_path: {'w_bits': b, 'a_bits': b}}`` for individual layers.
     symmetric: symmetric instead of asymmetric quantizers.
+    per_channel_inputs: one input quantizer per input channel instead of per tensor
+      (more accurate; not expressible in the integer export).
+    percentile: the upper percentile for ``range_method='percentile'``.
     batch_size: calibration batch size for activation statistics.
     input_shape: the per-example input shape the model expects, to check the
       calibration data against (optional).
@@ -231,7 +228,7 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
   wmethod = weight_range_method or range_method
   a_quants = calibrate.activation_quantizers(
       model, variables, folded, folded_bns, images, {p: b[1] for p, b in bits.items()},
-      range_method, symmetric, percentile, batch_size)
+      range_method, symmetric, percentile, batch_size, per_channel_inputs)
   w_quants = calibrate.weight_quantizers(folded, {p: b[0] for p, b in bits.items()}, wmethod,
                                          symmetric, percentile)
   qstate = {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias,
@@ -239,7 +236,8 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
   options = {'w_bits': w_bits, 'a_bits': a_bits, 'range_method': range_method,
              'weight_range_method': wmethod, 'first_last_bits': first_last_bits,
              'overrides': {k: dict(v) for k, v in (overrides or {}).items()},
-             'symmetric': symmetric, 'percentile': percentile, 'calib_size': len(images)}
+             'symmetric': symmetric, 'per_channel_inputs': per_channel_inputs,
+             'percentile': percentile, 'calib_size': len(images)}
   if model_name:
     options['model'] = model_name
   return QuantizedModel(model, dict(variables), layers, qstate, options,

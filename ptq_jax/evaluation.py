@@ -13,14 +13,25 @@ import numpy as np
 from ptq_jax.models.fast_depthwise import fast_depthwise
 
 
+def batched_predict(forward: Callable[[np.ndarray], Any], images: np.ndarray,
+                    batch_size: int = 500) -> np.ndarray:
+  """``forward`` over ``images`` in batches; the last partial batch is zero-padded to
+  ``batch_size`` so a jitted ``forward`` compiles only one shape."""
+  if len(images) == 0:
+    raise ValueError('Nothing to predict: the set of images is empty.')
+  outputs = []
+  for start in range(0, len(images), batch_size):
+    batch = np.asarray(images[start:start + batch_size], np.float32)
+    n = len(batch)
+    if n < batch_size and len(images) > batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)])
+    outputs.append(np.asarray(forward(batch))[:n])
+  return np.concatenate(outputs)
+
+
 def predict_logits(model: nn.Module, variables: Dict[str, Any], images: np.ndarray,
                    batch_size: int = 500, use_fast_depthwise: bool = True) -> np.ndarray:
-  """Logits of ``model`` on ``images`` (float32, NHWC), in batches of ``batch_size``.
-
-  The last partial batch is padded to ``batch_size`` so only one shape compiles.
-  """
-  if len(images) == 0:
-    raise ValueError('predict_logits got an empty set of images.')
+  """Logits of the float ``model`` on ``images`` (float32, NHWC), batched and jitted."""
 
   @jax.jit
   def forward(variables, x):
@@ -28,14 +39,7 @@ def predict_logits(model: nn.Module, variables: Dict[str, Any], images: np.ndarr
     with ctx:
       return model.apply(variables, x, train=False)
 
-  outputs = []
-  for start in range(0, len(images), batch_size):
-    batch = np.asarray(images[start:start + batch_size], np.float32)
-    n = len(batch)
-    if n < batch_size and len(images) > batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)])
-    outputs.append(np.asarray(forward(variables, batch))[:n])
-  return np.concatenate(outputs)
+  return batched_predict(lambda x: forward(variables, x), images, batch_size)
 
 
 def top1_accuracy_pct(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs import default as default_config
+from configs import evaluate as evaluate_config
 from configs import train_resnet20
 import ptq_jax
 from ptq_jax import checkpoint as ckpt
@@ -43,7 +43,7 @@ def test_train_job_writes_checkpoint_and_model_card(trained):
 
 def test_evaluate_job_reproduces_the_model_card(trained, tfds_dir, tmp_path):
   workdir, card = trained
-  config = default_config.get_config()
+  config = evaluate_config.get_config()
   config.checkpoint = os.path.join(workdir, 'resnet20_fashion_mnist.msgpack')
   config.data.data_dir = tfds_dir
   config.eval_limit = 200
@@ -84,7 +84,7 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 
 def test_missing_checkpoint_is_an_error(tmp_path):
-  proc = run_cli(f'--config.checkpoint={tmp_path / "nope.msgpack"}', f'--workdir={tmp_path / "w"}')
+  proc = run_cli('--config=configs/evaluate.py', f'--config.checkpoint={tmp_path / "nope.msgpack"}', f'--workdir={tmp_path / "w"}')
   assert proc.returncode != 0
   assert 'neither a bundled checkpoint' in proc.stderr
   assert not (tmp_path / 'w' / 'results.json').exists()
@@ -93,7 +93,7 @@ def test_missing_checkpoint_is_an_error(tmp_path):
 def test_corrupt_checkpoint_is_an_error(tmp_path):
   bad = tmp_path / 'bad.msgpack'
   bad.write_bytes(b'\x00\x01garbage')
-  proc = run_cli(f'--config.checkpoint={bad}', f'--workdir={tmp_path / "w"}')
+  proc = run_cli('--config=configs/evaluate.py', f'--config.checkpoint={bad}', f'--workdir={tmp_path / "w"}')
   assert proc.returncode != 0 and 'corrupt' in proc.stderr
   assert 'Traceback' not in proc.stderr  # one clear line, not a stack
   assert not (tmp_path / 'w' / 'results.json').exists()
@@ -101,7 +101,8 @@ def test_corrupt_checkpoint_is_an_error(tmp_path):
 
 def test_wrong_data_dir_is_an_error(tmp_path, trained):
   checkpoint = os.path.join(trained[0], 'resnet20_fashion_mnist.msgpack')
-  proc = run_cli(f'--config.checkpoint={checkpoint}', f'--config.data.idx_dir={tmp_path / "nowhere"}',
+  proc = run_cli('--config=configs/evaluate.py', f'--config.checkpoint={checkpoint}',
+                 f'--config.data.idx_dir={tmp_path / "nowhere"}',
                  f'--config.data.data_dir={tmp_path / "tfds"}', f'--workdir={tmp_path / "w"}')
   assert proc.returncode != 0
   assert 'apt-get install dataset-fashion-mnist' in proc.stderr
@@ -109,10 +110,12 @@ def test_wrong_data_dir_is_an_error(tmp_path, trained):
 
 
 def test_default_job_on_the_bundled_checkpoint(tmp_path, tfds_dir):
-  proc = run_cli('--config.eval_limit=1000', f'--config.data.data_dir={tfds_dir}',
-                 f'--workdir={tmp_path}')
+  proc = run_cli('--config.eval_limit=1000', '--config.calib_size=200',
+                 f'--config.data.data_dir={tfds_dir}', f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(tmp_path / 'results.json') as f:
-    (record,) = json.load(f)
-  assert record['model'] == 'resnet20' and record['num_examples'] == 1000
-  assert record['top1_pct'] >= 92.0
+    fp32, w4a4 = json.load(f)
+  assert fp32['model'] == w4a4['model'] == 'resnet20' and fp32['test_images'] == 1000
+  assert fp32['top1_pct'] >= 92.0
+  assert (w4a4['w_bits'], w4a4['a_bits']) == (4, 4) and 10.0 < w4a4['top1_pct'] <= 100.0
+  assert 'W4A4' in proc.stdout

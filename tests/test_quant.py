@@ -162,6 +162,18 @@ def test_more_bits_means_closer_outputs(toy):
   assert errors[2] < 1e-3 * float(jnp.mean(ref**2))
 
 
+def test_per_channel_inputs(toy, tmp_path):
+  model, variables, x = toy
+  qm = ptq_jax.quantize(model, variables, np.asarray(x), w_bits=4, a_bits=4,
+                        per_channel_inputs=True)
+  first = qm.qstate[qm.layers[0].path].a_quant
+  assert first.range.shape == (3,)  # one range per input channel
+  assert bool(jnp.all(jnp.isfinite(qm.apply(x))))
+  with pytest.raises(ValueError, match='per-channel input quantizers'):
+    export.export_integer(qm, str(tmp_path / 'int.msgpack'))
+  assert not (tmp_path / 'int.msgpack').exists()
+
+
 def test_save_load_identical_outputs(toy, tmp_path):
   model, variables, x = toy
   qm = ptq_jax.quantize(model, variables, np.asarray(x), w_bits=4, a_bits=6, range_method='mse',

@@ -42,8 +42,10 @@ def activation_quantizers(model: nn.Module, variables: Mapping[str, Any],
                           folded: Mapping[str, FoldedLayer], folded_bns: frozenset,
                           images: np.ndarray, a_bits: Mapping[str, Optional[int]],
                           method: str, symmetric: bool, percentile: float,
-                          batch_size: int = 100) -> Dict[str, QuantizerState]:
-  """Per-tensor input quantizers for every layer with ``a_bits[path]`` set."""
+                          batch_size: int = 100, per_channel: bool = False
+                          ) -> Dict[str, QuantizerState]:
+  """Input quantizers (per tensor, or per input channel) for every layer with
+  ``a_bits[path]`` set."""
   float_state = {p: LayerQuant(f.kernel, f.bias) for p, f in folded.items()}
   wanted = {p: b for p, b in a_bits.items() if b is not None}
   if not wanted:
@@ -55,7 +57,8 @@ def activation_quantizers(model: nn.Module, variables: Mapping[str, Any],
 
     def on_layer(path, inputs):
       if path in wanted and path not in found:
-        found[path] = init_range(inputs, wanted[path], method, None, symmetric, percentile)
+        found[path] = init_range(inputs, wanted[path], method, -1 if per_channel else None,
+                                 symmetric, percentile)
 
     apply_quantized(model, variables, float_state, folded_bns, x, on_layer=on_layer)
     return found

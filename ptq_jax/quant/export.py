@@ -65,6 +65,10 @@ def layer_export(layer, lq) -> Dict[str, Any]:
   if lq.w_quant is None or lq.a_quant is None:
     raise ValueError(f'Layer {layer.path} keeps float weights or inputs; integer export needs '
                      'every layer quantized (set w_bits and a_bits for it).')
+  if lq.a_quant.range.ndim:
+    raise ValueError(f'Layer {layer.path} has per-channel input quantizers, which an integer '
+                     'kernel cannot rescale after accumulation; quantize with '
+                     'per_channel_inputs=False to export.')
   if layer.kind == 'conv' and layer.padding is None:
     raise ValueError(f'Layer {layer.path} uses a padding mode with no plain-conv equivalent.')
   w_q = reshape_for(lq.w_quant, lq.kernel.ndim)
