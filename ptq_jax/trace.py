@@ -21,6 +21,8 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
+from ptq_jax.linear import LayerGeometry, geometry_of
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
@@ -34,40 +36,11 @@ class LayerInfo:
   output_shape: Tuple[int, ...]
   params: int                      # kernel + bias elements
   macs: int                        # multiply-accumulates per example
-  # Conv geometry (None for dense): strides, explicit (low, high) padding, dilations.
-  strides: Optional[Tuple[int, ...]] = None
-  padding: Optional[Tuple[Tuple[int, int], ...]] = None
-  kernel_dilation: Optional[Tuple[int, ...]] = None
-  input_dilation: Optional[Tuple[int, ...]] = None
+  # Strides, explicit padding, dilations, groups; None where lax has no plain equivalent.
+  geometry: Optional[LayerGeometry] = None
   bn_path: Optional[str] = None    # the BatchNorm consuming the output directly, if any
   bn_epsilon: Optional[float] = None
   activation: str = 'none'         # 'relu' / 'relu6' if the (BN-)output feeds one directly
-
-
-def _as_tuple(value, n: int) -> Tuple[int, ...]:
-  if value is None:
-    return (1,) * n
-  return (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
-
-
-def _conv_geometry(module: nn.Conv, x_shape, kernel_shape):
-  """Strides, explicit padding and dilations as ``lax.conv_general_dilated`` takes them."""
-  n = len(kernel_shape) - 2
-  strides = _as_tuple(module.strides, n)
-  kdil = _as_tuple(module.kernel_dilation, n)
-  idil = _as_tuple(module.input_dilation, n)
-  padding = module.padding
-  if isinstance(padding, str):
-    if padding not in ('SAME', 'VALID'):
-      return strides, None, kdil, idil  # CIRCULAR / CAUSAL: no plain conv equivalent
-    window = [(k - 1) * d + 1 for k, d in zip(kernel_shape[:n], kdil)]
-    spatial = [(s - 1) * i + 1 for s, i in zip(x_shape[1:1 + n], idil)]
-    pads = jax.lax.padtype_to_pads(spatial, window, strides, padding)
-  elif isinstance(padding, int):
-    pads = [(padding, padding)] * n
-  else:
-    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-  return strides, tuple((int(lo), int(hi)) for lo, hi in pads), kdil, idil
 
 
 def _conv_info(module: nn.Conv, path: str, x, y, variables) -> LayerInfo:
@@ -76,9 +49,8 @@ def _conv_info(module: nn.Conv, path: str, x, y, variables) -> LayerInfo:
   # Each output element sums over the kernel's spatial window and in_channels/groups.
   macs = int(np.prod(y.shape[1:])) * int(np.prod(kernel.shape[:-1]))
   params = sum(int(np.size(v)) for v in variables.values())
-  strides, padding, kdil, idil = _conv_geometry(module, x.shape, kernel.shape)
   return LayerInfo(path, 'conv', tuple(kernel.shape), groups, tuple(x.shape[1:]),
-                   tuple(y.shape[1:]), params, macs, strides, padding, kdil, idil)
+                   tuple(y.shape[1:]), params, macs, geometry_of(module, x.shape, kernel.shape))
 
 
 def _dense_info(module: nn.Dense, path: str, x, y, variables) -> LayerInfo:
@@ -87,7 +59,7 @@ def _dense_info(module: nn.Dense, path: str, x, y, variables) -> LayerInfo:
   macs = rows * int(np.prod(kernel.shape))
   params = sum(int(np.size(v)) for v in variables.values())
   return LayerInfo(path, 'dense', tuple(kernel.shape), 1, tuple(x.shape[1:]),
-                   tuple(y.shape[1:]), params, macs)
+                   tuple(y.shape[1:]), params, macs, geometry_of(module, x.shape, kernel.shape))
 
 
 _HANDLERS = ((nn.Conv, _conv_info), (nn.Dense, _dense_info))

@@ -109,7 +109,7 @@ def test_trace_of_a_model_written_here(toy):
   assert strided.macs == 6 * 6 * 8 * 9 * 3 and strided.params == 9 * 3 * 8 + 8
   assert grouped.macs == 6 * 6 * 8 * 9 * 4 and grouped.params == 9 * 4 * 8
   assert depthwise.macs == 6 * 6 * 8 * 9 and depthwise.output_shape == (6, 6, 8)
-  assert depthwise.padding == ((1, 1), (0, 2)) and strided.strides == (2, 2)
+  assert depthwise.geometry.padding == ((1, 1), (0, 2)) and strided.geometry.strides == (2, 2)
   assert head.macs == 12 * 5 and head.params == 12 * 5 + 5
 
 

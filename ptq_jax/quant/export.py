@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax import checkpoint as ckpt
+from ptq_jax.linear import LayerGeometry, apply_linear
 from ptq_jax.quant.quantizer import QuantizerState, quantize_to_int, reshape_for, \
     scale_and_zero_point
 
@@ -69,8 +70,9 @@ def layer_export(layer, lq) -> Dict[str, Any]:
     raise ValueError(f'Layer {layer.path} has per-channel input quantizers, which an integer '
                      'kernel cannot rescale after accumulation; quantize with '
                      'per_channel_inputs=False to export.')
-  if layer.kind == 'conv' and layer.padding is None:
-    raise ValueError(f'Layer {layer.path} uses a padding mode with no plain-conv equivalent.')
+  if layer.geometry is None:
+    raise ValueError(f'Layer {layer.path} (masked, or CIRCULAR/CAUSAL padding) has no plain '
+                     'integer conv equivalent to export.')
   w_q = reshape_for(lq.w_quant, lq.kernel.ndim)
   w_codes, w_scale, w_zp = unsigned_codes(lq.kernel, w_q)
   a_scale, a_zp = (np.asarray(v) for v in scale_and_zero_point(lq.a_quant))
@@ -87,11 +89,22 @@ def layer_export(layer, lq) -> Dict[str, Any]:
       'a_code_max': np.int32(a_code_max),
       'bias': np.asarray(lq.bias, np.float32), 'groups': layer.groups,
   }
-  if layer.kind == 'conv':
-    record.update(strides=np.asarray(layer.strides), padding=np.asarray(layer.padding),
-                  kernel_dilation=np.asarray(layer.kernel_dilation),
-                  input_dilation=np.asarray(layer.input_dilation))
+  geom = layer.geometry
+  if geom.kind == 'conv':
+    record.update(strides=np.asarray(geom.strides), padding=np.asarray(geom.padding),
+                  kernel_dilation=np.asarray(geom.kernel_dilation),
+                  input_dilation=np.asarray(geom.input_dilation))
   return record
+
+
+def record_geometry(record: Mapping[str, Any]) -> LayerGeometry:
+  """The :class:`LayerGeometry` stored in an export record."""
+  if str(record['kind']) == 'dense':
+    return LayerGeometry('dense')
+  ints = lambda key: tuple(int(v) for v in np.asarray(record[key]))
+  return LayerGeometry('conv', ints('strides'),
+                       tuple(tuple(int(v) for v in p) for p in np.asarray(record['padding'])),
+                       ints('kernel_dilation'), ints('input_dilation'), int(record['groups']))
 
 
 def export_integer(qmodel, path: str) -> Dict[str, Dict[str, Any]]:
@@ -118,18 +131,6 @@ def integer_layer_output(record: Mapping[str, Any], x: jnp.ndarray) -> jnp.ndarr
   a_scale, a_zp = jnp.float32(record['a_scale']), jnp.int32(record['a_zero_point'])
   x_int = jnp.clip(jnp.round(x / a_scale).astype(jnp.int32) + a_zp, 0,
                    jnp.int32(record['a_code_max'])) - a_zp
-  if str(record['kind']) == 'conv':
-    n = w_int.ndim - 2
-    spatial = ''.join('HWD'[:n])
-    acc = jax.lax.conv_general_dilated(
-        x_int, w_int, tuple(int(s) for s in np.asarray(record['strides'])),
-        [tuple(int(v) for v in p) for p in np.asarray(record['padding'])],
-        lhs_dilation=tuple(int(d) for d in np.asarray(record['input_dilation'])),
-        rhs_dilation=tuple(int(d) for d in np.asarray(record['kernel_dilation'])),
-        dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'),
-        feature_group_count=int(record['groups']), preferred_element_type=jnp.int32)
-  else:
-    acc = jax.lax.dot_general(x_int, w_int, (((x_int.ndim - 1,), (0,)), ((), ())),
-                              preferred_element_type=jnp.int32)
+  acc = apply_linear(record_geometry(record), x_int, w_int, preferred_element_type=jnp.int32)
   scale = a_scale * jnp.asarray(record['w_scale'], jnp.float32)
   return acc.astype(jnp.float32) * scale + jnp.asarray(record['bias'], jnp.float32)

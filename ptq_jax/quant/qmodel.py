@@ -13,11 +13,10 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ptq_jax.models.fast_depthwise import depthwise_conv2d, depthwise_plan
+from ptq_jax.linear import apply_linear, geometry_of
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant, reshape_for
 
 
@@ -50,17 +49,16 @@ def layer_forward(module: nn.Module, x: jnp.ndarray, kernel: jnp.ndarray,
                   bias: jnp.ndarray) -> jnp.ndarray:
   """``module``'s linear map with the given kernel, plus ``bias``, in float32.
 
-  On CPU a depthwise conv runs as shifted products (see models/fast_depthwise.py).
+  Computed by :func:`ptq_jax.linear.apply_linear` from the module's geometry; a
+  module without a plain ``lax`` equivalent runs as a parameter-free clone of itself.
   """
   x = jnp.asarray(x, jnp.float32)
-  if jax.default_backend() == 'cpu' and isinstance(module, nn.Conv):
-    plan = depthwise_plan(module, x.shape, kernel.shape)
-    if plan is not None:
-      return depthwise_conv2d(x, kernel, *plan) + bias
+  geom = geometry_of(module, x.shape, kernel.shape)
+  if geom is not None:
+    return apply_linear(geom, x, kernel) + bias
   clone = module.clone(parent=None, use_bias=False, dtype=jnp.float32,
                        param_dtype=jnp.float32)
-  y = clone.apply({'params': {'kernel': kernel}}, x)
-  return y + bias
+  return clone.apply({'params': {'kernel': kernel}}, x) + bias
 
 
 def quantized_layer_output(module: nn.Module, lq: LayerQuant, x: jnp.ndarray) -> jnp.ndarray:
