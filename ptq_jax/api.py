@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptq_jax import adaquant as adaquant_lib
 from ptq_jax import checkpoint as ckpt
+from ptq_jax.adaquant import AdaQuantConfig
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant import calibrate
 from ptq_jax.quant.folding import fold_batchnorm
@@ -29,6 +31,7 @@ from ptq_jax.quant.quantizer import RANGE_METHODS, QuantizerState, check_bits
 from ptq_jax.trace import LayerInfo, trace
 
 Bits = Optional[int]
+METHODS = ('ptq', 'adaquant')
 
 
 def _check_calibration(images: Any, input_shape: Optional[Tuple[int, ...]] = None) -> np.ndarray:
@@ -86,6 +89,8 @@ class QuantizedModel:
   options: Dict[str, Any]
   input_shape: Tuple[int, ...]
   timings: Dict[str, float] = dataclasses.field(default_factory=dict)
+  # Per-layer optimisation records (AdaQuant: reconstruction error before/after, time).
+  layer_reports: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
   @property
   def folded_bns(self) -> frozenset:
@@ -187,7 +192,10 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
              weight_range_method: Optional[str] = None, first_last_bits: Bits = 8,
              overrides: Optional[Mapping[str, Mapping[str, Bits]]] = None,
              symmetric: bool = False, per_channel_inputs: bool = False,
-             percentile: float = 99.99, batch_size: int = 100, input_shape: Optional[Sequence[int]] = None,
+             percentile: float = 99.99, batch_size: int = 100,
+             method: str = 'ptq', mode: str = 'parallel',
+             adaquant: Optional[AdaQuantConfig] = None, key: Optional[jax.Array] = None,
+             progress: bool = True, input_shape: Optional[Sequence[int]] = None,
              model_name: Optional[str] = None) -> QuantizedModel:
   """Post-training quantization with calibrated ranges (the baseline PTQ).
 
@@ -205,16 +213,27 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
       (more accurate; not expressible in the integer export).
     percentile: the upper percentile for ``range_method='percentile'``.
     batch_size: calibration batch size for activation statistics.
+    method: 'ptq' (calibrated ranges only) or 'adaquant' (then per-layer
+      reconstruction from those ranges, DESIGN.md §2.3).
+    mode: AdaQuant's 'parallel' (float inputs per layer) or 'sequential' (inputs
+      from the quantized prefix) mode.
+    adaquant: AdaQuant settings (iterations, minibatch, learning rates, ...).
+    key: PRNG key for AdaQuant's minibatches (default ``jax.random.key(0)``).
+    progress: show a progress bar during AdaQuant.
     input_shape: the per-example input shape the model expects, to check the
       calibration data against (optional).
     model_name: registry name recorded with the saved model (optional).
   """
   start = time.time()
+  if method not in METHODS:
+    raise ValueError(f'method={method!r} is not one of {METHODS}.')
+  if mode not in adaquant_lib.MODES:
+    raise ValueError(f'mode={mode!r} is not one of {adaquant_lib.MODES}.')
   images = _check_calibration(calib, None if input_shape is None else tuple(input_shape))
-  for name, method in (('range_method', range_method), ('weight_range_method',
-                                                        weight_range_method or range_method)):
-    if method not in RANGE_METHODS:
-      raise ValueError(f'{name}={method!r} is not one of {RANGE_METHODS}.')
+  for name, value in (('range_method', range_method),
+                      ('weight_range_method', weight_range_method or range_method)):
+    if value not in RANGE_METHODS:
+      raise ValueError(f'{name}={value!r} is not one of {RANGE_METHODS}.')
   try:
     layers = trace(model, variables, jnp.asarray(images[:1]))
   except Exception as e:  # Flax reports a shape clash deep inside the model.
@@ -233,12 +252,22 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
                                          symmetric, percentile)
   qstate = {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias,
                                w_quants.get(l.path), a_quants.get(l.path)) for l in layers}
+  timings = {'calibrate_seconds': time.time() - start}
+  layer_reports: List[Dict[str, Any]] = []
+  if method == 'adaquant':
+    start = time.time()
+    adaquant = adaquant or AdaQuantConfig()
+    qstate, layer_reports = adaquant_lib.run_adaquant(model, variables, layers, qstate, images,
+                                                      mode, adaquant, key, progress)
+    timings['adaquant_seconds'] = time.time() - start
   options = {'w_bits': w_bits, 'a_bits': a_bits, 'range_method': range_method,
              'weight_range_method': wmethod, 'first_last_bits': first_last_bits,
              'overrides': {k: dict(v) for k, v in (overrides or {}).items()},
              'symmetric': symmetric, 'per_channel_inputs': per_channel_inputs,
-             'percentile': percentile, 'calib_size': len(images)}
+             'percentile': percentile, 'calib_size': len(images), 'method': method}
+  if method == 'adaquant':
+    options.update(mode=mode, adaquant=dataclasses.asdict(adaquant))
   if model_name:
     options['model'] = model_name
   return QuantizedModel(model, dict(variables), layers, qstate, options,
-                        tuple(images.shape[1:]), {'calibrate_seconds': time.time() - start})
+                        tuple(images.shape[1:]), timings, layer_reports)

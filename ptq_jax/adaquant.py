@@ -1,0 +1,279 @@
+"""AdaQuant: per-layer reconstruction of quantized layers (DESIGN.md §2.3-2.4).
+
+For each layer, minimise over the calibration set
+
+    mean || f(W X + b) - f(Q(W + V) Q(X) + b') ||^2
+
+jointly over the continuous weight, the bias, the weight quantizer (range and low
+end per output channel) and the input quantizer (per tensor), with Adam and one
+learning rate per group (``optax.multi_transform``). ``f`` is the activation the
+traced graph found after the layer (ReLU / ReLU6), identity otherwise.
+
+* parallel mode: the layer's input ``X`` is what the float model feeds it; layers
+  are independent.
+* sequential mode: ``X`` comes from the already-quantized prefix, for the whole
+  calibration set; the target stays the float model's.
+
+Speed: the step is compiled from the layer's geometry (``ptq_jax.linear``), not its
+module, so every layer with the same geometry, shapes and bit widths reuses one
+compiled function. The iteration driver runs ``steps_per_call`` steps per call:
+1 on CPU (a Python loop: XLA's CPU backend runs convs inside loops ~40x slower,
+DESIGN.md §5) and all of them in one ``lax.fori_loop`` on GPU/TPU.
+Memory: layer inputs are captured for a group of layers at a time, bounded by
+``capture_budget_mb``, and released after that group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ptq_jax.linear import LayerGeometry, apply_linear
+from ptq_jax.quant.qmodel import LayerQuant, apply_quantized, quantized_input, quantized_weight
+from ptq_jax.trace import LayerInfo
+
+MODES = ('parallel', 'sequential')
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaQuantConfig:
+  """Optimisation settings; the defaults are the reference code's."""
+
+  iterations: int = 1000
+  batch_size: int = 50
+  lr_kernel: float = 1e-5
+  lr_bias: float = 1e-3
+  lr_w_quant: float = 1e-3
+  lr_a_quant: float = 1e-1
+  steps_per_call: Optional[int] = None  # None: 1 on CPU, all iterations elsewhere
+  capture_budget_mb: float = 1024.0     # host memory for captured layer inputs
+  capture_batch_size: int = 100
+
+  def validate(self) -> 'AdaQuantConfig':
+    if self.iterations < 0 or self.batch_size < 1:
+      raise ValueError(f'AdaQuant needs iterations >= 0 and batch_size >= 1, got '
+                       f'{self.iterations} and {self.batch_size}.')
+    for name in ('lr_kernel', 'lr_bias', 'lr_w_quant', 'lr_a_quant'):
+      if getattr(self, name) < 0:
+        raise ValueError(f'AdaQuant {name} must be >= 0, got {getattr(self, name)}.')
+    return self
+
+  def chunk(self) -> int:
+    if self.steps_per_call:
+      return max(1, min(self.steps_per_call, max(self.iterations, 1)))
+    return 1 if jax.default_backend() == 'cpu' else max(self.iterations, 1)
+
+
+def activation_fn(name: str):
+  """The activation the traced graph found after a layer."""
+  return {'relu': jax.nn.relu, 'relu6': lambda y: jnp.clip(y, 0.0, 6.0),
+          'none': lambda y: y}[name]
+
+
+def _labels(lq: LayerQuant) -> LayerQuant:
+  """The optimizer group of every leaf of ``lq`` (for ``optax.multi_transform``)."""
+  def group(q, name):
+    return None if q is None else q.replace(range=name, low=name)
+  return LayerQuant('kernel', 'bias', group(lq.w_quant, 'w_quant'), group(lq.a_quant, 'a_quant'))
+
+
+def _optimizer(lrs: jnp.ndarray, labels: LayerQuant) -> optax.GradientTransformation:
+  return optax.multi_transform(
+      {'kernel': optax.adam(lrs[0]), 'bias': optax.adam(lrs[1]),
+       'w_quant': optax.adam(lrs[2]), 'a_quant': optax.adam(lrs[3])}, labels)
+
+
+def layer_output(geom: LayerGeometry, activation: str, lq: LayerQuant,
+                 x: jnp.ndarray) -> jnp.ndarray:
+  """``f(Q(W) Q(x) + b)`` for one layer."""
+  y = apply_linear(geom, quantized_input(lq, x), quantized_weight(lq)) + lq.bias
+  return activation_fn(activation)(y)
+
+
+def float_target(geom: LayerGeometry, activation: str, lq: LayerQuant,
+                 x: jnp.ndarray) -> jnp.ndarray:
+  """``f(W x + b)`` with the float folded weights (the reconstruction target)."""
+  return activation_fn(activation)(apply_linear(geom, x, lq.kernel) + lq.bias)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: LayerQuant,
+               opt_state, xs, ys, key, step0, lrs):
+  """``steps`` Adam steps on one layer. The module is not an argument, only its
+  geometry, so ``jax.jit`` compiles once per geometry, shapes and bit widths."""
+  tx = _optimizer(lrs, _labels(lq))
+
+  def loss_fn(lq, x, y):
+    return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
+
+  def body(i, carry):
+    lq, opt_state, _ = carry
+    idx = jax.random.choice(jax.random.fold_in(key, step0 + i), xs.shape[0], (batch,),
+                            replace=False)
+    loss, grads = jax.value_and_grad(loss_fn)(lq, xs[idx], ys[idx])
+    updates, opt_state = tx.update(grads, opt_state, lq)
+    return optax.apply_updates(lq, updates), opt_state, loss
+
+  carry = (lq, opt_state, jnp.zeros((), jnp.float32))
+  if steps == 1:
+    return body(0, carry)
+  return jax.lax.fori_loop(0, steps, body, carry)
+
+
+def compiled_step_count() -> int:
+  """How many AdaQuant step programs have been compiled so far (tests, benchmarks)."""
+  return _run_steps._cache_size()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _error_sums(geom: LayerGeometry, activation: str, lq: LayerQuant, x, y):
+  err = layer_output(geom, activation, lq, x) - y
+  return jnp.sum(err**2), jnp.sum(y**2)
+
+
+def reconstruction_error(geom: LayerGeometry, activation: str, lq: LayerQuant, xs: jnp.ndarray,
+                         ys: jnp.ndarray, batch: int = 250) -> Tuple[float, float]:
+  """(MSE, MSE / mean(target^2)) of a quantized layer over a whole captured set."""
+  total_err = total_ref = 0.0
+  for start in range(0, xs.shape[0], batch):
+    e, r = _error_sums(geom, activation, lq, xs[start:start + batch], ys[start:start + batch])
+    total_err, total_ref = total_err + float(e), total_ref + float(r)
+  count = ys.size
+  mse = total_err / count
+  return mse, mse / max(total_ref / count, 1e-30)
+
+
+def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray, ys: jnp.ndarray,
+                   config: AdaQuantConfig, key: jax.Array) -> Tuple[LayerQuant, Dict[str, Any]]:
+  """AdaQuant of one layer on captured inputs ``xs`` and float targets ``ys``."""
+  start = time.time()
+  geom = layer.geometry
+  before, rel_before = reconstruction_error(geom, layer.activation, lq, xs, ys)
+  batch = min(config.batch_size, xs.shape[0])
+  chunk = config.chunk()
+  lrs = jnp.asarray([config.lr_kernel, config.lr_bias, config.lr_w_quant, config.lr_a_quant],
+                    jnp.float32)
+  opt_state = _optimizer(lrs, _labels(lq)).init(lq)
+  done = 0
+  while done < config.iterations:
+    # Full chunks, then the remainder one step at a time (no new loop length to compile).
+    steps = chunk if config.iterations - done >= chunk else 1
+    lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch, lq, opt_state, xs, ys,
+                                  key, done, lrs)
+    done += steps
+  after, rel_after = reconstruction_error(geom, layer.activation, lq, xs, ys)
+  report = {'path': layer.path, 'activation': layer.activation,
+            'w_bits': lq.w_quant.bits if lq.w_quant else None,
+            'a_bits': lq.a_quant.bits if lq.a_quant else None,
+            'mse_before': before, 'mse_after': after, 'rel_error_before': rel_before,
+            'rel_error_after': rel_after, 'iterations': config.iterations,
+            'seconds': time.time() - start}
+  return lq, report
+
+
+class InputCapture:
+  """Captures the float inputs that layers receive when the network computes with a
+  given quantization state, over a whole image set, one jitted pass per batch.
+
+  The pass is compiled once per group of layers (``paths``) and state structure;
+  ``keep`` says which of the group's inputs to hold on the host.
+  """
+
+  def __init__(self, model: nn.Module, variables: Mapping[str, Any], folded_bns: frozenset,
+               batch_size: int = 100):
+    self.variables, self.batch_size = variables, batch_size
+
+    def batch_inputs(variables, qstate, x, paths):
+      found: Dict[str, jnp.ndarray] = {}
+
+      def on_layer(path, inputs):
+        if path in paths and path not in found:
+          found[path] = inputs
+      apply_quantized(model, variables, qstate, folded_bns, x, on_layer=on_layer)
+      return found
+
+    self._batch_inputs = jax.jit(batch_inputs, static_argnums=3)
+
+  def __call__(self, qstate: Mapping[str, LayerQuant], images: np.ndarray,
+               paths: Sequence[str], keep: Optional[Sequence[str]] = None
+               ) -> Dict[str, jnp.ndarray]:
+    keep = list(paths if keep is None else keep)
+    parts: Dict[str, List[np.ndarray]] = {p: [] for p in keep}
+    for start in range(0, len(images), self.batch_size):
+      found = self._batch_inputs(self.variables, qstate,
+                                 jnp.asarray(images[start:start + self.batch_size]), tuple(paths))
+      for p in keep:
+        parts[p].append(np.asarray(found[p], np.float32))
+    return {p: jnp.asarray(np.concatenate(parts[p])) for p in keep}
+
+
+def _capture_groups(layers: Sequence[LayerInfo], n_images: int, budget_mb: float
+                    ) -> List[List[LayerInfo]]:
+  """Consecutive groups of layers whose captured inputs fit in ``budget_mb``."""
+  groups, current, size = [], [], 0.0
+  for layer in layers:
+    mb = n_images * int(np.prod(layer.input_shape)) * 4 / 2**20
+    if current and size + mb > budget_mb:
+      groups.append(current)
+      current, size = [], 0.0
+    current.append(layer)
+    size += mb
+  if current:
+    groups.append(current)
+  return groups
+
+
+def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
+                 qstate: Mapping[str, LayerQuant], images: np.ndarray, mode: str = 'parallel',
+                 config: AdaQuantConfig = AdaQuantConfig(), key: Optional[jax.Array] = None,
+                 progress: bool = True) -> Tuple[Dict[str, LayerQuant], List[Dict[str, Any]]]:
+  """AdaQuant of every quantized layer; returns the new state and a per-layer report.
+
+  ``qstate`` holds the starting point (folded weights and calibrated quantizers);
+  layers without quantizers, or without a plain geometry, are left as they are.
+  """
+  if mode not in MODES:
+    raise ValueError(f'AdaQuant mode must be one of {MODES}, got {mode!r}.')
+  config = config.validate()
+  key = jax.random.key(0) if key is None else key
+  folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
+  float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in qstate.items()}
+  todo = [l for l in layers if l.geometry is not None
+          and (qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None)]
+  index = {l.path: i for i, l in enumerate(layers)}
+  new_state = dict(qstate)
+  reports = []
+  bar = tqdm(total=len(todo), desc=f'AdaQuant ({mode})', disable=not progress, leave=False)
+  capture = InputCapture(model, variables, folded_bns, config.capture_batch_size)
+  for group in _capture_groups(todo, len(images), config.capture_budget_mb):
+    group_paths = [l.path for l in group]
+    fp_inputs = capture(float_state, images, group_paths)
+    for layer in group:
+      x_fp = fp_inputs.pop(layer.path)
+      y = float_target(layer.geometry, layer.activation, float_state[layer.path], x_fp)
+      if mode == 'sequential':
+        # Inputs from the quantized prefix: layers before this one already optimised.
+        x = capture(new_state, images, group_paths, keep=[layer.path])[layer.path]
+        del x_fp
+      else:
+        x = x_fp
+      lq, report = optimize_layer(layer, qstate[layer.path], x, y, config,
+                                  jax.random.fold_in(key, index[layer.path]))
+      new_state[layer.path] = lq
+      report['mode'] = mode
+      reports.append(report)
+      bar.set_postfix_str(f'{layer.path}: rel err {report["rel_error_before"]:.3g} -> '
+                          f'{report["rel_error_after"]:.3g}')
+      bar.update()
+      del x, y
+  bar.close()
+  return new_state, reports

@@ -1,0 +1,119 @@
+"""AdaQuant: lowers every layer's error, sequential inputs, determinism, compilation reuse."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ptq_jax
+from ptq_jax import adaquant
+from ptq_jax.quant.qmodel import apply_quantized
+from test_quant import ToyNet, random_variables
+
+CONFIG = ptq_jax.AdaQuantConfig(iterations=120, batch_size=16)
+
+
+@pytest.fixture(scope='module')
+def toy_w3a3():
+  model = ToyNet()
+  x = jax.random.normal(jax.random.key(3), (64, 12, 12, 3))
+  variables = random_variables(model, x)
+  base = ptq_jax.quantize(model, variables, np.asarray(x), w_bits=3, a_bits=3,
+                          first_last_bits=None)
+  return model, variables, np.asarray(x), base
+
+
+@pytest.mark.parametrize('mode', ['parallel', 'sequential'])
+def test_adaquant_lowers_every_layers_error(toy_w3a3, mode):
+  model, variables, x, base = toy_w3a3
+  state, reports = adaquant.run_adaquant(model, variables, base.layers, base.qstate, x, mode,
+                                         CONFIG, jax.random.key(0), progress=False)
+  assert [r['path'] for r in reports] == [l.path for l in base.layers]
+  for r in reports:
+    assert r['mse_after'] < r['mse_before'], r
+  # The whole network gets closer to the float one too.
+  ref = model.apply(variables, x)
+  err = lambda st: float(jnp.mean((apply_quantized(model, variables, st, base.folded_bns, x) - ref)**2))
+  assert err(state) < err(base.qstate)
+
+
+def test_quantize_entry_point(toy_w3a3):
+  model, variables, x, base = toy_w3a3
+  qm = ptq_jax.quantize(model, variables, x, w_bits=3, a_bits=3, first_last_bits=None,
+                        method='adaquant', mode='sequential', adaquant=CONFIG, progress=False)
+  assert qm.options['method'] == 'adaquant' and qm.options['mode'] == 'sequential'
+  assert qm.options['adaquant']['iterations'] == 120
+  assert len(qm.layer_reports) == len(qm.layers) and 'adaquant_seconds' in qm.timings
+  with pytest.raises(ValueError, match="mode='diagonal'"):
+    ptq_jax.quantize(model, variables, x, method='adaquant', mode='diagonal')
+  with pytest.raises(ValueError, match="method='gptq'"):
+    ptq_jax.quantize(model, variables, x, method='gptq')
+
+
+def test_sequential_inputs_come_from_the_quantized_prefix(toy_w3a3, monkeypatch):
+  model, variables, x, base = toy_w3a3
+  seen = {}
+  original = adaquant.optimize_layer
+
+  def recording(layer, lq, xs, ys, config, key):
+    seen[layer.path] = np.asarray(xs)
+    return original(layer, lq, xs, ys, config, key)
+
+  monkeypatch.setattr(adaquant, 'optimize_layer', recording)
+  config = ptq_jax.AdaQuantConfig(iterations=20, batch_size=16)
+  state, _ = adaquant.run_adaquant(model, variables, base.layers, base.qstate, x, 'sequential',
+                                   config, jax.random.key(0), progress=False)
+  float_state = {p: adaquant.LayerQuant(lq.kernel, lq.bias) for p, lq in base.qstate.items()}
+  for i, layer in enumerate(base.layers):
+    # Expected input: the network with the final (optimised) state for the layers before
+    # this one; later layers cannot influence it.
+    prefix = {p: (state[p] if j < i else float_state[p])
+              for j, p in enumerate(l.path for l in base.layers)}
+    captured = {}
+    apply_quantized(model, variables, prefix, base.folded_bns, jnp.asarray(x),
+                    on_layer=lambda p, v: captured.setdefault(p, v))
+    np.testing.assert_allclose(seen[layer.path], captured[layer.path], rtol=1e-5, atol=1e-5)
+    if i > 0:  # ... and it is not the float model's input.
+      fp = {}
+      apply_quantized(model, variables, float_state, base.folded_bns, jnp.asarray(x),
+                      on_layer=lambda p, v: fp.setdefault(p, v))
+      assert float(jnp.max(jnp.abs(fp[layer.path] - seen[layer.path]))) > 1e-3
+
+
+def test_deterministic_for_a_seed(toy_w3a3):
+  model, variables, x, base = toy_w3a3
+  config = ptq_jax.AdaQuantConfig(iterations=15, batch_size=8)
+  run = lambda seed: adaquant.run_adaquant(model, variables, base.layers, base.qstate, x,
+                                           'parallel', config, jax.random.key(seed),
+                                           progress=False)[0]
+  a, b, c = run(1), run(1), run(2)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  diffs = jax.tree.map(lambda u, v: bool(jnp.any(u != v)), a, c)
+  assert any(jax.tree.leaves(diffs))
+
+
+def test_same_geometry_layer_does_not_recompile():
+  model = ptq_jax.create_model('resnet20')
+  x = jax.random.normal(jax.random.key(0), (32, 28, 28, 1))
+  variables = random_variables(model, x)
+  base = ptq_jax.quantize(model, variables, np.asarray(x), w_bits=4, a_bits=4)
+  layers = {l.path: l for l in base.layers}
+  first, second = layers['BasicBlock_0/Conv_0'], layers['BasicBlock_1/Conv_0']
+  assert first.geometry == second.geometry and first.activation == second.activation
+  config = ptq_jax.AdaQuantConfig(iterations=3, batch_size=8)
+  capture = adaquant.InputCapture(model, variables, base.folded_bns)
+  inputs = capture(base.qstate, np.asarray(x), [first.path, second.path])
+  for layer in (first, second):
+    lq = base.qstate[layer.path]
+    y = adaquant.float_target(layer.geometry, layer.activation, lq, inputs[layer.path])
+    adaquant.optimize_layer(layer, lq, inputs[layer.path], y, config, jax.random.key(0))
+    if layer is first:
+      compiled = adaquant.compiled_step_count()
+  assert adaquant.compiled_step_count() == compiled
+
+
+def test_bad_config():
+  with pytest.raises(ValueError, match='iterations >= 0'):
+    ptq_jax.AdaQuantConfig(iterations=-1).validate()
+  with pytest.raises(ValueError, match='lr_bias must be >= 0'):
+    ptq_jax.AdaQuantConfig(lr_bias=-1.0).validate()
