@@ -19,8 +19,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 from ptq_jax import adaquant

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax.models.fast_depthwise import fast_depthwise

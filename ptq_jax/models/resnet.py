@@ -8,7 +8,7 @@ them. The structure follows ``flax/examples/imagenet/models.py``.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -8,7 +8,7 @@ min/max; memory stays at one batch of activations whatever the depth.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional
 
 import flax.linen as nn
 import jax

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

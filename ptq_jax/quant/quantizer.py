@@ -12,7 +12,7 @@ the straight-through estimator, so gradients reach ``x``, ``R`` and ``z``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
