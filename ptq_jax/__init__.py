@@ -5,6 +5,7 @@ The public API is re-exported here; see README.md for the architecture.
 
 from ptq_jax.adaquant import AdaQuantConfig, run_adaquant
 from ptq_jax.api import QuantizedModel, assign_bits, quantize
+from ptq_jax.distill import kd_tune, kl_to_teacher
 from ptq_jax.bundled import bundled_checkpoints, model_card, resolve_checkpoint
 from ptq_jax.checkpoint import (CheckpointError, check_variables_match, load_checkpoint,
                                 load_model, save_checkpoint)
@@ -20,7 +21,7 @@ from ptq_jax.trace import LayerInfo, totals, trace
 __version__ = '0.1.0'
 
 __all__ = [
-    'AdaQuantConfig', 'QuantizedModel', 'QuantizerState', 'run_adaquant', 'assign_bits', 'export_integer', 'fake_quant',
+    'AdaQuantConfig', 'QuantizedModel', 'QuantizerState', 'kd_tune', 'kl_to_teacher', 'run_adaquant', 'assign_bits', 'export_integer', 'fake_quant',
     'init_range', 'integer_layer_output', 'load_integer', 'quantize',
     'ArraySplit', 'CalibrationSet', 'CheckpointError', 'DatasetNotFoundError',
     'ImageClassificationSource', 'LayerInfo', 'MODELS', 'bundled_checkpoints',
