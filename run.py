@@ -11,7 +11,7 @@ error. This file stays thin: it parses flags and calls ptq_jax.jobs.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ptq_jax import jobs
@@ -31,6 +31,8 @@ INPUT_ERRORS = (FileNotFoundError, KeyError, ValueError)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:  # TFDS and JAX log a lot at INFO; --verbosity=0 shows it.
+    logging.set_verbosity(logging.WARNING)
   try:
     jobs.run(FLAGS.config, FLAGS.workdir)
   except INPUT_ERRORS as e:

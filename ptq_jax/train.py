@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.data import loader
@@ -121,7 +122,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       epoch_start = time.time()
       order = rng.permutation(len(train))
       losses, accs = [], []
-      for i in range(steps_per_epoch):
+      for i in tqdm(range(steps_per_epoch), desc=f'epoch {epoch}/{config.num_epochs}',
+                    leave=False):
         idx = order[i * config.batch_size:(i + 1) * config.batch_size]
         state, loss, acc = train_step(state, train.images[idx], train.labels[idx])
         losses.append(loss)
