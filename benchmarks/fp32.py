@@ -58,7 +58,9 @@ def main(_):
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
     counts = totals(trace(model, variables, x))
     records.append({'model': name, 'method': 'fp32', 'w_bits': 32, 'a_bits': 32,
-                    'calib_size': 0, 'dataset': 'imagenet2012 (no weights bundled)',
+                    'calib_size': 0,
+                    'dataset': ('imagenet2012' if spec.input_shape[-1] == 3 else 'fashion_mnist')
+                               + ' (no weights bundled)',
                     'input_shape': 'x'.join(map(str, spec.input_shape)), 'top1_pct': None,
                     'test_images': 0, 'params': counts['params'], 'macs': counts['macs'],
                     'size_mb_fp32': round(counts['params'] * 4 / 2**20, 3), 'seconds': 0.0,

@@ -34,7 +34,10 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=directory)
+  umask = os.umask(0)
+  os.umask(umask)
   try:
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()
