@@ -65,7 +65,8 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List
   atomic_write_bytes(os.path.join(workdir, 'layers.md'),
                      render_markdown(qm.report, f'Per-layer report: {meta["model"]}').encode())
   for r in records:
-    print(f'{r["method"]:28s} W{r["w_bits"]}A{r["a_bits"]}  top-1 {r["top1_pct"]:6.2f}%  '
-          f'size {r["size_pct_of_fp32"]:6.2f}% of FP32')
+    bits = f'W{r["w_bits"]}A{r["a_bits"]}'
+    print(f'{r["method"]:24s} {bits:7s} top-1 {r["top1_pct"]:6.2f}%   weights '
+          f'{r["size_pct_of_fp32"]:6.2f}% of FP32')
   print(f'Wrote results.json, layers.md, quantized.msgpack, integer.msgpack to {workdir}')
   return records
