@@ -197,7 +197,7 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
              adaquant: Optional[AdaQuantConfig] = None, key: Optional[jax.Array] = None,
              progress: bool = True, input_shape: Optional[Sequence[int]] = None,
              model_name: Optional[str] = None) -> QuantizedModel:
-  """Post-training quantization with calibrated ranges (the baseline PTQ).
+  """Post-training quantization: calibrated ranges (baseline PTQ), then optionally AdaQuant.
 
   Args:
     model, variables: an unmodified Flax module and its ``{'params', 'batch_stats'}``.
