@@ -24,9 +24,9 @@ import jax
 from absl import app, flags
 
 import ptq_jax
-from ptq_jax.data import loader
+from benchmarks.common import POLICIES, fashion_mnist, merge_records
 from ptq_jax.distill import kd_tune
-from ptq_jax.results import read_results, write_results
+from ptq_jax.results import write_results
 from ptq_jax.train import describe_device
 
 FLAGS = flags.FLAGS
@@ -42,7 +42,6 @@ flags.DEFINE_integer('test_limit', 0, 'Evaluate on the first N test images (0: a
 flags.DEFINE_string('out', 'results', 'Output directory.')
 
 NAME = 'adaquant'
-POLICIES = {'first_last_8bit': 8, 'all_layers_alike': None}
 KEY_FIELDS = ('model', 'method', 'w_bits', 'a_bits', 'first_last', 'calib_size')
 
 
@@ -52,11 +51,7 @@ def peak_rss_mb() -> float:
 
 def main(_):
   command = 'python benchmarks/adaquant.py ' + ' '.join(sys.argv[1:])
-  train = loader.load_split('fashion_mnist', 'train')
-  test = loader.load_split('fashion_mnist', 'test')
-  if FLAGS.test_limit:
-    test = loader.ArraySplit(test.images[:FLAGS.test_limit], test.labels[:FLAGS.test_limit])
-  test_images = loader.preprocess('fashion_mnist', test.images)
+  train, test, test_images = fashion_mnist(FLAGS.test_limit)
   records = []
 
   def record(model_name, method, w_bits, a_bits, policy, calib, qpredict, fp32, seconds,
@@ -107,10 +102,7 @@ def main(_):
                                            base.options, base.input_shape)
             record(model_name, 'kd_finetune_all', w_bits, a_bits, policy, calib, tuned.predict,
                    fp32, time.time() - start, iterations=FLAGS.finetune_steps)
-  key = lambda r: tuple(r[k] for k in KEY_FIELDS)
-  if os.path.exists(os.path.join(FLAGS.out, f'{NAME}.json')):
-    new = {key(r) for r in records}
-    records = [r for r in read_results(FLAGS.out, NAME) if key(r) not in new] + records
+  records = merge_records(FLAGS.out, NAME, records, KEY_FIELDS)
   write_results(
       FLAGS.out, NAME, records, 'AdaQuant on the bundled Fashion-MNIST models',
       columns=['model', 'method', 'w_bits', 'a_bits', 'first_last', 'calib_size', 'top1_pct',

@@ -6,7 +6,7 @@ For each bundled model, bit option (W8A8, W6A6, W4A8, W4A4, W3A3), range method
 (min/max, MSE, percentile) and first/last policy (8-bit, or all layers alike):
 test top-1 on the full Fashion-MNIST test split with 1000 calibration images from
 the train split. Writes results/baseline_ptq.json and results/baseline_ptq.md;
-``--models`` runs a subset and merges it into the existing files.
+a run of a subset (``--models``, ``--bits``, ...) is merged into the existing files.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from absl import app, flags
 from tqdm import tqdm
 
 import ptq_jax
-from ptq_jax.data import loader
-from ptq_jax.results import read_results, write_results
+from benchmarks.common import POLICIES, fashion_mnist, merge_records
+from ptq_jax.results import write_results
 from ptq_jax.train import describe_device
 
 FLAGS = flags.FLAGS
@@ -35,16 +35,12 @@ flags.DEFINE_integer('test_limit', 0, 'Evaluate on the first N test images (0: a
 flags.DEFINE_string('out', 'results', 'Output directory.')
 
 NAME = 'baseline_ptq'
-POLICIES = {'first_last_8bit': 8, 'all_layers_alike': None}
+KEY_FIELDS = ('model', 'range_method', 'first_last', 'w_bits', 'a_bits', 'calib_size')
 
 
 def main(_):
   command = 'python benchmarks/baseline_ptq.py ' + ' '.join(sys.argv[1:])
-  train = loader.load_split('fashion_mnist', 'train')
-  test = loader.load_split('fashion_mnist', 'test')
-  if FLAGS.test_limit:
-    test = loader.ArraySplit(test.images[:FLAGS.test_limit], test.labels[:FLAGS.test_limit])
-  test_images = loader.preprocess('fashion_mnist', test.images)
+  train, test, test_images = fashion_mnist(FLAGS.test_limit)
   calib = ptq_jax.calibration_set('fashion_mnist', FLAGS.calib_size, FLAGS.seed, data=train)
   checkpoints = ptq_jax.bundled_checkpoints()
   records = []
@@ -74,9 +70,7 @@ def main(_):
           'device': describe_device(), 'command': command})
       tqdm.write(f'{model_name} W{w_bits}A{a_bits} {method:10s} {policy:16s} '
                  f'top1 {top1:.2f} (fp32 {fp32:.2f})')
-  path = os.path.join(FLAGS.out, f'{NAME}.json')
-  if os.path.exists(path):  # Merge: keep other models' rows from an earlier run.
-    records = [r for r in read_results(FLAGS.out, NAME) if r['model'] not in FLAGS.models] + records
+  records = merge_records(FLAGS.out, NAME, records, KEY_FIELDS)
   write_results(
       FLAGS.out, NAME, records, 'Baseline PTQ (calibrated ranges, no AdaQuant)',
       columns=['model', 'w_bits', 'a_bits', 'range_method', 'first_last', 'top1_pct',

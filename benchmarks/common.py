@@ -1,0 +1,37 @@
+"""Pieces shared by the benchmark scripts: data, first/last policies, merging results."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Dict, List, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from ptq_jax.data import loader
+from ptq_jax.results import read_results
+
+# First/last-layer policies: the paper's 8-bit, or every layer alike.
+POLICIES = {'first_last_8bit': 8, 'all_layers_alike': None}
+
+
+def fashion_mnist(test_limit: int = 0) -> Tuple[loader.ArraySplit, loader.ArraySplit, np.ndarray]:
+  """Train split, test split (its first ``test_limit`` images if set) and the
+  preprocessed test images."""
+  train = loader.load_split('fashion_mnist', 'train')
+  test = loader.load_split('fashion_mnist', 'test')
+  if test_limit:
+    test = loader.ArraySplit(test.images[:test_limit], test.labels[:test_limit])
+  return train, test, loader.preprocess('fashion_mnist', test.images)
+
+
+def merge_records(out: str, name: str, records: List[Dict[str, Any]],
+                  key_fields: Sequence[str]) -> List[Dict[str, Any]]:
+  """Earlier rows of ``results/NAME.json`` that this run did not redo, then this run's."""
+  if not os.path.exists(os.path.join(out, f'{name}.json')):
+    return records
+  key = lambda r: tuple(r.get(k) for k in key_fields)
+  new = {key(r) for r in records}
+  return [r for r in read_results(out, name) if key(r) not in new] + records
