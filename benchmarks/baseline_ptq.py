@@ -52,7 +52,8 @@ def main(_):
     fp32 = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables, test_images),
                                      test.labels)
     fp32_bits = None
-    runs = [(b, m, p) for b in FLAGS.bits for m in FLAGS.range_methods for p in POLICIES]
+    # Range method outermost: an interrupted run still has every bit width for min/max.
+    runs = [(b, m, p) for m in FLAGS.range_methods for b in FLAGS.bits for p in POLICIES]
     for option, method, policy in tqdm(runs, desc=model_name):
       w_bits, a_bits = (int(v) for v in option.split('/'))
       start = time.time()
@@ -70,9 +71,15 @@ def main(_):
           'device': describe_device(), 'command': command})
       tqdm.write(f'{model_name} W{w_bits}A{a_bits} {method:10s} {policy:16s} '
                  f'top1 {top1:.2f} (fp32 {fp32:.2f})')
-  records = merge_records(FLAGS.out, NAME, records, KEY_FIELDS)
+      save(records)
+
+
+def save(records):
+  """Merges this run's rows into results/ (called after every row, so an interrupted
+  run keeps what it measured)."""
   write_results(
-      FLAGS.out, NAME, records, 'Baseline PTQ (calibrated ranges, no AdaQuant)',
+      FLAGS.out, NAME, merge_records(FLAGS.out, NAME, records, KEY_FIELDS),
+      'Baseline PTQ (calibrated ranges, no AdaQuant)',
       columns=['model', 'w_bits', 'a_bits', 'range_method', 'first_last', 'top1_pct',
                'fp32_top1_pct', 'delta_pct', 'size_pct_of_fp32', 'calib_size', 'seconds',
                'device', 'command'],
