@@ -117,10 +117,10 @@ class QuantizedModel:
   @property
   def report(self) -> List[Dict[str, Any]]:
     """Per-layer table: shape, folding, activation, bits, size, MACs, weight error."""
-    rows = []
+    rows, bits = [], self.bits()
     for layer in self.layers:
       lq = self.qstate[layer.path]
-      w, a = self.bits()[layer.path]
+      w, a = bits[layer.path]
       err = jnp.sum((quantized_weight(lq) - lq.kernel)**2) / jnp.maximum(
           jnp.sum(lq.kernel**2), 1e-30)
       rows.append({'path': layer.path, 'kind': layer.kind,
@@ -133,7 +133,8 @@ class QuantizedModel:
 
   def size_bits(self) -> int:
     """Weight storage of all quantized layers, in bits."""
-    return sum(r['weight_bits_total'] for r in self.report)
+    bits = self.bits()
+    return sum(l.params * (bits[l.path][0] or 32) for l in self.layers)
 
   def save(self, path: str) -> None:
     """Writes the original variables, the quantization state and the options atomically."""
