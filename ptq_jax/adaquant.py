@@ -42,6 +42,7 @@ from ptq_jax.quant.qmodel import LayerQuant, apply_quantized, quantized_input, q
 from ptq_jax.trace import LayerInfo
 
 MODES = ('parallel', 'sequential')
+LR_SCHEDULES = ('constant', 'cosine')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class AdaQuantConfig:
   lr_bias: float = 1e-3
   lr_w_quant: float = 1e-3
   lr_a_quant: float = 1e-1
+  lr_schedule: str = 'constant'         # or 'cosine': decay every rate to 0 at the end
   steps_per_call: Optional[int] = None  # None: 1 on CPU, all iterations elsewhere
   capture_budget_mb: float = 1024.0     # host memory for captured layer inputs
   capture_batch_size: int = 100
@@ -65,7 +67,16 @@ class AdaQuantConfig:
     for name in ('lr_kernel', 'lr_bias', 'lr_w_quant', 'lr_a_quant'):
       if getattr(self, name) < 0:
         raise ValueError(f'AdaQuant {name} must be >= 0, got {getattr(self, name)}.')
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f'AdaQuant lr_schedule must be one of {LR_SCHEDULES}, got '
+                       f'{self.lr_schedule!r}.')
     return self
+
+  def rates(self) -> jnp.ndarray:
+    """The four learning rates and the iteration count, as one array argument (so
+    changing them does not recompile the step)."""
+    return jnp.asarray([self.lr_kernel, self.lr_bias, self.lr_w_quant, self.lr_a_quant,
+                        max(self.iterations, 1)], jnp.float32)
 
   def chunk(self) -> int:
     if self.steps_per_call:
@@ -86,10 +97,16 @@ def _labels(lq: LayerQuant) -> LayerQuant:
   return LayerQuant('kernel', 'bias', group(lq.w_quant, 'w_quant'), group(lq.a_quant, 'a_quant'))
 
 
-def _optimizer(lrs: jnp.ndarray, labels: LayerQuant) -> optax.GradientTransformation:
+def _optimizer(rates: jnp.ndarray, labels: LayerQuant, schedule: str
+               ) -> optax.GradientTransformation:
+  """Adam per parameter group; ``rates`` is :meth:`AdaQuantConfig.rates`."""
+  def rate(i):
+    if schedule == 'constant':
+      return rates[i]
+    return lambda count: rates[i] * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count / rates[4], 1)))
   return optax.multi_transform(
-      {'kernel': optax.adam(lrs[0]), 'bias': optax.adam(lrs[1]),
-       'w_quant': optax.adam(lrs[2]), 'a_quant': optax.adam(lrs[3])}, labels)
+      {'kernel': optax.adam(rate(0)), 'bias': optax.adam(rate(1)),
+       'w_quant': optax.adam(rate(2)), 'a_quant': optax.adam(rate(3))}, labels)
 
 
 def layer_output(geom: LayerGeometry, activation: str, lq: LayerQuant,
@@ -105,12 +122,12 @@ def float_target(geom: LayerGeometry, activation: str, lq: LayerQuant,
   return activation_fn(activation)(apply_linear(geom, x, lq.kernel) + lq.bias)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: LayerQuant,
-               opt_state, xs, ys, key, step0, lrs):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
+               lq: LayerQuant, opt_state, xs, ys, key, step0, rates):
   """``steps`` Adam steps on one layer. The module is not an argument, only its
   geometry, so ``jax.jit`` compiles once per geometry, shapes and bit widths."""
-  tx = _optimizer(lrs, _labels(lq))
+  tx = _optimizer(rates, _labels(lq), schedule)
 
   def loss_fn(lq, x, y):
     return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
@@ -160,15 +177,14 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray, ys: jnp.nd
   before, rel_before = reconstruction_error(geom, layer.activation, lq, xs, ys)
   batch = min(config.batch_size, xs.shape[0])
   chunk = config.chunk()
-  lrs = jnp.asarray([config.lr_kernel, config.lr_bias, config.lr_w_quant, config.lr_a_quant],
-                    jnp.float32)
-  opt_state = _optimizer(lrs, _labels(lq)).init(lq)
+  rates = config.rates()
+  opt_state = _optimizer(rates, _labels(lq), config.lr_schedule).init(lq)
   done = 0
   while done < config.iterations:
     # Full chunks, then the remainder one step at a time (no new loop length to compile).
     steps = chunk if config.iterations - done >= chunk else 1
-    lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch, lq, opt_state, xs, ys,
-                                  key, done, lrs)
+    lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch, config.lr_schedule, lq,
+                                  opt_state, xs, ys, key, done, rates)
     done += steps
   after, rel_after = reconstruction_error(geom, layer.activation, lq, xs, ys)
   report = {'path': layer.path, 'activation': layer.activation,

@@ -144,3 +144,36 @@ def test_imagenet_preprocessing_shape_and_statistics():
   grey = loader.preprocess_imagenet(np.full((256, 256, 1), 124, np.uint8))
   np.testing.assert_allclose(grey[0, 0], (124 - loader.IMAGENET_MEAN) / loader.IMAGENET_STD,
                              rtol=1e-5)
+
+
+def test_exported_arrays_round_trip_through_the_env_var(tmp_path, monkeypatch, fmnist_test):
+  from ptq_jax.data import arrays
+  arrays.save_split(arrays.arrays_path(str(tmp_path), 'fashion_mnist', 'test'), fmnist_test)
+  monkeypatch.setenv(arrays.ARRAYS_DIR_ENV, str(tmp_path))
+  loaded = loader.load_split('fashion_mnist', 'test')
+  np.testing.assert_array_equal(loaded.images, fmnist_test.images)
+  np.testing.assert_array_equal(loaded.labels, fmnist_test.labels)
+  assert loaded.labels.dtype == np.int32 and loaded.images.dtype == np.uint8
+  with pytest.raises(loader.DatasetNotFoundError, match='scripts/export_arrays.py'):
+    loader.load_split('fashion_mnist', 'train')  # not exported
+
+
+def test_corrupt_exported_arrays_are_refused(tmp_path):
+  from ptq_jax.data import arrays
+  path = arrays.arrays_path(str(tmp_path), 'fashion_mnist', 'test')
+  with open(path, 'wb') as f:
+    f.write(b'not an npz file')
+  with pytest.raises(ValueError, match='Export it again|export it again'):
+    loader.load_split('fashion_mnist', 'test', arrays_dir=str(tmp_path))
+  np.savez(path, images=np.zeros((3, 28, 28, 1), np.float32), labels=np.zeros(3))
+  with pytest.raises(ValueError, match='expected uint8'):
+    loader.load_split('fashion_mnist', 'test', arrays_dir=str(tmp_path))
+
+
+def test_importing_ptq_jax_does_not_need_tfds():
+  import subprocess
+  import sys
+  code = ('import sys, ptq_jax; '
+          'assert "tensorflow_datasets" not in sys.modules, "TFDS imported eagerly"')
+  subprocess.run([sys.executable, '-c', code], check=True,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from ptq_jax.data import fashion_mnist as fmnist
+from ptq_jax.data.arrays import ArraySplit, default_arrays_dir, load_saved_split
 
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
@@ -28,17 +29,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
 class DatasetNotFoundError(FileNotFoundError):
   """The requested data is not on this machine; the message says how to get it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ArraySplit:
-  """One split held in memory: raw uint8 images (N, H, W, C) and int32 labels (N,)."""
-
-  images: np.ndarray
-  labels: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.labels)
 
 
 def preprocess_fashion_mnist(images: np.ndarray) -> np.ndarray:
@@ -73,10 +63,11 @@ def _fashion_mnist_source(split: str, data_dir: Optional[str], idx_dir: Optional
                           download: bool):
   """The ``tfds.data_source`` of one Fashion-MNIST split, preparing it if needed."""
   import tensorflow_datasets as tfds
+  from ptq_jax.data.fashion_mnist_builder import FashionMnistIdx
   idx_dir = idx_dir or fmnist.default_idx_dir()
   missing = fmnist.missing_idx_files(idx_dir)
   if not missing:
-    builder = fmnist.FashionMnistIdx(data_dir=data_dir, file_format='array_record')
+    builder = FashionMnistIdx(data_dir=data_dir, file_format='array_record')
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=idx_dir))
     return builder.as_data_source(split=split)
@@ -94,7 +85,8 @@ def _fashion_mnist_source(split: str, data_dir: Optional[str], idx_dir: Optional
 
 
 def load_split(dataset: str, split: str, data_dir: Optional[str] = None,
-               idx_dir: Optional[str] = None, download: bool = False) -> ArraySplit:
+               idx_dir: Optional[str] = None, download: bool = False,
+               arrays_dir: Optional[str] = None) -> ArraySplit:
   """Loads a whole split into memory (for small datasets such as Fashion-MNIST).
 
   Args:
@@ -105,7 +97,13 @@ def load_split(dataset: str, split: str, data_dir: Optional[str] = None,
     idx_dir: Fashion-MNIST IDX directory (default: ``$PTQ_JAX_FASHION_MNIST_DIR`` or
       the Debian package's).
     download: allow TFDS to download a dataset that is missing locally.
+    arrays_dir: read the split from ``DIR/{dataset}-{split}.npz`` exported by
+      :mod:`ptq_jax.data.arrays` instead of TFDS (default ``$PTQ_JAX_ARRAYS_DIR``;
+      ``''`` forces TFDS).
   """
+  arrays_dir = default_arrays_dir() if arrays_dir is None else arrays_dir
+  if arrays_dir:
+    return load_saved_split(arrays_dir, dataset, split)
   if dataset == 'fashion_mnist':
     if split not in fmnist.IDX_FILES:
       raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}.")
