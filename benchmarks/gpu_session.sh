@@ -9,11 +9,11 @@
 # $PTQ_JAX_ARRAYS_DIR (default .gpu/data), so TFDS is not needed there. Writes
 # $OUT/gpu_results.tgz (workdir: results/, the MobileNetV2 training run) and $OUT/log.
 # Step limits (seconds) are in the variables below; each step is skipped if the budget
-# ($BUDGET_S, default 540) would be exceeded. *_FLAGS variables add flags to a step
+# ($BUDGET_S, default 560) would be exceeded. *_FLAGS variables add flags to a step
 # (a CPU smoke test of this script uses them to shrink every step).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-560}
 WORK=$OUT/work
 mkdir -p "$WORK/results"
 export PYTHONUNBUFFERED=1
@@ -42,7 +42,7 @@ step() {
 }
 
 # 1. MobileNetV2 (28x28) training: the bundled checkpoint's recipe.
-step train_mobilenet_v2 ${TRAIN_S:-150} python3 run.py --config=configs/train_mobilenet_v2.py \
+step train_mobilenet_v2 ${TRAIN_S:-140} python3 run.py --config=configs/train_mobilenet_v2.py \
   --workdir="$WORK/train_mobilenet_v2" ${TRAIN_FLAGS:-}
 # Use the new checkpoint for the benchmarks below if it beats the bundled one.
 python3 - "$WORK/train_mobilenet_v2" <<'EOF'
@@ -60,17 +60,21 @@ if os.path.exists(new):
 EOF
 
 # 2. One layer, ms/iteration: the GPU reference layer (256->256 at 14x14) and ours.
-step adaquant_speed ${SPEED_S:-60} python3 benchmarks/adaquant_speed.py --channels=256 --size=14 \
+step adaquant_speed ${SPEED_S:-45} python3 benchmarks/adaquant_speed.py --channels=256 --size=14 \
   --iterations=1000 --steps_per_call=1,100,1000 --reference_ms=4.9 --name=adaquant_speed_gpu \
   --out="$WORK/results" ${SPEED_FLAGS:-}
 
-# 3. The AdaQuant grid, ResNet-20 then MobileNetV2.
-step adaquant_resnet20 ${GRID_R20_S:-170} python3 benchmarks/adaquant.py --models=resnet20 \
+# 3. How the AdaQuant defaults compare with the reference settings (held-out data).
+step adaquant_tuning ${TUNING_S:-100} python3 benchmarks/adaquant_tuning.py \
+  --modes=parallel,sequential --out="$WORK/results" ${TUNING_FLAGS:-}
+
+# 4. The AdaQuant grid, ResNet-20 then MobileNetV2.
+step adaquant_resnet20 ${GRID_R20_S:-130} python3 benchmarks/adaquant.py --models=resnet20 \
   --out="$WORK/results" ${GRID_FLAGS:-}
-step adaquant_mobilenet_v2 ${GRID_MNV2_S:-150} python3 benchmarks/adaquant.py \
+step adaquant_mobilenet_v2 ${GRID_MNV2_S:-100} python3 benchmarks/adaquant.py \
   --models=mobilenet_v2_fmnist --out="$WORK/results" ${GRID_FLAGS:-}
 
-# 4. Whole-model timing on ImageNet-sized ResNet-50.
+# 5. Whole-model timing on ImageNet-sized ResNet-50.
 step resnet50 ${R50_S:-120} python3 benchmarks/resnet50_gpu.py --out="$WORK/results" ${R50_FLAGS:-}
 
 echo "== total $(( $(date +%s) - START ))s"
