@@ -4,6 +4,7 @@ The public API is re-exported here; see README.md for the architecture.
 """
 
 from ptq_jax.adaquant import AdaQuantConfig, run_adaquant
+from ptq_jax.allocation import Allocation, InfeasibleBudgetError, allocate
 from ptq_jax.api import QuantizedModel, assign_bits, quantize
 from ptq_jax.distill import kd_tune, kl_to_teacher
 from ptq_jax.bundled import bundled_checkpoints, model_card, resolve_checkpoint
@@ -13,14 +14,18 @@ from ptq_jax.data.loader import (ArraySplit, CalibrationSet, DatasetNotFoundErro
                                  ImageClassificationSource, calibration_set, load_split,
                                  preprocess)
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
+from ptq_jax.mixed import MixedPrecision, mixed_precision
 from ptq_jax.models import MODELS, create_model
 from ptq_jax.quant.export import export_integer, integer_layer_output, load_integer
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant, init_range
+from ptq_jax.sensitivity import SensitivityTable, sensitivity_table
 from ptq_jax.trace import LayerInfo, totals, trace
 
 __version__ = '0.1.0'
 
 __all__ = [
+    'Allocation', 'InfeasibleBudgetError', 'MixedPrecision', 'SensitivityTable', 'allocate',
+    'mixed_precision', 'sensitivity_table',
     'AdaQuantConfig', 'QuantizedModel', 'QuantizerState', 'kd_tune', 'kl_to_teacher', 'run_adaquant', 'assign_bits', 'export_integer', 'fake_quant',
     'init_range', 'integer_layer_output', 'load_integer', 'quantize',
     'ArraySplit', 'CalibrationSet', 'CheckpointError', 'DatasetNotFoundError',

@@ -71,6 +71,28 @@ def test_quantize_job_writes_reloadable_outputs(trained, tfds_dir, tmp_path):
   assert len(ptq_jax.load_integer(str(tmp_path / 'integer.msgpack'))) == 22
 
 
+def test_mixed_precision_job(trained, tfds_dir, tmp_path):
+  from configs import mixed_precision
+  config = mixed_precision.get_config()
+  config.checkpoint = os.path.join(trained[0], 'resnet20_fashion_mnist.msgpack')
+  config.data.data_dir = tfds_dir
+  config.calib_size, config.eval_limit = 32, 100
+  config.mixed.method, config.mixed.options = 'ptq', ('W8A8', 'W4A4')
+  config.mixed.cache_dir = str(tmp_path / 'cache')
+  config.budgets = ('size_pct=16', 'size_pct=13,bops_pct=3')
+  records = jobs.run(config, str(tmp_path / 'work'))
+  assert [r['method'] for r in records] == ['fp32', 'mixed_precision', 'mixed_precision']
+  assert records[1]['size_pct_of_fp32'] <= 16 and records[2]['bops_pct_of_fp32'] <= 3
+  assert sorted(os.listdir(tmp_path / 'work')) == ['mixed.msgpack', 'results.json', 'results.md',
+                                                   'sensitivity.md']
+  model, _, _ = ckpt.load_model(config.checkpoint)
+  qm = ptq_jax.QuantizedModel.load(str(tmp_path / 'work' / 'mixed.msgpack'), model)
+  assert set(qm.bits().values()) <= {(8, 8), (4, 4)}
+  config.budgets = ('size_pct=1',)  # below every layer at 4 bits: a clear error
+  with pytest.raises(ptq_jax.InfeasibleBudgetError, match='smallest feasible'):
+    jobs.run(config, str(tmp_path / 'work2'))
+
+
 def run_cli(*args):
   return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
                         capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -66,13 +66,19 @@ def quantized_layer_output(module: nn.Module, lq: LayerQuant, x: jnp.ndarray) ->
   return layer_forward(module, quantized_input(lq, x), quantized_weight(lq), lq.bias)
 
 
-def make_interceptor(qstate: Mapping[str, LayerQuant], folded_bns: frozenset,
-                     on_layer: Optional[Callable[[str, jnp.ndarray], None]] = None):
+def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
+                     on_layer: Optional[Callable[[str, jnp.ndarray], None]] = None,
+                     layer_output: Optional[Callable[[str, nn.Module, jnp.ndarray],
+                                                     jnp.ndarray]] = None):
   """An ``nn.intercept_methods`` interceptor applying ``qstate``.
 
   ``on_layer(path, x)``, if given, is called with each quantized layer's float
   input before quantization (used to capture calibration activations).
+  ``layer_output(path, module, x)``, if given, replaces how a layer in ``qstate``
+  computes its output (the sensitivity pass gates quantization per layer with it).
   """
+  if layer_output is None:
+    layer_output = lambda path, module, x: quantized_layer_output(module, qstate[path], x)
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -84,7 +90,7 @@ def make_interceptor(qstate: Mapping[str, LayerQuant], folded_bns: frozenset,
     if path in qstate and isinstance(module, (nn.Conv, nn.Dense)):
       if on_layer is not None:
         on_layer(path, args[0])
-      out = quantized_layer_output(module, qstate[path], args[0])
+      out = layer_output(path, module, args[0])
       return out.astype(module.dtype) if module.dtype is not None else out
     return next_fun(*args, **kwargs)
 
@@ -92,8 +98,9 @@ def make_interceptor(qstate: Mapping[str, LayerQuant], folded_bns: frozenset,
 
 
 def apply_quantized(model: nn.Module, variables: Mapping[str, Any],
-                    qstate: Mapping[str, LayerQuant], folded_bns: frozenset,
-                    x: jnp.ndarray, on_layer=None, **apply_kwargs) -> jnp.ndarray:
+                    qstate: Mapping[str, Any], folded_bns: frozenset,
+                    x: jnp.ndarray, on_layer=None, layer_output=None,
+                    **apply_kwargs) -> jnp.ndarray:
   """Runs ``model`` on ``x`` with every layer in ``qstate`` quantized."""
-  with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer)):
+  with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer, layer_output)):
     return model.apply(variables, x, **apply_kwargs)

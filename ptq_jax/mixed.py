@@ -1,0 +1,157 @@
+"""Mixed precision end to end: per-option states, sensitivity table, IP, mixed model.
+
+    mp = ptq_jax.mixed_precision(model, variables, calib, method='adaquant')
+    qm, allocation = mp.quantize(size_pct=13)      # solved in well under a second
+    qm, allocation = mp.quantize(bops_pct=2, size_pct=16)
+
+Each option's state is computed once for every layer (baseline ranges for the light
+pipeline, parallel AdaQuant for the advanced one). With ``cache_dir`` the states and
+the table are cached on disk, keyed by the weights, calibration images, options and
+settings, so a later run with a new budget costs only the integer program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from ptq_jax import allocation as alloc
+from ptq_jax import checkpoint as ckpt
+from ptq_jax.adaquant import AdaQuantConfig
+from ptq_jax.api import (QuantizedModel, _check_calibration, _layer_from_tree, _layer_to_tree,
+                         quantize)
+from ptq_jax.quant.qmodel import LayerQuant
+from ptq_jax.sensitivity import (DEFAULT_OPTIONS, Option, SensitivityTable, cache_key,
+                                 load_cached, option_name, parse_option, save_cached,
+                                 sensitivity_table)
+
+OPTION_METHODS = ('ptq', 'adaquant')
+
+
+@dataclasses.dataclass
+class MixedPrecision:
+  """Per-option quantization states of every layer and their sensitivity table."""
+
+  float_model: QuantizedModel                 # folded float model: layers, variables, template
+  option_states: Dict[Option, Dict[str, LayerQuant]]
+  table: SensitivityTable
+  method: str
+  timings: Dict[str, float]
+
+  def solve(self, size_pct: Optional[float] = None, bops_pct: Optional[float] = None,
+            size_bits: Optional[float] = None, bops: Optional[float] = None,
+            loss: Optional[float] = None, objective: str = 'loss') -> alloc.Allocation:
+    """The integer program for these budgets (percentages are of the FP32 model)."""
+    pct = alloc.budgets_from_pct(self.table, size_pct, bops_pct)
+    return alloc.allocate(self.table, size_bits=size_bits if size_bits is not None
+                          else pct['size_bits'], bops=bops if bops is not None else pct['bops'],
+                          loss=loss, objective=objective)
+
+  def build(self, allocation: alloc.Allocation) -> QuantizedModel:
+    """The mixed model: each layer's state from its chosen option."""
+    base = self.float_model
+    qstate = {p: self.option_states[allocation.choice[p]][p] for p in self.table.paths}
+    options = dict(base.options, method='mixed_precision', option_method=self.method,
+                   w_bits=None, a_bits=None, first_last_bits=None,
+                   overrides=allocation.overrides(), allocation=allocation.counts(),
+                   budgets=allocation.budgets)
+    return QuantizedModel(base.model, base.variables, base.layers, qstate, options,
+                          base.input_shape, dict(self.timings))
+
+  def quantize(self, **budgets) -> Tuple[QuantizedModel, alloc.Allocation]:
+    """``solve(**budgets)`` then ``build``."""
+    allocation = self.solve(**budgets)
+    return self.build(allocation), allocation
+
+
+def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
+                    options: Sequence[Any] = DEFAULT_OPTIONS, method: str = 'ptq',
+                    range_method: str = 'minmax', adaquant: Optional[AdaQuantConfig] = None,
+                    labels: Optional[np.ndarray] = None, key: Optional[jax.Array] = None,
+                    cache_dir: Optional[str] = None, model_name: str = 'model',
+                    batch_size: int = 250, progress: bool = True) -> MixedPrecision:
+  """Computes every option's state and the sensitivity table (or loads it from cache).
+
+  Args:
+    options: (w_bits, a_bits) pairs, or names such as 'W4A4'.
+    method: 'ptq' (calibrated ranges: the light pipeline) or 'adaquant' (parallel
+      AdaQuant per option: the advanced pipeline).
+    labels: calibration labels, only to use the cross-entropy loss instead of the
+      label-free KL divergence from the FP outputs.
+    cache_dir: where to keep the states and the table (keyed by weights, images,
+      options and settings).
+  """
+  if method not in OPTION_METHODS:
+    raise ValueError(f'method={method!r} is not one of {OPTION_METHODS}.')
+  options = tuple(dict.fromkeys(parse_option(o) for o in options))
+  if not options:
+    raise ValueError('Give at least one bit option, e.g. options=("W8A8", "W4A4").')
+  images = _check_calibration(calib)
+  if labels is not None and len(labels) != len(images):
+    raise ValueError(f'{len(labels)} labels for {len(images)} calibration images.')
+  timings: Dict[str, float] = {}
+  # The float model (folded weights, no quantizers): the reference and the template.
+  float_model = quantize(model, variables, images[:1], w_bits=None, a_bits=None,
+                         first_last_bits=None, progress=False, model_name=model_name)
+  float_model.options['calib_size'] = len(images)
+  extra = {'range_method': range_method, 'loss': 'kl' if labels is None else 'ce',
+           'labels': None if labels is None else np.asarray(labels).tolist(),
+           'adaquant': dataclasses.asdict(adaquant or AdaQuantConfig()) if method == 'adaquant'
+           else None, 'key': None if key is None else np.asarray(
+               jax.random.key_data(key)).tolist()}
+  digest = cache_key(model_name, variables, images, options, method, extra) if cache_dir else None
+  cached = _load_states(cache_dir, digest, options) if cache_dir else None
+  table = load_cached(cache_dir, digest) if cached is not None else None
+  start = time.time()
+  if cached is not None and table is not None:
+    states = cached
+  else:
+    states = {}
+    for option in options:
+      qm = quantize(model, variables, images, w_bits=option[0], a_bits=option[1],
+                    first_last_bits=None, range_method=range_method, method=method,
+                    mode='parallel', adaquant=adaquant, key=key, progress=progress,
+                    model_name=model_name)
+      states[option] = qm.qstate
+      if progress:
+        print(f'  {option_name(option)} states ready ({time.time() - start:.0f}s)', flush=True)
+  timings['option_states_seconds'] = time.time() - start
+  start = time.time()
+  if table is None:
+    table = sensitivity_table(model, variables, float_model.layers, float_model.qstate, states,
+                              images, labels, batch_size=batch_size, progress=progress)
+    if cache_dir:
+      _save_states(cache_dir, digest, states)
+      save_cached(cache_dir, digest, table)
+  timings['sensitivity_seconds'] = time.time() - start
+  return MixedPrecision(float_model, states, table, method, timings)
+
+
+def _states_path(cache_dir: str, digest: str) -> str:
+  return os.path.join(cache_dir, f'states-{digest}.msgpack')
+
+
+def _save_states(cache_dir: str, digest: str,
+                 states: Mapping[Option, Mapping[str, LayerQuant]]) -> None:
+  tree = {option_name(o): {p: _layer_to_tree(lq) for p, lq in s.items()}
+          for o, s in states.items()}
+  ckpt.save_checkpoint(_states_path(cache_dir, digest), tree, {'kind': 'mixed_states'})
+
+
+def _load_states(cache_dir: str, digest: str, options: Sequence[Option]
+                 ) -> Optional[Dict[Option, Dict[str, LayerQuant]]]:
+  path = _states_path(cache_dir, digest)
+  if not os.path.isfile(path):
+    return None
+  tree, meta = ckpt.load_checkpoint(path)
+  if meta.get('kind') != 'mixed_states' or set(tree) != {option_name(o) for o in options}:
+    raise ckpt.CheckpointError(f'{path} is not a mixed-precision state cache for options '
+                               f'{[option_name(o) for o in options]}; delete it to recompute.')
+  return {o: {p: _layer_from_tree(t, o[0], o[1], False)
+              for p, t in tree[option_name(o)].items()} for o in options}

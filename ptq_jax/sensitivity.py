@@ -1,0 +1,223 @@
+"""Per-layer sensitivity to quantization: the table the bit allocator mixes (DESIGN.md §2.5).
+
+``dL[l, b] = L(model with only layer l at option b, every other layer float) - L(float)``
+on the calibration set, floored at a tiny positive number. ``L`` is label-free by
+default, ``KL(softmax(FP logits) || softmax(logits))`` (so ``L(float) = 0``), or the
+cross-entropy when labels are given. Option ``b`` of layer ``l`` uses that layer's
+parameters from the option's *parallel-mode* state (baseline ranges, or parallel
+AdaQuant): in parallel mode every layer was fitted to float inputs, so any mix of
+options is a valid model.
+
+Cost: one compiled program per option. Inside it, a traced 0/1 gate per layer blends
+each layer between its float and its option-``b`` computation, so every "only layer
+l quantized" model of that option runs through the same program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ptq_jax.distill import kl_to_teacher
+from ptq_jax.evaluation import batched_predict
+from ptq_jax.quant.qmodel import (LayerQuant, apply_quantized, layer_forward, quantized_input,
+                                  quantized_weight)
+from ptq_jax.quant.quantizer import check_bits
+from ptq_jax.trace import LayerInfo
+
+Option = Tuple[int, int]  # (w_bits, a_bits)
+DEFAULT_OPTIONS: Tuple[Option, ...] = ((8, 8), (6, 6), (4, 8), (4, 4), (3, 3), (2, 4))
+MIN_DELTA = 1e-9
+LOSSES = ('kl', 'ce')
+
+
+def parse_option(option: Any) -> Option:
+  """``(4, 4)``, ``'W4A4'`` or ``'4/4'`` -> ``(4, 4)``, validated."""
+  if isinstance(option, str):
+    text = option.strip().upper()
+    try:
+      if text.startswith('W') and 'A' in text:
+        w, a = text[1:].split('A')
+      else:
+        w, a = text.split('/')
+      option = (int(w), int(a))
+    except ValueError:
+      raise ValueError(f'Bit option {option!r} is not understood: write "W4A4", "4/4" or '
+                       '(4, 4).') from None
+  if len(tuple(option)) != 2:
+    raise ValueError(f'A bit option is a (w_bits, a_bits) pair, got {option!r}.')
+  w, a = option
+  return check_bits(w, 'option w_bits'), check_bits(a, 'option a_bits')
+
+
+def option_name(option: Option) -> str:
+  return f'W{option[0]}A{option[1]}'
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityTable:
+  """``delta[i, j]``: loss increase with only ``paths[i]`` at ``options[j]``."""
+
+  paths: Tuple[str, ...]
+  options: Tuple[Option, ...]
+  delta: np.ndarray            # (layers, options), floored at MIN_DELTA
+  raw_delta: np.ndarray        # the same before flooring (may be slightly negative)
+  base_loss: float
+  params: Tuple[int, ...]      # per layer: weights + bias
+  macs: Tuple[int, ...]        # per layer, per example
+  loss: str = 'kl'
+  seconds: float = 0.0
+
+  def size_bits(self, i: int, j: int) -> int:
+    return self.params[i] * self.options[j][0]
+
+  def bops(self, i: int, j: int) -> int:
+    return self.macs[i] * self.options[j][0] * self.options[j][1]
+
+  def fp32_size_bits(self) -> int:
+    return 32 * sum(self.params)
+
+  def fp32_bops(self) -> int:
+    return 32 * 32 * sum(self.macs)
+
+  def to_json(self) -> Dict[str, Any]:
+    return {'paths': list(self.paths), 'options': [list(o) for o in self.options],
+            'delta': self.delta.tolist(), 'raw_delta': self.raw_delta.tolist(),
+            'base_loss': self.base_loss, 'params': list(self.params), 'macs': list(self.macs),
+            'loss': self.loss, 'seconds': self.seconds}
+
+  @classmethod
+  def from_json(cls, d: Mapping[str, Any]) -> 'SensitivityTable':
+    return cls(tuple(d['paths']), tuple(tuple(o) for o in d['options']),
+               np.asarray(d['delta'], np.float64), np.asarray(d['raw_delta'], np.float64),
+               float(d['base_loss']), tuple(d['params']), tuple(d['macs']), d['loss'],
+               float(d.get('seconds', 0.0)))
+
+
+def _gated_output(float_state, option_state, gates):
+  """A ``layer_output`` hook: layer ``p`` computes ``float + g_p * (option - float)``
+  for its input, weight and bias; ``g_p`` in {0, 1} is exact either way."""
+  def layer_output(path, module, x):
+    fp, q, g = float_state[path], option_state[path], gates[path]
+    x_used = x + g * (quantized_input(q, x) - x)
+    w_used = fp.kernel + g * (quantized_weight(q) - fp.kernel)
+    b_used = fp.bias + g * (q.bias - fp.bias)
+    return layer_forward(module, x_used, w_used, b_used)
+  return layer_output
+
+
+def _loss(logits, target, loss):
+  if loss == 'kl':
+    return kl_to_teacher(target, logits)
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, target[:, None], axis=-1))
+
+
+def sensitivity_table(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
+                      float_state: Mapping[str, LayerQuant],
+                      option_states: Mapping[Option, Mapping[str, LayerQuant]],
+                      images: np.ndarray, labels: Optional[np.ndarray] = None,
+                      batch_size: int = 250, progress: bool = True) -> SensitivityTable:
+  """Measures ``dL`` for every layer and option (see the module docstring).
+
+  Args:
+    layers: the traced layers (``QuantizedModel.layers``); all must be in every state.
+    float_state: the folded float kernel and bias of every layer (the ``qstate`` of a
+      baseline ``quantize`` call: folding does not change with the option).
+    option_states: per option, a complete per-layer state with every layer at that
+      option (``quantize(..., w_bits=w, a_bits=a, first_last_bits=None).qstate``, or
+      its parallel-AdaQuant version).
+    labels: give them for the cross-entropy loss; by default the loss is the KL
+      divergence from the float model's outputs (label-free).
+  """
+  start = time.time()
+  images = np.asarray(images, np.float32)
+  if len(images) == 0:
+    raise ValueError('The calibration set is empty: the sensitivity table needs images.')
+  options = tuple(parse_option(o) for o in option_states)
+  paths = tuple(l.path for l in layers)
+  for option, state in zip(options, option_states.values()):
+    missing = [p for p in paths if p not in state]
+    if missing:
+      raise KeyError(f'The state for {option_name(option)} lacks layers {missing[:3]}; pass '
+                     'complete states with every layer at that option.')
+  loss = 'kl' if labels is None else 'ce'
+  folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
+  first_state = next(iter(option_states.values()))
+  float_state = {p: LayerQuant(float_state[p].kernel, float_state[p].bias) for p in paths}
+  fp_forward = jax.jit(lambda x: apply_quantized(model, variables, float_state, folded_bns, x))
+  fp_logits = batched_predict(fp_forward, images, batch_size)
+  target = fp_logits if labels is None else np.asarray(labels, np.int32)
+
+  def batch_loss(option_state, gate_vec, x, t):
+    gates = {p: gate_vec[i] for i, p in enumerate(paths)}
+    logits = apply_quantized(model, variables, float_state, folded_bns, x,
+                             layer_output=_gated_output(float_state, option_state, gates))
+    return _loss(logits, t, loss) * x.shape[0]
+
+  loss_sum = jax.jit(batch_loss)
+
+  def mean_loss(state, gate_vec):
+    return sum(float(loss_sum(state, gate_vec, images[s:s + batch_size], target[s:s + batch_size]))
+               for s in range(0, len(images), batch_size)) / len(images)
+
+  # The gates are traced values: one compiled program per option serves every layer.
+  # (Batching several gate vectors with vmap would give each conv a batched kernel,
+  # which XLA's CPU backend runs as a slow grouped convolution.)
+  base = mean_loss(first_state, jnp.zeros(len(paths)))
+  raw = np.zeros((len(paths), len(options)))
+  eye = jnp.eye(len(paths))
+  bar = tqdm(total=len(options) * len(paths), desc='Sensitivity', disable=not progress,
+             leave=False)
+  for j, state in enumerate(option_states.values()):
+    for i in range(len(paths)):
+      raw[i, j] = mean_loss(state, eye[i]) - base
+      bar.update()
+  bar.close()
+  return SensitivityTable(paths, options, np.maximum(raw, MIN_DELTA), raw, base,
+                          tuple(int(l.params) for l in layers), tuple(int(l.macs) for l in layers),
+                          loss, time.time() - start)
+
+
+def cache_key(model_name: str, variables: Mapping[str, Any], images: np.ndarray,
+              options: Sequence[Option], method: str, extra: Optional[Mapping[str, Any]] = None
+              ) -> str:
+  """A digest of everything the table depends on: the weights, the calibration
+  images, the options, how the option states were made and any extra settings."""
+  h = hashlib.sha256()
+  h.update(model_name.encode())
+  for leaf in jax.tree.leaves(variables):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  h.update(np.ascontiguousarray(np.asarray(images, np.float32)).tobytes())
+  h.update(json.dumps({'options': [list(o) for o in options], 'method': method,
+                       'extra': extra or {}}, sort_keys=True, default=str).encode())
+  return h.hexdigest()[:20]
+
+
+def load_cached(cache_dir: str, key: str) -> Optional[SensitivityTable]:
+  """The cached table for ``key``, or None; a corrupt cache file is an error."""
+  path = os.path.join(cache_dir, f'sensitivity-{key}.json')
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return SensitivityTable.from_json(json.load(f))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'Sensitivity cache {path} is corrupt ({e}); delete it to recompute.') from e
+
+
+def save_cached(cache_dir: str, key: str, table: SensitivityTable) -> str:
+  from ptq_jax.checkpoint import atomic_write_json
+  path = os.path.join(cache_dir, f'sensitivity-{key}.json')
+  atomic_write_json(path, table.to_json())
+  return path
