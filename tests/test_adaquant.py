@@ -117,3 +117,23 @@ def test_bad_config():
     ptq_jax.AdaQuantConfig(iterations=-1).validate()
   with pytest.raises(ValueError, match='lr_bias must be >= 0'):
     ptq_jax.AdaQuantConfig(lr_bias=-1.0).validate()
+  with pytest.raises(ValueError, match="lr_schedule must be one of"):
+    ptq_jax.AdaQuantConfig(lr_schedule='linear').validate()
+
+
+def test_cosine_schedule_decays_and_constant_does_not():
+  """Step k of n moves by rate * (1 + cos(pi k / n)) / 2 (cosine, the default) or by the
+  rate (constant); Adam with a constant gradient steps by exactly the scheduled rate."""
+  from ptq_jax.adaquant import _optimizer
+  params = {'w': jnp.ones(3)}
+  for schedule in ('cosine', 'constant'):
+    rates = ptq_jax.AdaQuantConfig(iterations=4, lr_kernel=1.0, lr_schedule=schedule).rates()
+    tx = _optimizer(rates, {'w': 'kernel'}, schedule)
+    state = tx.init(params)
+    steps = []
+    for _ in range(4):
+      updates, state = tx.update({'w': jnp.ones(3)}, state, params)
+      steps.append(float(jnp.abs(updates['w'][0])))
+    expected = ([0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)] if schedule == 'cosine'
+                else [1.0] * 4)
+    np.testing.assert_allclose(steps, expected, atol=1e-5)
