@@ -197,8 +197,14 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
              method: str = 'ptq', mode: str = 'parallel',
              adaquant: Optional[AdaQuantConfig] = None, key: Optional[jax.Array] = None,
              progress: bool = True, input_shape: Optional[Sequence[int]] = None,
-             model_name: Optional[str] = None) -> QuantizedModel:
+             model_name: Optional[str] = None, pipeline: Optional[str] = None,
+             size_pct: Optional[float] = None, bops_pct: Optional[float] = None
+             ) -> QuantizedModel:
   """Post-training quantization: calibrated ranges (baseline PTQ), then optionally AdaQuant.
+
+  With ``pipeline`` ('light', 'advanced' or 'sequential') it runs that whole pipeline
+  instead (:func:`ptq_jax.pipelines.run_pipeline`; ``size_pct`` / ``bops_pct`` are
+  the mixed-precision budgets of the first two) and returns its final model.
 
   Args:
     model, variables: an unmodified Flax module and its ``{'params', 'batch_stats'}``.
@@ -225,6 +231,15 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
       calibration data against (optional).
     model_name: registry name recorded with the saved model (optional).
   """
+  if pipeline is not None:
+    from ptq_jax.pipelines import run_pipeline
+    return run_pipeline(model, variables, calib, pipeline, w_bits=w_bits, a_bits=a_bits,
+                        first_last_bits=first_last_bits, size_pct=size_pct, bops_pct=bops_pct,
+                        range_method=range_method, adaquant=adaquant, key=key,
+                        model_name=model_name or 'model', progress=progress).model
+  if size_pct is not None or bops_pct is not None:
+    raise ValueError('size_pct / bops_pct are budgets of the light and advanced pipelines: pass '
+                     "pipeline='light' or 'advanced' (or use ptq_jax.mixed_precision).")
   start = time.time()
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not one of {METHODS}.')

@@ -1,0 +1,125 @@
+"""BN re-estimation ("global statistics tuning", DESIGN.md §2.6) as a functional pass.
+
+After quantization a layer's outputs drift from the statistics its folded BatchNorm
+was trained with. For every layer with a folded BN, in network order, we measure the
+exact per-channel mean ``m`` and variance ``v`` of its quantized output ``y`` over the
+whole calibration set (with the layers before it already re-estimated), put the BN
+back with its original ``gamma``, ``beta`` and fresh statistics, and fold again. In
+folded terms ``y = s z + t`` with ``s = gamma / sqrt(var_old + eps)``, so the
+re-estimated BN output is ``a y + c`` with
+
+    a = |gamma| / sqrt(v + s^2 eps),   c = beta - a m,
+
+which is folded into the kernel (``a W``, the weight quantizer's range and low end
+scaled alike, so the same grid) and the bias (``a b + c``). The reference code runs
+one EMA step (momentum 0.1) from the FP statistics instead, keeping most of the stale
+ones. Returns a new state; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ptq_jax.quant.folding import get_path
+from ptq_jax.quant.qmodel import LayerQuant, QState, apply_quantized, quantized_layer_output
+from ptq_jax.quant.quantizer import QuantizerState
+from ptq_jax.trace import LayerInfo
+
+
+def _scale_quantizer(q: Optional[QuantizerState], a: jnp.ndarray) -> Optional[QuantizerState]:
+  """The quantizer of ``a * w`` (per output channel) given that of ``w``: same grid."""
+  if q is None:
+    return None
+  if q.symmetric:
+    return q.replace(range=q.range * jnp.abs(a))
+  low = jnp.where(a >= 0, q.low * a, (q.low + q.range) * a)
+  return q.replace(range=q.range * jnp.abs(a), low=low)
+
+
+def refold(lq: LayerQuant, a: jnp.ndarray, c: jnp.ndarray) -> LayerQuant:
+  """``lq`` with its output mapped to ``a * y + c`` per output channel."""
+  return LayerQuant(lq.kernel * a, lq.bias * a + c, _scale_quantizer(lq.w_quant, a),
+                    lq.a_quant)
+
+
+def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
+            qstate: Mapping[str, LayerQuant], images: np.ndarray, batch_size: int = 250,
+            progress: bool = True) -> Tuple[QState, List[Dict[str, Any]]]:
+  """Re-estimates every folded BN on ``images`` through the quantized network.
+
+  Returns the new state and, per tuned layer, how far its output mean and standard
+  deviation were from the BN's before (relative to the BN's own).
+  """
+  images = np.asarray(images, np.float32)
+  if len(images) == 0:
+    raise ValueError('BN tuning needs calibration images; the set is empty.')
+  folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
+  state = dict(qstate)
+  todo = [l for l in layers if l.bn_path and l.path in state]
+
+  def batch_moments(state, x, path):
+    """Count, per-channel mean and sum of squared deviations of ``path``'s output."""
+    found = {}
+
+    def layer_output(p, module, inputs):
+      y = quantized_layer_output(module, state[p], inputs)
+      if p == path and p not in found:
+        found[p] = y
+      return y
+    apply_quantized(model, variables, state, folded_bns, x, layer_output=layer_output)
+    y = found[path].reshape(-1, found[path].shape[-1])
+    mean = jnp.mean(y, axis=0)
+    return mean, jnp.sum((y - mean)**2, axis=0)
+
+  # One compiled program per layer path (the state is an argument, so updating it
+  # between layers does not recompile).
+  moments = jax.jit(batch_moments, static_argnums=2)
+  reports = []
+  bar = tqdm(total=len(todo), desc='BN tuning', disable=not progress, leave=False)
+  start = time.time()
+  for layer in todo:
+    lq = state[layer.path]
+    # Exact per-channel mean and variance over every position of every image, merged
+    # batch by batch (Chan et al.'s pairwise update, stable when the mean is large).
+    count, mean, m2 = 0, 0.0, 0.0
+    for s in range(0, len(images), batch_size):
+      batch = images[s:s + batch_size]
+      mean_b, m2_b = moments(state, jnp.asarray(batch), layer.path)
+      n_b = len(batch) * int(np.prod(layer.output_shape[:-1]))
+      mean_b, m2_b = np.asarray(mean_b, np.float64), np.asarray(m2_b, np.float64)
+      delta = mean_b - mean
+      total = count + n_b
+      mean = mean + delta * n_b / total
+      m2 = m2 + m2_b + delta**2 * count * n_b / total
+      count = total
+    var = m2 / count
+    gamma, beta, old_var = _bn_params(variables, layer)
+    s_old = gamma / np.sqrt(old_var + layer.bn_epsilon)
+    a = np.abs(gamma) / np.sqrt(var + s_old**2 * layer.bn_epsilon)  # y carries gamma's sign
+    c = beta - a * mean
+    state[layer.path] = refold(lq, jnp.asarray(a, jnp.float32), jnp.asarray(c, jnp.float32))
+    expected_std = np.abs(gamma) * np.sqrt(old_var / (old_var + layer.bn_epsilon))
+    reports.append({'path': layer.path, 'bn_path': layer.bn_path,
+                    'mean_shift': float(np.mean(np.abs(mean - beta) / np.maximum(expected_std, 1e-12))),
+                    'std_ratio': float(np.mean(np.sqrt(var) / np.maximum(expected_std, 1e-12)))})
+    bar.update()
+  bar.close()
+  if reports:
+    reports[-1]['seconds_total'] = time.time() - start
+  return state, reports
+
+
+def _bn_params(variables: Mapping[str, Any], layer: LayerInfo):
+  params = get_path(variables['params'], layer.bn_path)
+  stats = get_path(variables['batch_stats'], layer.bn_path)
+  var = np.asarray(stats['var'], np.float64)
+  gamma = np.asarray(params.get('scale', np.ones_like(var)), np.float64)
+  beta = np.asarray(params.get('bias', np.zeros_like(var)), np.float64)
+  return gamma, beta, var
