@@ -64,23 +64,27 @@ def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[Lay
   state = dict(qstate)
   todo = [l for l in layers if l.bn_path and l.path in state]
 
-  def batch_moments(state, x, path):
-    """Count, per-channel mean and sum of squared deviations of ``path``'s output."""
+  tuned_paths = frozenset(l.path for l in todo)
+
+  def batch_moments(state, x):
+    """Per-channel mean and sum of squared deviations of every BN layer's output.
+
+    All of them in one program (compiled once), though only the next layer's are
+    used: each layer's must be measured after the layers before it were re-estimated.
+    """
     found = {}
 
     def layer_output(p, module, inputs):
       y = quantized_layer_output(module, state[p], inputs)
-      if p == path and p not in found:
-        found[p] = y
+      if p in tuned_paths and p not in found:
+        flat = y.reshape(-1, y.shape[-1])
+        mean = jnp.mean(flat, axis=0)
+        found[p] = (mean, jnp.sum((flat - mean)**2, axis=0))
       return y
     apply_quantized(model, variables, state, folded_bns, x, layer_output=layer_output)
-    y = found[path].reshape(-1, found[path].shape[-1])
-    mean = jnp.mean(y, axis=0)
-    return mean, jnp.sum((y - mean)**2, axis=0)
+    return found
 
-  # One compiled program per layer path (the state is an argument, so updating it
-  # between layers does not recompile).
-  moments = jax.jit(batch_moments, static_argnums=2)
+  moments = jax.jit(batch_moments)
   reports = []
   bar = tqdm(total=len(todo), desc='BN tuning', disable=not progress, leave=False)
   start = time.time()
@@ -91,7 +95,7 @@ def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[Lay
     count, mean, m2 = 0, 0.0, 0.0
     for s in range(0, len(images), batch_size):
       batch = images[s:s + batch_size]
-      mean_b, m2_b = moments(state, jnp.asarray(batch), layer.path)
+      mean_b, m2_b = moments(state, jnp.asarray(batch))[layer.path]
       n_b = len(batch) * int(np.prod(layer.output_shape[:-1]))
       mean_b, m2_b = np.asarray(mean_b, np.float64), np.asarray(m2_b, np.float64)
       delta = mean_b - mean
