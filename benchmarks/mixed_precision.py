@@ -100,8 +100,7 @@ def main(_):
 
     for name in FLAGS.uniform:
       option = ptq_jax.sensitivity.parse_option(name)
-      picks = [mp.table.options.index(option)] * len(mp.table.paths)
-      allocation = alloc._allocation(mp.table, picks, 'loss', {}, 0.0)
+      allocation = mp.uniform(option)
       record('uniform', name, mp.build(allocation), allocation, w_bits=option[0],
              a_bits=option[1])
     for kind, values in (('size', FLAGS.size_pcts), ('bops', FLAGS.bops_pcts)):

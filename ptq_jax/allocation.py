@@ -130,11 +130,13 @@ def allocate(table: SensitivityTable, size_bits: Optional[float] = None,
   if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
     raise RuntimeError(f'The bit-allocation solver stopped with status {status.name}.')
   picks = [int(np.argmax([x[i][j].x for j in range(m)])) for i in range(n)]
-  return _allocation(table, picks, objective, budgets, seconds)
+  return allocation_of(table, picks, objective, budgets, seconds)
 
 
-def _allocation(table: SensitivityTable, picks, objective: str, budgets: Dict[str, float],
-                seconds: float) -> Allocation:
+def allocation_of(table: SensitivityTable, picks, objective: str = 'loss',
+                  budgets: Optional[Dict[str, float]] = None, seconds: float = 0.0
+                  ) -> Allocation:
+  """The :class:`Allocation` that picks option index ``picks[i]`` for layer ``i``."""
   costs = cost_matrices(table)
   rows = np.arange(len(picks))
   size = int(costs['size_bits'][rows, picks].sum())
@@ -144,7 +146,7 @@ def _allocation(table: SensitivityTable, picks, objective: str, budgets: Dict[st
       predicted_loss=float(costs['loss'][rows, picks].sum()), size_bits=size, bops=bops,
       size_pct_of_fp32=100.0 * size / table.fp32_size_bits(),
       bops_pct_of_fp32=100.0 * bops / table.fp32_bops(), objective=objective,
-      budgets=budgets, solve_seconds=seconds)
+      budgets=dict(budgets or {}), solve_seconds=seconds)
 
 
 def _infeasible_message(table, budgets, minimal, offending, jointly=False) -> str:

@@ -53,6 +53,15 @@ class MixedPrecision:
                           else pct['size_bits'], bops=bops if bops is not None else pct['bops'],
                           loss=loss, objective=objective)
 
+  def uniform(self, option: Any) -> alloc.Allocation:
+    """The allocation with every layer at ``option`` (a reference point)."""
+    option = parse_option(option)
+    if option not in self.table.options:
+      raise ValueError(f'{option_name(option)} is not among the computed options '
+                       f'{[option_name(o) for o in self.table.options]}.')
+    return alloc.allocation_of(self.table, [self.table.options.index(option)] *
+                               len(self.table.paths))
+
   def build(self, allocation: alloc.Allocation) -> QuantizedModel:
     """The mixed model: each layer's state from its chosen option."""
     base = self.float_model

@@ -149,8 +149,10 @@ def test_mixed_model_uses_the_chosen_options(toy_mp):
   assert qm.bits() == {p: tuple(o) for p, o in a.choice.items()}
   assert qm.size_bits() == a.size_bits
   # The all-W8A8 choice rebuilds the uniform W8A8 model exactly.
-  uniform = alloc.Allocation({p: (8, 8) for p in mp.table.paths}, 0.0, 0, 0, 0.0, 0.0, 'loss',
-                             {}, 0.0)
+  uniform = mp.uniform('W8A8')
+  assert set(uniform.choice.values()) == {(8, 8)} and uniform.size_pct_of_fp32 == 25.0
   w8 = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, first_last_bits=None,
                         progress=False)
   np.testing.assert_allclose(mp.build(uniform).predict(x), w8.predict(x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='not among the computed options'):
+    mp.uniform('W6A6')
