@@ -10,12 +10,13 @@ import ml_collections
 
 def run(config: ml_collections.ConfigDict, workdir: Optional[str] = None) -> Dict[str, Any]:
   """Runs ``config.job`` in ``workdir`` (or ``config.workdir``) and returns its results."""
-  from ptq_jax import evaluate_job, mixed_job, quantize_job, train
+  from ptq_jax import evaluate_job, mixed_job, pipeline_job, quantize_job, train
   jobs: Dict[str, Callable[..., Dict[str, Any]]] = {
       'train': train.train_and_evaluate,
       'evaluate': evaluate_job.evaluate_checkpoint,
       'quantize': quantize_job.quantize_checkpoint,
       'mixed_precision': mixed_job.mixed_precision_checkpoint,
+      'pipeline': pipeline_job.run_pipelines,
   }
   if config.job not in jobs:
     raise ValueError(f'Unknown job {config.job!r}; choose one of {sorted(jobs)}.')

@@ -93,6 +93,28 @@ def test_mixed_precision_job(trained, tfds_dir, tmp_path):
     jobs.run(config, str(tmp_path / 'work2'))
 
 
+def test_pipeline_job(trained, tfds_dir, tmp_path):
+  from configs import pipeline
+  config = pipeline.get_config()
+  config.checkpoint = os.path.join(trained[0], 'resnet20_fashion_mnist.msgpack')
+  config.data.data_dir = tfds_dir
+  config.calib_size, config.eval_limit = 32, 100
+  config.quant.iterations, config.quant.bias_steps = 3, 3
+  config.quant.cache_dir = str(tmp_path / 'cache')
+  config.pipelines = ('sequential', 'light')
+  records = jobs.run(config, str(tmp_path / 'work'))
+  assert [(r['pipeline'], r['stage']) for r in records] == [
+      ('-', 'fp32'), ('sequential', 'ranges'), ('sequential', 'adaquant'),
+      ('sequential', 'bn_tuning'), ('sequential', 'bias_tuning'),
+      ('light', 'mixed_precision'), ('light', 'bn_tuning')]
+  assert sorted(os.listdir(tmp_path / 'work')) == ['layers.png', 'quantized.msgpack',
+                                                   'results.json', 'results.md']
+  assert records[-1]['size_pct_of_fp32'] <= 13.0
+  config.pipelines = ('fast',)
+  with pytest.raises(ValueError, match='must name some of'):
+    jobs.run(config, str(tmp_path / 'work2'))
+
+
 def run_cli(*args):
   return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
                         capture_output=True, text=True, cwd=ROOT, timeout=300)
