@@ -26,7 +26,7 @@ from absl import app, flags
 import ptq_jax
 from benchmarks.common import POLICIES, fashion_mnist, merge_records
 from ptq_jax.distill import kd_tune
-from ptq_jax.results import write_results
+from ptq_jax.results import read_results, write_results
 from ptq_jax.train import describe_device
 
 FLAGS = flags.FLAGS
@@ -38,6 +38,8 @@ flags.DEFINE_list('modes', ['parallel', 'sequential'], 'AdaQuant modes.')
 flags.DEFINE_integer('iterations', None, 'AdaQuant iterations per layer (default: the '
                      'library default).')
 flags.DEFINE_bool('progress', False, 'Show per-layer progress bars.')
+flags.DEFINE_bool('skip_existing', False, 'Skip cells whose rows (same device) are already in '
+                  'the output file: resume an interrupted grid.')
 flags.DEFINE_integer('finetune_steps', 800, 'KD fine-tuning steps (0: skip that row).')
 flags.DEFINE_integer('seed', 0, 'Calibration sample and AdaQuant seed.')
 flags.DEFINE_integer('test_limit', 0, 'Evaluate on the first N test images (0: all).')
@@ -93,6 +95,9 @@ def main(_):
       for option in FLAGS.bits:
         w_bits, a_bits = (int(v) for v in option.split('/'))
         for calib in calibs.values():
+          if FLAGS.skip_existing and cell_done(model_name, w_bits, a_bits, policy, len(calib)):
+            print(f'{model_name} W{w_bits}A{a_bits} {policy} n={len(calib)}: already measured')
+            continue
           common = dict(w_bits=w_bits, a_bits=a_bits, first_last_bits=POLICIES[policy])
           start = time.time()
           base = ptq_jax.quantize(model, variables, calib, **common)
@@ -117,6 +122,21 @@ def main(_):
                                            base.options, base.input_shape)
             record(model_name, 'kd_finetune_all', w_bits, a_bits, policy, calib, tuned.predict,
                    fp32, time.time() - start, iterations=FLAGS.finetune_steps)
+
+
+def cell_done(model_name, w_bits, a_bits, policy, calib_size) -> bool:
+  """Whether every method of this grid cell has a row for this device already."""
+  path = os.path.join(FLAGS.out, f'{NAME}.json')
+  if not os.path.exists(path):
+    return False
+  methods = {'baseline_ptq', *(f'adaquant_{m}' for m in FLAGS.modes)}
+  if FLAGS.finetune_steps:
+    methods.add('kd_finetune_all')
+  device = describe_device()
+  have = {r['method'] for r in read_results(FLAGS.out, NAME)
+          if (r['model'], r['w_bits'], r['a_bits'], r['first_last'], r['calib_size'],
+              r['device']) == (model_name, w_bits, a_bits, policy, calib_size, device)}
+  return methods <= have
 
 
 def save(records):

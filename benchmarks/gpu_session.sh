@@ -7,7 +7,8 @@
 # Expects: python3 with jax (CUDA), flax, optax, absl, tqdm; ml_collections as a wheel in
 # .whl/ when missing; the Fashion-MNIST splits exported by scripts/export_arrays.py in
 # $PTQ_JAX_ARRAYS_DIR (default .gpu/data), so TFDS is not needed there. Writes
-# $OUT/gpu_results.tgz (workdir: results/, the MobileNetV2 training run) and $OUT/log.
+# $OUT/gpu_results.tgz (workdir: results/, the MobileNetV2 training run with TRAIN=1)
+# and $OUT/log.
 # Step limits (seconds) are in the variables below; each step is skipped if the budget
 # ($BUDGET_S, default 560) would be exceeded. *_FLAGS variables add flags to a step
 # (a CPU smoke test of this script uses them to shrink every step).
@@ -41,7 +42,11 @@ step() {
   pack
 }
 
-# 1. MobileNetV2 (28x28) training: the bundled checkpoint's recipe.
+# Start from the repository's results so finished grid cells are skipped.
+cp results/adaquant.json results/mixed_precision.json "$WORK/results/" 2>/dev/null
+
+# 1. (TRAIN=1 only) MobileNetV2 (28x28) training: the bundled checkpoint's recipe.
+if [ "${TRAIN:-0}" = 1 ]; then
 step train_mobilenet_v2 ${TRAIN_S:-140} python3 run.py --config=configs/train_mobilenet_v2.py \
   --workdir="$WORK/train_mobilenet_v2" ${TRAIN_FLAGS:-}
 # Use the new checkpoint for the benchmarks below if it beats the bundled one.
@@ -59,23 +64,32 @@ if os.path.exists(new):
     print('benchmarks below use the new checkpoint')
 EOF
 
+fi
+
 # 2. One layer, ms/iteration: the GPU reference layer (256->256 at 14x14) and ours.
-step adaquant_speed ${SPEED_S:-45} python3 benchmarks/adaquant_speed.py --channels=256 --size=14 \
+step adaquant_speed ${SPEED_S:-40} python3 benchmarks/adaquant_speed.py --channels=256 --size=14 \
   --iterations=1000 --steps_per_call=1,100,1000 --reference_ms=4.9 --name=adaquant_speed_gpu \
   --out="$WORK/results" ${SPEED_FLAGS:-}
 
-# 3. How the AdaQuant defaults compare with the reference settings (held-out data).
+# 3. The AdaQuant grid (cells already measured on this device are skipped).
+step adaquant_resnet20 ${GRID_R20_S:-150} python3 benchmarks/adaquant.py --models=resnet20 \
+  --skip_existing --out="$WORK/results" ${GRID_FLAGS:-}
+step adaquant_mobilenet_v2 ${GRID_MNV2_S:-150} python3 benchmarks/adaquant.py \
+  --models=mobilenet_v2_fmnist --skip_existing --out="$WORK/results" ${GRID_FLAGS:-}
+
+# 4. Mixed precision from parallel-AdaQuant states (MobileNetV2 is slow on CPU).
+step mixed_precision ${MP_S:-80} python3 benchmarks/mixed_precision.py \
+  --models=mobilenet_v2_fmnist --method=adaquant --out="$WORK/results" ${MP_FLAGS:-}
+
+# 5. The pipelines, stage by stage.
+step pipelines ${PIPE_S:-80} python3 benchmarks/pipelines.py --out="$WORK/results" ${PIPE_FLAGS:-}
+
+# 6. Whole-model timing on ImageNet-sized ResNet-50.
+step resnet50 ${R50_S:-60} python3 benchmarks/resnet50_gpu.py --out="$WORK/results" ${R50_FLAGS:-}
+
+# 7. The AdaQuant tuning variants (held-out data), if time is left.
 step adaquant_tuning ${TUNING_S:-100} python3 benchmarks/adaquant_tuning.py \
   --modes=parallel,sequential --out="$WORK/results" ${TUNING_FLAGS:-}
-
-# 4. The AdaQuant grid, ResNet-20 then MobileNetV2.
-step adaquant_resnet20 ${GRID_R20_S:-130} python3 benchmarks/adaquant.py --models=resnet20 \
-  --out="$WORK/results" ${GRID_FLAGS:-}
-step adaquant_mobilenet_v2 ${GRID_MNV2_S:-100} python3 benchmarks/adaquant.py \
-  --models=mobilenet_v2_fmnist --out="$WORK/results" ${GRID_FLAGS:-}
-
-# 5. Whole-model timing on ImageNet-sized ResNet-50.
-step resnet50 ${R50_S:-120} python3 benchmarks/resnet50_gpu.py --out="$WORK/results" ${R50_FLAGS:-}
 
 echo "== total $(( $(date +%s) - START ))s"
 pack

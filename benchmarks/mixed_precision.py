@@ -113,14 +113,18 @@ def main(_):
         record('mixed_precision', f'{kind}<={value:g}%', mp.build(allocation), allocation,
                solve_seconds=round(allocation.solve_seconds, 3))
     print(f'{model_name} done in {time.time() - start:.0f}s', flush=True)
-  records = merge_records(FLAGS.out, NAME, records, KEY_FIELDS)
+    save(records)  # after every model: an interrupted run keeps what it measured
+
+
+def save(new_records):
+  records = merge_records(FLAGS.out, NAME, new_records, KEY_FIELDS)
   mixed = [r for r in records if r['method'] == 'mixed_precision']
   corr = {}
-  for model_name in sorted({r['model'] for r in mixed}):
-    rows = [r for r in mixed if r['model'] == model_name and r['option_method'] == FLAGS.method]
+  for model_name, method in sorted({(r['model'], r['option_method']) for r in mixed}):
+    rows = [r for r in mixed if r['model'] == model_name and r['option_method'] == method]
     if len(rows) > 2:
-      corr[model_name] = float(np.corrcoef([r['predicted_loss'] for r in rows],
-                                           [r['measured_loss'] for r in rows])[0, 1])
+      corr[f'{model_name} ({method})'] = float(np.corrcoef(
+          [r['predicted_loss'] for r in rows], [r['measured_loss'] for r in rows])[0, 1])
   write_results(FLAGS.out, NAME, records, 'Mixed precision by integer programming',
                 columns=COLUMNS,
                 notes='Each option\'s state for every layer comes from parallel AdaQuant '
