@@ -6,7 +6,8 @@
 For each model: every layer's state at every option (parallel AdaQuant, or baseline
 ranges with --method=ptq), the label-free sensitivity table on 1000 calibration
 images, then the integer program at each weight-size budget (% of FP32) and each
-BOPs budget (% of FP32 32x32-bit operations), the mixed model's test top-1, and its
+BOPs budget (% of FP32 32x32-bit operations) and each joint size + BOPs budget (a size
+budget alone lets activations take 8 bits), the mixed model's test top-1, and its
 measured calibration loss (KL from the FP outputs) beside the predicted one (sum of
 the table's entries). Uniform W8A8 / W6A6 / W4A4 / W3A3 rows (every layer alike,
 built from the same states) are the points to beat. Writes
@@ -39,6 +40,8 @@ flags.DEFINE_enum('method', 'adaquant', ['ptq', 'adaquant'], 'How each option\'s
 flags.DEFINE_list('options', ['W8A8', 'W6A6', 'W4A8', 'W4A4', 'W3A3', 'W2A4'], 'Bit options.')
 flags.DEFINE_list('size_pcts', ['12.5', '13', '16', '20', '25'], 'Weight-size budgets, % of FP32.')
 flags.DEFINE_list('bops_pcts', ['1.2', '1.56', '2.5', '4', '6.25'], 'BOPs budgets, % of FP32.')
+flags.DEFINE_list('joint_pcts', ['13:1.56', '16:2.5'], 'Joint budgets SIZE:BOPS, % of FP32 '
+                  '(a size budget alone lets activations take 8 bits).')
 flags.DEFINE_list('uniform', ['W8A8', 'W6A6', 'W4A4', 'W3A3'], 'Uniform reference points.')
 flags.DEFINE_integer('calib_size', 1000, 'Calibration images.')
 flags.DEFINE_integer('iterations', None, 'AdaQuant iterations (default: the library\'s).')
@@ -103,15 +106,19 @@ def main(_):
       allocation = mp.uniform(option)
       record('uniform', name, mp.build(allocation), allocation, w_bits=option[0],
              a_bits=option[1])
-    for kind, values in (('size', FLAGS.size_pcts), ('bops', FLAGS.bops_pcts)):
-      for value in (float(v) for v in values):
-        try:
-          allocation = mp.solve(**{f'{kind}_pct': value})
-        except alloc.InfeasibleBudgetError as e:
-          print(f'{model_name} {kind} {value}%: {e}', flush=True)
-          continue
-        record('mixed_precision', f'{kind}<={value:g}%', mp.build(allocation), allocation,
-               solve_seconds=round(allocation.solve_seconds, 3))
+    budgets = [(f'size<={float(v):g}%', {'size_pct': float(v)}) for v in FLAGS.size_pcts]
+    budgets += [(f'bops<={float(v):g}%', {'bops_pct': float(v)}) for v in FLAGS.bops_pcts]
+    for joint in FLAGS.joint_pcts:
+      size, bops = (float(v) for v in joint.split(':'))
+      budgets.append((f'size<={size:g}%,bops<={bops:g}%', {'size_pct': size, 'bops_pct': bops}))
+    for name, budget in budgets:
+      try:
+        allocation = mp.solve(**budget)
+      except alloc.InfeasibleBudgetError as e:
+        print(f'{model_name} {name}: {e}', flush=True)
+        continue
+      record('mixed_precision', name, mp.build(allocation), allocation,
+             solve_seconds=round(allocation.solve_seconds, 3))
     print(f'{model_name} done in {time.time() - start:.0f}s', flush=True)
     save(records)  # after every model: an interrupted run keeps what it measured
 
@@ -153,7 +160,8 @@ def plot(records, path):
         for option_method in sorted({r['option_method'] for r in mine}):
           pts = sorted((r[x_key], r['top1_pct']) for r in mine
                        if r['method'] == method and r['option_method'] == option_method
-                       and (method == 'uniform' or r['budget'].startswith(x_key.split('_')[0])))
+                       and (method == 'uniform' or (r['budget'].startswith(x_key.split('_')[0])
+                                                    and ',' not in r['budget'])))
           if pts:
             ax.plot(*zip(*pts), marker, label=f'{method} ({option_method})', alpha=0.8)
       fp32 = mine[0]['fp32_top1_pct']
