@@ -94,8 +94,9 @@ def main(_):
           'top1_pct': round(top1, 2), 'fp32_top1_pct': round(fp32, 2),
           'delta_pct': round(top1 - fp32, 2),
           'layers_per_option': ' '.join(f'{k}:{v}' for k, v in sorted(allocation.counts().items())),
-          **extra, 'sensitivity_seconds': round(mp.timings['sensitivity_seconds'], 1),
+          **extra, 'sensitivity_seconds': round(mp.table.seconds, 1),
           'option_states_seconds': round(mp.timings['option_states_seconds'], 1),
+          'from_cache': mp.from_cache,
           'device': describe_device(), 'command': command})
       print({k: records[-1][k] for k in ('model', 'method', 'budget', 'size_pct_of_fp32',
                                          'bops_pct_of_fp32', 'predicted_loss',

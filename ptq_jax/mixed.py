@@ -43,6 +43,7 @@ class MixedPrecision:
   table: SensitivityTable
   method: str
   timings: Dict[str, float]
+  from_cache: bool = False                    # states and table read from cache_dir
 
   def solve(self, size_pct: Optional[float] = None, bops_pct: Optional[float] = None,
             size_bits: Optional[float] = None, bops: Optional[float] = None,
@@ -118,7 +119,8 @@ def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, 
   cached = _load_states(cache_dir, digest, options) if cache_dir else None
   table = load_cached(cache_dir, digest) if cached is not None else None
   start = time.time()
-  if cached is not None and table is not None:
+  hit = cached is not None and table is not None
+  if hit:
     states = cached
   else:
     states = {}
@@ -139,7 +141,7 @@ def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, 
       _save_states(cache_dir, digest, states)
       save_cached(cache_dir, digest, table)
   timings['sensitivity_seconds'] = time.time() - start
-  return MixedPrecision(float_model, states, table, method, timings)
+  return MixedPrecision(float_model, states, table, method, timings, from_cache=hit)
 
 
 def _states_path(cache_dir: str, digest: str) -> str:

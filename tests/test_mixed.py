@@ -101,6 +101,7 @@ def test_sensitivity_table_is_cached_and_identical(toy_mp):
   assert np.all(table.raw_delta[:, 0] <= table.raw_delta[:, 2] + 1e-7)
   again = ptq_jax.mixed_precision(model, variables, x, options=OPTIONS, cache_dir=cache,
                                   model_name='toy', progress=False)
+  assert again.from_cache and not mp.from_cache
   assert again.timings['sensitivity_seconds'] < table.seconds
   np.testing.assert_array_equal(again.table.delta, table.delta)
   assert again.table.to_json() == table.to_json()
