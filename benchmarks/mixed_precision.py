@@ -30,8 +30,7 @@ from absl import app, flags
 import ptq_jax
 from benchmarks.common import fashion_mnist, merge_records
 from ptq_jax import allocation as alloc
-from ptq_jax.results import read_results, write_results
-from ptq_jax.sensitivity import option_name
+from ptq_jax.results import write_results
 from ptq_jax.train import describe_device
 
 FLAGS = flags.FLAGS

@@ -11,7 +11,6 @@ dL table), and ``mixed.msgpack`` (the first budget's model, reloadable with
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any, Dict, List
 
@@ -20,10 +19,9 @@ import ml_collections
 
 import ptq_jax
 from ptq_jax.checkpoint import atomic_write_bytes, atomic_write_json
-from ptq_jax.data import loader
+from ptq_jax.job_inputs import load_job_inputs
 from ptq_jax.results import render_markdown
 from ptq_jax.sensitivity import option_name
-from ptq_jax.train import describe_device
 
 BUDGET_KEYS = ('size_pct', 'bops_pct', 'loss')
 
@@ -48,16 +46,8 @@ def _budgets(config: ml_collections.ConfigDict) -> List[Dict[str, float]]:
 def mixed_precision_checkpoint(config: ml_collections.ConfigDict, workdir: str
                                ) -> List[Dict[str, Any]]:
   budgets = _budgets(config)
-  path = ptq_jax.resolve_checkpoint(config.checkpoint)
-  model, variables, meta = ptq_jax.load_model(path)
-  data_kwargs = dict(data_dir=config.data.data_dir, idx_dir=config.data.idx_dir,
-                     download=config.data.download)
-  train = loader.load_split(config.data.dataset, 'train', **data_kwargs)
-  test = loader.load_split(config.data.dataset, 'test', **data_kwargs)
-  limit = config.eval_limit or len(test)
-  test_images = loader.preprocess(config.data.dataset, test.images[:limit])
-  labels = test.labels[:limit]
-  calib = ptq_jax.calibration_set(config.data.dataset, config.calib_size, config.seed, data=train)
+  inputs = load_job_inputs(config)
+  model, variables, meta, calib = inputs.model, inputs.variables, inputs.meta, inputs.calib
   m = config.mixed
   print(f'Mixed precision for {meta["model"]}: options {", ".join(m.options)} '
         f'({m.method} states, {config.calib_size} calibration images)...', flush=True)
@@ -68,17 +58,15 @@ def mixed_precision_checkpoint(config: ml_collections.ConfigDict, workdir: str
       key=jax.random.key(config.seed), cache_dir=os.path.expanduser(m.cache_dir) if m.cache_dir
       else None, model_name=meta['model'], progress=True)
   prep_seconds = time.time() - start
-  fp32 = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables, test_images), labels)
-  common = {'model': meta['model'], 'calib_size': config.calib_size, 'test_images': int(limit),
-            'option_method': m.method, 'device': describe_device(),
-            'command': 'python ' + ' '.join(sys.argv)}
+  fp32 = inputs.fp32_top1()
+  common = inputs.record_fields(option_method=m.method)
   records = [{**common, 'method': 'fp32', 'budget': '-', 'w_bits': 32, 'a_bits': 32,
               'top1_pct': round(fp32, 2), 'size_pct_of_fp32': 100.0, 'bops_pct_of_fp32': 100.0,
               'seconds': 0.0}]
   os.makedirs(workdir, exist_ok=True)
   for i, budget in enumerate(budgets):
     qm, allocation = mp.quantize(**budget)
-    top1 = ptq_jax.top1_accuracy_pct(qm.predict(test_images), labels)
+    top1 = inputs.top1(qm.predict)
     records.append({
         **common, 'method': 'mixed_precision',
         'budget': ','.join(f'{k}={v:g}' for k, v in budget.items()), 'w_bits': 'mixed',

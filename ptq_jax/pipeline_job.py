@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from typing import Any, Dict, List
 
 import jax
@@ -19,9 +18,8 @@ import ml_collections
 
 import ptq_jax
 from ptq_jax.checkpoint import atomic_write_bytes, atomic_write_json
-from ptq_jax.data import loader
+from ptq_jax.job_inputs import load_job_inputs
 from ptq_jax.results import render_markdown
-from ptq_jax.train import describe_device
 
 STAGE_LABELS = {'ranges': 'baseline PTQ', 'adaquant': '+ AdaQuant', 'bn_tuning': '+ BN tuning',
                 'bias_tuning': '+ bias tuning', 'mixed_precision': 'mixed precision'}
@@ -32,19 +30,10 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
   if unknown or not config.pipelines:
     raise ValueError(f'config.pipelines={tuple(config.pipelines)} must name some of '
                      f'{ptq_jax.PIPELINES}.')
-  path = ptq_jax.resolve_checkpoint(config.checkpoint)
-  model, variables, meta = ptq_jax.load_model(path)
-  data_kwargs = dict(data_dir=config.data.data_dir, idx_dir=config.data.idx_dir,
-                     download=config.data.download)
-  train = loader.load_split(config.data.dataset, 'train', **data_kwargs)
-  test = loader.load_split(config.data.dataset, 'test', **data_kwargs)
-  limit = config.eval_limit or len(test)
-  test_images = loader.preprocess(config.data.dataset, test.images[:limit])
-  labels = test.labels[:limit]
-  calib = ptq_jax.calibration_set(config.data.dataset, config.calib_size, config.seed, data=train)
-  fp32 = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables, test_images), labels)
-  common = {'model': meta['model'], 'calib_size': config.calib_size, 'test_images': int(limit),
-            'device': describe_device(), 'command': 'python ' + ' '.join(sys.argv)}
+  inputs = load_job_inputs(config)
+  model, variables, meta, calib = inputs.model, inputs.variables, inputs.meta, inputs.calib
+  fp32 = inputs.fp32_top1()
+  common = inputs.record_fields()
   records = [{**common, 'pipeline': '-', 'stage': 'fp32', 'w_bits': 32, 'a_bits': 32,
               'top1_pct': round(fp32, 2), 'size_pct_of_fp32': 100.0, 'seconds': 0.0}]
   q = config.quant
@@ -65,7 +54,7 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
         model_name=meta['model'], progress=True)
     fp32_bits = 32 * sum(l.params for l in result.model.layers)
     for stage in result.stages:
-      top1 = ptq_jax.top1_accuracy_pct(stage.model.predict(test_images), labels)
+      top1 = inputs.top1(stage.model.predict)
       records.append({**common, 'pipeline': pipeline, 'stage': stage.name,
                       'w_bits': 'mixed' if mixed else q.w_bits,
                       'a_bits': 'mixed' if mixed else q.a_bits, 'top1_pct': round(top1, 2),

@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from ptq_jax.adaquant import AdaQuantConfig, run_adaquant
 from ptq_jax.allocation import Allocation

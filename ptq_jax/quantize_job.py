@@ -8,7 +8,6 @@ Writes to the work dir: ``results.json`` (FP32 and quantized top-1), ``layers.md
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any, Dict, List
 
@@ -16,9 +15,8 @@ import ml_collections
 
 import ptq_jax
 from ptq_jax.checkpoint import atomic_write_bytes, atomic_write_json
-from ptq_jax.data import loader
+from ptq_jax.job_inputs import load_job_inputs
 from ptq_jax.results import render_markdown
-from ptq_jax.train import describe_device
 
 
 def _bits(value: int):
@@ -27,16 +25,8 @@ def _bits(value: int):
 
 def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[str, Any]]:
   """Quantizes ``config.checkpoint`` as ``config.quant`` says and evaluates it."""
-  path = ptq_jax.resolve_checkpoint(config.checkpoint)
-  model, variables, meta = ptq_jax.load_model(path)
-  data_kwargs = dict(data_dir=config.data.data_dir, idx_dir=config.data.idx_dir,
-                     download=config.data.download)
-  train = loader.load_split(config.data.dataset, 'train', **data_kwargs)
-  test = loader.load_split(config.data.dataset, 'test', **data_kwargs)
-  limit = config.eval_limit or len(test)
-  test_images = loader.preprocess(config.data.dataset, test.images[:limit])
-  labels = test.labels[:limit]
-  calib = ptq_jax.calibration_set(config.data.dataset, config.calib_size, config.seed, data=train)
+  inputs = load_job_inputs(config)
+  model, variables, meta, calib = inputs.model, inputs.variables, inputs.meta, inputs.calib
   q = config.quant
   print(f'Quantizing {meta["model"]} at W{q.w_bits}A{q.a_bits} ({q.range_method} ranges, '
         f'{config.calib_size} calibration images)...', flush=True)
@@ -45,11 +35,10 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List
                         range_method=q.range_method, first_last_bits=_bits(q.first_last_bits),
                         symmetric=q.symmetric, model_name=meta['model'])
   quant_seconds = time.time() - start
-  fp32 = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables, test_images), labels)
-  top1 = ptq_jax.top1_accuracy_pct(qm.predict(test_images), labels)
+  fp32 = inputs.fp32_top1()
+  top1 = inputs.top1(qm.predict)
   fp32_bits = sum(l.params for l in qm.layers) * 32
-  common = {'model': meta['model'], 'calib_size': config.calib_size, 'test_images': int(limit),
-            'device': describe_device(), 'command': 'python ' + ' '.join(sys.argv)}
+  common = inputs.record_fields()
   records = [
       {**common, 'method': 'fp32', 'w_bits': 32, 'a_bits': 32, 'top1_pct': round(fp32, 2),
        'size_pct_of_fp32': 100.0, 'seconds': 0.0},

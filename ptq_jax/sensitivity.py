@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
