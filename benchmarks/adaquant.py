@@ -24,7 +24,8 @@ import jax
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import POLICIES, fashion_mnist, merge_records
+from benchmarks.common import (POLICIES, concurrency_fields, fashion_mnist, merge_records,
+                               new_rows_from)
 from ptq_jax.distill import kd_tune
 from ptq_jax.results import read_results, write_results
 from ptq_jax.train import describe_device
@@ -44,6 +45,8 @@ flags.DEFINE_integer('finetune_steps', 800, 'KD fine-tuning steps (0: skip that 
 flags.DEFINE_integer('seed', 0, 'Calibration sample and AdaQuant seed.')
 flags.DEFINE_integer('test_limit', 0, 'Evaluate on the first N test images (0: all).')
 flags.DEFINE_string('out', 'results', 'Output directory.')
+flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
+                  'concurrent GPU lanes) into --out, then exit.')
 
 NAME = 'adaquant'
 KEY_FIELDS = ('model', 'method', 'w_bits', 'a_bits', 'first_last', 'calib_size', 'device')
@@ -62,6 +65,8 @@ def peak_device_mb() -> dict:
 
 
 def main(_):
+  if FLAGS.merge_from:
+    return save(new_rows_from(FLAGS.merge_from, FLAGS.out, NAME))
   command = 'python benchmarks/adaquant.py ' + ' '.join(sys.argv[1:])
   train, test, test_images = fashion_mnist(FLAGS.test_limit)
   records = []
@@ -75,6 +80,7 @@ def main(_):
                     'calib_top1_pct': round(calib_top1, 2), 'fp32_top1_pct': round(fp32, 2),
                     'delta_pct': round(top1 - fp32, 2), 'seconds': round(seconds, 1),
                     **extra, 'peak_rss_mb': peak_rss_mb(), **peak_device_mb(),
+                    **concurrency_fields(),
                     'device': describe_device(), 'command': command})
     save(records)
     print(f'{model_name} {method:20s} W{w_bits}A{a_bits} {policy:16s} n={len(calib):5d} '
@@ -147,7 +153,7 @@ def save(records):
       'AdaQuant on the bundled Fashion-MNIST models',
       columns=['model', 'method', 'w_bits', 'a_bits', 'first_last', 'calib_size', 'top1_pct',
                'calib_top1_pct', 'fp32_top1_pct', 'delta_pct', 'iterations', 'seconds',
-               'peak_rss_mb', 'peak_device_mb', 'device', 'command'],
+               'peak_rss_mb', 'peak_device_mb', 'concurrent_processes', 'device', 'command'],
       notes='Test top-1 on the Fashion-MNIST test split and top-1 on the calibration images '
             '(train split), for FP32, baseline PTQ (min/max ranges), AdaQuant (the '
             'library defaults, minibatch 50) in parallel and sequential mode, and KD '
@@ -155,7 +161,9 @@ def save(records):
             'overfitting comparison. `first_last`: first and last layer 8-bit or like the '
             'rest. `seconds`: wall time of the method (compilation included). '
             '`peak_rss_mb`: the process\'s peak host memory so far; `peak_device_mb`: peak '
-            'accelerator memory so far (GPU only).')
+            'accelerator memory so far (GPU only). `concurrent_processes`: rows measured '
+            'while that many benchmark processes shared the GPU (throughput, not solo '
+            'timings).')
 
 
 def adaquant_config() -> ptq_jax.AdaQuantConfig:

@@ -35,3 +35,31 @@ def merge_records(out: str, name: str, records: List[Dict[str, Any]],
   key = lambda r: tuple(r.get(k) for k in key_fields)
   new = {key(r) for r in records}
   return [r for r in read_results(out, name) if key(r) not in new] + records
+
+
+def new_rows_from(dirs: Sequence[str], out: str, name: str) -> List[Dict[str, Any]]:
+  """Rows of ``DIR/NAME.json`` (for each of ``dirs``) that ``out/NAME.json`` lacks.
+
+  Collects what several benchmark processes wrote to separate output directories (e.g.
+  concurrent lanes on one GPU) so the benchmark can merge them into ``out`` by its key.
+  """
+  import json
+  key = lambda r: json.dumps(r, sort_keys=True)
+  have = ({key(r) for r in read_results(out, name)}
+          if os.path.exists(os.path.join(out, f'{name}.json')) else set())
+  rows, seen = [], set(have)
+  for d in dirs:
+    if not os.path.exists(os.path.join(d, f'{name}.json')):
+      continue
+    for r in read_results(d, name):
+      if key(r) not in seen:
+        seen.add(key(r))
+        rows.append(r)
+  return rows
+
+
+def concurrency_fields() -> Dict[str, int]:
+  """{'concurrent_processes': N} when $PTQ_JAX_CONCURRENT_PROCESSES says N > 1 benchmark
+  processes shared the device (their seconds are then not solo timings), else {}."""
+  n = int(os.environ.get('PTQ_JAX_CONCURRENT_PROCESSES', '1'))
+  return {'concurrent_processes': n} if n > 1 else {}

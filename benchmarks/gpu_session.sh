@@ -9,9 +9,14 @@
 # $PTQ_JAX_ARRAYS_DIR (default .gpu/data), so TFDS is not needed there. Writes
 # $OUT/gpu_results.tgz (workdir: results/, the MobileNetV2 training run with TRAIN=1)
 # and $OUT/log.
-# Step limits (seconds) are in the variables below; each step is skipped if the budget
-# ($BUDGET_S, default 560) would be exceeded. *_FLAGS variables add flags to a step
-# (a CPU smoke test of this script uses them to shrink every step).
+# Order: ResNet-50 timing alone (step limits in the variables below; a step is skipped
+# if the budget, $BUDGET_S default 560 s, would be exceeded), then the small-model
+# benchmarks as concurrent lanes until the budget ends; each lane writes
+# $OUT/work/laneN/results, merged here afterwards with
+#   python benchmarks/adaquant.py --merge_from=DIR1,DIR2,...   (same for mixed_precision,
+#   pipelines). *_FLAGS variables add flags (R50_FLAGS, ADAQUANT_FLAGS, PIPELINES_FLAGS,
+# MIXED_PRECISION_FLAGS: a CPU smoke test uses them to shrink every step). Carry
+# workdir/sensitivity_cache to reuse mixed-precision states computed elsewhere.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 BUDGET_S=${BUDGET_S:-560}
@@ -44,52 +49,60 @@ step() {
 
 # Start from the repository's results so finished grid cells are skipped.
 cp results/adaquant.json results/mixed_precision.json "$WORK/results/" 2>/dev/null
+export XLA_PYTHON_CLIENT_PREALLOCATE=false            # several processes share the GPU below
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/ptq_jax_xla_cache}
 
 # 1. (TRAIN=1 only) MobileNetV2 (28x28) training: the bundled checkpoint's recipe.
 if [ "${TRAIN:-0}" = 1 ]; then
-step train_mobilenet_v2 ${TRAIN_S:-140} python3 run.py --config=configs/train_mobilenet_v2.py \
-  --workdir="$WORK/train_mobilenet_v2" ${TRAIN_FLAGS:-}
-# Use the new checkpoint for the benchmarks below if it beats the bundled one.
-python3 - "$WORK/train_mobilenet_v2" <<'EOF'
-import json, os, shutil, sys
-new = os.path.join(sys.argv[1], 'model_card.json')
-old = 'ptq_jax/checkpoints/mobilenet_v2_fmnist_fashion_mnist.json'
-if os.path.exists(new):
-  a, b = json.load(open(new))['test_top1_pct'], json.load(open(old))['test_top1_pct']
-  print(f'new MobileNetV2 {a} vs bundled {b}')
-  if a > b:
-    shutil.copy(os.path.join(sys.argv[1], 'mobilenet_v2_fmnist_fashion_mnist.msgpack'),
-                'ptq_jax/checkpoints/mobilenet_v2_fmnist_fashion_mnist.msgpack')
-    shutil.copy(new, old)
-    print('benchmarks below use the new checkpoint')
-EOF
-
+  step train_mobilenet_v2 ${TRAIN_S:-140} python3 run.py --config=configs/train_mobilenet_v2.py \
+    --workdir="$WORK/train_mobilenet_v2" ${TRAIN_FLAGS:-}
 fi
 
-# 2. One layer, ms/iteration: the GPU reference layer (256->256 at 14x14) and ours.
-step adaquant_speed ${SPEED_S:-40} python3 benchmarks/adaquant_speed.py --channels=256 --size=14 \
-  --iterations=1000 --steps_per_call=1,100,1000 --reference_ms=4.9 --name=adaquant_speed_gpu \
-  --out="$WORK/results" ${SPEED_FLAGS:-}
+# 2. Alone on the GPU (timings): whole-model parallel AdaQuant of ResNet-50 at 224x224 and
+#    the sensitivity table for two options (issue 8's target), then one-layer speed.
+step resnet50 ${R50_S:-150} python3 benchmarks/resnet50_gpu.py --out="$WORK/results" ${R50_FLAGS:-}
+if [ "${SPEED:-0}" = 1 ]; then
+  step adaquant_speed ${SPEED_S:-40} python3 benchmarks/adaquant_speed.py --channels=256 \
+    --size=14 --iterations=1000 --steps_per_call=1,100,1000 --reference_ms=4.9 \
+    --name=adaquant_speed_gpu --out="$WORK/results" ${SPEED_FLAGS:-}
+fi
 
-# 3. The AdaQuant grid (cells already measured on this device are skipped).
-step adaquant_resnet20 ${GRID_R20_S:-150} python3 benchmarks/adaquant.py --models=resnet20 \
-  --skip_existing --out="$WORK/results" ${GRID_FLAGS:-}
-step adaquant_mobilenet_v2 ${GRID_MNV2_S:-150} python3 benchmarks/adaquant.py \
-  --models=mobilenet_v2_fmnist --skip_existing --out="$WORK/results" ${GRID_FLAGS:-}
-
-# 4. Mixed precision from parallel-AdaQuant states (MobileNetV2 is slow on CPU).
-step mixed_precision ${MP_S:-80} python3 benchmarks/mixed_precision.py \
-  --models=mobilenet_v2_fmnist --method=adaquant --out="$WORK/results" ${MP_FLAGS:-}
-
-# 5. The pipelines, stage by stage.
-step pipelines ${PIPE_S:-80} python3 benchmarks/pipelines.py --out="$WORK/results" ${PIPE_FLAGS:-}
-
-# 6. Whole-model timing on ImageNet-sized ResNet-50.
-step resnet50 ${R50_S:-60} python3 benchmarks/resnet50_gpu.py --out="$WORK/results" ${R50_FLAGS:-}
-
-# 7. The AdaQuant tuning variants (held-out data), if time is left.
-step adaquant_tuning ${TUNING_S:-100} python3 benchmarks/adaquant_tuning.py \
-  --modes=parallel,sequential --out="$WORK/results" ${TUNING_FLAGS:-}
+# 3. Throughput: lanes of small-model benchmarks side by side on the one GPU (each lane
+#    is launch-bound and leaves the GPU mostly idle), each writing its own directory;
+#    their rows say concurrent_processes. Merge afterwards with --merge_from.
+LANES=(
+  "adaquant --models=resnet20 --bits=4/4,3/3 --skip_existing"
+  "adaquant --models=resnet20 --bits=2/4 --skip_existing"
+  "adaquant --models=mobilenet_v2_fmnist --bits=4/4 --skip_existing"
+  "adaquant --models=mobilenet_v2_fmnist --bits=3/3,2/4 --skip_existing"
+  "mixed_precision --models=mobilenet_v2_fmnist --method=adaquant ;pipelines --models=mobilenet_v2_fmnist --qat_epochs=0"
+  "pipelines --runs= --qat_epochs=${QAT_EPOCHS:-5} ;pipelines --models=resnet20 --qat_epochs=0"
+)
+export PTQ_JAX_CONCURRENT_PROCESSES=${#LANES[@]}
+left=$(( BUDGET_S - ($(date +%s) - START) - 15 ))
+echo "== ${#LANES[@]} lanes, ${left}s $(date +%T)"
+(while sleep 30; do pack; done) & packer=$!
+pids=()
+for i in "${!LANES[@]}"; do
+  dir="$WORK/lane$i"; mkdir -p "$dir/results"
+  cp "$WORK/results/"*.json "$dir/results/" 2>/dev/null
+  (
+    IFS=';' read -ra cmds <<< "${LANES[$i]}"
+    for c in "${cmds[@]}"; do
+      set -- $c; bench=$1; shift
+      echo "== lane$i $bench $* $(date +%T)"
+      extra_var="$(echo "$bench" | tr a-z A-Z)_FLAGS"            # e.g. ADAQUANT_FLAGS
+      [ "$bench" = adaquant ] || set -- --cache_dir="${CACHE_DIR:-workdir/sensitivity_cache}" "$@"
+      timeout --kill-after=5 "$left" python3 "benchmarks/$bench.py" --out="$dir/results" \
+        "$@" ${!extra_var:-} 2>&1 | tr '\r' '\n' | grep -v '%|'
+      echo "== lane$i $bench rc=${PIPESTATUS[0]} $(date +%T)"
+    done
+  ) > "$WORK/lane$i.log" 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+kill $packer 2>/dev/null
+tail -n 40 "$WORK"/lane*.log
 
 echo "== total $(( $(date +%s) - START ))s"
 pack

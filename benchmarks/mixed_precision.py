@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import fashion_mnist, merge_records
+from benchmarks.common import concurrency_fields, fashion_mnist, merge_records, new_rows_from
 from ptq_jax import allocation as alloc
 from ptq_jax.results import write_results
 from ptq_jax.train import describe_device
@@ -48,6 +48,8 @@ flags.DEFINE_integer('seed', 0, 'Calibration sample and AdaQuant seed.')
 flags.DEFINE_integer('test_limit', 0, 'Evaluate on the first N test images (0: all).')
 flags.DEFINE_string('cache_dir', './workdir/sensitivity_cache', 'Sensitivity-table cache.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
+flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
+                  'concurrent GPU lanes) into --out, then exit.')
 
 NAME = 'mixed_precision'
 KEY_FIELDS = ('model', 'method', 'option_method', 'budget', 'device')
@@ -58,6 +60,8 @@ COLUMNS = ['model', 'method', 'option_method', 'budget', 'w_bits', 'a_bits', 'ca
 
 
 def main(_):
+  if FLAGS.merge_from:
+    return save(new_rows_from(FLAGS.merge_from, FLAGS.out, NAME))
   command = 'python benchmarks/mixed_precision.py ' + ' '.join(sys.argv[1:])
   train, test, test_images = fashion_mnist(FLAGS.test_limit)
   records = []
@@ -93,7 +97,7 @@ def main(_):
           'top1_pct': round(top1, 2), 'fp32_top1_pct': round(fp32, 2),
           'delta_pct': round(top1 - fp32, 2),
           'layers_per_option': ' '.join(f'{k}:{v}' for k, v in sorted(allocation.counts().items())),
-          **extra, 'sensitivity_seconds': round(mp.table.seconds, 1),
+          **extra, **concurrency_fields(), 'sensitivity_seconds': round(mp.table.seconds, 1),
           'option_states_seconds': round(mp.timings['option_states_seconds'], 1),
           'from_cache': mp.from_cache,
           'device': describe_device(), 'command': command})

@@ -1,19 +1,23 @@
-"""Paper-style ablation of the pipelines: each stage's contribution and wall time.
+"""Paper-style ablation of the pipelines: each stage's contribution, wall time, and QAT.
 
   python benchmarks/pipelines.py                                   # both models
-  python benchmarks/pipelines.py --models=resnet20 --pipelines=sequential
+  python benchmarks/pipelines.py --models=resnet20 --runs=sequential --qat_epochs=0
 
-Rows: FP32; for the fixed-bit-width `sequential` pipeline at W4A4 (first and last
-layer 8-bit) each stage in turn (ranges = baseline PTQ, + sequential AdaQuant, + BN
-tuning, + bias tuning); for `light` and `advanced` at 13% of the FP32 weight size
-each of their stages. Test top-1, calibration-set top-1 and seconds per stage.
-Writes results/pipelines.{json,md}; rows merge by (model, pipeline, stage, device).
+Rows: FP32; at W4A4 (first and last layer 8-bit) each stage of the fixed-bit runs in
+turn (ranges = baseline PTQ, + AdaQuant (sequential or parallel), + BN tuning, + bias
+tuning); at 13% of the FP32 weight size each stage of `light@13` and `advanced@13`
+(mixed precision; the advanced runs share one set of parallel-AdaQuant option states);
+and quantization-aware training (QAT) of the same W4A4 model on the full labelled
+training set, for the paper's speed comparison. Test top-1, calibration-set top-1 and
+seconds per stage. Writes results/pipelines.{json,md}; rows merge by (model, run,
+stage, device).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,46 +25,66 @@ import jax
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import fashion_mnist, merge_records
+from benchmarks.common import concurrency_fields, fashion_mnist, merge_records, new_rows_from
+from ptq_jax.data import loader
+from ptq_jax.pipeline_job import parse_run, run_label
 from ptq_jax.results import write_results
 from ptq_jax.train import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['resnet20', 'mobilenet_v2_fmnist'], 'Bundled models.')
-flags.DEFINE_list('pipelines', ['sequential', 'light', 'advanced'], 'Pipelines to run.')
-flags.DEFINE_integer('w_bits', 4, 'Weight bits of the sequential pipeline.')
-flags.DEFINE_integer('a_bits', 4, 'Activation bits of the sequential pipeline.')
-flags.DEFINE_float('size_pct', 13.0, 'Weight-size budget of the mixed pipelines, % of FP32.')
+flags.DEFINE_list('runs', ['sequential', 'light', 'advanced', 'light@13', 'advanced@13'],
+                  'Pipeline runs: NAME (fixed bits) or NAME@SIZE (mixed, % of FP32 size).')
+flags.DEFINE_integer('w_bits', 4, 'Weight bits of the fixed-bit runs and QAT.')
+flags.DEFINE_integer('a_bits', 4, 'Activation bits of the fixed-bit runs and QAT.')
+flags.DEFINE_list('options', ['W8A8', 'W6A6', 'W4A8', 'W4A4', 'W3A3', 'W2A4'],
+                  'Bit options of the mixed runs.')
 flags.DEFINE_integer('calib_size', 1000, 'Calibration images.')
 flags.DEFINE_integer('iterations', None, 'AdaQuant iterations (default: the library\'s).')
 flags.DEFINE_integer('bias_steps', 800, 'KD bias-tuning steps.')
+flags.DEFINE_float('qat_epochs', 2.0, 'QAT epochs over the 60,000 training images (0: skip).')
+flags.DEFINE_integer('qat_train_limit', 0, 'QAT on the first N training images (0: all).')
 flags.DEFINE_integer('seed', 0, 'Calibration sample and PRNG seed.')
 flags.DEFINE_integer('test_limit', 0, 'Evaluate on the first N test images (0: all).')
 flags.DEFINE_string('cache_dir', './workdir/sensitivity_cache', 'Mixed-precision cache.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
+flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
+                  'concurrent GPU lanes) into --out, then exit.')
 
 NAME = 'pipelines'
-KEY_FIELDS = ('model', 'pipeline', 'stage', 'device')
+KEY_FIELDS = ('model', 'run', 'stage', 'device')
+
+
+def save(new_records):
+  write_results(FLAGS.out, NAME, merge_records(FLAGS.out, NAME, new_records, KEY_FIELDS),
+                'Pipelines, stage by stage, and QAT',
+                columns=['model', 'run', 'stage', 'w_bits', 'a_bits', 'calib_size',
+                         'size_pct_of_fp32', 'top1_pct', 'calib_top1_pct', 'fp32_top1_pct',
+                         'delta_pct', 'seconds', 'qat_epochs', 'concurrent_processes',
+                         'device', 'command'],
+                notes='Each row is the model after that stage (stages are cumulative within '
+                      'a run). `seconds`: that stage\'s wall time on the device named. Fixed-'
+                      'bit runs: W4A4, first and last layer 8-bit (sequential: sequential '
+                      'AdaQuant; advanced: parallel AdaQuant, the W4A4 and W8A8 option '
+                      'states). NAME N%: mixed precision at N% of the FP32 weight size (the '
+                      'mixed_precision stage includes computing every option\'s states and '
+                      'the sensitivity table unless they came from the cache or an earlier '
+                      'run; see results/mixed_precision.md). qat: quantization-aware '
+                      'training from the baseline-PTQ model on the labelled training set '
+                      '(`calib_size` = training images; `seconds` includes the ranges). '
+                      '`concurrent_processes`: measured while that many benchmark processes '
+                      'shared the GPU (throughput, not solo timings).')
 
 
 def main(_):
+  if FLAGS.merge_from:
+    return save(new_rows_from(FLAGS.merge_from, FLAGS.out, NAME))
   command = 'python benchmarks/pipelines.py ' + ' '.join(sys.argv[1:])
+  runs = [parse_run(r) for r in FLAGS.runs]
   train, test, test_images = fashion_mnist(FLAGS.test_limit)
   records = []
   adaquant = None if FLAGS.iterations is None else ptq_jax.AdaQuantConfig(
       iterations=FLAGS.iterations)
-
-  def save():
-    write_results(FLAGS.out, NAME, merge_records(FLAGS.out, NAME, records, KEY_FIELDS),
-                  'Pipelines, stage by stage',
-                  columns=['model', 'pipeline', 'stage', 'w_bits', 'a_bits', 'calib_size',
-                           'size_pct_of_fp32', 'top1_pct', 'calib_top1_pct', 'fp32_top1_pct',
-                           'delta_pct', 'seconds', 'device', 'command'],
-                  notes='Each row is the model after that stage (stages are cumulative). '
-                        '`seconds`: that stage\'s wall time on the device named. sequential: '
-                        f'W{FLAGS.w_bits}A{FLAGS.a_bits}, first and last layer 8-bit; light '
-                        f'and advanced: mixed precision at {FLAGS.size_pct:g}% of the FP32 '
-                        'weight size.')
 
   for model_name in FLAGS.models:
     model, variables, _ = ptq_jax.load_model(
@@ -70,37 +94,59 @@ def main(_):
     fp32 = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables, test_images),
                                      test.labels)
     base = {'model': model_name, 'calib_size': len(calib), 'fp32_top1_pct': round(fp32, 2),
-            'device': describe_device(), 'command': command}
+            **concurrency_fields(), 'device': describe_device(), 'command': command}
+
+    def record(run, stage, qm, seconds, mixed, **extra):
+      top1 = ptq_jax.top1_accuracy_pct(qm.predict(test_images), test.labels)
+      fp32_bits = 32 * sum(l.params for l in qm.layers)
+      records.append({
+          **base, 'run': run, 'stage': stage,
+          'w_bits': 'mixed' if mixed else FLAGS.w_bits,
+          'a_bits': 'mixed' if mixed else FLAGS.a_bits,
+          'size_pct_of_fp32': round(100 * qm.size_bits() / fp32_bits, 2),
+          'top1_pct': round(top1, 2),
+          'calib_top1_pct': round(ptq_jax.top1_accuracy_pct(qm.predict(calib.images),
+                                                            calib_labels), 2),
+          'delta_pct': round(top1 - fp32, 2), 'seconds': round(seconds, 1), **extra})
+      print({k: records[-1][k] for k in ('model', 'run', 'stage', 'size_pct_of_fp32',
+                                         'top1_pct', 'seconds')}, flush=True)
+      save(records)
+
     fp32_calib = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables,
                                                                   calib.images), calib_labels)
-    records.append({**base, 'pipeline': '-', 'stage': 'fp32', 'w_bits': 32, 'a_bits': 32,
+    records.append({**base, 'run': 'fp32', 'stage': 'fp32', 'w_bits': 32, 'a_bits': 32,
                     'size_pct_of_fp32': 100.0, 'top1_pct': round(fp32, 2),
                     'calib_top1_pct': round(fp32_calib, 2), 'delta_pct': 0.0, 'seconds': 0.0})
-    save()
-    for pipeline in FLAGS.pipelines:
-      mixed = pipeline != 'sequential'
+    save(records)
+    shared = {}
+    for pipeline, size_pct in runs:
       result = ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
-          size_pct=FLAGS.size_pct if mixed else None, adaquant=adaquant,
-          bias_steps=FLAGS.bias_steps,
-          key=jax.random.key(FLAGS.seed), cache_dir=FLAGS.cache_dir, model_name=model_name,
-          progress=False)
-      fp32_bits = 32 * sum(l.params for l in result.model.layers)
+          size_pct=size_pct, options=FLAGS.options, adaquant=adaquant,
+          bias_steps=FLAGS.bias_steps, key=jax.random.key(FLAGS.seed),
+          cache_dir=FLAGS.cache_dir or None, model_name=model_name,
+          mixed=shared.get(pipeline), progress=False)
+      if result.mixed is not None:
+        shared.setdefault(pipeline, result.mixed)
+      label = run_label(pipeline, size_pct, FLAGS.w_bits, FLAGS.a_bits)
       for stage in result.stages:
-        qm = stage.model
-        top1 = ptq_jax.top1_accuracy_pct(qm.predict(test_images), test.labels)
-        records.append({
-            **base, 'pipeline': pipeline, 'stage': stage.name,
-            'w_bits': 'mixed' if mixed else FLAGS.w_bits,
-            'a_bits': 'mixed' if mixed else FLAGS.a_bits,
-            'size_pct_of_fp32': round(100 * qm.size_bits() / fp32_bits, 2),
-            'top1_pct': round(top1, 2),
-            'calib_top1_pct': round(ptq_jax.top1_accuracy_pct(qm.predict(calib.images),
-                                                              calib_labels), 2),
-            'delta_pct': round(top1 - fp32, 2), 'seconds': round(stage.seconds, 1)})
-        print({k: records[-1][k] for k in ('model', 'pipeline', 'stage', 'size_pct_of_fp32',
-                                           'top1_pct', 'seconds')}, flush=True)
-        save()
+        record(label, stage.name, stage.model, stage.seconds, size_pct is not None)
+
+    if FLAGS.qat_epochs > 0:
+      start = time.time()
+      qm = ptq_jax.quantize(model, variables, calib, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
+                            first_last_bits=8, progress=False, model_name=model_name)
+      limit = FLAGS.qat_train_limit or len(train)
+      normalize = lambda x: (x / 255.0 - loader.FASHION_MNIST_MEAN) / loader.FASHION_MNIST_STD
+      qat, report = ptq_jax.qat_train(qm, train.images[:limit], train.labels[:limit],
+                                      normalize, epochs=FLAGS.qat_epochs,
+                                      key=jax.random.key(FLAGS.seed), progress=False)
+      jax.block_until_ready(jax.tree.leaves(qat.qstate))
+      base_calib = base['calib_size']
+      base['calib_size'] = limit
+      record(f'qat W{FLAGS.w_bits}A{FLAGS.a_bits}', 'qat', qat, time.time() - start, False,
+             qat_epochs=round(report['epochs'], 2), qat_steps=report['steps'])
+      base['calib_size'] = base_calib
 
 
 if __name__ == '__main__':

@@ -3,12 +3,14 @@
   python benchmarks/resnet50_gpu.py                       # ResNet-50, 1000 images, 1000 its
   python benchmarks/resnet50_gpu.py --calib_size=64 --iterations=20 --image_size=64  # smoke
 
-Times parallel-mode AdaQuant of every conv/dense layer of ResNet-50 (random weights,
-synthetic N(0, 1) calibration images: the timing does not depend on their values):
+Times parallel-mode AdaQuant of every conv/dense layer of ResNet-50 (all at W4A4;
+random weights, synthetic N(0, 1) calibration images: the timing does not depend on
+their values):
 wall time per stage (range calibration, AdaQuant), ms per iteration per layer, and
 the achieved TFLOP/s of the AdaQuant steps, counting forward and backward as three
 times the layer's forward MACs x 2 FLOPs x minibatch. Writes results/NAME.{json,md}
-(default ``resnet50_gpu``), merging rows by (model, device, stage).
+(default ``resnet50_gpu``), merging rows by (model, device, stage). Then times the
+sensitivity table for two options (W8A8 ranges and the AdaQuant state).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def main(_):
   config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=FLAGS.batch_size)
   start = time.time()
   qm = ptq_jax.quantize(model, variables, calib, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
-                        method='adaquant', mode='parallel', adaquant=config,
+                        first_last_bits=None, method='adaquant', mode='parallel', adaquant=config,
                         key=jax.random.key(0))
   jax.block_until_ready(qm.qstate)
   total = time.time() - start
@@ -64,6 +66,17 @@ def main(_):
   step_seconds = sum(r['seconds'] for r in reports)
   macs = {l.path: l.macs for l in layers}
   flops = sum(6 * macs[r['path']] * FLAGS.batch_size * FLAGS.iterations for r in reports)
+  # The sensitivity table for two options: this W4A4 state and W8A8 ranges.
+  start = time.time()
+  w8a8 = ptq_jax.quantize(model, variables, calib, w_bits=8, a_bits=8, first_last_bits=None,
+                          progress=False)
+  float_state = ptq_jax.quantize(model, variables, images[:1], w_bits=None, a_bits=None,
+                                 first_last_bits=None, progress=False).qstate
+  options = {(8, 8): w8a8.qstate, (FLAGS.w_bits, FLAGS.a_bits): qm.qstate}
+  table_start = time.time()
+  table = ptq_jax.sensitivity_table(model, variables, layers, float_state, options, images)
+  sensitivity_seconds = time.time() - table_start
+  sensitivity_total = time.time() - start
   stats = jax.devices()[0].memory_stats() or {}
   base = {'model': FLAGS.model, 'method': 'adaquant_parallel', 'w_bits': FLAGS.w_bits,
           'a_bits': FLAGS.a_bits, 'calib_size': FLAGS.calib_size,
@@ -75,7 +88,10 @@ def main(_):
       {**base, 'stage': 'adaquant_all_layers', 'seconds': round(qm.timings['adaquant_seconds'], 1),
        'ms_per_iteration_per_layer': round(1000 * step_seconds / (len(reports) * FLAGS.iterations), 3),
        'tflops_per_s': round(flops / step_seconds / 1e12, 2)},
-      {**base, 'stage': 'total', 'seconds': round(total, 1),
+      {**base, 'stage': 'sensitivity_table_2_options', 'seconds': round(sensitivity_seconds, 1),
+       'seconds_with_w8a8_ranges': round(sensitivity_total, 1),
+       'table_cells': int(np.size(table.delta))},
+      {**base, 'stage': 'total', 'seconds': round(total + sensitivity_total, 1),
        **({'peak_device_mb': round(peak / 2**20)} if peak else {})},
   ]
   for r in records:
@@ -84,12 +100,15 @@ def main(_):
                 f'Parallel AdaQuant of every layer of {FLAGS.model}',
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'iterations',
                          'layers', 'seconds', 'ms_per_iteration_per_layer', 'tflops_per_s',
+                         'seconds_with_w8a8_ranges',
                          'peak_device_mb', 'device', 'command'],
                 notes='Random weights and synthetic calibration images (timing only). '
                       'ms/iteration: each layer\'s optimisation time (its steps plus the '
                       'before/after error measurement, not the capture of its inputs) over '
                       'its iterations; TFLOP/s counts 6 x MACs x minibatch per iteration '
-                      'over the same time.')
+                      'over the same time. sensitivity_table_2_options: dL for every layer at '
+                      'W8A8 (calibrated ranges) and at the AdaQuant state above, on all '
+                      'calibration images (compilation included); total: every stage.')
 
 
 if __name__ == '__main__':

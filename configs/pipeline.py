@@ -2,11 +2,13 @@
 
 Command:
   python run.py --config=configs/pipeline.py
-  python run.py --config=configs/pipeline.py --config.pipelines='("light",)'
+  python run.py --config=configs/pipeline.py --config.pipelines='("advanced", "advanced@13")'
   python run.py --config=configs/pipeline.py --config.checkpoint=mobilenet_v2_fmnist_fashion_mnist
 Expected: see results/pipelines.md for the same settings: FP32, then the sequential
 pipeline at W4A4 (first/last 8-bit) stage by stage (baseline PTQ, + AdaQuant, + BN
-tuning, + bias tuning) and the light pipeline at 13% of the FP32 weight size.
+tuning, + bias tuning) and the light pipeline at 13% of the FP32 weight size
+(`NAME@SIZE`: mixed precision at SIZE % of the FP32 weight size; a bare light or
+advanced runs at the fixed bit widths).
 About 10 minutes on 2 CPU cores.
 """
 
@@ -24,12 +26,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.calib_size = 1000
   config.seed = 0
   config.eval_limit = 0
-  config.pipelines = ('sequential', 'light')   # any of 'sequential', 'light', 'advanced'
+  # Runs in order: 'sequential', 'light', 'advanced' (fixed bits) or 'light@13', 'advanced@13'.
+  config.pipelines = ('sequential', 'light@13')
   config.quant = ml_collections.ConfigDict()
-  config.quant.w_bits = 4            # sequential pipeline
+  config.quant.w_bits = 4            # fixed-bit runs
   config.quant.a_bits = 4
   config.quant.first_last_bits = 8   # 0: first and last layers like the others
-  config.quant.size_pct = 13.0       # light / advanced: weight-size budget, % of FP32
+  # The options mixed-precision runs choose from (a fixed-bit advanced run computes them
+  # too, when they include its bit widths, so a following mixed run reuses them).
+  config.quant.options = ('W8A8', 'W6A6', 'W4A8', 'W4A4', 'W3A3', 'W2A4')
   config.quant.iterations = 1000     # AdaQuant iterations per layer
   config.quant.bias_steps = 800      # KD bias-tuning steps
   config.quant.cache_dir = './workdir/sensitivity_cache'

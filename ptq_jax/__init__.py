@@ -17,6 +17,7 @@ from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
 from ptq_jax.bn_tuning import bn_tune
 from ptq_jax.mixed import MixedPrecision, mixed_precision
 from ptq_jax.pipelines import PIPELINES, PipelineResult, run_pipeline
+from ptq_jax.qat import qat_train
 from ptq_jax.models import MODELS, create_model
 from ptq_jax.quant.export import export_integer, integer_layer_output, load_integer
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant, init_range
@@ -28,6 +29,7 @@ __version__ = '0.1.0'
 __all__ = [
     'Allocation', 'InfeasibleBudgetError', 'MixedPrecision', 'SensitivityTable', 'allocate',
     'mixed_precision', 'sensitivity_table', 'PIPELINES', 'PipelineResult', 'run_pipeline',
+    'qat_train',
     'bn_tune',
     'AdaQuantConfig', 'QuantizedModel', 'QuantizerState', 'kd_tune', 'kl_to_teacher', 'run_adaquant', 'assign_bits', 'export_integer', 'fake_quant',
     'init_range', 'integer_layer_output', 'load_integer', 'quantize',

@@ -44,6 +44,8 @@ class MixedPrecision:
   method: str
   timings: Dict[str, float]
   from_cache: bool = False                    # states and table read from cache_dir
+  # Per-layer AdaQuant reports of each option, when computed in this process (not cached).
+  option_reports: Dict[Option, list] = dataclasses.field(default_factory=dict)
 
   def solve(self, size_pct: Optional[float] = None, bops_pct: Optional[float] = None,
             size_bits: Optional[float] = None, bops: Optional[float] = None,
@@ -54,14 +56,28 @@ class MixedPrecision:
                           else pct['size_bits'], bops=bops if bops is not None else pct['bops'],
                           loss=loss, objective=objective)
 
-  def uniform(self, option: Any) -> alloc.Allocation:
-    """The allocation with every layer at ``option`` (a reference point)."""
+  def uniform(self, option: Any, first_last: Any = None) -> alloc.Allocation:
+    """Every layer at ``option`` (a reference point); with ``first_last`` (e.g. 'W8A8')
+    the first and last layer at that option instead, the usual fixed-bit policy."""
+    picks = [self._option_index(option)] * len(self.table.paths)
+    if first_last is not None and picks:
+      picks[0] = picks[-1] = self._option_index(first_last)
+    return alloc.allocation_of(self.table, picks)
+
+  def layer_reports(self, allocation: alloc.Allocation) -> list:
+    """Each layer's AdaQuant report at its chosen option (empty when the states came
+    from the cache or from calibrated ranges)."""
+    by_layer = {(r['path'], option): r for option, reports in self.option_reports.items()
+                for r in reports}
+    picked = [by_layer.get((p, allocation.choice[p])) for p in self.table.paths]
+    return [] if None in picked else picked
+
+  def _option_index(self, option: Any) -> int:
     option = parse_option(option)
     if option not in self.table.options:
       raise ValueError(f'{option_name(option)} is not among the computed options '
                        f'{[option_name(o) for o in self.table.options]}.')
-    return alloc.allocation_of(self.table, [self.table.options.index(option)] *
-                               len(self.table.paths))
+    return self.table.options.index(option)
 
   def build(self, allocation: alloc.Allocation) -> QuantizedModel:
     """The mixed model: each layer's state from its chosen option."""
@@ -124,12 +140,15 @@ def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, 
     states = cached
   else:
     states = {}
+    reports = {}
     for option in options:
       qm = quantize(model, variables, images, w_bits=option[0], a_bits=option[1],
                     first_last_bits=None, range_method=range_method, method=method,
                     mode='parallel', adaquant=adaquant, key=key, progress=progress,
                     model_name=model_name)
       states[option] = qm.qstate
+      if qm.layer_reports:
+        reports[option] = qm.layer_reports
       if progress:
         print(f'  {option_name(option)} states ready ({time.time() - start:.0f}s)', flush=True)
   timings['option_states_seconds'] = time.time() - start
@@ -141,7 +160,8 @@ def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, 
       _save_states(cache_dir, digest, states)
       save_cached(cache_dir, digest, table)
   timings['sensitivity_seconds'] = time.time() - start
-  return MixedPrecision(float_model, states, table, method, timings, from_cache=hit)
+  return MixedPrecision(float_model, states, table, method, timings, from_cache=hit,
+                        option_reports={} if hit else reports)
 
 
 def _states_path(cache_dir: str, digest: str) -> str:

@@ -1,8 +1,10 @@
 """run.py job 'pipeline': quantize a checkpoint with the paper's pipelines, stage by stage.
 
-Runs ``config.pipelines`` (any of 'sequential', 'light', 'advanced') and prints one
-table: FP32, then every stage of every pipeline (cumulative), with test top-1, weight
-size and wall time. Writes ``results.json``, ``results.md``, ``layers.png`` (the
+Runs ``config.pipelines`` in order and prints one table: FP32, then every stage of
+every run (cumulative), with test top-1, weight size and wall time. Each entry is a
+pipeline name ('sequential', 'light', 'advanced': fixed bit widths ``config.quant``)
+or ``NAME@SIZE`` ('light@13', 'advanced@13': mixed precision at SIZE % of the FP32
+weight size). Consecutive light/advanced runs share their per-option states. Writes ``results.json``, ``results.md``, ``layers.png`` (the
 per-layer AdaQuant reconstruction error before and after, when AdaQuant ran) and
 ``quantized.msgpack`` (the last pipeline's final model) to the work dir.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
@@ -25,11 +27,37 @@ STAGE_LABELS = {'ranges': 'baseline PTQ', 'adaquant': '+ AdaQuant', 'bn_tuning':
                 'bias_tuning': '+ bias tuning', 'mixed_precision': 'mixed precision'}
 
 
+def parse_run(entry: str) -> Tuple[str, Optional[float]]:
+  """'advanced' -> ('advanced', None); 'advanced@13' -> ('advanced', 13.0)."""
+  name, _, size = str(entry).partition('@')
+  if name not in ptq_jax.PIPELINES:
+    raise ValueError(f'config.pipelines entry {entry!r}: {name!r} is not one of '
+                     f'{ptq_jax.PIPELINES} (write e.g. "advanced" or "advanced@13").')
+  if not size:
+    return name, None
+  try:
+    size_pct = float(size.rstrip('%'))
+  except ValueError:
+    raise ValueError(f'config.pipelines entry {entry!r}: the size budget after "@" must be a '
+                     'number (% of the FP32 weight size), e.g. "advanced@13".') from None
+  if name == 'sequential':
+    raise ValueError(f'config.pipelines entry {entry!r}: the sequential pipeline has fixed bit '
+                     'widths; budgets belong to light and advanced.')
+  return name, size_pct
+
+
+def run_label(pipeline: str, size_pct: Optional[float], w_bits: int, a_bits: int) -> str:
+  """'advanced W4A4' (fixed bits) or 'advanced 13%' (mixed at 13% size)."""
+  if size_pct is not None:
+    return f'{pipeline} {size_pct:g}%'
+  return f'{pipeline} W{w_bits}A{a_bits}'
+
+
 def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[str, Any]]:
-  unknown = [p for p in config.pipelines if p not in ptq_jax.PIPELINES]
-  if unknown or not config.pipelines:
-    raise ValueError(f'config.pipelines={tuple(config.pipelines)} must name some of '
-                     f'{ptq_jax.PIPELINES}.')
+  if not config.pipelines:
+    raise ValueError('config.pipelines is empty: name some of '
+                     f'{ptq_jax.PIPELINES}, e.g. ("advanced", "advanced@13").')
+  runs = [parse_run(entry) for entry in config.pipelines]
   inputs = load_job_inputs(config)
   model, variables, meta, calib = inputs.model, inputs.variables, inputs.meta, inputs.calib
   fp32 = inputs.fp32_top1()
@@ -39,44 +67,67 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
   q = config.quant
   adaquant = ptq_jax.AdaQuantConfig(iterations=q.iterations)
   os.makedirs(workdir, exist_ok=True)
-  result = None
-  for pipeline in config.pipelines:
-    mixed = pipeline != 'sequential'
-    label = (f'{pipeline} at {q.size_pct:g}% size' if mixed else
-             f'{pipeline} at W{q.w_bits}A{q.a_bits}')
-    print(f'Running the {label} pipeline on {meta["model"]} ({config.calib_size} calibration '
-          'images)...', flush=True)
+  result, shared = None, {}
+  for pipeline, size_pct in runs:
+    label = run_label(pipeline, size_pct, q.w_bits, q.a_bits)
+    print(f'Running {label} on {meta["model"]} ({config.calib_size} calibration images)...',
+          flush=True)
     result = ptq_jax.run_pipeline(
         model, variables, calib, pipeline, w_bits=q.w_bits, a_bits=q.a_bits,
-        first_last_bits=q.first_last_bits or None, size_pct=q.size_pct if mixed else None,
+        first_last_bits=q.first_last_bits or None, size_pct=size_pct, options=q.options,
         adaquant=adaquant, bias_steps=q.bias_steps, key=jax.random.key(config.seed),
         cache_dir=os.path.expanduser(q.cache_dir) if q.cache_dir else None,
-        model_name=meta['model'], progress=True)
+        model_name=meta['model'], mixed=shared.get(pipeline), progress=True)
+    if result.mixed is not None:
+      shared.setdefault(pipeline, result.mixed)
+    mixed = size_pct is not None
     fp32_bits = 32 * sum(l.params for l in result.model.layers)
     for stage in result.stages:
       top1 = inputs.top1(stage.model.predict)
-      records.append({**common, 'pipeline': pipeline, 'stage': stage.name,
+      records.append({**common, 'pipeline': pipeline, 'run': label, 'stage': stage.name,
                       'w_bits': 'mixed' if mixed else q.w_bits,
                       'a_bits': 'mixed' if mixed else q.a_bits, 'top1_pct': round(top1, 2),
                       'size_pct_of_fp32': round(100 * stage.model.size_bits() / fp32_bits, 2),
                       'seconds': round(stage.seconds, 1)})
-    adaquant_stage = [s for s in result.stages if s.name == 'adaquant']
+      print(f'  {STAGE_LABELS[stage.name]:16s} top-1 {top1:6.2f}%  ({stage.seconds:.1f}s)',
+            flush=True)
+    adaquant_stage = [s for s in result.stages if s.name == 'adaquant' and s.report]
     if adaquant_stage:
       _plot_layers(adaquant_stage[0].report, os.path.join(workdir, 'layers.png'))
   result.model.save(os.path.join(workdir, 'quantized.msgpack'))
   atomic_write_json(os.path.join(workdir, 'results.json'), records)
   atomic_write_bytes(os.path.join(workdir, 'results.md'), render_markdown(
       records, f'Pipelines: {meta["model"]}').encode())
-  print(f'\n{"stage":34s} {"bits":9s} {"top-1":>7s} {"size":>8s} {"seconds":>8s}')
+  _plot_stages(records, os.path.join(workdir, 'stages.png'))
+  print(f'\n{"stage":36s} {"bits":7s} {"top-1":>7s} {"size":>8s} {"seconds":>8s}')
   for r in records:
-    name = 'FP32' if r['stage'] == 'fp32' else f'{r["pipeline"]}: {STAGE_LABELS[r["stage"]]}'
+    name = 'FP32' if r['stage'] == 'fp32' else f'{r["run"]}: {STAGE_LABELS[r["stage"]]}'
     bits = f'W{r["w_bits"]}A{r["a_bits"]}' if r['w_bits'] != 'mixed' else 'mixed'
-    print(f'{name:34s} {bits:9s} {r["top1_pct"]:6.2f}% {r["size_pct_of_fp32"]:7.2f}% '
+    print(f'{name:36s} {bits:7s} {r["top1_pct"]:6.2f}% {r["size_pct_of_fp32"]:7.2f}% '
           f'{r["seconds"]:8.1f}')
-  print(f'Wrote results.json, results.md, quantized.msgpack'
-        f'{", layers.png" if os.path.exists(os.path.join(workdir, "layers.png")) else ""} '
+  total = sum(r['seconds'] for r in records)
+  print(f'Stages took {total:.0f}s. Wrote results.json, results.md, stages.png, '
+        f'quantized.msgpack{", layers.png" if os.path.exists(os.path.join(workdir, "layers.png")) else ""} '
         f'to {workdir}')
   return records
+
+
+def _plot_stages(records: List[Dict[str, Any]], path: str) -> None:
+  """Test top-1 after each stage of each run, FP32 as a line."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  rows = [r for r in records if r['stage'] != 'fp32']
+  fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(rows)), 3.5))
+  ax.bar(range(len(rows)), [r['top1_pct'] for r in rows], color='tab:blue')
+  ax.axhline(records[0]['top1_pct'], color='k', ls='--', lw=1, label='FP32')
+  low = min(r['top1_pct'] for r in records)
+  ax.set_ylim(max(0.0, low - 2), min(100.0, records[0]['top1_pct'] + 1))
+  ax.set_xticks(range(len(rows)), [f'{r["run"]}\n{STAGE_LABELS[r["stage"]]}' for r in rows],
+                rotation=60, ha='right', fontsize=7)
+  ax.set_ylabel('test top-1 (%)')
+  ax.legend()
+  _save_figure(fig, path)
 
 
 def _plot_layers(reports, path: str) -> None:
@@ -91,6 +142,12 @@ def _plot_layers(reports, path: str) -> None:
   ax.set_xticks(list(xs), [r['path'] for r in reports], rotation=90, fontsize=6)
   ax.set_ylabel('relative MSE of layer output')
   ax.legend()
+  _save_figure(fig, path)
+
+
+def _save_figure(fig, path: str) -> None:
+  """Writes ``fig`` as a PNG atomically and closes it."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=110)

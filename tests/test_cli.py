@@ -101,18 +101,41 @@ def test_pipeline_job(trained, tfds_dir, tmp_path):
   config.calib_size, config.eval_limit = 32, 100
   config.quant.iterations, config.quant.bias_steps = 3, 3
   config.quant.cache_dir = str(tmp_path / 'cache')
-  config.pipelines = ('sequential', 'light')
+  config.pipelines = ('sequential', 'light@13')
   records = jobs.run(config, str(tmp_path / 'work'))
   assert [(r['pipeline'], r['stage']) for r in records] == [
       ('-', 'fp32'), ('sequential', 'ranges'), ('sequential', 'adaquant'),
       ('sequential', 'bn_tuning'), ('sequential', 'bias_tuning'),
       ('light', 'mixed_precision'), ('light', 'bn_tuning')]
   assert sorted(os.listdir(tmp_path / 'work')) == ['layers.png', 'quantized.msgpack',
-                                                   'results.json', 'results.md']
+                                                   'results.json', 'results.md', 'stages.png']
   assert records[-1]['size_pct_of_fp32'] <= 13.0
-  config.pipelines = ('fast',)
-  with pytest.raises(ValueError, match='must name some of'):
-    jobs.run(config, str(tmp_path / 'work2'))
+  for bad, message in [(('fast',), 'is not one of'), (('advanced@x',), 'must be a number'),
+                       (('sequential@13',), 'fixed bit'), ((), 'is empty')]:
+    config.pipelines = bad
+    with pytest.raises(ValueError, match=message):
+      jobs.run(config, str(tmp_path / 'work2'))
+
+
+def test_advanced_fixed_and_mixed_runs_share_one_adaquant_pass(trained, tfds_dir, tmp_path):
+  """The default job's shape: advanced at W4A4, then at 13% from the same states."""
+  from configs import default
+  config = default.get_config()
+  config.checkpoint = os.path.join(trained[0], 'resnet20_fashion_mnist.msgpack')
+  config.data.data_dir = tfds_dir
+  config.calib_size, config.eval_limit = 32, 100
+  config.quant.iterations, config.quant.bias_steps = 3, 3
+  records = jobs.run(config, str(tmp_path / 'work'))
+  assert [(r['run'] if 'run' in r else '-', r['stage']) for r in records] == [
+      ('-', 'fp32'), ('advanced W4A4', 'ranges'), ('advanced W4A4', 'adaquant'),
+      ('advanced W4A4', 'bn_tuning'), ('advanced W4A4', 'bias_tuning'),
+      ('advanced 13%', 'mixed_precision'), ('advanced 13%', 'bn_tuning'),
+      ('advanced 13%', 'bias_tuning')]
+  # W4A4 with first and last layer 8-bit is slightly above 12.5% of FP32; 13% fits it.
+  assert 12.5 < records[2]['size_pct_of_fp32'] <= records[5]['size_pct_of_fp32'] <= 13.0
+  # The mixed run reused the fixed run's states: no second AdaQuant pass.
+  assert records[5]['seconds'] < records[2]['seconds']
+  assert os.path.exists(tmp_path / 'work' / 'layers.png')
 
 
 def run_cli(*args):
@@ -154,12 +177,19 @@ def test_wrong_data_dir_is_an_error(tmp_path, trained):
 
 
 def test_default_job_on_the_bundled_checkpoint(tmp_path, tfds_dir):
-  proc = run_cli('--config.eval_limit=1000', '--config.calib_size=200',
+  """`python run.py` (here with small settings): the advanced pipeline's table."""
+  proc = run_cli('--config.eval_limit=1000', '--config.calib_size=100',
+                 '--config.quant.iterations=5', '--config.quant.bias_steps=5',
                  f'--config.data.data_dir={tfds_dir}', f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(tmp_path / 'results.json') as f:
-    fp32, w4a4 = json.load(f)
-  assert fp32['model'] == w4a4['model'] == 'resnet20' and fp32['test_images'] == 1000
+    records = json.load(f)
+  fp32, base = records[0], records[1]
+  assert fp32['model'] == base['model'] == 'resnet20' and fp32['test_images'] == 1000
   assert fp32['top1_pct'] >= 92.0
-  assert (w4a4['w_bits'], w4a4['a_bits']) == (4, 4) and 10.0 < w4a4['top1_pct'] <= 100.0
-  assert 'W4A4' in proc.stdout
+  assert (base['stage'], base['w_bits'], base['a_bits']) == ('ranges', 4, 4)
+  assert 10.0 < base['top1_pct'] <= 100.0
+  assert [r['stage'] for r in records[5:]] == ['mixed_precision', 'bn_tuning', 'bias_tuning']
+  for label in ('FP32', 'advanced W4A4: baseline PTQ', '+ AdaQuant', '+ BN tuning',
+                '+ bias tuning', 'advanced 13%: mixed precision'):
+    assert label in proc.stdout

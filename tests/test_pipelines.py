@@ -24,6 +24,9 @@ def toy():
      ['mixed_precision', 'bn_tuning', 'bias_tuning']),
     ('sequential', dict(w_bits=4, a_bits=4, bias_steps=30),
      ['ranges', 'adaquant', 'bn_tuning', 'bias_tuning']),
+    ('light', dict(w_bits=4, a_bits=4), ['ranges', 'bn_tuning']),
+    ('advanced', dict(w_bits=4, a_bits=4, bias_steps=30),
+     ['ranges', 'adaquant', 'bn_tuning', 'bias_tuning']),
 ])
 def test_pipeline_end_to_end(toy, pipeline, kwargs, stages):
   model, variables, x = toy
@@ -33,7 +36,7 @@ def test_pipeline_end_to_end(toy, pipeline, kwargs, stages):
   assert result.model.options['stages'] == stages
   out = result.model.predict(x)
   assert out.shape == (32, 5) and np.all(np.isfinite(out))
-  if pipeline != 'sequential':
+  if 'size_pct' in kwargs:
     assert result.allocation.size_pct_of_fp32 <= 16
     assert result.model.size_bits() == result.allocation.size_bits
   for stage in result.stages:
@@ -58,11 +61,64 @@ def test_quantize_selects_a_pipeline_and_checks_budgets(toy):
   model, variables, x = toy
   qm = ptq_jax.quantize(model, variables, x, pipeline='light', size_pct=20, progress=False)
   assert qm.options['stages'] == ['mixed_precision', 'bn_tuning']
-  with pytest.raises(ValueError, match='give size_pct'):
-    ptq_jax.run_pipeline(model, variables, x, 'advanced', progress=False)
   with pytest.raises(ValueError, match='fixed bit widths'):
     ptq_jax.run_pipeline(model, variables, x, 'sequential', size_pct=13, progress=False)
   with pytest.raises(ValueError, match="pipeline='fast'"):
     ptq_jax.run_pipeline(model, variables, x, 'fast', progress=False)
   with pytest.raises(ValueError, match='budgets of the light and advanced'):
     ptq_jax.quantize(model, variables, x, size_pct=13, progress=False)
+
+
+def test_fixed_advanced_is_parallel_adaquant_and_shares_its_states(toy):
+  """Advanced at W4A4 (first/last 8-bit) = parallel AdaQuant from the option states; a
+  mixed run handed those states (mixed=) reuses them instead of recomputing."""
+  model, variables, x = toy
+  fixed = ptq_jax.run_pipeline(model, variables, x, 'advanced', w_bits=4, a_bits=4,
+                               options=('W8A8', 'W4A4'), adaquant=FAST, bias_steps=0,
+                               progress=False)
+  adaquant = fixed.stages[1].model
+  bits = adaquant.bits()
+  paths = list(bits)
+  assert bits[paths[0]] == bits[paths[-1]] == (8, 8)
+  assert all(bits[p] == (4, 4) for p in paths[1:-1])
+  # Each layer's state is exactly its option's parallel-AdaQuant state.
+  for path in paths:
+    option = (8, 8) if path in (paths[0], paths[-1]) else (4, 4)
+    np.testing.assert_array_equal(adaquant.qstate[path].kernel,
+                                  fixed.mixed.option_states[option][path].kernel)
+  assert [r['path'] for r in adaquant.layer_reports] == paths
+  mixed = ptq_jax.run_pipeline(model, variables, x, 'advanced', size_pct=16,
+                               options=('W8A8', 'W4A4'), adaquant=FAST, bias_steps=0,
+                               mixed=fixed.mixed, progress=False)
+  assert mixed.mixed is fixed.mixed
+  for path, option in mixed.allocation.choice.items():
+    np.testing.assert_array_equal(mixed.stages[0].model.qstate[path].kernel,
+                                  fixed.mixed.option_states[option][path].kernel)
+  with pytest.raises(ValueError, match='needs ptq states'):
+    ptq_jax.run_pipeline(model, variables, x, 'light', size_pct=16, mixed=fixed.mixed,
+                         progress=False)
+
+
+def test_qat_trains_the_quantized_model_on_labels(toy):
+  model, variables, x = toy
+  labels = np.argmax(np.asarray(ptq_jax.predict_logits(model, variables, x)), -1)
+  qm = ptq_jax.quantize(model, variables, x, w_bits=3, a_bits=3, first_last_bits=None,
+                        progress=False)
+  raw = (x - x.min()) / (x.max() - x.min()) * 255  # "pixels"; preprocess undoes the scaling
+  preprocess = lambda p: p / 255 * (x.max() - x.min()) + x.min()
+  trained, report = ptq_jax.qat_train(qm, raw, labels, preprocess, epochs=25, batch_size=16,
+                                      learning_rate=1e-3, crop_pad=0, flip=False,
+                                      progress=False)
+  assert report['steps'] == 50 and report['loss_by_tenth'][-1] < report['loss_by_tenth'][0]
+  assert trained.options['stages'][-1] == 'qat' and trained.bits() == qm.bits()
+  def ce(m):
+    logp = np.asarray(jax.nn.log_softmax(m.predict(x)))
+    return -np.mean(logp[np.arange(len(labels)), labels])
+  assert ce(trained) < ce(qm)
+  # Kernels, biases and quantizer ranges all moved.
+  path = next(iter(qm.qstate))
+  for field in (lambda lq: lq.kernel, lambda lq: lq.bias, lambda lq: lq.a_quant.range):
+    assert not np.allclose(field(trained.qstate[path]), field(qm.qstate[path]))
+  for bad in (dict(epochs=0), dict(batch_size=1000)):
+    with pytest.raises(ValueError):
+      ptq_jax.qat_train(qm, raw, labels, preprocess, progress=False, **bad)
