@@ -15,12 +15,12 @@
 # $OUT/work/laneN/results, merged here afterwards with
 #   python benchmarks/adaquant.py --merge_from=DIR1,DIR2,...   (same for mixed_precision,
 #   pipelines). *_FLAGS variables add flags (R50_FLAGS, ADAQUANT_FLAGS, PIPELINES_FLAGS,
-# MIXED_PRECISION_FLAGS: a CPU smoke test uses them to shrink every step). Carry
-# workdir/sensitivity_cache to reuse mixed-precision states computed elsewhere.
+# MIXED_PRECISION_FLAGS: a CPU smoke test uses them to shrink every step). Mixed-
+# precision states are cached in $CACHE_DIR (default /tmp/ptq_jax_gpu/cache, packed as $OUT/cache.tgz).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 BUDGET_S=${BUDGET_S:-560}
-WORK=$OUT/work
+WORK=${WORK:-/tmp/ptq_jax_gpu/work}   # outside $OUT: only the .tgz files and the log return
 mkdir -p "$WORK/results"
 export PYTHONUNBUFFERED=1
 export PTQ_JAX_ARRAYS_DIR=${PTQ_JAX_ARRAYS_DIR:-.gpu/data}
@@ -33,7 +33,10 @@ fi
 nvidia-smi -L 2>/dev/null
 python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
 
-pack() { tar czf "$OUT/gpu_results.tgz" -C "$WORK" . 2>/dev/null; }
+pack() {
+  tar czf "$OUT/gpu_results.tgz" -C "$WORK" . 2>/dev/null
+  [ -d "${CACHE:-}" ] && tar czf "$OUT/cache.tgz" -C "$CACHE" . 2>/dev/null
+}
 
 # step NAME LIMIT_S COMMAND...: runs COMMAND under a limit if the budget allows.
 step() {
@@ -60,7 +63,7 @@ fi
 
 # 2. Alone on the GPU (timings): whole-model parallel AdaQuant of ResNet-50 at 224x224 and
 #    the sensitivity table for two options (issue 8's target), then one-layer speed.
-step resnet50 ${R50_S:-150} python3 benchmarks/resnet50_gpu.py --out="$WORK/results" ${R50_FLAGS:-}
+step resnet50 ${R50_S:-200} python3 benchmarks/resnet50_gpu.py --out="$WORK/results" ${R50_FLAGS:-}
 if [ "${SPEED:-0}" = 1 ]; then
   step adaquant_speed ${SPEED_S:-40} python3 benchmarks/adaquant_speed.py --channels=256 \
     --size=14 --iterations=1000 --steps_per_call=1,100,1000 --reference_ms=4.9 \
@@ -70,15 +73,19 @@ fi
 # 3. Throughput: lanes of small-model benchmarks side by side on the one GPU (each lane
 #    is launch-bound and leaves the GPU mostly idle), each writing its own directory;
 #    their rows say concurrent_processes. Merge afterwards with --merge_from.
+# No python-mip on the GPU image: mixed-precision states and tables are computed and
+# cached here ($OUT/cache.tgz), the integer programs solved from that cache afterwards.
 LANES=(
   "adaquant --models=resnet20 --bits=4/4,3/3 --skip_existing"
   "adaquant --models=resnet20 --bits=2/4 --skip_existing"
   "adaquant --models=mobilenet_v2_fmnist --bits=4/4 --skip_existing"
   "adaquant --models=mobilenet_v2_fmnist --bits=3/3,2/4 --skip_existing"
-  "mixed_precision --models=mobilenet_v2_fmnist --method=adaquant ;pipelines --models=mobilenet_v2_fmnist --qat_epochs=0"
-  "pipelines --runs= --qat_epochs=${QAT_EPOCHS:-5} ;pipelines --models=resnet20 --qat_epochs=0"
+  "mixed_precision --models=mobilenet_v2_fmnist --method=adaquant --states_only ;pipelines --models=mobilenet_v2_fmnist --runs=advanced,sequential,light --qat_epochs=0"
+  "pipelines --runs= --qat_epochs=${QAT_EPOCHS:-5} ;pipelines --models=resnet20 --runs=advanced,sequential,light --qat_epochs=0"
 )
 export PTQ_JAX_CONCURRENT_PROCESSES=${#LANES[@]}
+CACHE=${CACHE_DIR:-/tmp/ptq_jax_gpu/cache}
+mkdir -p "$CACHE"
 left=$(( BUDGET_S - ($(date +%s) - START) - 15 ))
 echo "== ${#LANES[@]} lanes, ${left}s $(date +%T)"
 (while sleep 30; do pack; done) & packer=$!
@@ -92,7 +99,7 @@ for i in "${!LANES[@]}"; do
       set -- $c; bench=$1; shift
       echo "== lane$i $bench $* $(date +%T)"
       extra_var="$(echo "$bench" | tr a-z A-Z)_FLAGS"            # e.g. ADAQUANT_FLAGS
-      [ "$bench" = adaquant ] || set -- --cache_dir="${CACHE_DIR:-workdir/sensitivity_cache}" "$@"
+      [ "$bench" = adaquant ] || set -- --cache_dir="$CACHE" "$@"
       timeout --kill-after=5 "$left" python3 "benchmarks/$bench.py" --out="$dir/results" \
         "$@" ${!extra_var:-} 2>&1 | tr '\r' '\n' | grep -v '%|'
       echo "== lane$i $bench rc=${PIPESTATUS[0]} $(date +%T)"

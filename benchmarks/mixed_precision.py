@@ -48,6 +48,9 @@ flags.DEFINE_integer('seed', 0, 'Calibration sample and AdaQuant seed.')
 flags.DEFINE_integer('test_limit', 0, 'Evaluate on the first N test images (0: all).')
 flags.DEFINE_string('cache_dir', './workdir/sensitivity_cache', 'Sensitivity-table cache.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
+flags.DEFINE_bool('states_only', False, 'Only compute (and cache in --cache_dir) the option '
+                  'states and the sensitivity table, then exit: e.g. on a machine without '
+                  'python-mip; a later run solves from the cache.')
 flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
                   'concurrent GPU lanes) into --out, then exit.')
 
@@ -81,6 +84,8 @@ def main(_):
                                  model_name=model_name, progress=False)
     print(f'{model_name}: option states {mp.timings["option_states_seconds"]:.0f}s, '
           f'sensitivity {mp.timings["sensitivity_seconds"]:.0f}s', flush=True)
+    if FLAGS.states_only:
+      continue
     fp_calib = ptq_jax.predict_logits(model, variables, calib.images)
 
     def record(method, budget, qm, allocation, **extra):

@@ -60,7 +60,8 @@ def save(new_records):
                 'Pipelines, stage by stage, and QAT',
                 columns=['model', 'run', 'stage', 'w_bits', 'a_bits', 'calib_size',
                          'size_pct_of_fp32', 'top1_pct', 'calib_top1_pct', 'fp32_top1_pct',
-                         'delta_pct', 'seconds', 'qat_epochs', 'concurrent_processes',
+                         'delta_pct', 'seconds', 'options_computed', 'states_from',
+                         'qat_epochs', 'concurrent_processes',
                          'device', 'command'],
                 notes='Each row is the model after that stage (stages are cumulative within '
                       'a run). `seconds`: that stage\'s wall time on the device named. Fixed-'
@@ -69,7 +70,9 @@ def save(new_records):
                       'states). NAME N%: mixed precision at N% of the FP32 weight size (the '
                       'mixed_precision stage includes computing every option\'s states and '
                       'the sensitivity table unless they came from the cache or an earlier '
-                      'run; see results/mixed_precision.md). qat: quantization-aware '
+                      'run; see results/mixed_precision.md): `options_computed` says how many '
+                      'options, `states_from` whether this run computed them, read them from '
+                      'the cache or reused an earlier run\'s). qat: quantization-aware '
                       'training from the baseline-PTQ model on the labelled training set '
                       '(`calib_size` = training images; `seconds` includes the ranges). '
                       '`concurrent_processes`: measured while that many benchmark processes '
@@ -120,6 +123,7 @@ def main(_):
     save(records)
     shared = {}
     for pipeline, size_pct in runs:
+      reused = pipeline in shared
       result = ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
           size_pct=size_pct, options=FLAGS.options, adaquant=adaquant,
@@ -129,8 +133,14 @@ def main(_):
       if result.mixed is not None:
         shared.setdefault(pipeline, result.mixed)
       label = run_label(pipeline, size_pct, FLAGS.w_bits, FLAGS.a_bits)
+      states = {}
+      if result.mixed is not None:  # where the per-option states came from
+        states = {'options_computed': len(result.mixed.table.options),
+                  'states_from': ('earlier run' if reused else
+                                  'cache' if result.mixed.from_cache else 'this run')}
       for stage in result.stages:
-        record(label, stage.name, stage.model, stage.seconds, size_pct is not None)
+        extra = states if stage.name in ('adaquant', 'mixed_precision') else {}
+        record(label, stage.name, stage.model, stage.seconds, size_pct is not None, **extra)
 
     if FLAGS.qat_epochs > 0:
       start = time.time()
