@@ -30,18 +30,20 @@ def fashion_mnist(test_limit: int = 0) -> Tuple[loader.ArraySplit, loader.ArrayS
 def merge_records(out: str, name: str, records: List[Dict[str, Any]],
                   key_fields: Sequence[str]) -> List[Dict[str, Any]]:
   """Earlier rows of ``results/NAME.json`` that this run did not redo, then this run's."""
+  key = lambda r: tuple(r.get(k) for k in key_fields)
+  latest = {key(r): r for r in records}          # a key measured twice: the last row
+  records = [r for r in records if latest[key(r)] is r]
   if not os.path.exists(os.path.join(out, f'{name}.json')):
     return records
-  key = lambda r: tuple(r.get(k) for k in key_fields)
-  new = {key(r) for r in records}
-  return [r for r in read_results(out, name) if key(r) not in new] + records
+  return [r for r in read_results(out, name) if key(r) not in latest] + records
 
 
 def new_rows_from(dirs: Sequence[str], out: str, name: str) -> List[Dict[str, Any]]:
   """Rows of ``DIR/NAME.json`` (for each of ``dirs``) that ``out/NAME.json`` lacks.
 
   Collects what several benchmark processes wrote to separate output directories (e.g.
-  concurrent lanes on one GPU) so the benchmark can merge them into ``out`` by its key.
+  concurrent lanes on one GPU) so the benchmark can merge them into ``out`` by its key;
+  their commands lose the lane's --out and --cache_dir.
   """
   import json
   key = lambda r: json.dumps(r, sort_keys=True)
@@ -54,8 +56,15 @@ def new_rows_from(dirs: Sequence[str], out: str, name: str) -> List[Dict[str, An
     for r in read_results(d, name):
       if key(r) not in seen:
         seen.add(key(r))
-        rows.append(r)
+        rows.append(dict(r, command=_portable(r['command'])) if 'command' in r else r)
   return rows
+
+
+def _portable(command: str) -> str:
+  """``command`` without the flags that only said where a lane wrote its files
+  (``--out=``, ``--cache_dir=``), so it reruns as is from the repository root."""
+  return ' '.join(t for t in command.split()
+                  if not t.startswith(('--out=', '--cache_dir=')))
 
 
 def concurrency_fields() -> Dict[str, int]:

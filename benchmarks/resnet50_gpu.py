@@ -39,6 +39,8 @@ flags.DEFINE_integer('iterations', 1000, 'AdaQuant iterations per layer.')
 flags.DEFINE_integer('batch_size', 50, 'AdaQuant minibatch.')
 flags.DEFINE_integer('w_bits', 4, 'Weight bits.')
 flags.DEFINE_integer('a_bits', 4, 'Activation bits.')
+flags.DEFINE_float('capture_budget_mb', 16384.0, 'Device memory for captured layer inputs '
+                   '(fewer, larger capture groups on a big GPU).')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 flags.DEFINE_string('name', 'resnet50_gpu', 'Results file name.')
 
@@ -55,7 +57,8 @@ def main(_):
                       np.float32)
   calib = ptq_jax.CalibrationSet(images, np.arange(FLAGS.calib_size), 'synthetic', 'train', 1)
   layers = ptq_jax.trace(model, variables, images[:1])
-  config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=FLAGS.batch_size)
+  config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=FLAGS.batch_size,
+                                  capture_budget_mb=FLAGS.capture_budget_mb)
   start = time.time()
   qm = ptq_jax.quantize(model, variables, calib, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
                         first_last_bits=None, method='adaquant', mode='parallel', adaquant=config,
@@ -66,6 +69,17 @@ def main(_):
   step_seconds = sum(r['seconds'] for r in reports)
   macs = {l.path: l.macs for l in layers}
   flops = sum(6 * macs[r['path']] * FLAGS.batch_size * FLAGS.iterations for r in reports)
+  base = {'model': FLAGS.model, 'method': 'adaquant_parallel', 'w_bits': FLAGS.w_bits,
+          'a_bits': FLAGS.a_bits, 'calib_size': FLAGS.calib_size,
+          'iterations': FLAGS.iterations, 'layers': len(reports), 'device': describe_device(),
+          'command': command}
+  records = [
+      {**base, 'stage': 'range_calibration', 'seconds': round(qm.timings['calibrate_seconds'], 1)},
+      {**base, 'stage': 'adaquant_all_layers', 'seconds': round(qm.timings['adaquant_seconds'], 1),
+       'ms_per_iteration_per_layer': round(1000 * step_seconds / (len(reports) * FLAGS.iterations), 3),
+       'tflops_per_s': round(flops / step_seconds / 1e12, 2), **peak_device_mb()},
+  ]
+  save(records)  # kept even if the sensitivity stage below does not finish
   # The sensitivity table for two options: this W4A4 state and W8A8 ranges.
   start = time.time()
   w8a8 = ptq_jax.quantize(model, variables, calib, w_bits=8, a_bits=8, first_last_bits=None,
@@ -77,38 +91,38 @@ def main(_):
   table = ptq_jax.sensitivity_table(model, variables, layers, float_state, options, images)
   sensitivity_seconds = time.time() - table_start
   sensitivity_total = time.time() - start
-  stats = jax.devices()[0].memory_stats() or {}
-  base = {'model': FLAGS.model, 'method': 'adaquant_parallel', 'w_bits': FLAGS.w_bits,
-          'a_bits': FLAGS.a_bits, 'calib_size': FLAGS.calib_size,
-          'iterations': FLAGS.iterations, 'layers': len(reports), 'device': describe_device(),
-          'command': command}
-  peak = stats.get('peak_bytes_in_use')
-  records = [
-      {**base, 'stage': 'range_calibration', 'seconds': round(qm.timings['calibrate_seconds'], 1)},
-      {**base, 'stage': 'adaquant_all_layers', 'seconds': round(qm.timings['adaquant_seconds'], 1),
-       'ms_per_iteration_per_layer': round(1000 * step_seconds / (len(reports) * FLAGS.iterations), 3),
-       'tflops_per_s': round(flops / step_seconds / 1e12, 2)},
+  records += [
       {**base, 'stage': 'sensitivity_table_2_options', 'seconds': round(sensitivity_seconds, 1),
        'seconds_with_w8a8_ranges': round(sensitivity_total, 1),
        'table_cells': int(np.size(table.delta))},
       {**base, 'stage': 'total', 'seconds': round(total + sensitivity_total, 1),
-       **({'peak_device_mb': round(peak / 2**20)} if peak else {})},
+       **peak_device_mb()},
   ]
+  save(records)
+
+
+def peak_device_mb():
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return {'peak_device_mb': round(peak / 2**20)} if peak else {}
+
+
+def save(records):
   for r in records:
-    print(r)
+    print(r, flush=True)
   write_results(FLAGS.out, FLAGS.name, merge_records(FLAGS.out, FLAGS.name, records, KEY_FIELDS),
                 f'Parallel AdaQuant of every layer of {FLAGS.model}',
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'iterations',
                          'layers', 'seconds', 'ms_per_iteration_per_layer', 'tflops_per_s',
-                         'seconds_with_w8a8_ranges',
-                         'peak_device_mb', 'device', 'command'],
-                notes='Random weights and synthetic calibration images (timing only). '
-                      'ms/iteration: each layer\'s optimisation time (its steps plus the '
-                      'before/after error measurement, not the capture of its inputs) over '
-                      'its iterations; TFLOP/s counts 6 x MACs x minibatch per iteration '
-                      'over the same time. sensitivity_table_2_options: dL for every layer at '
-                      'W8A8 (calibrated ranges) and at the AdaQuant state above, on all '
-                      'calibration images (compilation included); total: every stage.')
+                         'seconds_with_w8a8_ranges', 'peak_device_mb', 'device', 'command'],
+                notes='Random weights and synthetic calibration images (timing only), every '
+                      'layer at W4A4. ms/iteration: each layer\'s optimisation time (its '
+                      'steps plus the before/after error measurement, not the capture of its '
+                      'inputs) over its iterations; TFLOP/s counts 6 x MACs x minibatch per '
+                      'iteration over the same time. Seconds include compilation. '
+                      'sensitivity_table_2_options: dL for every layer at W8A8 (calibrated '
+                      'ranges) and at the AdaQuant state above, on all calibration images; '
+                      'total: every stage.')
 
 
 if __name__ == '__main__':

@@ -20,7 +20,9 @@ compiled function. The iteration driver runs ``steps_per_call`` steps per call:
 1 on CPU (a Python loop: XLA's CPU backend runs convs inside loops ~40x slower,
 DESIGN.md §5) and all of them in one ``lax.fori_loop`` on GPU/TPU.
 Memory: layer inputs are captured for a group of layers at a time, bounded by
-``capture_budget_mb``, and released after that group.
+``capture_budget_mb`` (host memory on CPU, device memory elsewhere), and released
+after that group; the capture pass compiles once per group, so a larger budget on a
+big accelerator means fewer, larger groups.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class AdaQuantConfig:
   lr_a_quant: float = 1e-1
   lr_schedule: str = 'cosine'           # or 'constant' (the reference's)
   steps_per_call: Optional[int] = None  # None: 1 on CPU, all iterations elsewhere
-  capture_budget_mb: float = 1024.0     # host memory for captured layer inputs
+  capture_budget_mb: float = 1024.0     # memory for captured layer inputs (host on CPU)
   capture_batch_size: int = 100
 
   def validate(self) -> 'AdaQuantConfig':
@@ -230,13 +232,18 @@ class InputCapture:
                paths: Sequence[str], keep: Optional[Sequence[str]] = None
                ) -> Dict[str, jnp.ndarray]:
     keep = list(paths if keep is None else keep)
-    parts: Dict[str, List[np.ndarray]] = {p: [] for p in keep}
+    # On CPU the inputs gather in host memory; on an accelerator they stay on the device
+    # (no round trip through the host for every layer group).
+    to_host = jax.default_backend() == 'cpu'
+    parts: Dict[str, List[Any]] = {p: [] for p in keep}
     for start in range(0, len(images), self.batch_size):
       found = self._batch_inputs(self.variables, qstate,
                                  jnp.asarray(images[start:start + self.batch_size]), tuple(paths))
       for p in keep:
-        parts[p].append(np.asarray(found[p], np.float32))
-    return {p: jnp.asarray(np.concatenate(parts[p])) for p in keep}
+        parts[p].append(np.asarray(found[p], np.float32) if to_host else found[p])
+    if to_host:
+      return {p: jnp.asarray(np.concatenate(parts[p])) for p in keep}
+    return {p: jnp.concatenate(parts.pop(p)) for p in keep}
 
 
 def _capture_groups(layers: Sequence[LayerInfo], n_images: int, budget_mb: float
