@@ -28,6 +28,7 @@ import ptq_jax
 from benchmarks.common import concurrency_fields, fashion_mnist, merge_records, new_rows_from
 from ptq_jax.data import loader
 from ptq_jax.pipeline_job import parse_run, run_label
+from ptq_jax.sensitivity import option_name
 from ptq_jax.results import write_results
 from ptq_jax.train import describe_device
 
@@ -60,7 +61,7 @@ def save(new_records):
                 'Pipelines, stage by stage, and QAT',
                 columns=['model', 'run', 'stage', 'w_bits', 'a_bits', 'calib_size',
                          'size_pct_of_fp32', 'top1_pct', 'calib_top1_pct', 'fp32_top1_pct',
-                         'delta_pct', 'seconds', 'options_computed', 'states_from',
+                         'delta_pct', 'seconds', 'options', 'states_from',
                          'qat_epochs', 'concurrent_processes',
                          'device', 'command'],
                 notes='Each row is the model after that stage (stages are cumulative within '
@@ -70,8 +71,8 @@ def save(new_records):
                       'states). NAME N%: mixed precision at N% of the FP32 weight size (the '
                       'mixed_precision stage includes computing every option\'s states and '
                       'the sensitivity table unless they came from the cache or an earlier '
-                      'run; see results/mixed_precision.md): `options_computed` says how many '
-                      'options, `states_from` whether this run computed them, read them from '
+                      'run; see results/mixed_precision.md): `options` lists them, '
+                      '`states_from` whether this run computed them, read them from '
                       'the cache or reused an earlier run\'s). qat: quantization-aware '
                       'training from the baseline-PTQ model on the labelled training set '
                       '(`calib_size` = training images; `seconds` includes the ranges). '
@@ -135,7 +136,7 @@ def main(_):
       label = run_label(pipeline, size_pct, FLAGS.w_bits, FLAGS.a_bits)
       states = {}
       if result.mixed is not None:  # where the per-option states came from
-        states = {'options_computed': len(result.mixed.table.options),
+        states = {'options': ' '.join(option_name(o) for o in result.mixed.table.options),
                   'states_from': ('earlier run' if reused else
                                   'cache' if result.mixed.from_cache else 'this run')}
       for stage in result.stages:

@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import merge_records
+from benchmarks.common import merge_records, new_rows_from
 from ptq_jax.results import write_results
 from ptq_jax.train import describe_device
 
@@ -42,12 +42,16 @@ flags.DEFINE_integer('a_bits', 4, 'Activation bits.')
 flags.DEFINE_float('capture_budget_mb', 16384.0, 'Device memory for captured layer inputs '
                    '(fewer, larger capture groups on a big GPU).')
 flags.DEFINE_string('out', 'results', 'Output directory.')
+flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
+                  'from a GPU machine) into --out, then exit.')
 flags.DEFINE_string('name', 'resnet50_gpu', 'Results file name.')
 
 KEY_FIELDS = ('model', 'stage', 'device', 'calib_size', 'iterations')
 
 
 def main(_):
+  if FLAGS.merge_from:
+    return save(new_rows_from(FLAGS.merge_from, FLAGS.out, FLAGS.name))
   command = 'python benchmarks/resnet50_gpu.py ' + ' '.join(sys.argv[1:])
   model = ptq_jax.create_model(FLAGS.model)
   shape = (FLAGS.image_size, FLAGS.image_size, 3)
@@ -110,6 +114,7 @@ def peak_device_mb():
 def save(records):
   for r in records:
     print(r, flush=True)
+  os.makedirs(FLAGS.out, exist_ok=True)
   write_results(FLAGS.out, FLAGS.name, merge_records(FLAGS.out, FLAGS.name, records, KEY_FIELDS),
                 f'Parallel AdaQuant of every layer of {FLAGS.model}',
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'iterations',

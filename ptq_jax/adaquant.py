@@ -39,6 +39,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from ptq_jax.distributed import (allgather_owned, local_devices, map_over_devices,
+                                 padded_batches, process_share)
 from ptq_jax.linear import LayerGeometry, apply_linear
 from ptq_jax.quant.qmodel import LayerQuant, apply_quantized, quantized_input, quantized_weight
 from ptq_jax.trace import LayerInfo
@@ -210,12 +212,14 @@ class InputCapture:
   given quantization state, over a whole image set, one jitted pass per batch.
 
   The pass is compiled once per group of layers (``paths``) and state structure;
-  ``keep`` says which of the group's inputs to hold on the host.
+  ``keep`` says which of the group's inputs to hold. Batches are split over
+  ``devices`` (default: all local devices).
   """
 
   def __init__(self, model: nn.Module, variables: Mapping[str, Any], folded_bns: frozenset,
-               batch_size: int = 100):
+               batch_size: int = 100, devices: Optional[Sequence[Any]] = None):
     self.variables, self.batch_size = variables, batch_size
+    self.devices = local_devices(devices)
 
     def batch_inputs(variables, qstate, x, paths):
       found: Dict[str, jnp.ndarray] = {}
@@ -236,11 +240,10 @@ class InputCapture:
     # (no round trip through the host for every layer group).
     to_host = jax.default_backend() == 'cpu'
     parts: Dict[str, List[Any]] = {p: [] for p in keep}
-    for start in range(0, len(images), self.batch_size):
-      found = self._batch_inputs(self.variables, qstate,
-                                 jnp.asarray(images[start:start + self.batch_size]), tuple(paths))
+    for batch, n in padded_batches(images, self.batch_size, self.devices):
+      found = self._batch_inputs(self.variables, qstate, batch, tuple(paths))
       for p in keep:
-        parts[p].append(np.asarray(found[p], np.float32) if to_host else found[p])
+        parts[p].append(np.asarray(found[p][:n], np.float32) if to_host else found[p][:n])
     if to_host:
       return {p: jnp.asarray(np.concatenate(parts[p])) for p in keep}
     return {p: jnp.concatenate(parts.pop(p)) for p in keep}
@@ -265,15 +268,20 @@ def _capture_groups(layers: Sequence[LayerInfo], n_images: int, budget_mb: float
 def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
                  qstate: Mapping[str, LayerQuant], images: np.ndarray, mode: str = 'parallel',
                  config: AdaQuantConfig = AdaQuantConfig(), key: Optional[jax.Array] = None,
-                 progress: bool = True) -> Tuple[Dict[str, LayerQuant], List[Dict[str, Any]]]:
+                 progress: bool = True, devices: Optional[Sequence[Any]] = None
+                 ) -> Tuple[Dict[str, LayerQuant], List[Dict[str, Any]]]:
   """AdaQuant of every quantized layer; returns the new state and a per-layer report.
 
   ``qstate`` holds the starting point (folded weights and calibrated quantizers);
   layers without quantizers, or without a plain geometry, are left as they are.
+  ``devices`` (default: all local devices): the capture passes are split over them
+  and, in parallel mode, the layers are dealt to them (and, under
+  ``jax.distributed``, to the processes); see :mod:`ptq_jax.distributed`.
   """
   if mode not in MODES:
     raise ValueError(f'AdaQuant mode must be one of {MODES}, got {mode!r}.')
   config = config.validate()
+  devices = local_devices(devices)
   key = jax.random.key(0) if key is None else key
   folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
   float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in qstate.items()}
@@ -281,29 +289,72 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
           and (qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None)]
   index = {l.path: i for i, l in enumerate(layers)}
   new_state = dict(qstate)
-  reports = []
+  reports: Dict[str, Dict[str, Any]] = {}
   bar = tqdm(total=len(todo), desc=f'AdaQuant ({mode})', disable=not progress, leave=False)
-  capture = InputCapture(model, variables, folded_bns, config.capture_batch_size)
+  capture = InputCapture(model, variables, folded_bns, config.capture_batch_size, devices)
+  mine = {todo[k].path for k in process_share(len(todo))}  # this process's layers
+
+  def optimize(layer, x_fp, x=None, device=None):
+    if device is not None and len(devices) > 1:  # layer-parallel: this layer on `device`
+      x_fp = jax.device_put(x_fp, device)
+    y = float_target(layer.geometry, layer.activation, float_state[layer.path], x_fp)
+    lq, report = optimize_layer(layer, qstate[layer.path], x_fp if x is None else x, y, config,
+                                jax.random.fold_in(key, index[layer.path]))
+    report['mode'] = mode
+    if len(devices) > 1:
+      lq, report['device'] = jax.device_get(lq), str(device)
+    return lq, report
+
+  def done(layer, lq, report):
+    new_state[layer.path] = lq
+    reports[layer.path] = report
+    bar.set_postfix_str(f'{layer.path}: rel err {report["rel_error_before"]:.3g} -> '
+                        f'{report["rel_error_after"]:.3g}')
+    bar.update()
+
   for group in _capture_groups(todo, len(images), config.capture_budget_mb):
     group_paths = [l.path for l in group]
-    fp_inputs = capture(float_state, images, group_paths)
-    for layer in group:
-      x_fp = fp_inputs.pop(layer.path)
-      y = float_target(layer.geometry, layer.activation, float_state[layer.path], x_fp)
-      if mode == 'sequential':
+    if mode == 'sequential':
+      fp_inputs = capture(float_state, images, group_paths)
+      for layer in group:
         # Inputs from the quantized prefix: layers before this one already optimised.
         x = capture(new_state, images, group_paths, keep=[layer.path])[layer.path]
-        del x_fp
-      else:
-        x = x_fp
-      lq, report = optimize_layer(layer, qstate[layer.path], x, y, config,
-                                  jax.random.fold_in(key, index[layer.path]))
-      new_state[layer.path] = lq
-      report['mode'] = mode
-      reports.append(report)
-      bar.set_postfix_str(f'{layer.path}: rel err {report["rel_error_before"]:.3g} -> '
-                          f'{report["rel_error_after"]:.3g}')
-      bar.update()
-      del x, y
+        done(layer, *optimize(layer, fp_inputs.pop(layer.path), x))
+        del x
+      continue
+    group = [l for l in group if l.path in mine]
+    if not group:
+      continue
+    fp_inputs = capture(float_state, images, group_paths, keep=[l.path for l in group])
+    items = [(layer, fp_inputs.pop(layer.path)) for layer in group]
+    for i, (lq, report) in map_over_devices(lambda item, d: optimize(*item, device=d),
+                                            items, devices):
+      done(group[i], lq, report)
+    del items
   bar.close()
-  return new_state, reports
+  if jax.process_count() > 1 and mode == 'parallel':
+    _exchange_between_processes(todo, qstate, new_state, reports, mine, config.iterations)
+  return new_state, [reports[l.path] for l in todo]
+
+
+_NUMERIC_REPORT_FIELDS = ('mse_before', 'mse_after', 'rel_error_before', 'rel_error_after',
+                          'seconds')
+
+
+def _exchange_between_processes(todo, qstate, new_state, reports, mine, iterations) -> None:
+  """Multi-host parallel mode: every process ends with every layer's state and report."""
+  owner = [k % jax.process_count() for k in range(len(todo))]
+  trees = []
+  for layer in todo:
+    lq = new_state[layer.path] if layer.path in mine else qstate[layer.path]
+    numbers = np.array([reports[layer.path][f] if layer.path in mine else 0.0
+                        for f in _NUMERIC_REPORT_FIELDS], np.float64)
+    trees.append((jax.device_get(lq), numbers))
+  for layer, o, (lq, numbers) in zip(todo, owner, allgather_owned(trees, owner)):
+    new_state[layer.path] = lq
+    if layer.path not in mine:
+      w, a = lq.w_quant, lq.a_quant
+      reports[layer.path] = {'path': layer.path, 'activation': layer.activation,
+                             'w_bits': w.bits if w else None, 'a_bits': a.bits if a else None,
+                             **dict(zip(_NUMERIC_REPORT_FIELDS, map(float, numbers))),
+                             'iterations': iterations, 'mode': 'parallel', 'process': o}

@@ -105,9 +105,11 @@ class QuantizedModel:
     """Quantized model output on a batch ``x`` (jit-compiled once per shape)."""
     return self._forward(self.variables, self.qstate, jnp.asarray(x, jnp.float32))
 
-  def predict(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Outputs on a whole array of images, batched (the last batch padded)."""
-    return batched_predict(self.apply, images, batch_size)
+  def predict(self, images: np.ndarray, batch_size: int = 500,
+              devices: Optional[Sequence[Any]] = None) -> np.ndarray:
+    """Outputs on a whole array of images, batched (the last batch padded), each batch
+    split over ``devices`` (default: all local devices)."""
+    return batched_predict(self.apply, images, batch_size, devices)
 
   def bits(self) -> Dict[str, Tuple[Bits, Bits]]:
     """(w_bits, a_bits) per layer."""
@@ -198,8 +200,8 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
              adaquant: Optional[AdaQuantConfig] = None, key: Optional[jax.Array] = None,
              progress: bool = True, input_shape: Optional[Sequence[int]] = None,
              model_name: Optional[str] = None, pipeline: Optional[str] = None,
-             size_pct: Optional[float] = None, bops_pct: Optional[float] = None
-             ) -> QuantizedModel:
+             size_pct: Optional[float] = None, bops_pct: Optional[float] = None,
+             devices: Optional[Sequence[Any]] = None) -> QuantizedModel:
   """Post-training quantization: calibrated ranges (baseline PTQ), then optionally AdaQuant.
 
   With ``pipeline`` ('light', 'advanced' or 'sequential') it runs that whole pipeline
@@ -230,6 +232,8 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
     input_shape: the per-example input shape the model expects, to check the
       calibration data against (optional).
     model_name: registry name recorded with the saved model (optional).
+    devices: AdaQuant's capture passes are split over them and, in parallel mode, its
+      layers dealt to them (default: all local devices; see ptq_jax.distributed).
   """
   if pipeline is not None:
     from ptq_jax.pipelines import run_pipeline
@@ -274,7 +278,7 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
     start = time.time()
     adaquant = adaquant or AdaQuantConfig()
     qstate, layer_reports = adaquant_lib.run_adaquant(model, variables, layers, qstate, images,
-                                                      mode, adaquant, key, progress)
+                                                      mode, adaquant, key, progress, devices)
     timings['adaquant_seconds'] = time.time() - start
   options = {'w_bits': w_bits, 'a_bits': a_bits, 'range_method': range_method,
              'weight_range_method': wmethod, 'first_last_bits': first_last_bits,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ptq_jax.distill import kl_to_teacher
+from ptq_jax.distributed import local_devices, padded_batches
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant.qmodel import (LayerQuant, apply_quantized, layer_forward, quantized_input,
                                   quantized_weight)
@@ -116,18 +116,23 @@ def _gated_output(float_state, option_state, gates):
   return layer_output
 
 
-def _loss(logits, target, loss):
-  if loss == 'kl':
-    return kl_to_teacher(target, logits)
+def _loss_sum(logits, target, loss, n_valid):
+  """The summed loss of the first ``n_valid`` rows (the rest is batch padding)."""
   logp = jax.nn.log_softmax(logits)
-  return -jnp.mean(jnp.take_along_axis(logp, target[:, None], axis=-1))
+  if loss == 'kl':
+    log_t = jax.nn.log_softmax(target)
+    per_row = jnp.sum(jnp.exp(log_t) * (log_t - logp), axis=-1)
+  else:
+    per_row = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+  return jnp.sum(jnp.where(jnp.arange(per_row.shape[0]) < n_valid, per_row, 0.0))
 
 
 def sensitivity_table(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
                       float_state: Mapping[str, LayerQuant],
                       option_states: Mapping[Option, Mapping[str, LayerQuant]],
                       images: np.ndarray, labels: Optional[np.ndarray] = None,
-                      batch_size: int = 250, progress: bool = True) -> SensitivityTable:
+                      batch_size: int = 250, progress: bool = True,
+                      devices: Optional[Sequence[Any]] = None) -> SensitivityTable:
   """Measures ``dL`` for every layer and option (see the module docstring).
 
   Args:
@@ -139,6 +144,7 @@ def sensitivity_table(model: nn.Module, variables: Mapping[str, Any], layers: Se
       its parallel-AdaQuant version).
     labels: give them for the cross-entropy loss; by default the loss is the KL
       divergence from the float model's outputs (label-free).
+    devices: the batches are split over them (default: all local devices).
   """
   start = time.time()
   images = np.asarray(images, np.float32)
@@ -156,20 +162,24 @@ def sensitivity_table(model: nn.Module, variables: Mapping[str, Any], layers: Se
   first_state = next(iter(option_states.values()))
   float_state = {p: LayerQuant(float_state[p].kernel, float_state[p].bias) for p in paths}
   fp_forward = jax.jit(lambda x: apply_quantized(model, variables, float_state, folded_bns, x))
-  fp_logits = batched_predict(fp_forward, images, batch_size)
+  devices = local_devices(devices)
+  fp_logits = batched_predict(fp_forward, images, batch_size, devices)
   target = fp_logits if labels is None else np.asarray(labels, np.int32)
 
-  def batch_loss(option_state, gate_vec, x, t):
+  def batch_loss(option_state, gate_vec, x, t, n_valid):
     gates = {p: gate_vec[i] for i, p in enumerate(paths)}
     logits = apply_quantized(model, variables, float_state, folded_bns, x,
                              layer_output=_gated_output(float_state, option_state, gates))
-    return _loss(logits, t, loss) * x.shape[0]
+    return _loss_sum(logits, t, loss, n_valid)
 
   loss_sum = jax.jit(batch_loss)
+  # Data-parallel: images and targets split over the devices, batch by batch.
+  batches = list(zip(padded_batches(images, batch_size, devices),
+                     padded_batches(target, batch_size, devices, dtype=None)))
 
   def mean_loss(state, gate_vec):
-    return sum(float(loss_sum(state, gate_vec, images[s:s + batch_size], target[s:s + batch_size]))
-               for s in range(0, len(images), batch_size)) / len(images)
+    return sum(float(loss_sum(state, gate_vec, x, t, n))
+               for (x, n), (t, _) in batches) / len(images)
 
   # The gates are traced values: one compiled program per option serves every layer.
   # (Batching several gate vectors with vmap would give each conv a batched kernel,

@@ -1,0 +1,52 @@
+"""Run by tests/test_distributed.py in a fresh process with 4 CPU host devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=4``): the same work on 1 and on
+4 devices must agree. Prints one JSON line with what the test asserts on."""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+import ptq_jax
+from tests.test_quant import ToyNet, random_variables
+
+
+def main():
+  devices = jax.devices()
+  one = devices[:1]
+  model = ToyNet()
+  x = np.asarray(jax.random.normal(jax.random.key(7), (37, 12, 12, 3)))  # 37: padding
+  variables = random_variables(model, x)
+  config = ptq_jax.AdaQuantConfig(iterations=15, batch_size=8)
+  runs = {}
+  for name, devs in (('one', one), ('all', devices)):
+    qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=4, first_last_bits=None,
+                          method='adaquant', mode='parallel', adaquant=config,
+                          key=jax.random.key(3), progress=False, devices=devs)
+    float_state = ptq_jax.quantize(model, variables, x[:1], w_bits=None, a_bits=None,
+                                   first_last_bits=None, progress=False).qstate
+    table = ptq_jax.sensitivity_table(model, variables, qm.layers, float_state,
+                                      {(4, 4): qm.qstate}, x, batch_size=10, progress=False,
+                                      devices=devs)
+    runs[name] = dict(qm=qm, table=table, logits=qm.predict(x, batch_size=10, devices=devs),
+                      fp=ptq_jax.predict_logits(model, variables, x, batch_size=10,
+                                                devices=devs))
+  a, b = runs['one'], runs['all']
+  kernel_diff = max(float(np.max(np.abs(np.asarray(a['qm'].qstate[p].kernel)
+                                        - np.asarray(b['qm'].qstate[p].kernel))))
+                    for p in a['qm'].qstate)
+  print(json.dumps({
+      'devices': len(devices),
+      'layer_devices': sorted({r.get('device', '') for r in b['qm'].layer_reports}),
+      'kernel_max_abs_diff': kernel_diff,
+      'logits_max_abs_diff': float(np.max(np.abs(a['logits'] - b['logits']))),
+      'fp_logits_max_abs_diff': float(np.max(np.abs(a['fp'] - b['fp']))),
+      'table_max_rel_diff': float(np.max(np.abs(a['table'].raw_delta - b['table'].raw_delta)
+                                         / np.maximum(np.abs(a['table'].raw_delta), 1e-12))),
+      'rows': int(a['logits'].shape[0]),
+  }))
+
+
+if __name__ == '__main__':
+  sys.exit(main())
