@@ -295,13 +295,14 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
   mine = {todo[k].path for k in process_share(len(todo))}  # this process's layers
 
   def optimize(layer, x_fp, x=None, device=None):
-    if device is not None and len(devices) > 1:  # layer-parallel: this layer on `device`
+    spread = device is not None and len(devices) > 1  # layer-parallel: this layer on `device`
+    if spread:
       x_fp = jax.device_put(x_fp, device)
     y = float_target(layer.geometry, layer.activation, float_state[layer.path], x_fp)
     lq, report = optimize_layer(layer, qstate[layer.path], x_fp if x is None else x, y, config,
                                 jax.random.fold_in(key, index[layer.path]))
     report['mode'] = mode
-    if len(devices) > 1:
+    if spread:  # back to the host: later passes may run on any device
       lq, report['device'] = jax.device_get(lq), str(device)
     return lq, report
 
