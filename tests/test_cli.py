@@ -117,27 +117,6 @@ def test_pipeline_job(trained, tfds_dir, tmp_path):
       jobs.run(config, str(tmp_path / 'work2'))
 
 
-def test_advanced_fixed_and_mixed_runs_share_one_adaquant_pass(trained, tfds_dir, tmp_path):
-  """The default job's shape: advanced at W4A4, then at 13% from the same states."""
-  from configs import default
-  config = default.get_config()
-  config.checkpoint = os.path.join(trained[0], 'resnet20_fashion_mnist.msgpack')
-  config.data.data_dir = tfds_dir
-  config.calib_size, config.eval_limit = 32, 100
-  config.quant.iterations, config.quant.bias_steps = 3, 3
-  records = jobs.run(config, str(tmp_path / 'work'))
-  assert [(r['run'] if 'run' in r else '-', r['stage']) for r in records] == [
-      ('-', 'fp32'), ('advanced W4A4', 'ranges'), ('advanced W4A4', 'adaquant'),
-      ('advanced W4A4', 'bn_tuning'), ('advanced W4A4', 'bias_tuning'),
-      ('advanced 13%', 'mixed_precision'), ('advanced 13%', 'bn_tuning'),
-      ('advanced 13%', 'bias_tuning')]
-  # W4A4 with first and last layer 8-bit is slightly above 12.5% of FP32; 13% fits it.
-  assert 12.5 < records[2]['size_pct_of_fp32'] <= records[5]['size_pct_of_fp32'] <= 13.0
-  # The mixed run reused the fixed run's states: no second AdaQuant pass.
-  assert records[5]['seconds'] < records[2]['seconds']
-  assert os.path.exists(tmp_path / 'work' / 'layers.png')
-
-
 def run_cli(*args):
   return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
                         capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -189,7 +168,16 @@ def test_default_job_on_the_bundled_checkpoint(tmp_path, tfds_dir):
   assert fp32['top1_pct'] >= 92.0
   assert (base['stage'], base['w_bits'], base['a_bits']) == ('ranges', 4, 4)
   assert 10.0 < base['top1_pct'] <= 100.0
-  assert [r['stage'] for r in records[5:]] == ['mixed_precision', 'bn_tuning', 'bias_tuning']
+  assert [(r.get('run', '-'), r['stage']) for r in records] == [
+      ('-', 'fp32'), ('advanced W4A4', 'ranges'), ('advanced W4A4', 'adaquant'),
+      ('advanced W4A4', 'bn_tuning'), ('advanced W4A4', 'bias_tuning'),
+      ('advanced 13%', 'mixed_precision'), ('advanced 13%', 'bn_tuning'),
+      ('advanced 13%', 'bias_tuning')]
+  # W4A4 with first and last layer 8-bit is slightly above 12.5% of FP32; 13% fits it.
+  assert 12.5 < records[2]['size_pct_of_fp32'] <= records[5]['size_pct_of_fp32'] <= 13.0
+  # The mixed run reused the fixed run's AdaQuant states: no second AdaQuant pass.
+  assert records[5]['seconds'] < records[2]['seconds']
+  assert {'layers.png', 'stages.png', 'quantized.msgpack'} <= set(os.listdir(tmp_path))
   for label in ('FP32', 'advanced W4A4: baseline PTQ', '+ AdaQuant', '+ BN tuning',
                 '+ bias tuning', 'advanced 13%: mixed precision'):
     assert label in proc.stdout
