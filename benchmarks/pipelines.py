@@ -153,11 +153,8 @@ def main(_):
                                       normalize, epochs=FLAGS.qat_epochs,
                                       key=jax.random.key(FLAGS.seed), progress=False)
       jax.block_until_ready(jax.tree.leaves(qat.qstate))
-      base_calib = base['calib_size']
-      base['calib_size'] = limit
       record(f'qat W{FLAGS.w_bits}A{FLAGS.a_bits}', 'qat', qat, time.time() - start, False,
-             qat_epochs=round(report['epochs'], 2), qat_steps=report['steps'])
-      base['calib_size'] = base_calib
+             calib_size=limit, qat_epochs=round(report['epochs'], 2), qat_steps=report['steps'])
 
 
 if __name__ == '__main__':

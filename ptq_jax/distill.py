@@ -26,11 +26,16 @@ from ptq_jax.quant.qmodel import LayerQuant, apply_quantized
 TARGETS = ('bias', 'all')
 
 
-def kl_to_teacher(teacher_logits: jnp.ndarray, student_logits: jnp.ndarray) -> jnp.ndarray:
-  """Mean over the batch of KL(softmax(teacher) || softmax(student))."""
+def kl_per_row(teacher_logits: jnp.ndarray, student_logits: jnp.ndarray) -> jnp.ndarray:
+  """KL(softmax(teacher) || softmax(student)) of every row."""
   log_p = jax.nn.log_softmax(teacher_logits)
   log_q = jax.nn.log_softmax(student_logits)
-  return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def kl_to_teacher(teacher_logits: jnp.ndarray, student_logits: jnp.ndarray) -> jnp.ndarray:
+  """Mean over the batch of KL(softmax(teacher) || softmax(student))."""
+  return jnp.mean(kl_per_row(teacher_logits, student_logits))
 
 
 def _labels(qstate: Mapping[str, LayerQuant], target: str, tune_quantizers: bool):

@@ -136,11 +136,11 @@ def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, 
   table = load_cached(cache_dir, digest) if cached is not None else None
   start = time.time()
   hit = cached is not None and table is not None
+  reports = {}   # per option, AdaQuant's layer reports (only when computed here)
   if hit:
     states = cached
   else:
     states = {}
-    reports = {}
     for option in options:
       qm = quantize(model, variables, images, w_bits=option[0], a_bits=option[1],
                     first_last_bits=None, range_method=range_method, method=method,
@@ -161,7 +161,7 @@ def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, 
       save_cached(cache_dir, digest, table)
   timings['sensitivity_seconds'] = time.time() - start
   return MixedPrecision(float_model, states, table, method, timings, from_cache=hit,
-                        option_reports={} if hit else reports)
+                        option_reports=reports)
 
 
 def _states_path(cache_dir: str, digest: str) -> str:

@@ -4,9 +4,10 @@ Runs ``config.pipelines`` in order and prints one table: FP32, then every stage 
 every run (cumulative), with test top-1, weight size and wall time. Each entry is a
 pipeline name ('sequential', 'light', 'advanced': fixed bit widths ``config.quant``)
 or ``NAME@SIZE`` ('light@13', 'advanced@13': mixed precision at SIZE % of the FP32
-weight size). Consecutive light/advanced runs share their per-option states. Writes ``results.json``, ``results.md``, ``layers.png`` (the
-per-layer AdaQuant reconstruction error before and after, when AdaQuant ran) and
-``quantized.msgpack`` (the last pipeline's final model) to the work dir.
+weight size). Consecutive light/advanced runs share their per-option states. Writes
+``results.json``, ``results.md``, ``stages.png`` (top-1 after each stage),
+``layers.png`` (the per-layer AdaQuant reconstruction error before and after, when
+AdaQuant ran) and ``quantized.msgpack`` (the last run's final model) to the work dir.
 """
 
 from __future__ import annotations

@@ -50,7 +50,6 @@ class PipelineResult:
   table: Optional[SensitivityTable] = None
   mixed: Any = None   # the MixedPrecision states a light/advanced run used
 
-
   @property
   def model(self) -> QuantizedModel:
     """The final quantized model."""

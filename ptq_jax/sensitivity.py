@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ptq_jax.distill import kl_per_row
 from ptq_jax.distributed import local_devices, padded_batches
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant.qmodel import (LayerQuant, apply_quantized, layer_forward, quantized_input,
@@ -118,12 +119,10 @@ def _gated_output(float_state, option_state, gates):
 
 def _loss_sum(logits, target, loss, n_valid):
   """The summed loss of the first ``n_valid`` rows (the rest is batch padding)."""
-  logp = jax.nn.log_softmax(logits)
   if loss == 'kl':
-    log_t = jax.nn.log_softmax(target)
-    per_row = jnp.sum(jnp.exp(log_t) * (log_t - logp), axis=-1)
+    per_row = kl_per_row(target, logits)
   else:
-    per_row = -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+    per_row = -jnp.take_along_axis(jax.nn.log_softmax(logits), target[:, None], axis=-1)[:, 0]
   return jnp.sum(jnp.where(jnp.arange(per_row.shape[0]) < n_valid, per_row, 0.0))
 
 
