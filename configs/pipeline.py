@@ -37,5 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.quant.options = ('W8A8', 'W6A6', 'W4A8', 'W4A4', 'W3A3', 'W2A4')
   config.quant.iterations = 1000     # AdaQuant iterations per layer
   config.quant.bias_steps = 800      # KD bias-tuning steps
+  # BN tuning: 'data' re-estimates the statistics on the calibration images (the paper's);
+  # 'fp' matches the FP network's statistics on them (calibration data unlike training data).
+  config.quant.bn_target = 'data'
   config.quant.cache_dir = './workdir/sensitivity_cache'
   return config

@@ -14,6 +14,10 @@ from ptq_jax.data.loader import (ArraySplit, CalibrationSet, DatasetNotFoundErro
                                  ImageClassificationSource, calibration_set, load_split,
                                  preprocess)
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
+from ptq_jax.importers import (LayoutRule, MappingError, UnsafeCheckpointError, from_flax_tree,
+                               read_safetensors, read_torch_checkpoint, to_flax_tree)
+from ptq_jax.importers.efficientnet import load_efficientnet_lite0
+from ptq_jax.importers.minilm import load_minilm, tokenize
 from ptq_jax.bn_tuning import bn_tune
 from ptq_jax.mixed import MixedPrecision, mixed_precision
 from ptq_jax.pipelines import PIPELINES, PipelineResult, run_pipeline
@@ -38,4 +42,7 @@ __all__ = [
     'calibration_set', 'check_variables_match', 'create_model', 'load_checkpoint',
     'load_model', 'load_split', 'model_card', 'predict_logits', 'preprocess',
     'resolve_checkpoint', 'save_checkpoint', 'top1_accuracy_pct', 'totals', 'trace',
+    'LayoutRule', 'MappingError', 'UnsafeCheckpointError', 'from_flax_tree',
+    'load_efficientnet_lite0', 'load_minilm', 'read_safetensors', 'read_torch_checkpoint',
+    'to_flax_tree', 'tokenize',
 ]

@@ -14,6 +14,14 @@ which is folded into the kernel (``a W``, the weight quantizer's range and low e
 scaled alike, so the same grid) and the bias (``a b + c``). The reference code runs
 one EMA step (momentum 0.1) from the FP statistics instead, keeping most of the stale
 ones. Returns a new state; nothing else changes.
+
+That re-estimation assumes the calibration images come from the training
+distribution, so that the FP network's own statistics on them are its running
+statistics. Where they do not (photos of cut-outs on white for an ImageNet model),
+it moves the quantized network *away* from the FP one. ``target='fp'`` instead
+matches each layer's quantized output statistics to the FP network's output
+statistics on the same images, ``a = sqrt(v_fp / v)``, ``c = m_fp - a m``: it
+corrects only what quantization changed, whatever the data.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ptq_jax.quant.folding import get_path
+from ptq_jax.quant.folding import fold_batchnorm, get_path
 from ptq_jax.quant.qmodel import LayerQuant, QState, apply_quantized, quantized_layer_output
 from ptq_jax.quant.quantizer import QuantizerState
 from ptq_jax.trace import LayerInfo
@@ -49,14 +57,32 @@ def refold(lq: LayerQuant, a: jnp.ndarray, c: jnp.ndarray) -> LayerQuant:
                     lq.a_quant)
 
 
+TARGETS = ('data', 'fp')
+
+
+def _merge(acc, mean_b, m2_b, n_b):
+  """Chan et al.'s pairwise update of (count, mean, sum of squared deviations)."""
+  count, mean, m2 = acc
+  mean_b, m2_b = np.asarray(mean_b, np.float64), np.asarray(m2_b, np.float64)
+  delta = mean_b - mean
+  total = count + n_b
+  return total, mean + delta * n_b / total, m2 + m2_b + delta**2 * count * n_b / total
+
+
 def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
             qstate: Mapping[str, LayerQuant], images: np.ndarray, batch_size: int = 250,
-            progress: bool = True) -> Tuple[QState, List[Dict[str, Any]]]:
+            progress: bool = True, target: str = 'data') -> Tuple[QState, List[Dict[str, Any]]]:
   """Re-estimates every folded BN on ``images`` through the quantized network.
+
+  ``target``: 'data' re-estimates the BN statistics from the images (the paper's);
+  'fp' matches the quantized outputs' per-channel mean and variance to the FP
+  network's on the same images (see the module docstring).
 
   Returns the new state and, per tuned layer, how far its output mean and standard
   deviation were from the BN's before (relative to the BN's own).
   """
+  if target not in TARGETS:
+    raise ValueError(f'target={target!r} is not one of {TARGETS}.')
   images = np.asarray(images, np.float32)
   if len(images) == 0:
     raise ValueError('BN tuning needs calibration images; the set is empty.')
@@ -85,29 +111,40 @@ def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[Lay
     return found
 
   moments = jax.jit(batch_moments)
+
+  def exact_moments(state, paths):
+    """Exact per-channel (mean, variance) over every position of every image, merged
+    batch by batch (stable when the mean is large)."""
+    acc = {p: (0, 0.0, 0.0) for p in paths}
+    for s in range(0, len(images), batch_size):
+      batch = images[s:s + batch_size]
+      found = moments(state, jnp.asarray(batch))
+      for layer in todo:
+        if layer.path in acc:
+          n_b = len(batch) * int(np.prod(layer.output_shape[:-1]))
+          acc[layer.path] = _merge(acc[layer.path], *found[layer.path], n_b)
+    return {p: (mean, m2 / count) for p, (count, mean, m2) in acc.items()}
+
+  fp_moments = {}
+  if target == 'fp' and todo:
+    folded = fold_batchnorm(layers, variables)
+    fp_state = {p: LayerQuant(folded[p].kernel, folded[p].bias) for p in state}
+    fp_moments = exact_moments(fp_state, [l.path for l in todo])
   reports = []
   bar = tqdm(total=len(todo), desc='BN tuning', disable=not progress, leave=False)
   start = time.time()
   for layer in todo:
     lq = state[layer.path]
-    # Exact per-channel mean and variance over every position of every image, merged
-    # batch by batch (Chan et al.'s pairwise update, stable when the mean is large).
-    count, mean, m2 = 0, 0.0, 0.0
-    for s in range(0, len(images), batch_size):
-      batch = images[s:s + batch_size]
-      mean_b, m2_b = moments(state, jnp.asarray(batch))[layer.path]
-      n_b = len(batch) * int(np.prod(layer.output_shape[:-1]))
-      mean_b, m2_b = np.asarray(mean_b, np.float64), np.asarray(m2_b, np.float64)
-      delta = mean_b - mean
-      total = count + n_b
-      mean = mean + delta * n_b / total
-      m2 = m2 + m2_b + delta**2 * count * n_b / total
-      count = total
-    var = m2 / count
+    mean, var = exact_moments(state, [layer.path])[layer.path]
     gamma, beta, old_var = _bn_params(variables, layer)
-    s_old = gamma / np.sqrt(old_var + layer.bn_epsilon)
-    a = np.abs(gamma) / np.sqrt(var + s_old**2 * layer.bn_epsilon)  # y carries gamma's sign
-    c = beta - a * mean
+    if target == 'fp':
+      fp_mean, fp_var = fp_moments[layer.path]
+      a = np.sqrt((fp_var + 1e-12) / (var + 1e-12))
+      c = fp_mean - a * mean
+    else:
+      s_old = gamma / np.sqrt(old_var + layer.bn_epsilon)
+      a = np.abs(gamma) / np.sqrt(var + s_old**2 * layer.bn_epsilon)  # y carries gamma's sign
+      c = beta - a * mean
     state[layer.path] = refold(lq, jnp.asarray(a, jnp.float32), jnp.asarray(c, jnp.float32))
     expected_std = np.abs(gamma) * np.sqrt(old_var / (old_var + layer.bn_epsilon))
     reports.append({'path': layer.path, 'bn_path': layer.bn_path,

@@ -78,7 +78,8 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
         first_last_bits=q.first_last_bits or None, size_pct=size_pct, options=q.options,
         adaquant=adaquant, bias_steps=q.bias_steps, key=jax.random.key(config.seed),
         cache_dir=os.path.expanduser(q.cache_dir) if q.cache_dir else None,
-        model_name=meta['model'], mixed=shared.get(pipeline), progress=True)
+        model_name=meta['model'], mixed=shared.get(pipeline),
+        bn_target=q.get('bn_target', 'data'), progress=True)
     if result.mixed is not None:
       shared.setdefault(pipeline, result.mixed)
     mixed = size_pct is not None

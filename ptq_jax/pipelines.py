@@ -72,7 +72,8 @@ def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
                  range_method: str = 'minmax', adaquant: Optional[AdaQuantConfig] = None,
                  bias_steps: int = 800, key: Optional[jax.Array] = None,
                  cache_dir: Optional[str] = None, model_name: str = 'model',
-                 mixed: Any = None, progress: bool = True) -> PipelineResult:
+                 mixed: Any = None, bn_target: str = 'data',
+                 progress: bool = True) -> PipelineResult:
   """Runs one pipeline; see the module docstring.
 
   Args:
@@ -87,6 +88,9 @@ def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
     bias_steps: KD bias-tuning steps (minibatch 50, SGD lr 0.1, the reference's).
     mixed: a previous run's ``result.mixed`` (same model, images and method) to reuse
       its per-option states and sensitivity table instead of recomputing them.
+    bn_target: BN tuning's 'data' (re-estimate the statistics on the calibration
+      images, the paper's) or 'fp' (match the FP network's statistics on them: for
+      calibration data unlike the training data; see ptq_jax.bn_tuning).
   """
   from ptq_jax.mixed import mixed_precision  # mixed imports api; keep imports acyclic
   if pipeline not in PIPELINES:
@@ -147,7 +151,8 @@ def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
       qm.layer_reports = reports or []
       stages.append(Stage('adaquant', qm, time.time() - start, reports))
   start = time.time()
-  state, report = bn_tune(model, qm.variables, qm.layers, qm.qstate, images, progress=progress)
+  state, report = bn_tune(model, qm.variables, qm.layers, qm.qstate, images, progress=progress,
+                          target=bn_target)
   qm = _with_state(qm, state, 'bn_tuning')
   stages.append(Stage('bn_tuning', qm, time.time() - start, report))
   if pipeline in ('advanced', 'sequential') and bias_steps:

