@@ -82,7 +82,7 @@ def save(records):
       'External pretrained models: EfficientNet-Lite0 (ImageNet) and MiniLM-L6 (text)',
       columns=['model', 'run', 'stage', 'w_bits', 'a_bits', 'calib_size', 'eval_size',
                'size_pct_of_fp32', 'top1_agreement_pct', 'top5_overlap_pct', 'mean_kl_nats',
-               'labelled_top1_pct', 'labelled_top5_pct', 'probe_accuracy_pct',
+               'labelled_size', 'labelled_top1_pct', 'labelled_top5_pct', 'probe_accuracy_pct',
                'mean_cosine', 'bn_target', 'seconds', 'device', 'command'],
       notes='Rows are cumulative stages of a run (ranges = baseline PTQ, then parallel '
             'AdaQuant, BN tuning, KD bias tuning; mixed runs start from mixed_precision). '
