@@ -1,10 +1,8 @@
 """Safe weight import: PyTorch checkpoints (zip and legacy) without running pickled code,
 safetensors, name/layout mapping, and FP32 parity of the two imported models."""
 
-import io
 import os
 import pickle
-import struct
 import zipfile
 
 import jax

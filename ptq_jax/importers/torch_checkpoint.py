@@ -92,10 +92,6 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *unused):
   return data
 
 
-def _ordered_dict(*args, **kwargs):
-  return _Dict(*args, **kwargs)
-
-
 class _Dict(collections.OrderedDict):
   """``collections.OrderedDict`` that accepts the ``_metadata`` attribute torch sets."""
 
