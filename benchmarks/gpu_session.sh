@@ -42,16 +42,18 @@ pack() {
 step() {
   local name=$1 limit=$2; shift 2
   local left=$(( BUDGET_S - ($(date +%s) - START) ))
+  STEP_RC=skipped
   if (( left < 20 )); then echo "== skip $name (budget spent)"; return; fi
   (( limit > left )) && limit=$left
   echo "== $name (limit ${limit}s) $(date +%T)"
   timeout --kill-after=5 "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v '%|'
-  echo "== $name done rc=${PIPESTATUS[0]} after $(( $(date +%s) - START ))s"
+  STEP_RC=${PIPESTATUS[0]}
+  echo "== $name done rc=$STEP_RC after $(( $(date +%s) - START ))s"
   pack
 }
 
 # Start from the repository's results so finished grid cells are skipped.
-cp results/adaquant.json results/mixed_precision.json "$WORK/results/" 2>/dev/null
+cp results/adaquant.json results/mixed_precision.json results/scaling.json "$WORK/results/" 2>/dev/null
 export XLA_PYTHON_CLIENT_PREALLOCATE=false            # several processes share the GPU below
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/ptq_jax_xla_cache}
 
@@ -63,7 +65,21 @@ fi
 
 # 2. Alone on the GPU (timings): whole-model parallel AdaQuant of ResNet-50 at 224x224 and
 #    the sensitivity table for two options (issue 8's target), then one-layer speed.
-step resnet50 ${R50_S:-200} python3 benchmarks/resnet50_gpu.py --out="$WORK/results" ${R50_FLAGS:-}
+step resnet50 ${R50_S:-240} python3 benchmarks/resnet50_gpu.py --out="$WORK/results" ${R50_FLAGS:-}
+if [ "$STEP_RC" != 0 ] && [ "$STEP_RC" != 124 ] && [ "$STEP_RC" != 137 ] && [ "$STEP_RC" != skipped ]; then
+  echo "== resnet50 failed (rc=$STEP_RC): stopping here so the session can be rerun"; exit 1
+fi
+# The same without ahead-of-time compilation (each program compiled when its first layer
+# comes up, as before), for the comparison on this very GPU.
+if [ "${R50_BASELINE:-1}" = 1 ]; then
+  step resnet50_compile_at_first_call ${R50_BASELINE_S:-150} python3 benchmarks/resnet50_gpu.py \
+    --precompile=off --nosensitivity --out="$WORK/results" ${R50_FLAGS:-}
+fi
+# GPU rows of results/scaling.md (one device: the stages' wall time and accuracy).
+if [ "${SCALING:-1}" = 1 ]; then
+  step scaling ${SCALING_S:-120} python3 benchmarks/scaling.py --device_counts=1 \
+    --noforce_host_devices --out="$WORK/results" ${SCALING_FLAGS:-}
+fi
 if [ "${SPEED:-0}" = 1 ]; then
   step adaquant_speed ${SPEED_S:-40} python3 benchmarks/adaquant_speed.py --channels=256 \
     --size=14 --iterations=1000 --steps_per_call=1,100,1000 --reference_ms=4.9 \

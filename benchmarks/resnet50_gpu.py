@@ -39,14 +39,18 @@ flags.DEFINE_integer('iterations', 1000, 'AdaQuant iterations per layer.')
 flags.DEFINE_integer('batch_size', 50, 'AdaQuant minibatch.')
 flags.DEFINE_integer('w_bits', 4, 'Weight bits.')
 flags.DEFINE_integer('a_bits', 4, 'Activation bits.')
-flags.DEFINE_float('capture_budget_mb', 16384.0, 'Device memory for captured layer inputs '
-                   '(fewer, larger capture groups on a big GPU).')
+flags.DEFINE_float('capture_budget_mb', 0.0, 'Device memory for captured layer inputs '
+                   '(fewer, larger capture groups on a big GPU); 0: 35% of the device memory '
+                   '(16 GiB where the device does not say).')
+flags.DEFINE_enum('precompile', 'auto', ['auto', 'on', 'off'], 'Compile every layer\'s '
+                  'programs up front on a thread pool (auto: on GPU/TPU).')
+flags.DEFINE_bool('sensitivity', True, 'Also time the sensitivity table for two options.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
                   'from a GPU machine) into --out, then exit.')
 flags.DEFINE_string('name', 'resnet50_gpu', 'Results file name.')
 
-KEY_FIELDS = ('model', 'stage', 'device', 'calib_size', 'iterations')
+KEY_FIELDS = ('model', 'stage', 'device', 'calib_size', 'iterations', 'compilation')
 
 
 def main(_):
@@ -61,8 +65,12 @@ def main(_):
                       np.float32)
   calib = ptq_jax.CalibrationSet(images, np.arange(FLAGS.calib_size), 'synthetic', 'train', 1)
   layers = ptq_jax.trace(model, variables, images[:1])
+  precompile = {'auto': None, 'on': True, 'off': False}[FLAGS.precompile]
   config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=FLAGS.batch_size,
-                                  capture_budget_mb=FLAGS.capture_budget_mb)
+                                  capture_budget_mb=FLAGS.capture_budget_mb or capture_budget(),
+                                  precompile=precompile)
+  print(f'capture budget {config.capture_budget_mb:.0f} MB, ahead-of-time compilation '
+        f'{config.precompiles()}', flush=True)
   start = time.time()
   qm = ptq_jax.quantize(model, variables, calib, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
                         first_last_bits=None, method='adaquant', mode='parallel', adaquant=config,
@@ -71,19 +79,25 @@ def main(_):
   total = time.time() - start
   reports = qm.layer_reports
   step_seconds = sum(r['seconds'] for r in reports)
+  waited = sum(r.get('compile_wait_seconds', 0.0) for r in reports)
   macs = {l.path: l.macs for l in layers}
   flops = sum(6 * macs[r['path']] * FLAGS.batch_size * FLAGS.iterations for r in reports)
   base = {'model': FLAGS.model, 'method': 'adaquant_parallel', 'w_bits': FLAGS.w_bits,
           'a_bits': FLAGS.a_bits, 'calib_size': FLAGS.calib_size,
-          'iterations': FLAGS.iterations, 'layers': len(reports), 'device': describe_device(),
-          'command': command}
+          'iterations': FLAGS.iterations, 'layers': len(reports),
+          'compilation': ('ahead of time, threads' if config.precompiles() else 'at first call'),
+          'device': describe_device(), 'command': command}
   records = [
       {**base, 'stage': 'range_calibration', 'seconds': round(qm.timings['calibrate_seconds'], 1)},
       {**base, 'stage': 'adaquant_all_layers', 'seconds': round(qm.timings['adaquant_seconds'], 1),
        'ms_per_iteration_per_layer': round(1000 * step_seconds / (len(reports) * FLAGS.iterations), 3),
-       'tflops_per_s': round(flops / step_seconds / 1e12, 2), **peak_device_mb()},
+       'tflops_per_s': round(flops / step_seconds / 1e12, 2),
+       'seconds_in_layer_optimisation': round(step_seconds, 1),
+       'seconds_waiting_for_compilation': round(waited, 1), **peak_device_mb()},
   ]
   save(records)  # kept even if the sensitivity stage below does not finish
+  if not FLAGS.sensitivity:
+    return
   # The sensitivity table for two options: this W4A4 state and W8A8 ranges.
   start = time.time()
   w8a8 = ptq_jax.quantize(model, variables, calib, w_bits=8, a_bits=8, first_last_bits=None,
@@ -105,6 +119,12 @@ def main(_):
   save(records)
 
 
+def capture_budget() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get('bytes_limit')
+  return 0.35 * limit / 2**20 if limit else 16384.0
+
+
 def peak_device_mb():
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
@@ -118,13 +138,21 @@ def save(records):
   write_results(FLAGS.out, FLAGS.name, merge_records(FLAGS.out, FLAGS.name, records, KEY_FIELDS),
                 f'Parallel AdaQuant of every layer of {FLAGS.model}',
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'iterations',
-                         'layers', 'seconds', 'ms_per_iteration_per_layer', 'tflops_per_s',
-                         'seconds_with_w8a8_ranges', 'peak_device_mb', 'device', 'command'],
+                         'layers', 'compilation', 'seconds', 'seconds_in_layer_optimisation',
+                         'seconds_waiting_for_compilation', 'ms_per_iteration_per_layer',
+                         'tflops_per_s', 'seconds_with_w8a8_ranges', 'peak_device_mb', 'device',
+                         'command'],
                 notes='Random weights and synthetic calibration images (timing only), every '
                       'layer at W4A4. ms/iteration: each layer\'s optimisation time (its '
                       'steps plus the before/after error measurement, not the capture of its '
                       'inputs) over its iterations; TFLOP/s counts 6 x MACs x minibatch per '
-                      'iteration over the same time. Seconds include compilation. '
+                      'iteration over the same time (compilation excluded where it happens '
+                      'ahead of time). seconds: the stage\'s wall time, compilation and input '
+                      'capture included; of which seconds_in_layer_optimisation in the layers\' '
+                      'own work and seconds_waiting_for_compilation waiting for programs still '
+                      'compiling (compilation: at first call = each program compiled when its '
+                      'first layer came up; ahead of time = all compiled up front on a thread '
+                      'pool while inputs are captured). '
                       'sensitivity_table_2_options: dL for every layer at W8A8 (calibrated '
                       'ranges) and at the AdaQuant state above, on all calibration images; '
                       'total: every stage.')

@@ -5,7 +5,7 @@
 
 Each device count runs in a fresh process (on CPU, ``XLA_FLAGS=
 --xla_force_host_platform_device_count=N`` splits the host into N devices; on a
-multi-GPU machine pass --no_force_host_devices to use the GPUs present). Stages:
+multi-GPU machine pass --noforce_host_devices to use the GPUs present). Stages:
 parallel AdaQuant of every layer at W4A4 (first/last 8-bit; layers dealt to the
 devices), evaluation on the 10,000 test images (data-parallel) and the sensitivity table
 for two options (W8A8 ranges and that AdaQuant state; data-parallel). Rows: seconds

@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from ptq_jax import aot
 from ptq_jax.distributed import (allgather_owned, local_devices, map_over_devices,
                                  padded_batches, process_share)
 from ptq_jax.linear import LayerGeometry, apply_linear
@@ -70,6 +71,9 @@ class AdaQuantConfig:
   steps_per_call: Optional[int] = None  # None: 1 on CPU, all iterations elsewhere
   capture_budget_mb: float = 1024.0     # memory for captured layer inputs (host on CPU)
   capture_batch_size: int = 100
+  precompile: Optional[bool] = None     # compile every layer's programs up front, in
+  #                                       threads (None: on GPU/TPU, not on CPU)
+  compile_threads: int = 0              # 0: one per CPU core
 
   def validate(self) -> 'AdaQuantConfig':
     if self.iterations < 0 or self.batch_size < 1:
@@ -93,6 +97,19 @@ class AdaQuantConfig:
     if self.steps_per_call:
       return max(1, min(self.steps_per_call, max(self.iterations, 1)))
     return 1 if jax.default_backend() == 'cpu' else max(self.iterations, 1)
+
+  def step_counts(self) -> Tuple[int, ...]:
+    """The distinct ``steps`` values :func:`optimize_layer` calls the step with."""
+    chunk = self.chunk()
+    counts = set()
+    if self.iterations >= chunk:
+      counts.add(chunk)
+    if self.iterations % chunk:
+      counts.add(1)
+    return tuple(sorted(counts))
+
+  def precompiles(self) -> bool:
+    return jax.default_backend() != 'cpu' if self.precompile is None else self.precompile
 
 
 def activation_fn(name: str):
@@ -133,6 +150,14 @@ def float_target(geom: LayerGeometry, activation: str, lq: LayerQuant,
   return activation_fn(activation)(apply_linear(geom, x, lq.kernel) + lq.bias)
 
 
+_float_target = jax.jit(float_target, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_optimizer(schedule: str, rates: jnp.ndarray, lq: LayerQuant):
+  return _optimizer(rates, _labels(lq), schedule).init(lq)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
                lq: LayerQuant, opt_state, xs, ys, key, step0, rates):
@@ -143,10 +168,16 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
   def loss_fn(lq, x, y):
     return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
 
+  def minibatch(i):
+    return jax.random.choice(jax.random.fold_in(key, step0 + i), xs.shape[0], (batch,),
+                             replace=False)
+  # Every step's minibatch drawn up front in one batched op (the same indices as drawing
+  # them step by step), so the loop body holds no small sort kernels.
+  indices = jax.vmap(minibatch)(jnp.arange(steps))
+
   def body(i, carry):
     lq, opt_state, _ = carry
-    idx = jax.random.choice(jax.random.fold_in(key, step0 + i), xs.shape[0], (batch,),
-                            replace=False)
+    idx = indices[i]
     loss, grads = jax.value_and_grad(loss_fn)(lq, xs[idx], ys[idx])
     updates, opt_state = tx.update(grads, opt_state, lq)
     return optax.apply_updates(lq, updates), opt_state, loss
@@ -168,8 +199,15 @@ def _error_sums(geom: LayerGeometry, activation: str, lq: LayerQuant, x, y):
   return jnp.sum(err**2), jnp.sum(y**2)
 
 
+ERROR_BATCH = 250
+
+
+def _error_batch_sizes(n: int, batch: int = ERROR_BATCH) -> Tuple[int, ...]:
+  return tuple(sorted({min(batch, n - start) for start in range(0, n, batch)}))
+
+
 def reconstruction_error(geom: LayerGeometry, activation: str, lq: LayerQuant, xs: jnp.ndarray,
-                         ys: jnp.ndarray, batch: int = 250) -> Tuple[float, float]:
+                         ys: jnp.ndarray, batch: int = ERROR_BATCH) -> Tuple[float, float]:
   """(MSE, MSE / mean(target^2)) of a quantized layer over a whole captured set."""
   total_err = total_ref = 0.0
   for start in range(0, xs.shape[0], batch):
@@ -181,21 +219,29 @@ def reconstruction_error(geom: LayerGeometry, activation: str, lq: LayerQuant, x
 
 
 def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray, ys: jnp.ndarray,
-                   config: AdaQuantConfig, key: jax.Array) -> Tuple[LayerQuant, Dict[str, Any]]:
-  """AdaQuant of one layer on captured inputs ``xs`` and float targets ``ys``."""
+                   config: AdaQuantConfig, key: jax.Array, device: Optional[Any] = None
+                   ) -> Tuple[LayerQuant, Dict[str, Any]]:
+  """AdaQuant of one layer on captured inputs ``xs`` and float targets ``ys``.
+
+  Everything is committed to ``device`` (default: the first local device) first, so
+  the calls find the programs :func:`layer_programs` compiled ahead of time."""
   start = time.time()
+  device = local_devices()[0] if device is None else device
   geom = layer.geometry
+  rates = config.rates()
+  lq, xs, ys, key, rates = aot.commit((lq, xs, ys, key, rates), device)
   before, rel_before = reconstruction_error(geom, layer.activation, lq, xs, ys)
   batch = min(config.batch_size, xs.shape[0])
   chunk = config.chunk()
-  rates = config.rates()
-  opt_state = _optimizer(rates, _labels(lq), config.lr_schedule).init(lq)
+  # (Committed again: outputs that do not depend on an input come back uncommitted.)
+  opt_state = aot.commit(_init_optimizer(config.lr_schedule, rates, lq), device)
   done = 0
   while done < config.iterations:
     # Full chunks, then the remainder one step at a time (no new loop length to compile).
     steps = chunk if config.iterations - done >= chunk else 1
-    lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch, config.lr_schedule, lq,
-                                  opt_state, xs, ys, key, done, rates)
+    lq, opt_state, _ = aot.commit(
+        _run_steps(geom, layer.activation, steps, batch, config.lr_schedule, lq, opt_state, xs,
+                   ys, key, aot.commit(np.int32(done), device), rates), device)
     done += steps
   after, rel_after = reconstruction_error(geom, layer.activation, lq, xs, ys)
   report = {'path': layer.path, 'activation': layer.activation,
@@ -205,6 +251,41 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray, ys: jnp.nd
             'rel_error_after': rel_after, 'iterations': config.iterations,
             'seconds': time.time() - start}
   return lq, report
+
+
+def layer_programs(layer: LayerInfo, lq: LayerQuant, n_images: int, config: AdaQuantConfig,
+                   device: Any) -> List[Tuple[Any, Any, Tuple[Any, ...]]]:
+  """``(key, jitted function, abstract arguments)`` of every program that AdaQuant of
+  ``layer`` on ``n_images`` captured inputs runs on ``device``: the float target, the
+  reconstruction error and the step loop. Layers with the same geometry, shapes and
+  bit widths give the same keys (one compilation serves them all)."""
+  geom, act = layer.geometry, layer.activation
+  at = functools.partial(aot.abstract, device=device)
+  lq_a = at(lq)
+  float_a = LayerQuant(lq_a.kernel, lq_a.bias)
+  xs_a = at(jax.ShapeDtypeStruct((n_images,) + tuple(layer.input_shape), jnp.float32))
+  ys_a = at(jax.eval_shape(functools.partial(float_target, geom, act), float_a, xs_a))
+  statics = (geom, act)
+  programs = [(('float_target', statics, aot.signature((float_a, xs_a))), _float_target,
+               (geom, act, float_a, xs_a))]
+  for b in _error_batch_sizes(n_images):
+    part = lambda a: at(jax.ShapeDtypeStruct((b,) + a.shape[1:], a.dtype))
+    args = (lq_a, part(xs_a), part(ys_a))
+    programs.append((('error_sums', statics, aot.signature(args)), _error_sums,
+                     (geom, act) + args))
+  rates_a = at(config.rates())
+  programs.append((('init_optimizer', config.lr_schedule, aot.signature((rates_a, lq_a))),
+                   _init_optimizer, (config.lr_schedule, rates_a, lq_a)))
+  opt_a = at(jax.eval_shape(functools.partial(_init_optimizer, config.lr_schedule), rates_a,
+                            lq_a))
+  key_a = at(jax.eval_shape(lambda: jax.random.key(0)))
+  step0_a = at(jax.ShapeDtypeStruct((), jnp.int32))
+  batch = min(config.batch_size, n_images)
+  for steps in config.step_counts():
+    statics = (geom, act, steps, batch, config.lr_schedule)
+    args = (lq_a, opt_a, xs_a, ys_a, key_a, step0_a, rates_a)
+    programs.append((('run_steps', statics, aot.signature(args)), _run_steps, statics + args))
+  return programs
 
 
 class InputCapture:
@@ -290,18 +371,41 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
   index = {l.path: i for i, l in enumerate(layers)}
   new_state = dict(qstate)
   reports: Dict[str, Dict[str, Any]] = {}
+  mine = {todo[k].path for k in process_share(len(todo))}  # this process's layers
+  groups = _capture_groups(todo, len(images), config.capture_budget_mb)
+  # Where each layer runs: parallel mode deals a group's layers (this process's share)
+  # round-robin over the devices (map_over_devices), sequential mode uses the first.
+  placement = {}
+  for group in groups:
+    share = [l for l in group if mode == 'sequential' or l.path in mine]
+    for i, layer in enumerate(share):
+      placement[layer.path] = devices[0] if mode == 'sequential' else devices[i % len(devices)]
+  precompiler = aot.Precompiler(config.compile_threads or None) if config.precompiles() else None
+  program_keys: Dict[str, List[Any]] = {}
+  if precompiler is not None:  # compiles while the main thread captures inputs
+    for layer in todo:
+      if layer.path in placement:
+        programs = layer_programs(layer, qstate[layer.path], len(images), config,
+                                  placement[layer.path])
+        program_keys[layer.path] = [k for k, _, _ in programs]
+        for program_key, fn, args in programs:
+          precompiler.submit(program_key, fn, *args)
   bar = tqdm(total=len(todo), desc=f'AdaQuant ({mode})', disable=not progress, leave=False)
   capture = InputCapture(model, variables, folded_bns, config.capture_batch_size, devices)
-  mine = {todo[k].path for k in process_share(len(todo))}  # this process's layers
 
   def optimize(layer, x_fp, x=None, device=None):
     spread = device is not None and len(devices) > 1  # layer-parallel: this layer on `device`
-    if spread:
-      x_fp = jax.device_put(x_fp, device)
-    y = float_target(layer.geometry, layer.activation, float_state[layer.path], x_fp)
+    device = placement[layer.path] if device is None else device
+    waited = time.time()
+    if precompiler is not None:
+      precompiler.wait(program_keys.get(layer.path, []))
+    waited = time.time() - waited
+    x_fp = aot.commit(x_fp, device)
+    y = _float_target(layer.geometry, layer.activation,
+                      aot.commit(float_state[layer.path], device), x_fp)
     lq, report = optimize_layer(layer, qstate[layer.path], x_fp if x is None else x, y, config,
-                                jax.random.fold_in(key, index[layer.path]))
-    report['mode'] = mode
+                                jax.random.fold_in(key, index[layer.path]), device)
+    report['mode'], report['compile_wait_seconds'] = mode, waited
     if spread:  # back to the host: later passes may run on any device
       lq, report['device'] = jax.device_get(lq), str(device)
     return lq, report
@@ -313,26 +417,34 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
                         f'{report["rel_error_after"]:.3g}')
     bar.update()
 
-  for group in _capture_groups(todo, len(images), config.capture_budget_mb):
-    group_paths = [l.path for l in group]
-    if mode == 'sequential':
-      fp_inputs = capture(float_state, images, group_paths)
-      for layer in group:
-        # Inputs from the quantized prefix: layers before this one already optimised.
-        x = capture(new_state, images, group_paths, keep=[layer.path])[layer.path]
-        done(layer, *optimize(layer, fp_inputs.pop(layer.path), x))
-        del x
-      continue
-    group = [l for l in group if l.path in mine]
-    if not group:
-      continue
-    fp_inputs = capture(float_state, images, group_paths, keep=[l.path for l in group])
-    items = [(layer, fp_inputs.pop(layer.path)) for layer in group]
-    for i, (lq, report) in map_over_devices(lambda item, d: optimize(*item, device=d),
-                                            items, devices):
-      done(group[i], lq, report)
-    del items
-  bar.close()
+  try:
+    for group in groups:
+      group_paths = [l.path for l in group]
+      if mode == 'sequential':
+        fp_inputs = capture(float_state, images, group_paths)
+        for layer in group:
+          # Inputs from the quantized prefix: layers before this one already optimised.
+          x = capture(new_state, images, group_paths, keep=[layer.path])[layer.path]
+          done(layer, *optimize(layer, fp_inputs.pop(layer.path), x))
+          del x
+        continue
+      group = [l for l in group if l.path in mine]
+      if not group:
+        continue
+      fp_inputs = capture(float_state, images, group_paths, keep=[l.path for l in group])
+      items = [(layer, fp_inputs.pop(layer.path)) for layer in group]
+      for i, (lq, report) in map_over_devices(lambda item, d: optimize(*item, device=d),
+                                              items, devices):
+        done(group[i], lq, report)
+      del items
+  except BaseException:
+    if precompiler is not None:
+      precompiler.cancel()
+    raise
+  finally:
+    bar.close()
+    if precompiler is not None:
+      precompiler.close()
   if jax.process_count() > 1 and mode == 'parallel':
     _exchange_between_processes(todo, qstate, new_state, reports, mine, config.iterations)
   return new_state, [reports[l.path] for l in todo]
