@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ptq_jax import jobs
+from ptq_jax.compilation_cache import cache_setting, enable_compilation_cache
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -23,6 +24,9 @@ config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(os.path.a
 flags.DEFINE_string('workdir', None, 'Directory for results, logs and checkpoints '
                     '(default: the config\'s workdir field).')
 flags.DEFINE_bool('traceback', False, 'Show the full traceback of an input error.')
+flags.DEFINE_string('compilation_cache', 'auto', 'JAX persistent compilation cache: a '
+                    'directory, "off", or "auto" (~/.cache/ptq_jax/xla on GPU/TPU, where '
+                    'compilation is most of a cold run; off on CPU).')
 
 # Errors that mean "bad input": reported as one line naming the problem and the fix.
 INPUT_ERRORS = (FileNotFoundError, KeyError, ValueError)
@@ -34,6 +38,10 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # TFDS and JAX log a lot at INFO; --verbosity=0 shows it.
     logging.set_verbosity(logging.WARNING)
   try:
+    cache_dir = cache_setting(FLAGS.compilation_cache)
+    if cache_dir:
+      print(f'run.py: compiled programs are cached in {enable_compilation_cache(cache_dir)}',
+            file=sys.stderr)
     jobs.run(FLAGS.config, FLAGS.workdir)
   except INPUT_ERRORS as e:
     if FLAGS.traceback:

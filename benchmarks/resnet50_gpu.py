@@ -44,19 +44,23 @@ flags.DEFINE_float('capture_budget_mb', 0.0, 'Device memory for captured layer i
                    '(16 GiB where the device does not say).')
 flags.DEFINE_enum('precompile', 'auto', ['auto', 'on', 'off'], 'Compile every layer\'s '
                   'programs up front on a thread pool (auto: on GPU/TPU).')
+flags.DEFINE_integer('compile_threads', 0, 'Threads for ahead-of-time compilation (0: one '
+                     'per CPU core).')
 flags.DEFINE_bool('sensitivity', True, 'Also time the sensitivity table for two options.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
                   'from a GPU machine) into --out, then exit.')
 flags.DEFINE_string('name', 'resnet50_gpu', 'Results file name.')
 
-KEY_FIELDS = ('model', 'stage', 'device', 'calib_size', 'iterations', 'compilation')
+KEY_FIELDS = ('model', 'stage', 'device', 'calib_size', 'iterations', 'compilation',
+              'compilation_cache')
 
 
 def main(_):
   if FLAGS.merge_from:
     return save(new_rows_from(FLAGS.merge_from, FLAGS.out, FLAGS.name))
   command = 'python benchmarks/resnet50_gpu.py ' + ' '.join(sys.argv[1:])
+  cache_state = compilation_cache_state()
   model = ptq_jax.create_model(FLAGS.model)
   shape = (FLAGS.image_size, FLAGS.image_size, 3)
   variables = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + shape), train=False))(
@@ -68,7 +72,8 @@ def main(_):
   precompile = {'auto': None, 'on': True, 'off': False}[FLAGS.precompile]
   config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=FLAGS.batch_size,
                                   capture_budget_mb=FLAGS.capture_budget_mb or capture_budget(),
-                                  precompile=precompile)
+                                  precompile=precompile, compile_threads=FLAGS.compile_threads)
+  threads = FLAGS.compile_threads or os.cpu_count()
   print(f'capture budget {config.capture_budget_mb:.0f} MB, ahead-of-time compilation '
         f'{config.precompiles()}', flush=True)
   start = time.time()
@@ -85,7 +90,9 @@ def main(_):
   base = {'model': FLAGS.model, 'method': 'adaquant_parallel', 'w_bits': FLAGS.w_bits,
           'a_bits': FLAGS.a_bits, 'calib_size': FLAGS.calib_size,
           'iterations': FLAGS.iterations, 'layers': len(reports),
-          'compilation': ('ahead of time, threads' if config.precompiles() else 'at first call'),
+          'compilation': (f'ahead of time, {threads} threads' if config.precompiles()
+                          else 'at first call'),
+          'compilation_cache': cache_state,
           'device': describe_device(), 'command': command}
   records = [
       {**base, 'stage': 'range_calibration', 'seconds': round(qm.timings['calibrate_seconds'], 1)},
@@ -119,6 +126,14 @@ def main(_):
   save(records)
 
 
+def compilation_cache_state() -> str:
+  """'off', 'cold' (an empty persistent cache) or 'warm' (programs compiled earlier)."""
+  directory = jax.config.jax_compilation_cache_dir
+  if not directory or not jax.config.jax_enable_compilation_cache:
+    return 'off'
+  return 'warm' if os.path.isdir(directory) and os.listdir(directory) else 'cold'
+
+
 def capture_budget() -> float:
   stats = jax.devices()[0].memory_stats() or {}
   limit = stats.get('bytes_limit')
@@ -138,7 +153,7 @@ def save(records):
   write_results(FLAGS.out, FLAGS.name, merge_records(FLAGS.out, FLAGS.name, records, KEY_FIELDS),
                 f'Parallel AdaQuant of every layer of {FLAGS.model}',
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'iterations',
-                         'layers', 'compilation', 'seconds', 'seconds_in_layer_optimisation',
+                         'layers', 'compilation', 'compilation_cache', 'seconds', 'seconds_in_layer_optimisation',
                          'seconds_waiting_for_compilation', 'ms_per_iteration_per_layer',
                          'tflops_per_s', 'seconds_with_w8a8_ranges', 'peak_device_mb', 'device',
                          'command'],
@@ -152,7 +167,9 @@ def save(records):
                       'own work and seconds_waiting_for_compilation waiting for programs still '
                       'compiling (compilation: at first call = each program compiled when its '
                       'first layer came up; ahead of time = all compiled up front on a thread '
-                      'pool while inputs are captured). '
+                      'pool while inputs are captured; compilation_cache: JAX\'s persistent '
+                      'compilation cache off, empty at the start (cold) or holding the '
+                      'programs of an earlier run (warm)). '
                       'sensitivity_table_2_options: dL for every layer at W8A8 (calibrated '
                       'ranges) and at the AdaQuant state above, on all calibration images; '
                       'total: every stage.')

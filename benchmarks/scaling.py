@@ -34,6 +34,8 @@ flags.DEFINE_integer('calib_size', 1000, 'Calibration images.')
 flags.DEFINE_bool('force_host_devices', True, 'Split the CPU into N host devices.')
 flags.DEFINE_integer('child_devices', 0, 'Internal: run the stages on this many devices.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
+flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
+                  'from a GPU machine) into --out, then exit.')
 
 NAME = 'scaling'
 KEY_FIELDS = ('model', 'stage', 'devices', 'device')
@@ -92,8 +94,9 @@ def main(_):
     return child()
   import numpy as np
 
-  from benchmarks.common import merge_records
-  from ptq_jax.results import write_results
+  from benchmarks.common import new_rows_from
+  if FLAGS.merge_from:
+    return save(new_rows_from(FLAGS.merge_from, FLAGS.out, NAME))
 
   command = 'python benchmarks/scaling.py ' + ' '.join(sys.argv[1:])
   results = {}
@@ -134,6 +137,12 @@ def main(_):
           'command': command})
       print({k: records[-1][k] for k in ('model', 'stage', 'devices', 'seconds',
                                          'speedup_vs_1_device', 'top1_pct')}, flush=True)
+  save(records)
+
+
+def save(records) -> None:
+  from benchmarks.common import merge_records
+  from ptq_jax.results import write_results
   write_results(FLAGS.out, NAME, merge_records(FLAGS.out, NAME, records, KEY_FIELDS),
                 'Scaling over JAX devices',
                 columns=['model', 'stage', 'devices', 'w_bits', 'a_bits', 'calib_size',

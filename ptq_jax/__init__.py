@@ -8,6 +8,7 @@ from ptq_jax.allocation import Allocation, InfeasibleBudgetError, allocate
 from ptq_jax.api import QuantizedModel, assign_bits, quantize
 from ptq_jax.distill import kd_tune, kl_to_teacher
 from ptq_jax.bundled import bundled_checkpoints, model_card, resolve_checkpoint
+from ptq_jax.compilation_cache import enable_compilation_cache
 from ptq_jax.checkpoint import (CheckpointError, check_variables_match, load_checkpoint,
                                 load_model, save_checkpoint)
 from ptq_jax.data.loader import (ArraySplit, CalibrationSet, DatasetNotFoundError,
@@ -44,5 +45,5 @@ __all__ = [
     'resolve_checkpoint', 'save_checkpoint', 'top1_accuracy_pct', 'totals', 'trace',
     'LayoutRule', 'MappingError', 'UnsafeCheckpointError', 'from_flax_tree',
     'load_efficientnet_lite0', 'load_minilm', 'read_safetensors', 'read_torch_checkpoint',
-    'to_flax_tree', 'tokenize',
+    'to_flax_tree', 'tokenize', 'enable_compilation_cache',
 ]

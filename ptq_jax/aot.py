@@ -1,10 +1,15 @@
 """Ahead-of-time compilation of many jitted programs at once, on a thread pool.
 
-Why: on a GPU, compiling a program (XLA plus cuDNN autotuning) takes a second or two,
-and a whole-model AdaQuant run needs one program per distinct layer shape; compiled
-one after the other as each layer comes up, that is most of the wall time of a
-ResNet-50 run. XLA compiles with the GIL released, so a thread pool compiles them
-side by side, while the main thread captures layer inputs.
+Why: a whole-model AdaQuant run needs a few programs per distinct layer shape, and on
+a GPU compiling them (XLA plus convolution autotuning) is most of a cold run. XLA
+compiles with the GIL released, so a thread pool can compile them side by side while
+the main thread captures layer inputs, and the layer loop then compiles nothing.
+Measured on one H200 (results/resnet50_gpu.md): this did *not* shorten a cold
+ResNet-50 run (115 s with 16 threads; 101 s, in an earlier session, compiling each
+program when its first layer came up; 4 threads and none both took over 95 s): the
+GPU compilations do not overlap usefully and their autotuning competes with the
+running steps. So it is opt-in (``AdaQuantConfig(precompile=True)``); what helps is
+JAX's persistent compilation cache (:mod:`ptq_jax.compilation_cache`).
 
 The programs are ``jax.jit`` functions lowered with ``.lower(...).compile()`` from
 abstract arguments that carry the device they will run on (a committed

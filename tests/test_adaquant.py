@@ -200,3 +200,22 @@ def test_minibatches_do_not_depend_on_steps_per_call(toy_w3a3):
   for p in one:
     np.testing.assert_allclose(one[p].kernel, four[p].kernel, rtol=0, atol=1e-7)
     np.testing.assert_allclose(one[p].bias, four[p].bias, rtol=0, atol=1e-6)
+
+
+def test_compilation_cache_stores_programs_for_later_processes(tmp_path):
+  """``enable_compilation_cache`` makes JAX write compiled programs to the directory
+  (in a child process: it sets JAX's own configuration)."""
+  import subprocess
+  import sys
+  code = ('import jax, jax.numpy as jnp, ptq_jax\n'
+          f'print(ptq_jax.enable_compilation_cache({str(tmp_path / "xla")!r}, 0.0))\n'
+          'jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == str(tmp_path / 'xla')
+  assert any((tmp_path / 'xla').iterdir())
+  from ptq_jax.compilation_cache import cache_setting, enable_compilation_cache
+  assert cache_setting('off') is None and cache_setting('/some/dir') == '/some/dir'
+  assert cache_setting('auto') is None  # the tests run on CPU
+  with pytest.raises(ValueError, match='min_compile_seconds'):
+    enable_compilation_cache(str(tmp_path / 'other'), -1.0)
