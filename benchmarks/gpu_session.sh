@@ -78,8 +78,17 @@ if [ "${R50_WARM:-1}" = 1 ]; then
   step resnet50_warm_cache ${R50_WARM_S:-90} python3 benchmarks/resnet50_gpu.py \
     --nosensitivity --out="$WORK/results" ${R50_FLAGS:-}
 fi
-# GPU rows of results/scaling.md (one device: the stages' wall time and accuracy).
-if [ "${SCALING:-1}" = 1 ]; then
+# Cold again with XLA's convolution autotuning off (cuDNN's heuristics pick the
+# algorithms): does it shorten the cold run, and what does it cost per iteration?
+if [ "${R50_AUTOTUNE0:-1}" = 1 ]; then
+  rm -rf /tmp/ptq_jax_xla_cache_autotune0
+  step resnet50_autotune_off ${R50_AUTOTUNE0_S:-150} env \
+    JAX_COMPILATION_CACHE_DIR=/tmp/ptq_jax_xla_cache_autotune0 \
+    XLA_FLAGS=--xla_gpu_autotune_level=0 python3 benchmarks/resnet50_gpu.py \
+    --nosensitivity --out="$WORK/results" ${R50_FLAGS:-}
+fi
+# GPU rows of results/scaling.md (one device: the stages' wall time and accuracy; SCALING=1).
+if [ "${SCALING:-0}" = 1 ]; then
   step scaling ${SCALING_S:-120} python3 benchmarks/scaling.py --device_counts=1 \
     --noforce_host_devices --out="$WORK/results" ${SCALING_FLAGS:-}
 fi

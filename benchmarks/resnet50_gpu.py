@@ -53,7 +53,7 @@ flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directo
 flags.DEFINE_string('name', 'resnet50_gpu', 'Results file name.')
 
 KEY_FIELDS = ('model', 'stage', 'device', 'calib_size', 'iterations', 'compilation',
-              'compilation_cache')
+              'compilation_cache', 'xla_flags')
 
 
 def main(_):
@@ -93,6 +93,7 @@ def main(_):
           'compilation': (f'ahead of time, {threads} threads' if config.precompiles()
                           else 'at first call'),
           'compilation_cache': cache_state,
+          **({'xla_flags': os.environ['XLA_FLAGS']} if os.environ.get('XLA_FLAGS') else {}),
           'device': describe_device(), 'command': command}
   records = [
       {**base, 'stage': 'range_calibration', 'seconds': round(qm.timings['calibrate_seconds'], 1)},
@@ -153,7 +154,7 @@ def save(records):
   write_results(FLAGS.out, FLAGS.name, merge_records(FLAGS.out, FLAGS.name, records, KEY_FIELDS),
                 f'Parallel AdaQuant of every layer of {FLAGS.model}',
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'iterations',
-                         'layers', 'compilation', 'compilation_cache', 'seconds', 'seconds_in_layer_optimisation',
+                         'layers', 'compilation', 'compilation_cache', 'xla_flags', 'seconds', 'seconds_in_layer_optimisation',
                          'seconds_waiting_for_compilation', 'ms_per_iteration_per_layer',
                          'tflops_per_s', 'seconds_with_w8a8_ranges', 'peak_device_mb', 'device',
                          'command'],
