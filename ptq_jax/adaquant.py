@@ -179,7 +179,7 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
                              replace=False)
   # Every step's minibatch drawn up front in one batched op (the same indices as drawing
   # them step by step), so the loop body holds no small sort kernels.
-  indices = jax.vmap(minibatch)(jnp.arange(steps))
+  indices = minibatch(0)[None] if steps == 1 else jax.vmap(minibatch)(jnp.arange(steps))
 
   def body(i, carry):
     lq, opt_state, _ = carry
@@ -229,25 +229,26 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray, ys: jnp.nd
                    ) -> Tuple[LayerQuant, Dict[str, Any]]:
   """AdaQuant of one layer on captured inputs ``xs`` and float targets ``ys``.
 
-  Everything is committed to ``device`` (default: the first local device) first, so
-  the calls find the programs :func:`layer_programs` compiled ahead of time."""
+  With ``device``, everything is committed to it first: the layer runs there (layer-
+  parallel mode) and the calls find the programs :func:`layer_programs` compiled ahead
+  of time for it. Without, the arrays stay where they are (the default device)."""
   start = time.time()
-  device = local_devices()[0] if device is None else device
   geom = layer.geometry
   rates = config.rates()
-  lq, xs, ys, key, rates = aot.commit((lq, xs, ys, key, rates), device)
+  pin = (lambda tree: aot.commit(tree, device)) if device is not None else (lambda tree: tree)
+  lq, xs, ys, key, rates = pin((lq, xs, ys, key, rates))
   before, rel_before = reconstruction_error(geom, layer.activation, lq, xs, ys)
   batch = min(config.batch_size, xs.shape[0])
   chunk = config.chunk()
   # (Committed again: outputs that do not depend on an input come back uncommitted.)
-  opt_state = aot.commit(_init_optimizer(config.lr_schedule, rates, lq), device)
+  opt_state = pin(_init_optimizer(config.lr_schedule, rates, lq))
   done = 0
   while done < config.iterations:
     # Full chunks, then the remainder one step at a time (no new loop length to compile).
     steps = chunk if config.iterations - done >= chunk else 1
-    lq, opt_state, _ = aot.commit(
-        _run_steps(geom, layer.activation, steps, batch, config.lr_schedule, lq, opt_state, xs,
-                   ys, key, aot.commit(np.int32(done), device), rates), device)
+    # (The step's outputs stay committed; ``step0`` goes uncommitted, as it was compiled.)
+    lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch, config.lr_schedule, lq,
+                                  opt_state, xs, ys, key, np.int32(done), rates)
     done += steps
   after, rel_after = reconstruction_error(geom, layer.activation, lq, xs, ys)
   report = {'path': layer.path, 'activation': layer.activation,
@@ -285,7 +286,7 @@ def layer_programs(layer: LayerInfo, lq: LayerQuant, n_images: int, config: AdaQ
   opt_a = at(jax.eval_shape(functools.partial(_init_optimizer, config.lr_schedule), rates_a,
                             lq_a))
   key_a = at(jax.eval_shape(lambda: jax.random.key(0)))
-  step0_a = at(jax.ShapeDtypeStruct((), jnp.int32))
+  step0_a = jax.ShapeDtypeStruct((), jnp.int32)   # a host scalar, not committed
   batch = min(config.batch_size, n_images)
   for steps in config.step_counts():
     statics = (geom, act, steps, batch, config.lr_schedule)
@@ -401,16 +402,18 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
 
   def optimize(layer, x_fp, x=None, device=None):
     spread = device is not None and len(devices) > 1  # layer-parallel: this layer on `device`
-    device = placement[layer.path] if device is None else device
     waited = time.time()
     if precompiler is not None:
       precompiler.wait(program_keys.get(layer.path, []))
     waited = time.time() - waited
-    x_fp = aot.commit(x_fp, device)
-    y = _float_target(layer.geometry, layer.activation,
-                      aot.commit(float_state[layer.path], device), x_fp)
+    # Pinned to its device when layer-parallel or compiled ahead of time for it.
+    pin = placement[layer.path] if spread or precompiler is not None else None
+    float_lq = float_state[layer.path]
+    if pin is not None:
+      x_fp, float_lq = aot.commit((x_fp, float_lq), pin)
+    y = _float_target(layer.geometry, layer.activation, float_lq, x_fp)
     lq, report = optimize_layer(layer, qstate[layer.path], x_fp if x is None else x, y, config,
-                                jax.random.fold_in(key, index[layer.path]), device)
+                                jax.random.fold_in(key, index[layer.path]), pin)
     report['mode'], report['compile_wait_seconds'] = mode, waited
     if spread:  # back to the host: later passes may run on any device
       lq, report['device'] = jax.device_get(lq), str(device)
