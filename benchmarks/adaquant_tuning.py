@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import POLICIES, fashion_mnist, merge_records
+from benchmarks.common import POLICIES, fashion_mnist, merge_records, new_rows_from
 from ptq_jax.results import write_results
 from ptq_jax.train import describe_device
 
@@ -57,12 +57,16 @@ flags.DEFINE_integer('val_size', 5000, 'Held-out train images for validation.')
 flags.DEFINE_integer('iterations', None, 'Override every variant\'s iterations (smoke tests).')
 flags.DEFINE_integer('seed', 0, 'Calibration sample and AdaQuant seed.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
+flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
+                  'from another machine) into --out, then exit.')
 
 NAME = 'adaquant_tuning'
 KEY_FIELDS = ('model', 'method', 'variant', 'w_bits', 'a_bits', 'iterations', 'device')
 
 
 def main(_):
+  if FLAGS.merge_from:
+    return save(new_rows_from(FLAGS.merge_from, FLAGS.out, NAME))
   command = 'python benchmarks/adaquant_tuning.py ' + ' '.join(sys.argv[1:])
   unknown = set(FLAGS.variants) - set(VARIANTS)
   if unknown:
@@ -86,17 +90,7 @@ def main(_):
         'top1_pct': round(ptq_jax.top1_accuracy_pct(predict(test_images), test.labels), 2),
         'seconds': round(seconds, 1), 'device': describe_device(), 'command': command})
     print(records[-1], flush=True)
-    write_results(FLAGS.out, NAME, merge_records(FLAGS.out, NAME, records, KEY_FIELDS),
-                  'AdaQuant learning-rate variants (held-out validation)',
-                  columns=['model', 'method', 'variant', 'w_bits', 'a_bits', 'calib_size',
-                           'iterations', 'lr_kernel', 'lr_bias', 'lr_w_quant', 'lr_a_quant',
-                           'lr_schedule', 'mean_layer_error_ratio', 'val_top1_pct', 'top1_pct',
-                           'seconds', 'device', 'command'],
-                  notes='`val_top1_pct`: 5000 train images outside the calibration set (used '
-                        'to choose the defaults); `top1_pct`: the test split (reported, not '
-                        'used for choosing). First and last layer 8-bit. '
-                        '`mean_layer_error_ratio`: mean over layers of the relative '
-                        'reconstruction error after / before.')
+    save(records)
 
   start = time.time()
   base = ptq_jax.quantize(model, variables, calib, **common)
@@ -115,6 +109,20 @@ def main(_):
              iterations=config.iterations, lr_kernel=config.lr_kernel, lr_bias=config.lr_bias,
              lr_w_quant=config.lr_w_quant, lr_a_quant=config.lr_a_quant,
              lr_schedule=config.lr_schedule, mean_layer_error_ratio=round(float(np.mean(rel)), 4))
+
+
+def save(records) -> None:
+  write_results(FLAGS.out, NAME, merge_records(FLAGS.out, NAME, records, KEY_FIELDS),
+                'AdaQuant learning-rate variants (held-out validation)',
+                columns=['model', 'method', 'variant', 'w_bits', 'a_bits', 'calib_size',
+                         'iterations', 'lr_kernel', 'lr_bias', 'lr_w_quant', 'lr_a_quant',
+                         'lr_schedule', 'mean_layer_error_ratio', 'val_top1_pct', 'top1_pct',
+                         'seconds', 'device', 'command'],
+                notes='`val_top1_pct`: 5000 train images outside the calibration set (used '
+                      'to choose the defaults); `top1_pct`: the test split (reported, not '
+                      'used for choosing). First and last layer 8-bit. '
+                      '`mean_layer_error_ratio`: mean over layers of the relative '
+                      'reconstruction error after / before.')
 
 
 if __name__ == '__main__':
