@@ -42,8 +42,8 @@ flags.DEFINE_integer('a_bits', 4, 'Activation bits.')
 flags.DEFINE_float('capture_budget_mb', 0.0, 'Device memory for captured layer inputs '
                    '(fewer, larger capture groups on a big GPU); 0: 35% of the device memory '
                    '(16 GiB where the device does not say).')
-flags.DEFINE_enum('precompile', 'auto', ['auto', 'on', 'off'], 'Compile every layer\'s '
-                  'programs up front on a thread pool (auto: on GPU/TPU).')
+flags.DEFINE_enum('precompile', 'off', ['on', 'off'], 'Compile every layer\'s programs up '
+                  'front on a thread pool (AdaQuantConfig.precompile).')
 flags.DEFINE_integer('compile_threads', 0, 'Threads for ahead-of-time compilation (0: one '
                      'per CPU core).')
 flags.DEFINE_bool('sensitivity', True, 'Also time the sensitivity table for two options.')
@@ -69,13 +69,13 @@ def main(_):
                       np.float32)
   calib = ptq_jax.CalibrationSet(images, np.arange(FLAGS.calib_size), 'synthetic', 'train', 1)
   layers = ptq_jax.trace(model, variables, images[:1])
-  precompile = {'auto': None, 'on': True, 'off': False}[FLAGS.precompile]
+  precompile = FLAGS.precompile == 'on'
   config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=FLAGS.batch_size,
                                   capture_budget_mb=FLAGS.capture_budget_mb or capture_budget(),
                                   precompile=precompile, compile_threads=FLAGS.compile_threads)
   threads = FLAGS.compile_threads or os.cpu_count()
   print(f'capture budget {config.capture_budget_mb:.0f} MB, ahead-of-time compilation '
-        f'{config.precompiles()}', flush=True)
+        f'{precompile}', flush=True)
   start = time.time()
   qm = ptq_jax.quantize(model, variables, calib, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
                         first_last_bits=None, method='adaquant', mode='parallel', adaquant=config,
@@ -90,7 +90,7 @@ def main(_):
   base = {'model': FLAGS.model, 'method': 'adaquant_parallel', 'w_bits': FLAGS.w_bits,
           'a_bits': FLAGS.a_bits, 'calib_size': FLAGS.calib_size,
           'iterations': FLAGS.iterations, 'layers': len(reports),
-          'compilation': (f'ahead of time, {threads} threads' if config.precompiles()
+          'compilation': (f'ahead of time, {threads} threads' if precompile
                           else 'at first call'),
           'compilation_cache': cache_state,
           **({'xla_flags': os.environ['XLA_FLAGS']} if os.environ.get('XLA_FLAGS') else {}),
@@ -154,8 +154,9 @@ def save(records):
   write_results(FLAGS.out, FLAGS.name, merge_records(FLAGS.out, FLAGS.name, records, KEY_FIELDS),
                 f'Parallel AdaQuant of every layer of {FLAGS.model}',
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'iterations',
-                         'layers', 'compilation', 'compilation_cache', 'xla_flags', 'seconds', 'seconds_in_layer_optimisation',
-                         'seconds_waiting_for_compilation', 'ms_per_iteration_per_layer',
+                         'layers', 'compilation', 'compilation_cache', 'xla_flags', 'seconds',
+                         'seconds_in_layer_optimisation', 'seconds_waiting_for_compilation',
+                         'ms_per_iteration_per_layer',
                          'tflops_per_s', 'seconds_with_w8a8_ranges', 'peak_device_mb', 'device',
                          'command'],
                 notes='Random weights and synthetic calibration images (timing only), every '
@@ -170,7 +171,8 @@ def save(records):
                       'first layer came up; ahead of time = all compiled up front on a thread '
                       'pool while inputs are captured; compilation_cache: JAX\'s persistent '
                       'compilation cache off, empty at the start (cold) or holding the '
-                      'programs of an earlier run (warm)). '
+                      'programs of an earlier run (warm); the cold row compiled ahead of time '
+                      'was run when that was the GPU default: rerun it with --precompile=on). '
                       'sensitivity_table_2_options: dL for every layer at W8A8 (calibrated '
                       'ranges) and at the AdaQuant state above, on all calibration images; '
                       'total: every stage.')

@@ -114,9 +114,6 @@ class AdaQuantConfig:
       counts.add(1)
     return tuple(sorted(counts))
 
-  def precompiles(self) -> bool:
-    return bool(self.precompile)
-
 
 def activation_fn(name: str):
   """The activation the traced graph found after a layer."""
@@ -387,7 +384,7 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
     share = [l for l in group if mode == 'sequential' or l.path in mine]
     for i, layer in enumerate(share):
       placement[layer.path] = devices[0] if mode == 'sequential' else devices[i % len(devices)]
-  precompiler = aot.Precompiler(config.compile_threads or None) if config.precompiles() else None
+  precompiler = aot.Precompiler(config.compile_threads or None) if config.precompile else None
   program_keys: Dict[str, List[Any]] = {}
   if precompiler is not None:  # compiles while the main thread captures inputs
     for layer in todo:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
-import time
 import warnings
 from typing import Any, Callable, Dict, Hashable, Optional
 
@@ -64,8 +63,7 @@ class Precompiler:
   hashable description of the program, e.g. its static arguments plus
   :func:`signature` of the abstract ones); ``wait(keys)`` blocks until those are done
   (so the caller never compiles the same program a second time at once); ``close()``
-  waits for all and stops the threads. ``seconds`` is the wall time from the first
-  submission to the last finished compilation.
+  waits for all and stops the threads.
   """
 
   def __init__(self, threads: Optional[int] = None):
@@ -73,24 +71,12 @@ class Precompiler:
         max(1, threads or os.cpu_count() or 1), thread_name_prefix='ptq_jax_compile')
     self._futures: Dict[Hashable, concurrent.futures.Future] = {}
     self._lock = threading.Lock()
-    self._start: Optional[float] = None
-    self._end = 0.0
     self._failed = self._cancelled = False
-    self.count = 0
 
   def submit(self, key: Hashable, fn: Callable, *args: Any) -> None:
     with self._lock:
-      if key in self._futures:
-        return
-      if self._start is None:
-        self._start = time.time()
-      self._futures[key] = self._pool.submit(self._compile, fn, args)
-
-  def _compile(self, fn, args):
-    fn.lower(*args).compile()
-    with self._lock:
-      self._end = max(self._end, time.time())
-      self.count += 1
+      if key not in self._futures:
+        self._futures[key] = self._pool.submit(lambda: fn.lower(*args).compile())
 
   def wait(self, keys=None) -> None:
     with self._lock:
@@ -114,13 +100,3 @@ class Precompiler:
     if not self._cancelled:
       self.wait()
     self._pool.shutdown(wait=not self._cancelled)
-
-  @property
-  def seconds(self) -> float:
-    return 0.0 if self._start is None else max(0.0, self._end - self._start)
-
-  def __enter__(self) -> 'Precompiler':
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
