@@ -1,13 +1,16 @@
 """AdaQuant per-layer step speed: ms per iteration of one layer, against the reference.
 
   python benchmarks/adaquant_speed.py     # ~2 min on 2 CPU cores
+  python benchmarks/adaquant_speed.py --depthwise --channels=96 --steps_per_call=1
+      # a MobileNetV2 depthwise layer (3x3, one filter per channel; --stride=2 too)
 
-The layer of DESIGN.md §5: a 3x3 conv 32->32 at 14x14, minibatch 50 out of 1000
+The default layer is DESIGN.md §5's: a 3x3 conv 32->32 at 14x14, minibatch 50 out of 1000
 cached calibration inputs, W4A4, weights + bias + both quantizers optimised. The
 PyTorch reference code takes 176 ms/iteration for it on this 2-core CPU (4.9 ms on
 one H200 for a 256->256 conv at 14x14). Each driver is timed after its compilation:
 ``steps_per_call=1`` is a Python loop over a jitted step, larger values run that many
-steps inside one ``lax.fori_loop`` per call. Writes results/adaquant_speed.{json,md}.
+steps inside one ``lax.fori_loop`` per call. Rows are merged into
+results/adaquant_speed.{json,md} by layer, driver and device.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ptq_jax import adaquant
 from ptq_jax.linear import LayerGeometry
 from ptq_jax.quant.qmodel import LayerQuant
 from ptq_jax.quant.quantizer import init_range
+from benchmarks.common import merge_records
 from ptq_jax.results import write_results
 from ptq_jax.trace import LayerInfo
 from ptq_jax.train import describe_device
@@ -32,6 +36,9 @@ from ptq_jax.train import describe_device
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('channels', 32, 'Input = output channels of the conv.')
 flags.DEFINE_integer('size', 14, 'Spatial size of the layer input.')
+flags.DEFINE_bool('depthwise', False, 'A depthwise 3x3 conv (one filter per channel) instead '
+                  'of a dense one; it has no reference figure.')
+flags.DEFINE_integer('stride', 1, 'Stride of the conv.')
 flags.DEFINE_integer('iterations', 200, 'Timed iterations per driver.')
 flags.DEFINE_list('steps_per_call', ['1', '10', '50'], 'Drivers to time.')
 flags.DEFINE_float('reference_ms', 176.0, 'PyTorch reference ms/iteration on this machine '
@@ -49,13 +56,22 @@ def _timed(layer, lq, xs, ys, key, iterations, steps_per_call):
 
 
 def main(_):
-  c, s = FLAGS.channels, FLAGS.size
+  c, s, stride = FLAGS.channels, FLAGS.size, FLAGS.stride
   key = jax.random.key(0)
   k1, k2, k3 = jax.random.split(key, 3)
-  geom = LayerGeometry('conv', (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), 1)
-  layer = LayerInfo('bench/conv', 'conv', (3, 3, c, c), 1, (s, s, c), (s, s, c),
-                    9 * c * c + c, s * s * c * 9 * c, geom, activation='relu')
-  kernel = jax.random.normal(k1, (3, 3, c, c)) * (2.0 / (9 * c))**0.5
+  groups, c_in = (c, 1) if FLAGS.depthwise else (1, c)
+  pads = jax.lax.padtype_to_pads((s, s), (3, 3), (stride, stride), 'SAME')
+  geom = LayerGeometry('conv', (stride, stride), tuple(map(tuple, pads)), (1, 1), (1, 1),
+                       groups)
+  out = -(-s // stride)
+  layer = LayerInfo('bench/conv', 'conv', (3, 3, c_in, c), groups, (s, s, c), (out, out, c),
+                    9 * c_in * c + c, out * out * c * 9 * c_in, geom, activation='relu')
+  kernel = jax.random.normal(k1, (3, 3, c_in, c)) * (2.0 / (9 * c_in))**0.5
+  name = (f'dwconv{c}_{s}x{s}' if FLAGS.depthwise else f'conv{c}x{c}_{s}x{s}') + (
+      f'_stride{stride}' if stride > 1 else '')
+  # The reference figure is for DESIGN.md §5's dense layer only.
+  reference = ({} if FLAGS.depthwise or stride > 1 else
+               {'reference_ms_per_iteration': FLAGS.reference_ms})
   bias = 0.1 * jax.random.normal(k2, (c,))
   xs = jax.nn.relu(jax.random.normal(k3, (1000, s, s, c)))
   lq = LayerQuant(kernel, bias, init_range(kernel, 4, 'minmax', channel_axis=-1),
@@ -72,17 +88,19 @@ def main(_):
     seconds, report = _timed(layer, lq, xs, ys, key, FLAGS.iterations, steps)
     seconds -= overhead
     ms = 1000 * seconds / FLAGS.iterations
-    records.append({'model': f'conv{c}x{c}_{s}x{s}', 'method': 'adaquant_layer',
+    if reference:
+      reference['speedup_vs_reference'] = round(FLAGS.reference_ms / ms, 1)
+    records.append({'model': name, 'method': 'adaquant_layer',
                     'driver': 'python loop' if steps == 1 else f'fori_loop x{steps}',
                     'steps_per_call': steps, 'w_bits': 4, 'a_bits': 4, 'calib_size': 1000,
                     'minibatch': 50, 'iterations': FLAGS.iterations, 'ms_per_iteration': round(ms, 2),
-                    'reference_ms_per_iteration': FLAGS.reference_ms,
-                    'speedup_vs_reference': round(FLAGS.reference_ms / ms, 1),
+                    **reference,
                     'rel_error_before': round(report['rel_error_before'], 5),
                     'rel_error_after': round(report['rel_error_after'], 5),
                     'device': describe_device(), 'command': command})
-    print(records[-1]['driver'], f'{ms:.2f} ms/iteration',
-          f'({FLAGS.reference_ms / ms:.1f}x the reference)')
+    print(name, records[-1]['driver'], f'{ms:.2f} ms/iteration',
+          f'({FLAGS.reference_ms / ms:.1f}x the reference)' if reference else '')
+  records = merge_records(FLAGS.out, FLAGS.name, records, ('model', 'driver', 'device'))
   write_results(FLAGS.out, FLAGS.name, records, 'AdaQuant per-layer step speed',
                 columns=['model', 'driver', 'w_bits', 'a_bits', 'minibatch', 'iterations',
                          'ms_per_iteration', 'reference_ms_per_iteration', 'speedup_vs_reference',
@@ -91,7 +109,8 @@ def main(_):
                       'fake-quantized layer and four Adam updates. The reference figure is '
                       'the PyTorch reference code on the same machine, from DESIGN.md §5. '
                       'Timed after compilation; the time optimize_layer spends measuring the '
-                      'reconstruction error (a 0-iteration call) is subtracted.')
+                      'reconstruction error (a 0-iteration call) is subtracted. `dwconv` '
+                      'rows: a depthwise 3x3 conv as in MobileNetV2 (no reference figure).')
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ptq_jax.linear import depthwise_conv2d
 from ptq_jax.models import MODELS, create_model
 from ptq_jax.models.fast_depthwise import fast_depthwise
 from ptq_jax.trace import totals, trace
@@ -45,6 +46,29 @@ def test_fast_depthwise_equals_grouped_conv(padding, strides):
   with fast_depthwise():
     actual = conv.apply(variables, x)
   np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kernel_hw,strides,pads', [
+    ((3, 3), (1, 1), ((1, 1), (1, 1))), ((3, 3), (2, 2), ((0, 1), (0, 1))),
+    ((3, 3), (3, 2), ((2, 0), (1, 2))), ((5, 3), (2, 1), ((2, 2), (0, 0))),
+    ((1, 1), (1, 1), ((0, 0), (0, 0)))])
+def test_depthwise_gradients_equal_grouped_conv(kernel_hw, strides, pads):
+  """The hand-written VJP of the shifted-product depthwise conv equals autodiff of
+  XLA's grouped conv, for strides that leave rows unused and asymmetric padding."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 10, 6))
+  kernel = jax.random.normal(jax.random.key(1), kernel_hw + (1, 6))
+
+  def grouped(x, k):
+    return jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=(
+        'NHWC', 'HWIO', 'NHWC'), feature_group_count=6)
+
+  shifted = lambda x, k: depthwise_conv2d(x, k, strides, pads)
+  y, vjp = jax.vjp(shifted, x, kernel)
+  y_ref, vjp_ref = jax.vjp(grouped, x, kernel)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(jax.random.key(2), y.shape)
+  for got, want in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_fast_depthwise_leaves_other_convs_alone():
