@@ -39,8 +39,9 @@ flags.DEFINE_list('modes', ['parallel', 'sequential'], 'AdaQuant modes.')
 flags.DEFINE_integer('iterations', None, 'AdaQuant iterations per layer (default: the '
                      'library default).')
 flags.DEFINE_bool('progress', False, 'Show per-layer progress bars.')
-flags.DEFINE_bool('skip_existing', False, 'Skip cells whose rows (same device) are already in '
-                  'the output file: resume an interrupted grid.')
+flags.DEFINE_bool('skip_existing', False, 'Skip cells whose rows are already in the output '
+                  'file, from any device: resume an interrupted grid, or fill in what '
+                  'another machine has not measured.')
 flags.DEFINE_integer('finetune_steps', 800, 'KD fine-tuning steps (0: skip that row).')
 flags.DEFINE_integer('seed', 0, 'Calibration sample and AdaQuant seed.')
 flags.DEFINE_integer('test_limit', 0, 'Evaluate on the first N test images (0: all).')
@@ -131,17 +132,17 @@ def main(_):
 
 
 def cell_done(model_name, w_bits, a_bits, policy, calib_size) -> bool:
-  """Whether every method of this grid cell has a row for this device already."""
+  """Whether every method of this grid cell has a row already (from any device: the
+  grid is filled in on whichever machine is at hand)."""
   path = os.path.join(FLAGS.out, f'{NAME}.json')
   if not os.path.exists(path):
     return False
   methods = {'baseline_ptq', *(f'adaquant_{m}' for m in FLAGS.modes)}
   if FLAGS.finetune_steps:
     methods.add('kd_finetune_all')
-  device = describe_device()
   have = {r['method'] for r in read_results(FLAGS.out, NAME)
-          if (r['model'], r['w_bits'], r['a_bits'], r['first_last'], r['calib_size'],
-              r['device']) == (model_name, w_bits, a_bits, policy, calib_size, device)}
+          if (r['model'], r['w_bits'], r['a_bits'], r['first_last'], r['calib_size'])
+          == (model_name, w_bits, a_bits, policy, calib_size)}
   return methods <= have
 
 

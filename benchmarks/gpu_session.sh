@@ -104,10 +104,10 @@ fi
 # No python-mip on the GPU image: mixed-precision states and tables are computed and
 # cached here ($OUT/cache.tgz), the integer programs solved from that cache afterwards.
 LANES=(
-  "adaquant --models=resnet20 --bits=4/4,3/3 --skip_existing"
-  "adaquant --models=resnet20 --bits=2/4 --skip_existing"
-  "adaquant --models=mobilenet_v2_fmnist --bits=4/4 --skip_existing"
-  "adaquant --models=mobilenet_v2_fmnist --bits=3/3,2/4 --skip_existing"
+  "adaquant --models=mobilenet_v2_fmnist --bits=4/4,2/4 --policies=first_last_8bit --skip_existing"
+  "adaquant --models=mobilenet_v2_fmnist --bits=3/3 --policies=first_last_8bit --skip_existing ;adaquant --models=resnet20 --skip_existing"
+  "adaquant --models=mobilenet_v2_fmnist --bits=4/4,2/4 --policies=all_layers_alike --skip_existing"
+  "adaquant --models=mobilenet_v2_fmnist --bits=3/3 --policies=all_layers_alike --skip_existing"
   "mixed_precision --models=mobilenet_v2_fmnist --method=adaquant --states_only ;pipelines --models=mobilenet_v2_fmnist --runs=advanced,sequential,light --qat_epochs=0"
   "pipelines --runs= --qat_epochs=${QAT_EPOCHS:-5} ;pipelines --models=resnet20 --runs=advanced,sequential,light --qat_epochs=0"
 )
