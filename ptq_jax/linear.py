@@ -10,7 +10,9 @@ a hashable :class:`LayerGeometry`: strides, explicit padding, dilations, groups.
   (the module, with its name, is not part of the compiled function);
 * on CPU a depthwise conv runs as a sum of shifted products: XLA's CPU grouped
   conv is ~15x slower forward and ~5x slower for gradients on a 2-core machine,
-  and its gradient is written out as shifted products too (see ``depthwise_conv2d``).
+  and its gradient is written out as shifted products too (see ``depthwise_conv2d``);
+  a 1x1 conv runs as a matmul (``pointwise_conv``), whose gradients XLA's CPU backend
+  computes 1.4-4x faster than the conv's on MobileNetV2's shapes.
 """
 
 from __future__ import annotations
@@ -79,6 +81,22 @@ def is_plain_depthwise(geom: LayerGeometry, x_shape: Sequence[int],
           and geom.groups == x_shape[-1] == kernel_shape[3]
           and set(geom.kernel_dilation) == {1} and set(geom.input_dilation) == {1}
           and min(min(p) for p in geom.padding) >= 0)
+
+
+def is_pointwise(geom: LayerGeometry, kernel_shape: Sequence[int]) -> bool:
+  """A 1x1 (or 1, 1x1x1) ungrouped conv without padding or dilation: a matmul over the
+  strided pixels."""
+  return (geom.kind == 'conv' and all(k == 1 for k in kernel_shape[:-2]) and geom.groups == 1
+          and set(geom.kernel_dilation) == {1} and set(geom.input_dilation) == {1}
+          and all(p == (0, 0) for p in geom.padding))
+
+
+def pointwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, strides: Sequence[int]) -> jnp.ndarray:
+  """A pointwise conv as ``dot_general`` over the strided pixels (N...C layout)."""
+  if any(s != 1 for s in strides):
+    x = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
+  flat_kernel = kernel.reshape(kernel.shape[-2:])
+  return jax.lax.dot_general(x, flat_kernel, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def _window(xp: jnp.ndarray, i: int, j: int, strides: Sequence[int],
@@ -157,9 +175,11 @@ def apply_linear(geom: LayerGeometry, x: jnp.ndarray, kernel: jnp.ndarray,
   if geom.kind == 'dense':
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
                                preferred_element_type=preferred_element_type)
-  if (preferred_element_type is None and jax.default_backend() == 'cpu'
-      and is_plain_depthwise(geom, x.shape, kernel.shape)):
-    return depthwise_conv2d(x, kernel, tuple(geom.strides), tuple(geom.padding))
+  if preferred_element_type is None and jax.default_backend() == 'cpu':
+    if is_plain_depthwise(geom, x.shape, kernel.shape):
+      return depthwise_conv2d(x, kernel, tuple(geom.strides), tuple(geom.padding))
+    if is_pointwise(geom, kernel.shape):
+      return pointwise_conv(x, kernel, geom.strides)
   spatial = 'HWD'[:kernel.ndim - 2]
   return jax.lax.conv_general_dilated(
       x, kernel, geom.strides, geom.padding, lhs_dilation=geom.input_dilation,

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptq_jax.linear import depthwise_conv2d
+from ptq_jax.linear import LayerGeometry, depthwise_conv2d, is_pointwise, pointwise_conv
 from ptq_jax.models import MODELS, create_model
 from ptq_jax.models.fast_depthwise import fast_depthwise
 from ptq_jax.trace import totals, trace
@@ -65,6 +65,30 @@ def test_depthwise_gradients_equal_grouped_conv(kernel_hw, strides, pads):
   shifted = lambda x, k: depthwise_conv2d(x, k, strides, pads)
   y, vjp = jax.vjp(shifted, x, kernel)
   y_ref, vjp_ref = jax.vjp(grouped, x, kernel)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(jax.random.key(2), y.shape)
+  for got, want in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('spatial,strides', [((7, 6), (1, 1)), ((7, 6), (2, 2)), ((9,), (3,))])
+def test_pointwise_conv_equals_conv(spatial, strides):
+  """A 1x1 conv as a matmul over the strided pixels: same values and gradients as
+  ``lax.conv_general_dilated``."""
+  n = len(spatial)
+  x = jax.random.normal(jax.random.key(0), (2,) + spatial + (5,))
+  kernel = jax.random.normal(jax.random.key(1), (1,) * n + (5, 3))
+  geom = LayerGeometry('conv', strides, ((0, 0),) * n, (1,) * n, (1,) * n, 1)
+  assert is_pointwise(geom, kernel.shape)
+  assert not is_pointwise(geom._replace(padding=((1, 1),) * n), kernel.shape)
+  spec = 'HWD'[:n]
+
+  def conv(x, k):
+    return jax.lax.conv_general_dilated(x, k, strides, ((0, 0),) * n,
+                                        dimension_numbers=(f'N{spec}C', f'{spec}IO', f'N{spec}C'))
+
+  y, vjp = jax.vjp(lambda x, k: pointwise_conv(x, k, strides), x, kernel)
+  y_ref, vjp_ref = jax.vjp(conv, x, kernel)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   g = jax.random.normal(jax.random.key(2), y.shape)
   for got, want in zip(vjp(g), vjp_ref(g)):
