@@ -3,6 +3,8 @@
   python benchmarks/adaquant_speed.py     # ~2 min on 2 CPU cores
   python benchmarks/adaquant_speed.py --depthwise --channels=96 --steps_per_call=1
       # a MobileNetV2 depthwise layer (3x3, one filter per channel; --stride=2 too)
+  python benchmarks/adaquant_speed.py --model=mobilenet_v2_fmnist --steps_per_call=1 \
+      --iterations=50    # every layer of a bundled model, summed (~5 min on 2 CPU cores)
 
 The default layer is DESIGN.md §5's: a 3x3 conv 32->32 at 14x14, minibatch 50 out of 1000
 cached calibration inputs, W4A4, weights + bias + both quantizers optimised. The
@@ -18,17 +20,20 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
+import numpy as np
 from absl import app, flags
 
+import ptq_jax
+from benchmarks.common import merge_records
 from ptq_jax import adaquant
 from ptq_jax.linear import LayerGeometry
 from ptq_jax.quant.qmodel import LayerQuant
 from ptq_jax.quant.quantizer import init_range
-from benchmarks.common import merge_records
 from ptq_jax.results import write_results
 from ptq_jax.trace import LayerInfo
 from ptq_jax.train import describe_device
@@ -39,6 +44,8 @@ flags.DEFINE_integer('size', 14, 'Spatial size of the layer input.')
 flags.DEFINE_bool('depthwise', False, 'A depthwise 3x3 conv (one filter per channel) instead '
                   'of a dense one; it has no reference figure.')
 flags.DEFINE_integer('stride', 1, 'Stride of the conv.')
+flags.DEFINE_string('model', '', 'Time every layer of this bundled model instead (e.g. '
+                    'mobilenet_v2_fmnist): one row with the summed ms per iteration.')
 flags.DEFINE_integer('iterations', 200, 'Timed iterations per driver.')
 flags.DEFINE_list('steps_per_call', ['1', '10', '50'], 'Drivers to time.')
 flags.DEFINE_float('reference_ms', 176.0, 'PyTorch reference ms/iteration on this machine '
@@ -55,9 +62,10 @@ def _timed(layer, lq, xs, ys, key, iterations, steps_per_call):
   return time.perf_counter() - start, report
 
 
-def main(_):
+def synthetic_layer(key):
+  """DESIGN.md §5's layer (or the depthwise / strided variant the flags ask for): its
+  name, LayerInfo, starting state, 1000 inputs and float targets."""
   c, s, stride = FLAGS.channels, FLAGS.size, FLAGS.stride
-  key = jax.random.key(0)
   k1, k2, k3 = jax.random.split(key, 3)
   groups, c_in = (c, 1) if FLAGS.depthwise else (1, c)
   pads = jax.lax.padtype_to_pads((s, s), (3, 3), (stride, stride), 'SAME')
@@ -69,48 +77,83 @@ def main(_):
   kernel = jax.random.normal(k1, (3, 3, c_in, c)) * (2.0 / (9 * c_in))**0.5
   name = (f'dwconv{c}_{s}x{s}' if FLAGS.depthwise else f'conv{c}x{c}_{s}x{s}') + (
       f'_stride{stride}' if stride > 1 else '')
-  # The reference figure is for DESIGN.md §5's dense layer only.
-  reference = ({} if FLAGS.depthwise or stride > 1 else
-               {'reference_ms_per_iteration': FLAGS.reference_ms})
   bias = 0.1 * jax.random.normal(k2, (c,))
   xs = jax.nn.relu(jax.random.normal(k3, (1000, s, s, c)))
   lq = LayerQuant(kernel, bias, init_range(kernel, 4, 'minmax', channel_axis=-1),
                   init_range(xs[:100], 4, 'minmax'))
-  ys = adaquant.float_target(geom, 'relu', LayerQuant(kernel, bias), xs)
+  return name, [(layer, lq, xs, adaquant.float_target(geom, 'relu', LayerQuant(kernel, bias),
+                                                      xs))]
+
+
+def model_layers(key):
+  """Every AdaQuant layer of a bundled model at W4A4 (first and last layer 8-bit), each
+  with 1000 random non-negative inputs of its shape (the step's cost does not depend on
+  the values) and their float targets."""
+  model, variables, _ = ptq_jax.load_model(
+      ptq_jax.bundled_checkpoints()[f'{FLAGS.model}_fashion_mnist'])
+  images = np.asarray(jax.random.uniform(key, (100, 28, 28, 1)))
+  base = ptq_jax.quantize(model, variables, images, w_bits=4, a_bits=4, first_last_bits=8)
+  cases = []
+  for i, layer in enumerate(l for l in base.layers if l.geometry is not None):
+    lq = base.qstate[layer.path]
+    xs = jax.nn.relu(jax.random.normal(jax.random.fold_in(key, i),
+                                       (1000,) + tuple(layer.input_shape)))
+    cases.append((layer, lq, xs, adaquant.float_target(
+        layer.geometry, layer.activation, LayerQuant(lq.kernel, lq.bias), xs)))
+  return f'{FLAGS.model} (all {len(cases)} layers)', cases
+
+
+def ms_per_iteration(layer, lq, xs, ys, key, steps) -> Tuple[float, dict]:
+  """One layer's ms per iteration with ``steps`` steps per call, after compilation."""
+  config = adaquant.AdaQuantConfig(iterations=steps, batch_size=50, steps_per_call=steps)
+  adaquant.optimize_layer(layer, lq, xs, ys, config, key)   # compile
+  # optimize_layer also measures the reconstruction error before and after; time
+  # that alone (0 iterations) and subtract it, so only the steps are counted.
+  overhead = min(_timed(layer, lq, xs, ys, key, 0, steps)[0] for _ in range(3))
+  seconds, report = _timed(layer, lq, xs, ys, key, FLAGS.iterations, steps)
+  return 1000 * (seconds - overhead) / FLAGS.iterations, report
+
+
+def main(_):
+  key = jax.random.key(0)
+  name, cases = model_layers(key) if FLAGS.model else synthetic_layer(key)
+  # The reference figure is for DESIGN.md §5's dense layer only.
+  reference = ({} if FLAGS.model or FLAGS.depthwise or FLAGS.stride > 1 else
+               {'reference_ms_per_iteration': FLAGS.reference_ms})
   records = []
   command = 'python benchmarks/adaquant_speed.py ' + ' '.join(sys.argv[1:])
   for steps in (int(v) for v in FLAGS.steps_per_call):
-    config = adaquant.AdaQuantConfig(iterations=steps, batch_size=50, steps_per_call=steps)
-    adaquant.optimize_layer(layer, lq, xs, ys, config, key)   # compile
-    # optimize_layer also measures the reconstruction error before and after; time
-    # that alone (0 iterations) and subtract it, so only the steps are counted.
-    overhead = min(_timed(layer, lq, xs, ys, key, 0, steps)[0] for _ in range(3))
-    seconds, report = _timed(layer, lq, xs, ys, key, FLAGS.iterations, steps)
-    seconds -= overhead
-    ms = 1000 * seconds / FLAGS.iterations
+    ms, reports = 0.0, []
+    for layer, lq, xs, ys in cases:
+      layer_ms, report = ms_per_iteration(layer, lq, xs, ys, key, steps)
+      ms += layer_ms
+      reports.append(report)
     if reference:
       reference['speedup_vs_reference'] = round(FLAGS.reference_ms / ms, 1)
+    errors = ({'rel_error_before': round(reports[0]['rel_error_before'], 5),
+               'rel_error_after': round(reports[0]['rel_error_after'], 5)}
+              if len(cases) == 1 else {'layers': len(cases)})
     records.append({'model': name, 'method': 'adaquant_layer',
                     'driver': 'python loop' if steps == 1 else f'fori_loop x{steps}',
                     'steps_per_call': steps, 'w_bits': 4, 'a_bits': 4, 'calib_size': 1000,
                     'minibatch': 50, 'iterations': FLAGS.iterations, 'ms_per_iteration': round(ms, 2),
-                    **reference,
-                    'rel_error_before': round(report['rel_error_before'], 5),
-                    'rel_error_after': round(report['rel_error_after'], 5),
-                    'device': describe_device(), 'command': command})
+                    **reference, **errors, 'device': describe_device(), 'command': command})
     print(name, records[-1]['driver'], f'{ms:.2f} ms/iteration',
           f'({FLAGS.reference_ms / ms:.1f}x the reference)' if reference else '')
   records = merge_records(FLAGS.out, FLAGS.name, records, ('model', 'driver', 'device'))
   write_results(FLAGS.out, FLAGS.name, records, 'AdaQuant per-layer step speed',
                 columns=['model', 'driver', 'w_bits', 'a_bits', 'minibatch', 'iterations',
-                         'ms_per_iteration', 'reference_ms_per_iteration', 'speedup_vs_reference',
+                         'layers', 'ms_per_iteration', 'reference_ms_per_iteration', 'speedup_vs_reference',
                          'rel_error_before', 'rel_error_after', 'device', 'command'],
                 notes='One AdaQuant step = minibatch sampling, forward/backward through the '
                       'fake-quantized layer and four Adam updates. The reference figure is '
                       'the PyTorch reference code on the same machine, from DESIGN.md §5. '
                       'Timed after compilation; the time optimize_layer spends measuring the '
                       'reconstruction error (a 0-iteration call) is subtracted. `dwconv` '
-                      'rows: a depthwise 3x3 conv as in MobileNetV2 (no reference figure).')
+                      'rows: a depthwise 3x3 conv as in MobileNetV2 (no reference figure). '
+                      '`(all N layers)` rows: one step of every AdaQuant layer of a bundled '
+                      'model at W4A4 (first and last layer 8-bit), summed: the cost of one '
+                      'iteration of the whole model.')
 
 
 if __name__ == '__main__':
