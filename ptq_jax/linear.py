@@ -12,7 +12,8 @@ a hashable :class:`LayerGeometry`: strides, explicit padding, dilations, groups.
   conv is ~15x slower forward and ~5x slower for gradients on a 2-core machine,
   and its gradient is written out as shifted products too (see ``depthwise_conv2d``);
   a 1x1 conv runs as a matmul (``pointwise_conv``), whose gradients XLA's CPU backend
-  computes 1.4-4x faster than the conv's on MobileNetV2's shapes.
+  computes faster than the conv's. Together: one AdaQuant iteration of every MobileNetV2
+  layer, 500 -> 302 ms (``benchmarks/adaquant_speed.py --model=mobilenet_v2_fmnist``).
 """
 
 from __future__ import annotations
@@ -132,9 +133,8 @@ def depthwise_conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Tuple[int, in
   of shifted products over the dilated, padded cotangent (a transposed conv), instead
   of the nine scattered pads that autodiff of the slices gives (equal values). On 2 CPU
   cores an AdaQuant step of a 3x3 depthwise layer over 50x14x14x96 inputs takes
-  30.7 ms instead of 35.4 at stride 1 and 8.9 ms instead of 27.4 at stride 2
-  (``benchmarks/adaquant_speed.py --depthwise``); MobileNetV2's depthwise layers
-  together step 1.5x faster.
+  29.4 ms instead of 35.4 at stride 1 and 9.0 ms instead of 27.4 at stride 2
+  (``benchmarks/adaquant_speed.py --depthwise``).
   """
   kh, kw = kernel.shape[:2]
   xp = _pad_spatial(x, pads)
