@@ -78,6 +78,14 @@ def assign_bits(layers: Sequence[LayerInfo], w_bits: Bits, a_bits: Bits,
   return bits
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _quantized_forward(model: nn.Module, variables, qstate, folded_bns: frozenset,
+                       x: jnp.ndarray) -> jnp.ndarray:
+  """One jitted forward for all quantized models (the Flax module and the folded BN
+  paths are static: modules hash by their configuration)."""
+  return apply_quantized(model, variables, qstate, folded_bns, x)
+
+
 @dataclasses.dataclass
 class QuantizedModel:
   """A quantized view of an unmodified Flax model."""
@@ -96,14 +104,21 @@ class QuantizedModel:
   def folded_bns(self) -> frozenset:
     return frozenset(l.bn_path for l in self.layers if l.bn_path)
 
+  def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Quantized model output on a batch ``x``, jit-compiled once per model, bit widths
+    and shape: every quantized model of a pipeline with the same bits (its stages, say)
+    runs the same program."""
+    x = jnp.asarray(x, jnp.float32)
+    try:
+      hash(self.model)
+    except TypeError:  # a module with an unhashable field (a list, say): its own program
+      return self._own_forward(self.variables, self.qstate, x)
+    return _quantized_forward(self.model, self.variables, self.qstate, self.folded_bns, x)
+
   @functools.cached_property
-  def _forward(self):
+  def _own_forward(self):
     return jax.jit(lambda variables, qstate, x: apply_quantized(
         self.model, variables, qstate, self.folded_bns, x))
-
-  def apply(self, x: jnp.ndarray) -> jnp.ndarray:
-    """Quantized model output on a batch ``x`` (jit-compiled once per shape)."""
-    return self._forward(self.variables, self.qstate, jnp.asarray(x, jnp.float32))
 
   def predict(self, images: np.ndarray, batch_size: int = 500,
               devices: Optional[Sequence[Any]] = None) -> np.ndarray:

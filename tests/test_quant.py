@@ -32,12 +32,16 @@ class ToyNet(nn.Module):
 
 
 def random_variables(model, x, seed=0):
-  variables = model.init(jax.random.key(seed), x)
-  counter = iter(range(10**6))
-  key = lambda: jax.random.fold_in(jax.random.key(seed + 1), next(counter))
-  stats = jax.tree.map(lambda a: a + 0.5 * jax.random.uniform(key(), a.shape),
+  """Initial variables with every parameter and BN statistic perturbed, so that folding
+  and quantization see non-trivial values. The init is one jitted program and the noise
+  comes from NumPy: op by op, MobileNetV2's hundreds of small random ops each compile,
+  which took over half a minute on 2 cores."""
+  variables = jax.jit(model.init)(jax.random.key(seed), x)
+  rng = np.random.default_rng(seed + 1)
+  noisy = lambda a, noise: jax.device_put(np.asarray(a) + noise.astype(a.dtype))
+  stats = jax.tree.map(lambda a: noisy(a, 0.5 * rng.uniform(size=a.shape)),
                        variables['batch_stats'])
-  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(key(), a.shape),
+  params = jax.tree.map(lambda a: noisy(a, 0.1 * rng.standard_normal(a.shape)),
                         variables['params'])
   return {'params': params, 'batch_stats': stats}
 
@@ -185,6 +189,24 @@ def test_save_load_identical_outputs(toy, tmp_path):
   np.testing.assert_array_equal(loaded.apply(x), qm.apply(x))
   with pytest.raises(ptq_jax.CheckpointError, match='another model'):
     ptq_jax.QuantizedModel.load(path, ptq_jax.create_model('resnet20'))
+
+
+def test_models_with_the_same_bits_share_one_compiled_forward(toy):
+  """Pipeline stages (same model and bits, other values) reuse one program; other bit
+  widths compile their own."""
+  from ptq_jax.api import _quantized_forward
+  model, variables, x = toy
+  x = np.asarray(x)
+  a = ptq_jax.quantize(model, variables, x[:16], w_bits=5, a_bits=7)
+  b = ptq_jax.quantize(model, variables, x[16:], w_bits=5, a_bits=7)
+  before = _quantized_forward._cache_size()
+  out_a = a.apply(x[:9])
+  assert _quantized_forward._cache_size() == before + 1
+  out_b = b.apply(x[:9])
+  assert _quantized_forward._cache_size() == before + 1
+  assert not np.array_equal(out_a, out_b)  # other ranges, same program
+  ptq_jax.quantize(model, variables, x, w_bits=6, a_bits=7).apply(x[:9])
+  assert _quantized_forward._cache_size() == before + 2
 
 
 @pytest.mark.parametrize('bits,symmetric', [(4, False), (3, True), (8, False), (2, False)])
