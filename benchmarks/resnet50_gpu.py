@@ -60,6 +60,8 @@ def main(_):
   if FLAGS.merge_from:
     return save(new_rows_from(FLAGS.merge_from, FLAGS.out, FLAGS.name))
   command = 'python benchmarks/resnet50_gpu.py ' + ' '.join(sys.argv[1:])
+  if os.environ.get('XLA_FLAGS'):   # part of how the row was measured
+    command = f"XLA_FLAGS='{os.environ['XLA_FLAGS']}' {command}"
   cache_state = compilation_cache_state()
   model = ptq_jax.create_model(FLAGS.model)
   shape = (FLAGS.image_size, FLAGS.image_size, 3)
@@ -76,12 +78,17 @@ def main(_):
   threads = FLAGS.compile_threads or os.cpu_count()
   print(f'capture budget {config.capture_budget_mb:.0f} MB, ahead-of-time compilation '
         f'{precompile}', flush=True)
+  compiles = CompileLog()
+  jax.monitoring.register_event_duration_secs_listener(compiles)
   start = time.time()
   qm = ptq_jax.quantize(model, variables, calib, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
                         first_last_bits=None, method='adaquant', mode='parallel', adaquant=config,
                         key=jax.random.key(0))
   jax.block_until_ready(qm.qstate)
   total = time.time() - start
+  jax.monitoring.unregister_event_duration_listener(compiles)
+  print(f'compiled {compiles.count} programs in {compiles.seconds:.1f}s: {compiles.summary()}',
+        flush=True)
   reports = qm.layer_reports
   step_seconds = sum(r['seconds'] for r in reports)
   waited = sum(r.get('compile_wait_seconds', 0.0) for r in reports)
@@ -101,7 +108,9 @@ def main(_):
        'ms_per_iteration_per_layer': round(1000 * step_seconds / (len(reports) * FLAGS.iterations), 3),
        'tflops_per_s': round(flops / step_seconds / 1e12, 2),
        'seconds_in_layer_optimisation': round(step_seconds, 1),
-       'seconds_waiting_for_compilation': round(waited, 1), **peak_device_mb()},
+       'seconds_waiting_for_compilation': round(waited, 1),
+       'programs_compiled': compiles.count, 'seconds_compiling': round(compiles.seconds, 1),
+       **peak_device_mb()},
   ]
   save(records)  # kept even if the sensitivity stage below does not finish
   if not FLAGS.sensitivity:
@@ -125,6 +134,36 @@ def main(_):
        **peak_device_mb()},
   ]
   save(records)
+
+
+class CompileLog:
+  """Counts the programs XLA compiled (or loaded from the persistent cache) and sums
+  their seconds, per jitted function: JAX's backend-compile events, from every thread."""
+
+  def __init__(self, report_over_seconds: float = 1.0):
+    self.by_function: dict = {}
+    self.report_over_seconds = report_over_seconds
+    self.start = time.time()
+
+  def __call__(self, event: str, seconds: float, fun_name: str = '?', **_) -> None:
+    if event == '/jax/core/compile/backend_compile_duration':
+      count, total = self.by_function.get(fun_name, (0, 0.0))
+      self.by_function[fun_name] = (count + 1, total + seconds)
+      if seconds >= self.report_over_seconds:   # live, so a run cut short still says why
+        print(f'[{time.time() - self.start:6.1f}s] compiled {fun_name} in {seconds:.1f}s '
+              f'({self.count} programs, {self.seconds:.1f}s so far)', flush=True)
+
+  @property
+  def count(self) -> int:
+    return sum(c for c, _ in self.by_function.values())
+
+  @property
+  def seconds(self) -> float:
+    return sum(t for _, t in self.by_function.values())
+
+  def summary(self) -> str:
+    top = sorted(self.by_function.items(), key=lambda kv: -kv[1][1])[:8]
+    return ', '.join(f'{name}: {c} in {t:.1f}s' for name, (c, t) in top)
 
 
 def compilation_cache_state() -> str:
@@ -156,7 +195,7 @@ def save(records):
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'iterations',
                          'layers', 'compilation', 'compilation_cache', 'xla_flags', 'seconds',
                          'seconds_in_layer_optimisation', 'seconds_waiting_for_compilation',
-                         'ms_per_iteration_per_layer',
+                         'programs_compiled', 'seconds_compiling', 'ms_per_iteration_per_layer',
                          'tflops_per_s', 'seconds_with_w8a8_ranges', 'peak_device_mb', 'device',
                          'command'],
                 notes='Random weights and synthetic calibration images (timing only), every '
@@ -167,7 +206,10 @@ def save(records):
                       'ahead of time). seconds: the stage\'s wall time, compilation and input '
                       'capture included; of which seconds_in_layer_optimisation in the layers\' '
                       'own work and seconds_waiting_for_compilation waiting for programs still '
-                      'compiling (compilation: at first call = each program compiled when its '
+                      'compiling; programs_compiled and seconds_compiling: the programs XLA compiled '
+                      '(or loaded from the persistent cache) during range calibration and '
+                      'AdaQuant and their summed time, over all threads '
+                      '(compilation: at first call = each program compiled when its '
                       'first layer came up; ahead of time = all compiled up front on a thread '
                       'pool while inputs are captured; compilation_cache: JAX\'s persistent '
                       'compilation cache off, empty at the start (cold) or holding the '
