@@ -85,8 +85,11 @@ fi
 #      cold_noautotune_aot  the same, compiling every program up front on a thread pool
 #      cold_nosens     empty cache, no sensitivity table (the default's first run and the
 #                      baseline for the two above)
+#      cold_eval_whole the same with each layer's float-target and error passes over the
+#                      whole set (--eval_batch_size=1000, as before that option): against
+#                      cold_nosens, what computing them at the minibatch's shapes saves
 #    The first run failing (not a timeout) stops the session so it can be rerun.
-R50_RUNS=${R50_RUNS:-cold_nosens:240 warm:120}
+R50_RUNS=${R50_RUNS:-cold_nosens:220 warm:90 cold_eval_whole:220}
 first_r50=1
 for run in $R50_RUNS; do
   name=${run%%:*}; limit=${run#*:}
@@ -97,6 +100,7 @@ for run in $R50_RUNS; do
     cold_noautotune) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=0) ;;
     cold_noautotune_aot) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=0); flags+=(--precompile=on) ;;
     cold_nosens) ;;
+    cold_eval_whole) flags+=(--eval_batch_size=1000) ;;
     *) echo "== unknown ResNet-50 run $name"; continue ;;
   esac
   [ "$name" = warm ] || rm -rf "$cache"

@@ -46,6 +46,9 @@ flags.DEFINE_enum('precompile', 'off', ['on', 'off'], 'Compile every layer\'s pr
                   'front on a thread pool (AdaQuantConfig.precompile).')
 flags.DEFINE_integer('compile_threads', 0, 'Threads for ahead-of-time compilation (0: one '
                      'per CPU core).')
+flags.DEFINE_integer('eval_batch_size', 0, 'AdaQuantConfig.eval_batch_size: the batch of each '
+                     'layer\'s float-target and error passes (0: the default, the minibatch '
+                     'on a GPU; 1000: the whole set, as before).')
 flags.DEFINE_bool('sensitivity', True, 'Also time the sensitivity table for two options.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
@@ -53,7 +56,7 @@ flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directo
 flags.DEFINE_string('name', 'resnet50_gpu', 'Results file name.')
 
 KEY_FIELDS = ('model', 'stage', 'device', 'calib_size', 'iterations', 'compilation',
-              'compilation_cache', 'xla_flags')
+              'compilation_cache', 'xla_flags', 'eval_batch')
 
 
 def main(_):
@@ -74,7 +77,8 @@ def main(_):
   precompile = FLAGS.precompile == 'on'
   config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=FLAGS.batch_size,
                                   capture_budget_mb=FLAGS.capture_budget_mb or capture_budget(),
-                                  precompile=precompile, compile_threads=FLAGS.compile_threads)
+                                  precompile=precompile, compile_threads=FLAGS.compile_threads,
+                                  eval_batch_size=FLAGS.eval_batch_size or None)
   threads = FLAGS.compile_threads or os.cpu_count()
   print(f'capture budget {config.capture_budget_mb:.0f} MB, ahead-of-time compilation '
         f'{precompile}', flush=True)
@@ -100,6 +104,7 @@ def main(_):
           'compilation': (f'ahead of time, {threads} threads' if precompile
                           else 'at first call'),
           'compilation_cache': cache_state,
+          'eval_batch': config.eval_batches(FLAGS.calib_size) or 'whole set / 250',
           **({'xla_flags': os.environ['XLA_FLAGS']} if os.environ.get('XLA_FLAGS') else {}),
           'device': describe_device(), 'command': command}
   records = [
@@ -193,7 +198,8 @@ def save(records):
   write_results(FLAGS.out, FLAGS.name, merge_records(FLAGS.out, FLAGS.name, records, KEY_FIELDS),
                 f'Parallel AdaQuant of every layer of {FLAGS.model}',
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'iterations',
-                         'layers', 'compilation', 'compilation_cache', 'xla_flags', 'seconds',
+                         'layers', 'compilation', 'compilation_cache', 'xla_flags', 'eval_batch',
+                         'seconds',
                          'seconds_in_layer_optimisation', 'seconds_waiting_for_compilation',
                          'programs_compiled', 'seconds_compiling', 'ms_per_iteration_per_layer',
                          'tflops_per_s', 'seconds_with_w8a8_ranges', 'peak_device_mb', 'device',
@@ -213,7 +219,9 @@ def save(records):
                       'first layer came up; ahead of time = all compiled up front on a thread '
                       'pool while inputs are captured; compilation_cache: JAX\'s persistent '
                       'compilation cache off, empty at the start (cold) or holding the '
-                      'programs of an earlier run (warm); the cold row compiled ahead of time '
+                      'programs of an earlier run (warm); eval_batch: the batch of each layer\'s '
+                      'float-target and error passes, blank where measured before it was an '
+                      'option (the whole set for the target, 250 for the error); the cold row compiled ahead of time '
                       'was run when that was the GPU default: rerun it with --precompile=on). '
                       'sensitivity_table_2_options: dL for every layer at W8A8 (calibrated '
                       'ranges) and at the AdaQuant state above, on all calibration images; '

@@ -23,7 +23,10 @@ Compilation: on a GPU it is most of a cold run. JAX's persistent compilation cac
 (``ptq_jax.enable_compilation_cache``, on by default in ``run.py`` on GPU/TPU) takes a
 later run with the same layer shapes from 101-115 s to 33 s (ResNet-50, one H200).
 ``precompile=True`` compiles every layer's programs up front on a thread pool
-(``ptq_jax.aot``) while the inputs are captured.
+(``ptq_jax.aot``) while the inputs are captured. Off CPU, a layer's float target and
+reconstruction error are computed in minibatch-sized pieces inside one program
+(``eval_batch_size``), so their convs have the step's shapes and a GPU autotunes
+each conv shape once, not again at the whole set's and the error batch's shapes.
 Memory: layer inputs are captured for a group of layers at a time, bounded by
 ``capture_budget_mb`` (host memory on CPU, device memory elsewhere), and released
 after that group; the capture pass compiles once per group, so a larger budget on a
@@ -80,6 +83,8 @@ class AdaQuantConfig:
   #                                       thread pool (see ptq_jax.aot: no gain measured on
   #                                       an H200; the persistent cache is what helps)
   compile_threads: int = 0              # 0: one per CPU core
+  eval_batch_size: Optional[int] = None  # batch of the float-target and error passes;
+  #                                       None: see eval_batches()
 
   def validate(self) -> 'AdaQuantConfig':
     if self.iterations < 0 or self.batch_size < 1:
@@ -88,6 +93,9 @@ class AdaQuantConfig:
     for name in ('lr_kernel', 'lr_bias', 'lr_w_quant', 'lr_a_quant'):
       if getattr(self, name) < 0:
         raise ValueError(f'AdaQuant {name} must be >= 0, got {getattr(self, name)}.')
+    if self.eval_batch_size is not None and self.eval_batch_size < 1:
+      raise ValueError(f'AdaQuant eval_batch_size must be >= 1 or None, got '
+                       f'{self.eval_batch_size}.')
     if self.lr_schedule not in LR_SCHEDULES:
       raise ValueError(f'AdaQuant lr_schedule must be one of {LR_SCHEDULES}, got '
                        f'{self.lr_schedule!r}.')
@@ -98,6 +106,19 @@ class AdaQuantConfig:
     changing them does not recompile the step)."""
     return jnp.asarray([self.lr_kernel, self.lr_bias, self.lr_w_quant, self.lr_a_quant,
                         max(self.iterations, 1)], jnp.float32)
+
+  def eval_batches(self, n: int) -> Optional[int]:
+    """The batch in which a layer's float target and reconstruction error are computed
+    over ``n`` captured inputs, inside one program each (``lax.map``); None: the CPU
+    way, the target in one call and the error in host-side batches of ERROR_BATCH
+    (XLA's CPU backend runs convs inside loops far slower).
+
+    Elsewhere the default is the minibatch size: those passes' convs then have the
+    step's shapes, so a GPU autotunes each conv shape once per layer geometry rather
+    than again at the whole set and at ERROR_BATCH."""
+    if self.eval_batch_size is not None:
+      return min(self.eval_batch_size, n)
+    return None if jax.default_backend() == 'cpu' else min(self.batch_size, n)
 
   def chunk(self) -> int:
     if self.steps_per_call:
@@ -205,17 +226,62 @@ def _error_sums(geom: LayerGeometry, activation: str, lq: LayerQuant, x, y):
 ERROR_BATCH = 250
 
 
+def _in_batches(fn, batch: int, *arrays):
+  """``fn`` over leading-axis batches of ``arrays`` (``lax.map``; a smaller last call
+  for the remainder), stacked back."""
+  n = arrays[0].shape[0]
+  full = n // batch * batch
+  parts = []
+  if full:
+    split = [a[:full].reshape((full // batch, batch) + a.shape[1:]) for a in arrays]
+    out = jax.lax.map(lambda xs: fn(*xs), split)
+    parts.append(jax.tree.map(lambda o: o.reshape((full,) + o.shape[2:]), out))
+  if full < n:
+    parts.append(fn(*[a[full:] for a in arrays]))
+  return parts[0] if len(parts) == 1 else jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _batched_float_target(geom: LayerGeometry, activation: str, batch: int, lq: LayerQuant, xs):
+  return _in_batches(functools.partial(float_target, geom, activation, lq), batch, xs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _batched_error_sums(geom: LayerGeometry, activation: str, batch: int, lq: LayerQuant,
+                        xs, ys):
+  def sums(x, y):   # per-example sums, added up after (no carry across batches)
+    err = layer_output(geom, activation, lq, x) - y
+    return (jnp.sum(err.reshape(len(x), -1)**2, axis=1), jnp.sum(y.reshape(len(y), -1)**2, axis=1))
+  err, ref = _in_batches(sums, batch, xs, ys)
+  return jnp.sum(err), jnp.sum(ref)
+
+
+def float_targets(geom: LayerGeometry, activation: str, lq: LayerQuant, xs: jnp.ndarray,
+                  batch: Optional[int] = None) -> jnp.ndarray:
+  """:func:`float_target` over a whole captured set, in ``batch``-sized pieces inside
+  one program, or (``batch=None``) in one call."""
+  if batch is None:
+    return _float_target(geom, activation, lq, xs)
+  return _batched_float_target(geom, activation, batch, lq, xs)
+
+
 def _error_batch_sizes(n: int, batch: int = ERROR_BATCH) -> Tuple[int, ...]:
   return tuple(sorted({min(batch, n - start) for start in range(0, n, batch)}))
 
 
 def reconstruction_error(geom: LayerGeometry, activation: str, lq: LayerQuant, xs: jnp.ndarray,
-                         ys: jnp.ndarray, batch: int = ERROR_BATCH) -> Tuple[float, float]:
-  """(MSE, MSE / mean(target^2)) of a quantized layer over a whole captured set."""
-  total_err = total_ref = 0.0
-  for start in range(0, xs.shape[0], batch):
-    e, r = _error_sums(geom, activation, lq, xs[start:start + batch], ys[start:start + batch])
-    total_err, total_ref = total_err + float(e), total_ref + float(r)
+                         ys: jnp.ndarray, batch: Optional[int] = None) -> Tuple[float, float]:
+  """(MSE, MSE / mean(target^2)) of a quantized layer over a whole captured set: in
+  ``batch``-sized pieces inside one program, or (``batch=None``) in host-side calls of
+  ERROR_BATCH examples."""
+  if batch is not None:
+    total_err, total_ref = map(float, _batched_error_sums(geom, activation, batch, lq, xs, ys))
+  else:
+    total_err = total_ref = 0.0
+    for start in range(0, xs.shape[0], ERROR_BATCH):
+      e, r = _error_sums(geom, activation, lq, xs[start:start + ERROR_BATCH],
+                         ys[start:start + ERROR_BATCH])
+      total_err, total_ref = total_err + float(e), total_ref + float(r)
   count = ys.size
   mse = total_err / count
   return mse, mse / max(total_ref / count, 1e-30)
@@ -234,7 +300,8 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray, ys: jnp.nd
   rates = config.rates()
   pin = (lambda tree: aot.commit(tree, device)) if device is not None else (lambda tree: tree)
   lq, xs, ys, key, rates = pin((lq, xs, ys, key, rates))
-  before, rel_before = reconstruction_error(geom, layer.activation, lq, xs, ys)
+  eval_batch = config.eval_batches(xs.shape[0])
+  before, rel_before = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
   batch = min(config.batch_size, xs.shape[0])
   chunk = config.chunk()
   # (Committed again: outputs that do not depend on an input come back uncommitted.)
@@ -247,7 +314,7 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray, ys: jnp.nd
     lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch, config.lr_schedule, lq,
                                   opt_state, xs, ys, key, np.int32(done), rates)
     done += steps
-  after, rel_after = reconstruction_error(geom, layer.activation, lq, xs, ys)
+  after, rel_after = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
   report = {'path': layer.path, 'activation': layer.activation,
             'w_bits': lq.w_quant.bits if lq.w_quant else None,
             'a_bits': lq.a_quant.bits if lq.a_quant else None,
@@ -269,14 +336,22 @@ def layer_programs(layer: LayerInfo, lq: LayerQuant, n_images: int, config: AdaQ
   float_a = LayerQuant(lq_a.kernel, lq_a.bias)
   xs_a = at(jax.ShapeDtypeStruct((n_images,) + tuple(layer.input_shape), jnp.float32))
   ys_a = at(jax.eval_shape(functools.partial(float_target, geom, act), float_a, xs_a))
-  statics = (geom, act)
-  programs = [(('float_target', statics, aot.signature((float_a, xs_a))), _float_target,
-               (geom, act, float_a, xs_a))]
-  for b in _error_batch_sizes(n_images):
-    part = lambda a: at(jax.ShapeDtypeStruct((b,) + a.shape[1:], a.dtype))
-    args = (lq_a, part(xs_a), part(ys_a))
-    programs.append((('error_sums', statics, aot.signature(args)), _error_sums,
-                     (geom, act) + args))
+  eval_batch = config.eval_batches(n_images)
+  if eval_batch is None:
+    statics = (geom, act)
+    programs = [(('float_target', statics, aot.signature((float_a, xs_a))), _float_target,
+                 (geom, act, float_a, xs_a))]
+    for b in _error_batch_sizes(n_images):
+      part = lambda a: at(jax.ShapeDtypeStruct((b,) + a.shape[1:], a.dtype))
+      args = (lq_a, part(xs_a), part(ys_a))
+      programs.append((('error_sums', statics, aot.signature(args)), _error_sums,
+                       (geom, act) + args))
+  else:
+    statics = (geom, act, eval_batch)
+    programs = [(('batched_float_target', statics, aot.signature((float_a, xs_a))),
+                 _batched_float_target, statics + (float_a, xs_a)),
+                (('batched_error_sums', statics, aot.signature((lq_a, xs_a, ys_a))),
+                 _batched_error_sums, statics + (lq_a, xs_a, ys_a))]
   rates_a = at(config.rates())
   programs.append((('init_optimizer', config.lr_schedule, aot.signature((rates_a, lq_a))),
                    _init_optimizer, (config.lr_schedule, rates_a, lq_a)))
@@ -408,7 +483,8 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
     float_lq = float_state[layer.path]
     if pin is not None:
       x_fp, float_lq = aot.commit((x_fp, float_lq), pin)
-    y = _float_target(layer.geometry, layer.activation, float_lq, x_fp)
+    y = float_targets(layer.geometry, layer.activation, float_lq, x_fp,
+                      config.eval_batches(len(x_fp)))
     lq, report = optimize_layer(layer, qstate[layer.path], x_fp if x is None else x, y, config,
                                 jax.random.fold_in(key, index[layer.path]), pin)
     report['mode'], report['compile_wait_seconds'] = mode, waited

@@ -114,9 +114,32 @@ def test_same_geometry_layer_does_not_recompile():
   assert adaquant.compiled_step_count() == compiled
 
 
+def test_batched_target_and_error_equal_the_whole_set_ones(toy_w3a3):
+  """The float target and reconstruction error computed in minibatch-sized pieces
+  inside one program (the GPU default, so their convs share the step's shapes) equal
+  the whole-set computation, including a smaller remainder batch."""
+  model, variables, x, base = toy_w3a3
+  capture = adaquant.InputCapture(model, variables, base.folded_bns)
+  for layer in base.layers[:2]:
+    xs = capture(base.qstate, x, [layer.path])[layer.path]
+    lq = base.qstate[layer.path]
+    float_lq = adaquant.LayerQuant(lq.kernel, lq.bias)
+    whole = adaquant.float_targets(layer.geometry, layer.activation, float_lq, xs)
+    for batch in (7, len(xs)):          # with a remainder; one batch
+      pieces = adaquant.float_targets(layer.geometry, layer.activation, float_lq, xs, batch)
+      np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-6)
+      errors = adaquant.reconstruction_error(layer.geometry, layer.activation, lq, xs, whole,
+                                             batch)
+      np.testing.assert_allclose(errors, adaquant.reconstruction_error(
+          layer.geometry, layer.activation, lq, xs, whole), rtol=1e-5)
+    assert errors[0] > 0
+
+
 def test_bad_config():
   with pytest.raises(ValueError, match='iterations >= 0'):
     ptq_jax.AdaQuantConfig(iterations=-1).validate()
+  with pytest.raises(ValueError, match='eval_batch_size must be >= 1'):
+    ptq_jax.AdaQuantConfig(eval_batch_size=0).validate()
   with pytest.raises(ValueError, match='lr_bias must be >= 0'):
     ptq_jax.AdaQuantConfig(lr_bias=-1.0).validate()
   with pytest.raises(ValueError, match="lr_schedule must be one of"):
@@ -141,7 +164,8 @@ def test_cosine_schedule_decays_and_constant_does_not():
     np.testing.assert_allclose(steps, expected, atol=1e-5)
 
 
-def test_programs_compiled_ahead_of_time_are_the_ones_called(monkeypatch):
+@pytest.mark.parametrize('eval_batch_size', [None, 8])   # CPU passes; batched (GPU default)
+def test_programs_compiled_ahead_of_time_are_the_ones_called(monkeypatch, eval_batch_size):
   """With ``precompile`` every layer's programs are compiled on the thread pool; the
   layer optimisation itself (main thread) compiles nothing, and the result is the
   same as compiling each program when first called."""
@@ -170,7 +194,8 @@ def test_programs_compiled_ahead_of_time_are_the_ones_called(monkeypatch):
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     config = ptq_jax.AdaQuantConfig(iterations=12, batch_size=8, steps_per_call=5,
-                                    precompile=True, compile_threads=2)
+                                    precompile=True, compile_threads=2,
+                                    eval_batch_size=eval_batch_size)
     ahead, reports = adaquant.run_adaquant(model, variables, base.layers, base.qstate, x,
                                            'parallel', config, jax.random.key(0),
                                            progress=False)
