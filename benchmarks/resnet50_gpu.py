@@ -110,7 +110,8 @@ def main(_):
   records = [
       {**base, 'stage': 'range_calibration', 'seconds': round(qm.timings['calibrate_seconds'], 1)},
       {**base, 'stage': 'adaquant_all_layers', 'seconds': round(qm.timings['adaquant_seconds'], 1),
-       'ms_per_iteration_per_layer': round(1000 * step_seconds / (len(reports) * FLAGS.iterations), 3),
+       'ms_per_iteration_per_layer': round(
+           1000 * step_seconds / (len(reports) * FLAGS.iterations), 3),
        'tflops_per_s': round(flops / step_seconds / 1e12, 2),
        'seconds_in_layer_optimisation': round(step_seconds, 1),
        'seconds_waiting_for_compilation': round(waited, 1),
@@ -204,28 +205,29 @@ def save(records):
                          'programs_compiled', 'seconds_compiling', 'ms_per_iteration_per_layer',
                          'tflops_per_s', 'seconds_with_w8a8_ranges', 'peak_device_mb', 'device',
                          'command'],
-                notes='Random weights and synthetic calibration images (timing only), every '
-                      'layer at W4A4. ms/iteration: each layer\'s optimisation time (its '
-                      'steps plus the before/after error measurement, not the capture of its '
-                      'inputs) over its iterations; TFLOP/s counts 6 x MACs x minibatch per '
-                      'iteration over the same time (compilation excluded where it happens '
-                      'ahead of time). seconds: the stage\'s wall time, compilation and input '
-                      'capture included; of which seconds_in_layer_optimisation in the layers\' '
-                      'own work and seconds_waiting_for_compilation waiting for programs still '
-                      'compiling; programs_compiled and seconds_compiling: the programs XLA compiled '
-                      '(or loaded from the persistent cache) during range calibration and '
-                      'AdaQuant and their summed time, over all threads '
-                      '(compilation: at first call = each program compiled when its '
-                      'first layer came up; ahead of time = all compiled up front on a thread '
-                      'pool while inputs are captured; compilation_cache: JAX\'s persistent '
-                      'compilation cache off, empty at the start (cold) or holding the '
-                      'programs of an earlier run (warm); eval_batch: the batch of each layer\'s '
-                      'float-target and error passes, blank where measured before it was an '
-                      'option (the whole set for the target, 250 for the error); the cold row compiled ahead of time '
-                      'was run when that was the GPU default: rerun it with --precompile=on). '
-                      'sensitivity_table_2_options: dL for every layer at W8A8 (calibrated '
-                      'ranges) and at the AdaQuant state above, on all calibration images; '
-                      'total: every stage.')
+                notes=('Random weights and synthetic calibration images (timing only), '
+                       'every layer at W4A4. ms/iteration: each layer\'s optimisation time '
+                       '(its steps plus the before/after error measurement, not the capture '
+                       'of its inputs) over its iterations; TFLOP/s counts 6 x MACs x '
+                       'minibatch per iteration over the same time (compilation excluded '
+                       'where it happens ahead of time). seconds: the stage\'s wall time, '
+                       'compilation and input capture included; of which '
+                       'seconds_in_layer_optimisation in the layers\' own work and '
+                       'seconds_waiting_for_compilation waiting for programs still compiling. '
+                       'programs_compiled and seconds_compiling: the programs XLA compiled (or '
+                       'loaded from the persistent cache) during range calibration and '
+                       'AdaQuant, and their summed time over all threads. compilation: at '
+                       'first call = each program compiled when its first layer came up; '
+                       'ahead of time = all compiled up front on a thread pool while inputs '
+                       'are captured (the cold row compiled ahead of time was run when that '
+                       'was the GPU default: rerun it with --precompile=on). '
+                       'compilation_cache: JAX\'s persistent compilation cache off, empty at '
+                       'the start (cold) or holding the programs of an earlier run (warm). '
+                       'eval_batch: the batch of each layer\'s float-target and error passes '
+                       '(blank: measured before it was an option, when they ran over the '
+                       'whole set and in batches of 250). sensitivity_table_2_options: dL for '
+                       'every layer at W8A8 (calibrated ranges) and at the AdaQuant state '
+                       'above, on all calibration images; total: every stage.'))
 
 
 if __name__ == '__main__':

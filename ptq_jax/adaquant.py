@@ -250,8 +250,8 @@ def _batched_float_target(geom: LayerGeometry, activation: str, batch: int, lq: 
 def _batched_error_sums(geom: LayerGeometry, activation: str, batch: int, lq: LayerQuant,
                         xs, ys):
   def sums(x, y):   # per-example sums, added up after (no carry across batches)
-    err = layer_output(geom, activation, lq, x) - y
-    return (jnp.sum(err.reshape(len(x), -1)**2, axis=1), jnp.sum(y.reshape(len(y), -1)**2, axis=1))
+    per_example = lambda a: jnp.sum(a.reshape(len(a), -1)**2, axis=1)
+    return per_example(layer_output(geom, activation, lq, x) - y), per_example(y)
   err, ref = _in_batches(sums, batch, xs, ys)
   return jnp.sum(err), jnp.sum(ref)
 
