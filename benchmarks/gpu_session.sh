@@ -63,8 +63,8 @@ step() {
 # Start from the repository's results so finished grid cells are skipped.
 cp results/adaquant.json results/mixed_precision.json results/scaling.json "$WORK/results/" 2>/dev/null
 export XLA_PYTHON_CLIENT_PREALLOCATE=false            # several processes share the GPU below
-if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then   # ours: emptied, so the first ResNet-50
-  export JAX_COMPILATION_CACHE_DIR=/tmp/ptq_jax_xla_cache   # run below is a cold one
+if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then   # the lanes' cache, emptied (each
+  export JAX_COMPILATION_CACHE_DIR=/tmp/ptq_jax_xla_cache   # ResNet-50 run sets its own)
   rm -rf "$JAX_COMPILATION_CACHE_DIR"
 fi
 
@@ -95,8 +95,8 @@ for run in $R50_RUNS; do
   name=${run%%:*}; limit=${run#*:}
   cache=/tmp/ptq_jax_xla_cache_$name; env_flags=(); flags=(--nosensitivity)
   case $name in
-    cold) cache=/tmp/ptq_jax_xla_cache; flags=() ;;
-    warm) cache=${last_cache:-/tmp/ptq_jax_xla_cache} ;;   # filled by the run before
+    cold) flags=() ;;
+    warm) cache=${last_cache:-$cache} ;;   # the cache the run before filled
     cold_noautotune) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=0) ;;
     cold_noautotune_aot) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=0); flags+=(--precompile=on) ;;
     cold_nosens) ;;
