@@ -84,12 +84,18 @@ fi
 #                      faster cold run; kept to recheck on other cards and versions.
 #      cold_noautotune_aot  the same, compiling every program up front on a thread pool
 #      cold_nosens     empty cache, no sensitivity table (the default's first run and the
-#                      baseline for the two above)
-#      cold_eval_whole the same with each layer's float-target and error passes over the
-#                      whole set (--eval_batch_size=1000, as before that option): against
-#                      cold_nosens, what computing them at the minibatch's shapes saves
+#                      baseline for the others): each layer is one program (target, errors,
+#                      steps; layer_program=one in the row)
+#      cold_autotune1  the same with XLA_FLAGS=--xla_gpu_autotune_level=1: convolutions
+#                      still autotuned, without the buffer initialisation and the result
+#                      check of the default level 4. If this alone makes a cold run much
+#                      shorter, AdaQuant's programs can ask for it (jax.jit compiler_options)
+#      cold_autotune2  the same at level 2 (buffers initialised, no check)
+#      cold_eval_whole the same as cold_nosens with each layer's float-target and error
+#                      passes over the whole set in one piece (--eval_batch_size=1000):
+#                      what computing them at the minibatch's shapes saves
 #    The first run failing (not a timeout) stops the session so it can be rerun.
-R50_RUNS=${R50_RUNS:-cold_nosens:220 warm:90 cold_eval_whole:220}
+R50_RUNS=${R50_RUNS:-cold_nosens:200 warm:80 cold_autotune1:200 cold_eval_whole:200}
 first_r50=1
 for run in $R50_RUNS; do
   name=${run%%:*}; limit=${run#*:}
@@ -100,6 +106,8 @@ for run in $R50_RUNS; do
     cold_noautotune) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=0) ;;
     cold_noautotune_aot) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=0); flags+=(--precompile=on) ;;
     cold_nosens) ;;
+    cold_autotune1) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=1) ;;
+    cold_autotune2) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=2) ;;
     cold_eval_whole) flags+=(--eval_batch_size=1000) ;;
     *) echo "== unknown ResNet-50 run $name"; continue ;;
   esac

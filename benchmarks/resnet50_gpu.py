@@ -49,6 +49,9 @@ flags.DEFINE_integer('compile_threads', 0, 'Threads for ahead-of-time compilatio
 flags.DEFINE_integer('eval_batch_size', 0, 'AdaQuantConfig.eval_batch_size: the batch of each '
                      'layer\'s float-target and error passes (0: the default, the minibatch '
                      'on a GPU; 1000: the whole set, as before).')
+flags.DEFINE_integer('steps_per_call', 0, 'AdaQuantConfig.steps_per_call (0: the default, every '
+                     'step in one call on a GPU). With batched passes and every step in one '
+                     'call, each layer is one program (layer_program=one).')
 flags.DEFINE_bool('sensitivity', True, 'Also time the sensitivity table for two options.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directories (e.g. '
@@ -56,7 +59,7 @@ flags.DEFINE_list('merge_from', [], 'Only merge the rows of these output directo
 flags.DEFINE_string('name', 'resnet50_gpu', 'Results file name.')
 
 KEY_FIELDS = ('model', 'stage', 'device', 'calib_size', 'iterations', 'compilation',
-              'compilation_cache', 'xla_flags', 'eval_batch')
+              'compilation_cache', 'xla_flags', 'eval_batch', 'layer_program')
 
 
 def main(_):
@@ -78,7 +81,8 @@ def main(_):
   config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=FLAGS.batch_size,
                                   capture_budget_mb=FLAGS.capture_budget_mb or capture_budget(),
                                   precompile=precompile, compile_threads=FLAGS.compile_threads,
-                                  eval_batch_size=FLAGS.eval_batch_size or None)
+                                  eval_batch_size=FLAGS.eval_batch_size or None,
+                                  steps_per_call=FLAGS.steps_per_call or None)
   threads = FLAGS.compile_threads or os.cpu_count()
   print(f'capture budget {config.capture_budget_mb:.0f} MB, ahead-of-time compilation '
         f'{precompile}', flush=True)
@@ -105,6 +109,8 @@ def main(_):
                           else 'at first call'),
           'compilation_cache': cache_state,
           'eval_batch': config.eval_batches(FLAGS.calib_size) or 'whole set / 250',
+          'layer_program': ('one' if config.single_program(FLAGS.calib_size)
+                            else 'separate'),
           **({'xla_flags': os.environ['XLA_FLAGS']} if os.environ.get('XLA_FLAGS') else {}),
           'device': describe_device(), 'command': command}
   records = [
@@ -200,7 +206,7 @@ def save(records):
                 f'Parallel AdaQuant of every layer of {FLAGS.model}',
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'iterations',
                          'layers', 'compilation', 'compilation_cache', 'xla_flags', 'eval_batch',
-                         'seconds',
+                         'layer_program', 'seconds',
                          'seconds_in_layer_optimisation', 'seconds_waiting_for_compilation',
                          'programs_compiled', 'seconds_compiling', 'ms_per_iteration_per_layer',
                          'tflops_per_s', 'seconds_with_w8a8_ranges', 'peak_device_mb', 'device',
@@ -225,7 +231,10 @@ def save(records):
                        'the start (cold) or holding the programs of an earlier run (warm). '
                        'eval_batch: the batch of each layer\'s float-target and error passes '
                        '(blank: measured before it was an option, when they ran over the '
-                       'whole set and in batches of 250). sensitivity_table_2_options: dL for '
+                       'whole set and in batches of 250). layer_program: one = each layer\'s '
+                       'target, errors and steps in one compiled program (per layer geometry); '
+                       'separate = a program for each (blank: measured before the single '
+                       'program existed). sensitivity_table_2_options: dL for '
                        'every layer at W8A8 (calibrated ranges) and at the AdaQuant state '
                        'above, on all calibration images; total: every stage.'))
 

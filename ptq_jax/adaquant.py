@@ -24,9 +24,11 @@ Compilation: on a GPU it is most of a cold run. JAX's persistent compilation cac
 later run with the same layer shapes from 101-115 s to 33 s (ResNet-50, one H200).
 ``precompile=True`` compiles every layer's programs up front on a thread pool
 (``ptq_jax.aot``) while the inputs are captured. Off CPU, a layer's float target and
-reconstruction error are computed in minibatch-sized pieces inside one program
-(``eval_batch_size``), so their convs have the step's shapes and a GPU autotunes
-each conv shape once, not again at the whole set's and the error batch's shapes.
+reconstruction error are computed in minibatch-sized pieces (``eval_batch_size``), so
+their convs have the step's shapes and a GPU autotunes each conv shape once, not again
+at the whole set's and the error batch's shapes; and the target, both errors, the
+optimiser's start and all the steps are one compiled program per layer geometry
+(``_fit_layer``; ``AdaQuantConfig.single_program``), not four.
 Memory: layer inputs are captured for a group of layers at a time, bounded by
 ``capture_budget_mb`` (host memory on CPU, device memory elsewhere), and released
 after that group; the capture pass compiles once per group, so a larger budget on a
@@ -104,8 +106,9 @@ class AdaQuantConfig:
   def rates(self) -> jnp.ndarray:
     """The four learning rates and the iteration count, as one array argument (so
     changing them does not recompile the step)."""
-    return jnp.asarray([self.lr_kernel, self.lr_bias, self.lr_w_quant, self.lr_a_quant,
-                        max(self.iterations, 1)], jnp.float32)
+    # (device_put: jnp.asarray would compile a copy program for it.)
+    return jax.device_put(np.array([self.lr_kernel, self.lr_bias, self.lr_w_quant,
+                                    self.lr_a_quant, max(self.iterations, 1)], np.float32))
 
   def eval_batches(self, n: int) -> Optional[int]:
     """The batch in which a layer's float target and reconstruction error are computed
@@ -119,6 +122,13 @@ class AdaQuantConfig:
     if self.eval_batch_size is not None:
       return min(self.eval_batch_size, n)
     return None if jax.default_backend() == 'cpu' else min(self.batch_size, n)
+
+  def single_program(self, n: int) -> bool:
+    """Whether AdaQuant of a layer on ``n`` inputs runs as one compiled program
+    (target, errors, optimiser start and every step): when its passes are batched (off
+    CPU by default) and one call runs all the iterations (off CPU by default)."""
+    return (self.eval_batches(n) is not None and self.iterations >= 1
+            and self.chunk() >= self.iterations)
 
   def chunk(self) -> int:
     if self.steps_per_call:
@@ -182,11 +192,10 @@ def _init_optimizer(schedule: str, rates: jnp.ndarray, lq: LayerQuant):
   return _optimizer(rates, _labels(lq), schedule).init(lq)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
-               lq: LayerQuant, opt_state, xs, ys, key, step0, rates):
-  """``steps`` Adam steps on one layer. The module is not an argument, only its
-  geometry, so ``jax.jit`` compiles once per geometry, shapes and bit widths."""
+def _steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
+           lq: LayerQuant, opt_state, xs, ys, key, step0, rates):
+  """``steps`` Adam steps on one layer (traced inside :func:`_run_steps` and
+  :func:`_fit_layer`)."""
   tx = _optimizer(rates, _labels(lq), schedule)
 
   def loss_fn(lq, x, y):
@@ -212,9 +221,15 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
   return jax.lax.fori_loop(0, steps, body, carry)
 
 
+# The module is not an argument of the programs below, only its geometry, so ``jax.jit``
+# compiles each once per geometry, shapes and bit widths.
+_run_steps = jax.jit(_steps, static_argnums=(0, 1, 2, 3, 4))
+
+
 def compiled_step_count() -> int:
-  """How many AdaQuant step programs have been compiled so far (tests, benchmarks)."""
-  return _run_steps._cache_size()
+  """How many AdaQuant step programs (:func:`_run_steps`, :func:`_fit_layer`) have been
+  compiled so far (tests, benchmarks)."""
+  return _run_steps._cache_size() + _fit_layer._cache_size()
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -246,14 +261,35 @@ def _batched_float_target(geom: LayerGeometry, activation: str, batch: int, lq: 
   return _in_batches(functools.partial(float_target, geom, activation, lq), batch, xs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _batched_error_sums(geom: LayerGeometry, activation: str, batch: int, lq: LayerQuant,
-                        xs, ys):
+def _error_sums_in_batches(geom: LayerGeometry, activation: str, batch: int, lq: LayerQuant,
+                           xs, ys):
   def sums(x, y):   # per-example sums, added up after (no carry across batches)
     per_example = lambda a: jnp.sum(a.reshape(len(a), -1)**2, axis=1)
     return per_example(layer_output(geom, activation, lq, x) - y), per_example(y)
   err, ref = _in_batches(sums, batch, xs, ys)
   return jnp.sum(err), jnp.sum(ref)
+
+
+_batched_error_sums = jax.jit(_error_sums_in_batches, static_argnums=(0, 1, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _fit_layer(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
+               eval_batch: int, lq: LayerQuant, xs, ys, key, rates):
+  """A layer's whole AdaQuant in one program: the float target (``ys=None``: the float
+  layer's own outputs on ``xs``, as in parallel mode), the error before, the optimiser
+  state, all ``steps`` steps and the error after. Used off CPU when one call runs every
+  iteration: one compilation per layer geometry instead of four, and the passes'
+  convs all have the minibatch's shapes (``eval_batch``). Returns the new state and
+  the (error, target) sums of squares before and after."""
+  if ys is None:
+    ys = _in_batches(functools.partial(float_target, geom, activation,
+                                       LayerQuant(lq.kernel, lq.bias)), eval_batch, xs)
+  before = _error_sums_in_batches(geom, activation, eval_batch, lq, xs, ys)
+  opt_state = _optimizer(rates, _labels(lq), schedule).init(lq)
+  lq, _, _ = _steps(geom, activation, steps, batch, schedule, lq, opt_state, xs, ys, key, 0,
+                    rates)
+  return lq, before, _error_sums_in_batches(geom, activation, eval_batch, lq, xs, ys)
 
 
 def float_targets(geom: LayerGeometry, activation: str, lq: LayerQuant, xs: jnp.ndarray,
@@ -275,46 +311,65 @@ def reconstruction_error(geom: LayerGeometry, activation: str, lq: LayerQuant, x
   ``batch``-sized pieces inside one program, or (``batch=None``) in host-side calls of
   ERROR_BATCH examples."""
   if batch is not None:
-    total_err, total_ref = map(float, _batched_error_sums(geom, activation, batch, lq, xs, ys))
-  else:
-    total_err = total_ref = 0.0
-    for start in range(0, xs.shape[0], ERROR_BATCH):
-      e, r = _error_sums(geom, activation, lq, xs[start:start + ERROR_BATCH],
-                         ys[start:start + ERROR_BATCH])
-      total_err, total_ref = total_err + float(e), total_ref + float(r)
-  count = ys.size
+    return _relative_error(_batched_error_sums(geom, activation, batch, lq, xs, ys), ys.size)
+  total_err = total_ref = 0.0
+  for start in range(0, xs.shape[0], ERROR_BATCH):
+    e, r = _error_sums(geom, activation, lq, xs[start:start + ERROR_BATCH],
+                       ys[start:start + ERROR_BATCH])
+    total_err, total_ref = total_err + float(e), total_ref + float(r)
+  return _relative_error((total_err, total_ref), ys.size)
+
+
+def _relative_error(sums, count: int) -> Tuple[float, float]:
+  """(MSE, MSE / mean(target^2)) from the sums of squared errors and targets."""
+  total_err, total_ref = map(float, sums)
   mse = total_err / count
   return mse, mse / max(total_ref / count, 1e-30)
 
 
-def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray, ys: jnp.ndarray,
-                   config: AdaQuantConfig, key: jax.Array, device: Optional[Any] = None
-                   ) -> Tuple[LayerQuant, Dict[str, Any]]:
-  """AdaQuant of one layer on captured inputs ``xs`` and float targets ``ys``.
+def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
+                   ys: Optional[jnp.ndarray], config: AdaQuantConfig, key: jax.Array,
+                   device: Optional[Any] = None) -> Tuple[LayerQuant, Dict[str, Any]]:
+  """AdaQuant of one layer on captured inputs ``xs`` and float targets ``ys`` (None:
+  the float layer's own outputs on ``xs``, i.e. ``lq``'s kernel and bias unquantized,
+  as in parallel mode).
 
-  With ``device``, everything is committed to it first: the layer runs there (layer-
-  parallel mode) and the calls find the programs :func:`layer_programs` compiled ahead
-  of time for it. Without, the arrays stay where they are (the default device)."""
+  Off CPU (batched passes, every step in one call) this is one compiled program per
+  layer geometry (:func:`_fit_layer`); otherwise the target, errors and step loop are
+  separate calls. With ``device``, everything is committed to it first: the layer runs
+  there (layer-parallel mode) and the calls find the programs :func:`layer_programs`
+  compiled ahead of time for it. Without, the arrays stay where they are."""
   start = time.time()
   geom = layer.geometry
   rates = config.rates()
   pin = (lambda tree: aot.commit(tree, device)) if device is not None else (lambda tree: tree)
   lq, xs, ys, key, rates = pin((lq, xs, ys, key, rates))
-  eval_batch = config.eval_batches(xs.shape[0])
-  before, rel_before = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
-  batch = min(config.batch_size, xs.shape[0])
-  chunk = config.chunk()
-  # (Committed again: outputs that do not depend on an input come back uncommitted.)
-  opt_state = pin(_init_optimizer(config.lr_schedule, rates, lq))
-  done = 0
-  while done < config.iterations:
-    # Full chunks, then the remainder one step at a time (no new loop length to compile).
-    steps = chunk if config.iterations - done >= chunk else 1
-    # (The step's outputs stay committed; ``step0`` goes uncommitted, as it was compiled.)
-    lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch, config.lr_schedule, lq,
-                                  opt_state, xs, ys, key, np.int32(done), rates)
-    done += steps
-  after, rel_after = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
+  n = xs.shape[0]
+  eval_batch = config.eval_batches(n)
+  batch = min(config.batch_size, n)
+  count = n * int(np.prod(layer.output_shape))
+  if config.single_program(n):
+    lq, before, after = _fit_layer(geom, layer.activation, config.iterations, batch,
+                                   config.lr_schedule, eval_batch, lq, xs, ys, key, rates)
+    (before, rel_before), (after, rel_after) = (_relative_error(before, count),
+                                                _relative_error(after, count))
+  else:
+    if ys is None:
+      ys = float_targets(geom, layer.activation, LayerQuant(lq.kernel, lq.bias), xs,
+                         eval_batch)
+    before, rel_before = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
+    chunk = config.chunk()
+    # (Committed again: outputs that do not depend on an input come back uncommitted.)
+    opt_state = pin(_init_optimizer(config.lr_schedule, rates, lq))
+    done = 0
+    while done < config.iterations:
+      # Full chunks, then the remainder one step at a time (no new loop length to compile).
+      steps = chunk if config.iterations - done >= chunk else 1
+      # (The step's outputs stay committed; ``step0`` goes uncommitted, as it was compiled.)
+      lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch, config.lr_schedule,
+                                    lq, opt_state, xs, ys, key, np.int32(done), rates)
+      done += steps
+    after, rel_after = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
   report = {'path': layer.path, 'activation': layer.activation,
             'w_bits': lq.w_quant.bits if lq.w_quant else None,
             'a_bits': lq.a_quant.bits if lq.a_quant else None,
@@ -325,22 +380,39 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray, ys: jnp.nd
 
 
 def layer_programs(layer: LayerInfo, lq: LayerQuant, n_images: int, config: AdaQuantConfig,
-                   device: Any) -> List[Tuple[Any, Any, Tuple[Any, ...]]]:
+                   device: Any, mode: str = 'parallel'
+                   ) -> List[Tuple[Any, Any, Tuple[Any, ...]]]:
   """``(key, jitted function, abstract arguments)`` of every program that AdaQuant of
-  ``layer`` on ``n_images`` captured inputs runs on ``device``: the float target, the
-  reconstruction error and the step loop. Layers with the same geometry, shapes and
-  bit widths give the same keys (one compilation serves them all)."""
+  ``layer`` on ``n_images`` captured inputs runs on ``device`` in ``mode``, as
+  :func:`optimize_layer` calls them (the float target, the reconstruction error, the
+  optimiser's start and the step loop, or the one program doing all of that). Layers
+  with the same geometry, shapes and bit widths give the same keys (one compilation
+  serves them all)."""
   geom, act = layer.geometry, layer.activation
   at = functools.partial(aot.abstract, device=device)
   lq_a = at(lq)
   float_a = LayerQuant(lq_a.kernel, lq_a.bias)
   xs_a = at(jax.ShapeDtypeStruct((n_images,) + tuple(layer.input_shape), jnp.float32))
   ys_a = at(jax.eval_shape(functools.partial(float_target, geom, act), float_a, xs_a))
+  rates_a = at(config.rates())
+  key_a = at(jax.eval_shape(lambda: jax.random.key(0)))
   eval_batch = config.eval_batches(n_images)
+  programs = []
+  if eval_batch is not None and mode == 'sequential':   # the target from the float inputs
+    statics = (geom, act, eval_batch)
+    programs.append((('batched_float_target', statics, aot.signature((float_a, xs_a))),
+                     _batched_float_target, statics + (float_a, xs_a)))
+  if config.single_program(n_images):
+    statics = (geom, act, config.iterations, min(config.batch_size, n_images),
+               config.lr_schedule, eval_batch)
+    # Parallel mode: no targets passed (the program computes them).
+    args = (lq_a, xs_a, ys_a if mode == 'sequential' else None, key_a, rates_a)
+    return programs + [(('fit_layer', statics, aot.signature(args)), _fit_layer,
+                        statics + args)]
   if eval_batch is None:
     statics = (geom, act)
-    programs = [(('float_target', statics, aot.signature((float_a, xs_a))), _float_target,
-                 (geom, act, float_a, xs_a))]
+    programs.append((('float_target', statics, aot.signature((float_a, xs_a))), _float_target,
+                     (geom, act, float_a, xs_a)))
     for b in _error_batch_sizes(n_images):
       part = lambda a: at(jax.ShapeDtypeStruct((b,) + a.shape[1:], a.dtype))
       args = (lq_a, part(xs_a), part(ys_a))
@@ -348,16 +420,15 @@ def layer_programs(layer: LayerInfo, lq: LayerQuant, n_images: int, config: AdaQ
                        (geom, act) + args))
   else:
     statics = (geom, act, eval_batch)
-    programs = [(('batched_float_target', statics, aot.signature((float_a, xs_a))),
-                 _batched_float_target, statics + (float_a, xs_a)),
-                (('batched_error_sums', statics, aot.signature((lq_a, xs_a, ys_a))),
-                 _batched_error_sums, statics + (lq_a, xs_a, ys_a))]
-  rates_a = at(config.rates())
+    if mode == 'parallel':
+      programs.append((('batched_float_target', statics, aot.signature((float_a, xs_a))),
+                       _batched_float_target, statics + (float_a, xs_a)))
+    programs.append((('batched_error_sums', statics, aot.signature((lq_a, xs_a, ys_a))),
+                     _batched_error_sums, statics + (lq_a, xs_a, ys_a)))
   programs.append((('init_optimizer', config.lr_schedule, aot.signature((rates_a, lq_a))),
                    _init_optimizer, (config.lr_schedule, rates_a, lq_a)))
   opt_a = at(jax.eval_shape(functools.partial(_init_optimizer, config.lr_schedule), rates_a,
                             lq_a))
-  key_a = at(jax.eval_shape(lambda: jax.random.key(0)))
   step0_a = jax.ShapeDtypeStruct((), jnp.int32)   # a host scalar, not committed
   batch = min(config.batch_size, n_images)
   for steps in config.step_counts():
@@ -465,7 +536,7 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
     for layer in todo:
       if layer.path in placement:
         programs = layer_programs(layer, qstate[layer.path], len(images), config,
-                                  placement[layer.path])
+                                  placement[layer.path], mode)
         program_keys[layer.path] = [k for k, _, _ in programs]
         for program_key, fn, args in programs:
           precompiler.submit(program_key, fn, *args)
@@ -480,11 +551,13 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
     waited = time.time() - waited
     # Pinned to its device when layer-parallel or compiled ahead of time for it.
     pin = placement[layer.path] if spread or precompiler is not None else None
-    float_lq = float_state[layer.path]
-    if pin is not None:
-      x_fp, float_lq = aot.commit((x_fp, float_lq), pin)
-    y = float_targets(layer.geometry, layer.activation, float_lq, x_fp,
-                      config.eval_batches(len(x_fp)))
+    y = None   # parallel mode: optimize_layer computes the float target from x_fp
+    if x is not None:   # sequential mode: trained on x, the target from the float inputs
+      float_lq = float_state[layer.path]
+      if pin is not None:
+        x_fp, float_lq = aot.commit((x_fp, float_lq), pin)
+      y = float_targets(layer.geometry, layer.activation, float_lq, x_fp,
+                        config.eval_batches(len(x_fp)))
     lq, report = optimize_layer(layer, qstate[layer.path], x_fp if x is None else x, y, config,
                                 jax.random.fold_in(key, index[layer.path]), pin)
     report['mode'], report['compile_wait_seconds'] = mode, waited

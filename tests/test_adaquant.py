@@ -135,6 +135,45 @@ def test_batched_target_and_error_equal_the_whole_set_ones(toy_w3a3):
     assert errors[0] > 0
 
 
+def test_one_program_per_layer_when_batched_and_one_call(toy_w3a3):
+  """With batched passes and every step in one call (the GPU default), a layer's whole
+  AdaQuant (target, errors, optimiser start, steps) is one compiled program, and it
+  gives what the separate calls give (the same steps and minibatches; only float
+  rounding may differ between the programs)."""
+  model, variables, x, base = toy_w3a3
+  layer = base.layers[1]
+  xs = adaquant.InputCapture(model, variables, base.folded_bns)(
+      base.qstate, x, [layer.path])[layer.path]
+  lq = base.qstate[layer.path]
+  one = ptq_jax.AdaQuantConfig(iterations=11, batch_size=8, steps_per_call=11,
+                               eval_batch_size=8)
+  split = dataclasses.replace(one, eval_batch_size=None)   # CPU passes: separate programs
+  assert one.single_program(len(xs)) and not split.single_program(len(xs))
+  key, compiles = jax.random.key(2), []
+
+  def listener(name, secs, **kwargs):
+    if name.endswith('backend_compile_duration'):
+      compiles.append(kwargs.get('fun_name', name))
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    fused, report = adaquant.optimize_layer(layer, lq, xs, None, one, key)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == ['jit(_fit_layer)']
+  separate, expected = adaquant.optimize_layer(layer, lq, xs, None, split, key)
+  for field in ('mse_before', 'rel_error_before', 'mse_after', 'rel_error_after'):
+    np.testing.assert_allclose(report[field], expected[field], rtol=1e-4)
+  assert report['mse_after'] < report['mse_before']
+  np.testing.assert_allclose(fused.bias, separate.bias, atol=1e-5)
+  assert np.mean(np.abs(np.ravel(fused.kernel - separate.kernel)) <= 1e-6) > 0.9
+  # Targets passed in (sequential mode) or computed inside (parallel mode) agree.
+  ys = adaquant.float_targets(layer.geometry, layer.activation,
+                              adaquant.LayerQuant(lq.kernel, lq.bias), xs)
+  given, report_given = adaquant.optimize_layer(layer, lq, xs, ys, one, key)
+  np.testing.assert_allclose(report_given['mse_after'], report['mse_after'], rtol=1e-4)
+  np.testing.assert_allclose(given.bias, fused.bias, atol=1e-5)
+
+
 def test_bad_config():
   with pytest.raises(ValueError, match='iterations >= 0'):
     ptq_jax.AdaQuantConfig(iterations=-1).validate()
@@ -164,8 +203,13 @@ def test_cosine_schedule_decays_and_constant_does_not():
     np.testing.assert_allclose(steps, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize('eval_batch_size', [None, 8])   # CPU passes; batched (GPU default)
-def test_programs_compiled_ahead_of_time_are_the_ones_called(monkeypatch, eval_batch_size):
+@pytest.mark.parametrize('eval_batch_size,steps_per_call,mode', [
+    (None, 5, 'parallel'),      # CPU passes, separate programs
+    (8, 5, 'parallel'),         # batched passes, separate programs
+    (8, 12, 'parallel'),        # one program per layer (the GPU default)
+    (8, 12, 'sequential')])     # the same, and a target program per layer
+def test_programs_compiled_ahead_of_time_are_the_ones_called(monkeypatch, eval_batch_size,
+                                                             steps_per_call, mode):
   """With ``precompile`` every layer's programs are compiled on the thread pool; the
   layer optimisation itself (main thread) compiles nothing, and the result is the
   same as compiling each program when first called."""
@@ -193,18 +237,18 @@ def test_programs_compiled_ahead_of_time_are_the_ones_called(monkeypatch, eval_b
   monkeypatch.setattr(adaquant, 'optimize_layer', watched)
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    config = ptq_jax.AdaQuantConfig(iterations=12, batch_size=8, steps_per_call=5,
-                                    precompile=True, compile_threads=2,
-                                    eval_batch_size=eval_batch_size)
+    config = ptq_jax.AdaQuantConfig(iterations=12, batch_size=8,
+                                    steps_per_call=steps_per_call, precompile=True,
+                                    compile_threads=2, eval_batch_size=eval_batch_size)
     ahead, reports = adaquant.run_adaquant(model, variables, base.layers, base.qstate, x,
-                                           'parallel', config, jax.random.key(0),
+                                           mode, config, jax.random.key(0),
                                            progress=False)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert main_compiles == []
   assert all(r['compile_wait_seconds'] >= 0 for r in reports)
   monkeypatch.setattr(adaquant, 'optimize_layer', original)
-  late, _ = adaquant.run_adaquant(model, variables, base.layers, base.qstate, x, 'parallel',
+  late, _ = adaquant.run_adaquant(model, variables, base.layers, base.qstate, x, mode,
                                   dataclasses.replace(config, precompile=False),
                                   jax.random.key(0), progress=False)
   jax.tree.map(np.testing.assert_array_equal, ahead, late)
