@@ -33,13 +33,25 @@ def main():
                       fp=ptq_jax.predict_logits(model, variables, x, batch_size=10,
                                                 devices=devs))
   a, b = runs['one'], runs['all']
-  kernel_diff = max(float(np.max(np.abs(np.asarray(a['qm'].qstate[p].kernel)
-                                        - np.asarray(b['qm'].qstate[p].kernel))))
-                    for p in a['qm'].qstate)
+  kernel_diff = lambda s, t: max(float(np.max(np.abs(np.asarray(s[p].kernel)
+                                                     - np.asarray(t[p].kernel)))) for p in s)
+  # The GPU default path (each layer one program: batched passes, every step in one call).
+  single = ptq_jax.AdaQuantConfig(iterations=15, batch_size=8, steps_per_call=15,
+                                  eval_batch_size=8)
+  assert single.single_program(len(x))
+  one_program = {name: ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=4,
+                                        first_last_bits=None, method='adaquant',
+                                        mode='parallel', adaquant=single, key=jax.random.key(3),
+                                        progress=False, devices=devs)
+                 for name, devs in (('one', one), ('all', devices))}
   print(json.dumps({
       'devices': len(devices),
       'layer_devices': sorted({r.get('device', '') for r in b['qm'].layer_reports}),
-      'kernel_max_abs_diff': kernel_diff,
+      'kernel_max_abs_diff': kernel_diff(a['qm'].qstate, b['qm'].qstate),
+      'single_program_kernel_max_abs_diff': kernel_diff(one_program['one'].qstate,
+                                                        one_program['all'].qstate),
+      'single_program_layer_devices': sorted({r.get('device', '') for r in
+                                              one_program['all'].layer_reports}),
       'logits_max_abs_diff': float(np.max(np.abs(a['logits'] - b['logits']))),
       'fp_logits_max_abs_diff': float(np.max(np.abs(a['fp'] - b['fp']))),
       'table_max_rel_diff': float(np.max(np.abs(a['table'].raw_delta - b['table'].raw_delta)

@@ -35,14 +35,18 @@ def last_json(proc, timeout=600):
 
 
 def test_one_and_four_devices_agree():
-  """Layer-parallel AdaQuant, data-parallel prediction and sensitivity table on 4
-  devices give what 1 device gives (AdaQuant exactly: same keys and minibatches)."""
+  """Layer-parallel AdaQuant (with separate programs, and with each layer as one
+  program), data-parallel prediction and sensitivity table on 4 devices give what 1
+  device gives (AdaQuant exactly: same keys and minibatches)."""
   result = last_json(run_module('tests.multi_device_check', env={
       'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}))
   assert result['devices'] == 4
   assert result['layer_devices'] == ['cpu:0', 'cpu:1', 'cpu:2', 'cpu:3']  # layers spread
   assert result['rows'] == 37                     # padding to 4 devices removed again
   assert result['kernel_max_abs_diff'] < 1e-6
+  # The same with each layer as one program (the GPU default).
+  assert result['single_program_layer_devices'] == result['layer_devices']
+  assert result['single_program_kernel_max_abs_diff'] < 1e-6
   assert result['logits_max_abs_diff'] < 1e-4
   assert result['fp_logits_max_abs_diff'] < 1e-4
   assert result['table_max_rel_diff'] < 1e-2
