@@ -174,6 +174,26 @@ def test_one_program_per_layer_when_batched_and_one_call(toy_w3a3):
   np.testing.assert_allclose(given.bias, fused.bias, atol=1e-5)
 
 
+def test_layer_programs_list_what_each_mode_calls(toy_w3a3):
+  """The ahead-of-time program list follows the path optimize_layer takes: one program
+  per layer (parallel mode: targets computed inside), plus the target program in
+  sequential mode; four kinds of program on the CPU path."""
+  _, _, x, base = toy_w3a3
+  layer, lq = base.layers[0], base.qstate[base.layers[0].path]
+  device = jax.devices()[0]
+  kinds = lambda config, mode: [k[0] for k, _, _ in adaquant.layer_programs(
+      layer, lq, len(x), config, device, mode)]
+  single = ptq_jax.AdaQuantConfig(iterations=12, batch_size=8, steps_per_call=12,
+                                  eval_batch_size=8)
+  assert kinds(single, 'parallel') == ['fit_layer']
+  assert kinds(single, 'sequential') == ['batched_float_target', 'fit_layer']
+  (_, _, parallel_args), = adaquant.layer_programs(layer, lq, len(x), single, device)
+  assert parallel_args[8] is None          # ys: the program computes the targets
+  separate = dataclasses.replace(single, eval_batch_size=None, steps_per_call=5)
+  assert kinds(separate, 'parallel') == ['float_target', 'error_sums', 'init_optimizer',
+                                         'run_steps', 'run_steps']
+
+
 def test_bad_config():
   with pytest.raises(ValueError, match='iterations >= 0'):
     ptq_jax.AdaQuantConfig(iterations=-1).validate()
@@ -206,8 +226,7 @@ def test_cosine_schedule_decays_and_constant_does_not():
 @pytest.mark.parametrize('eval_batch_size,steps_per_call,mode', [
     (None, 5, 'parallel'),      # CPU passes, separate programs
     (8, 5, 'parallel'),         # batched passes, separate programs
-    (8, 12, 'parallel'),        # one program per layer (the GPU default)
-    (8, 12, 'sequential')])     # the same, and a target program per layer
+    (8, 12, 'parallel')])       # one program per layer (the GPU default)
 def test_programs_compiled_ahead_of_time_are_the_ones_called(monkeypatch, eval_batch_size,
                                                              steps_per_call, mode):
   """With ``precompile`` every layer's programs are compiled on the thread pool; the
