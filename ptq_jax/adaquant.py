@@ -347,10 +347,10 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
   n = xs.shape[0]
   eval_batch = config.eval_batches(n)
   batch = min(config.batch_size, n)
-  count = n * int(np.prod(layer.output_shape))
   if config.single_program(n):
     lq, before, after = _fit_layer(geom, layer.activation, config.iterations, batch,
                                    config.lr_schedule, eval_batch, lq, xs, ys, key, rates)
+    count = n * int(np.prod(layer.output_shape))   # target elements
     (before, rel_before), (after, rel_after) = (_relative_error(before, count),
                                                 _relative_error(after, count))
   else:
@@ -397,18 +397,8 @@ def layer_programs(layer: LayerInfo, lq: LayerQuant, n_images: int, config: AdaQ
   rates_a = at(config.rates())
   key_a = at(jax.eval_shape(lambda: jax.random.key(0)))
   eval_batch = config.eval_batches(n_images)
+  single = config.single_program(n_images)
   programs = []
-  if eval_batch is not None and mode == 'sequential':   # the target from the float inputs
-    statics = (geom, act, eval_batch)
-    programs.append((('batched_float_target', statics, aot.signature((float_a, xs_a))),
-                     _batched_float_target, statics + (float_a, xs_a)))
-  if config.single_program(n_images):
-    statics = (geom, act, config.iterations, min(config.batch_size, n_images),
-               config.lr_schedule, eval_batch)
-    # Parallel mode: no targets passed (the program computes them).
-    args = (lq_a, xs_a, ys_a if mode == 'sequential' else None, key_a, rates_a)
-    return programs + [(('fit_layer', statics, aot.signature(args)), _fit_layer,
-                        statics + args)]
   if eval_batch is None:
     statics = (geom, act)
     programs.append((('float_target', statics, aot.signature((float_a, xs_a))), _float_target,
@@ -420,9 +410,15 @@ def layer_programs(layer: LayerInfo, lq: LayerQuant, n_images: int, config: AdaQ
                        (geom, act) + args))
   else:
     statics = (geom, act, eval_batch)
-    if mode == 'parallel':
+    if mode == 'sequential' or not single:   # (the single program computes parallel targets)
       programs.append((('batched_float_target', statics, aot.signature((float_a, xs_a))),
                        _batched_float_target, statics + (float_a, xs_a)))
+    if single:
+      statics = (geom, act, config.iterations, min(config.batch_size, n_images),
+                 config.lr_schedule, eval_batch)
+      args = (lq_a, xs_a, ys_a if mode == 'sequential' else None, key_a, rates_a)
+      return programs + [(('fit_layer', statics, aot.signature(args)), _fit_layer,
+                          statics + args)]
     programs.append((('batched_error_sums', statics, aot.signature((lq_a, xs_a, ys_a))),
                      _batched_error_sums, statics + (lq_a, xs_a, ys_a)))
   programs.append((('init_optimizer', config.lr_schedule, aot.signature((rates_a, lq_a))),
