@@ -192,10 +192,12 @@ def _init_optimizer(schedule: str, rates: jnp.ndarray, lq: LayerQuant):
   return _optimizer(rates, _labels(lq), schedule).init(lq)
 
 
-def _steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
-           lq: LayerQuant, opt_state, xs, ys, key, step0, rates):
-  """``steps`` Adam steps on one layer (traced inside :func:`_run_steps` and
-  :func:`_fit_layer`)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
+               lq: LayerQuant, opt_state, xs, ys, key, step0, rates):
+  """``steps`` Adam steps on one layer. The module is not an argument of this or the
+  programs below, only its geometry, so ``jax.jit`` compiles each once per geometry,
+  shapes and bit widths."""
   tx = _optimizer(rates, _labels(lq), schedule)
 
   def loss_fn(lq, x, y):
@@ -219,11 +221,6 @@ def _steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedul
   if steps == 1:
     return body(0, carry)
   return jax.lax.fori_loop(0, steps, body, carry)
-
-
-# The module is not an argument of the programs below, only its geometry, so ``jax.jit``
-# compiles each once per geometry, shapes and bit widths.
-_run_steps = jax.jit(_steps, static_argnums=(0, 1, 2, 3, 4))
 
 
 def compiled_step_count() -> int:
@@ -261,16 +258,14 @@ def _batched_float_target(geom: LayerGeometry, activation: str, batch: int, lq: 
   return _in_batches(functools.partial(float_target, geom, activation, lq), batch, xs)
 
 
-def _error_sums_in_batches(geom: LayerGeometry, activation: str, batch: int, lq: LayerQuant,
-                           xs, ys):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _batched_error_sums(geom: LayerGeometry, activation: str, batch: int, lq: LayerQuant,
+                        xs, ys):
   def sums(x, y):   # per-example sums, added up after (no carry across batches)
     per_example = lambda a: jnp.sum(a.reshape(len(a), -1)**2, axis=1)
     return per_example(layer_output(geom, activation, lq, x) - y), per_example(y)
   err, ref = _in_batches(sums, batch, xs, ys)
   return jnp.sum(err), jnp.sum(ref)
-
-
-_batched_error_sums = jax.jit(_error_sums_in_batches, static_argnums=(0, 1, 2))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -282,14 +277,14 @@ def _fit_layer(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
   iteration: one compilation per layer geometry instead of four, and the passes'
   convs all have the minibatch's shapes (``eval_batch``). Returns the new state and
   the (error, target) sums of squares before and after."""
+  # (The jitted helpers called here are traced into this one program, not compiled apart.)
   if ys is None:
-    ys = _in_batches(functools.partial(float_target, geom, activation,
-                                       LayerQuant(lq.kernel, lq.bias)), eval_batch, xs)
-  before = _error_sums_in_batches(geom, activation, eval_batch, lq, xs, ys)
-  opt_state = _optimizer(rates, _labels(lq), schedule).init(lq)
-  lq, _, _ = _steps(geom, activation, steps, batch, schedule, lq, opt_state, xs, ys, key, 0,
-                    rates)
-  return lq, before, _error_sums_in_batches(geom, activation, eval_batch, lq, xs, ys)
+    ys = _batched_float_target(geom, activation, eval_batch, LayerQuant(lq.kernel, lq.bias), xs)
+  before = _batched_error_sums(geom, activation, eval_batch, lq, xs, ys)
+  opt_state = _init_optimizer(schedule, rates, lq)
+  lq, _, _ = _run_steps(geom, activation, steps, batch, schedule, lq, opt_state, xs, ys, key,
+                        np.int32(0), rates)
+  return lq, before, _batched_error_sums(geom, activation, eval_batch, lq, xs, ys)
 
 
 def float_targets(geom: LayerGeometry, activation: str, lq: LayerQuant, xs: jnp.ndarray,
