@@ -42,9 +42,12 @@ def with_small_settings(nb, settings):
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
-def test_notebook_executes(path):
+def test_notebook_executes(path, tfds_dir, monkeypatch):
+  # The kernel inherits the environment: it reads the suite's prepared TFDS data dir
+  # instead of preparing Fashion-MNIST again under ~/tensorflow_datasets.
+  monkeypatch.setenv('TFDS_DATA_DIR', tfds_dir)
   nb = with_small_settings(nbformat.read(path, as_version=4), SMALL[os.path.basename(path)])
-  NotebookClient(nb, timeout=600, kernel_name='python3',
+  NotebookClient(nb, timeout=600, startup_timeout=300, kernel_name='python3',
                  resources={'metadata': {'path': os.path.dirname(path)}}).execute()
   errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])
             if o.get('output_type') == 'error']
