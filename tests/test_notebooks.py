@@ -43,8 +43,9 @@ def with_small_settings(nb, settings):
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
 def test_notebook_executes(path, tfds_dir, monkeypatch):
-  # The kernel inherits the environment: it reads the suite's prepared TFDS data dir
-  # instead of preparing Fashion-MNIST again under ~/tensorflow_datasets.
+  # The kernel inherits the environment: it reads the suite's private TFDS data dir
+  # (prepared by earlier tests, or by the kernel when run alone), never the user's
+  # ~/tensorflow_datasets.
   monkeypatch.setenv('TFDS_DATA_DIR', tfds_dir)
   nb = with_small_settings(nbformat.read(path, as_version=4), SMALL[os.path.basename(path)])
   NotebookClient(nb, timeout=600, startup_timeout=300, kernel_name='python3',
