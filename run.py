@@ -5,7 +5,7 @@
   python run.py --config=configs/default.py --config.checkpoint=PATH --workdir=DIR
 
 Every config field can be overridden with --config.KEY=VALUE; an unknown key is an
-error. This file stays thin: it parses flags and calls ptq_jax.jobs.
+error. This file stays thin: it parses flags and calls ptq_jax.jobs.registry.
 """
 
 import os
@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ptq_jax import jobs
+from ptq_jax.jobs.registry import run as run_job
 from ptq_jax.compilation_cache import cache_setting, enable_compilation_cache
 
 FLAGS = flags.FLAGS
@@ -42,7 +42,7 @@ def main(argv):
     if cache_dir:
       print(f'run.py: compiled programs are cached in {enable_compilation_cache(cache_dir)}',
             file=sys.stderr)
-    jobs.run(FLAGS.config, FLAGS.workdir)
+    run_job(FLAGS.config, FLAGS.workdir)
   except INPUT_ERRORS as e:
     if FLAGS.traceback:
       raise

@@ -18,17 +18,16 @@ import resource
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import (POLICIES, concurrency_fields, fashion_mnist, merge_records,
+from common import (POLICIES, concurrency_fields, fashion_mnist, merge_records,
                                new_rows_from)
-from ptq_jax.distill import kd_tune
-from ptq_jax.results import read_results, write_results
-from ptq_jax.train import describe_device
+from ptq_jax.stages.bias_tuning import kd_tune
+from common import read_results, write_results
+from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['resnet20', 'mobilenet_v2_fmnist'], 'Bundled models.')

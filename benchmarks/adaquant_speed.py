@@ -22,21 +22,21 @@ import sys
 import time
 from typing import Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import merge_records
-from ptq_jax import adaquant
+from common import merge_records
+from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime
+from ptq_jax.stages.adaquant import layer as adaquant
 from ptq_jax.linear import LayerGeometry
-from ptq_jax.quant.qmodel import LayerQuant
+from ptq_jax.quant.interceptor import LayerQuant
 from ptq_jax.quant.quantizer import init_range
-from ptq_jax.results import write_results
+from common import write_results
 from ptq_jax.trace import LayerInfo
-from ptq_jax.train import describe_device
+from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('channels', 32, 'Input = output channels of the conv.')
@@ -55,10 +55,10 @@ flags.DEFINE_string('name', 'adaquant_speed', 'Results file name.')
 
 
 def _timed(layer, lq, xs, ys, key, iterations, steps_per_call):
-  config = adaquant.AdaQuantConfig(iterations=iterations, batch_size=50,
-                                   steps_per_call=steps_per_call)
+  config = AdaQuantConfig(iterations=iterations, batch_size=50)
+  runtime = AdaQuantRuntime(steps_per_call=steps_per_call)
   start = time.perf_counter()
-  _, report = adaquant.optimize_layer(layer, lq, xs, ys, config, key)
+  _, report = adaquant.optimize_layer(layer, lq, xs, ys, config, key, runtime=runtime)
   return time.perf_counter() - start, report
 
 
@@ -105,8 +105,9 @@ def model_layers(key):
 
 def ms_per_iteration(layer, lq, xs, ys, key, steps) -> Tuple[float, dict]:
   """One layer's ms per iteration with ``steps`` steps per call, after compilation."""
-  config = adaquant.AdaQuantConfig(iterations=steps, batch_size=50, steps_per_call=steps)
-  adaquant.optimize_layer(layer, lq, xs, ys, config, key)   # compile
+  config = AdaQuantConfig(iterations=steps, batch_size=50)
+  adaquant.optimize_layer(layer, lq, xs, ys, config, key,
+                          runtime=AdaQuantRuntime(steps_per_call=steps))   # compile
   # optimize_layer also measures the reconstruction error before and after; time
   # that alone (0 iterations) and subtract it, so only the steps are counted.
   overhead = min(_timed(layer, lq, xs, ys, key, 0, steps)[0] for _ in range(3))

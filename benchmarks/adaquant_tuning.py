@@ -16,16 +16,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import POLICIES, fashion_mnist, merge_records, new_rows_from
-from ptq_jax.results import write_results
-from ptq_jax.train import describe_device
+from common import POLICIES, fashion_mnist, merge_records, new_rows_from
+from common import write_results
+from common import describe_device
 
 # Overrides of the AdaQuantConfig defaults. 'reference' is the reference code's setting.
 VARIANTS = {

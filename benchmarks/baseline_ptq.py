@@ -15,15 +15,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 from tqdm import tqdm
 
 import ptq_jax
-from benchmarks.common import POLICIES, fashion_mnist, merge_records
-from ptq_jax.results import write_results
-from ptq_jax.train import describe_device
+from common import POLICIES, fashion_mnist, merge_records
+from common import write_results
+from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['resnet20', 'mobilenet_v2_fmnist'], 'Bundled models to run.')
@@ -58,7 +57,7 @@ def main(_):
       w_bits, a_bits = (int(v) for v in option.split('/'))
       start = time.time()
       qm = ptq_jax.quantize(model, variables, calib, w_bits=w_bits, a_bits=a_bits,
-                            range_method=method, first_last_bits=POLICIES[policy])
+                            ranges=ptq_jax.RangeConfig(method), first_last_bits=POLICIES[policy])
       top1 = ptq_jax.top1_accuracy_pct(qm.predict(test_images), test.labels)
       fp32_bits = fp32_bits or sum(l.params for l in qm.layers) * 32
       records.append({

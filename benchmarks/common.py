@@ -1,17 +1,20 @@
-"""Pieces shared by the benchmark scripts: data, first/last policies, merging results."""
+"""Pieces shared by the benchmark scripts: data, first/last policies, results files and
+the device every row names. Benchmarks import the library and this module only; run
+them from the repository root as ``python benchmarks/NAME.py`` (this directory is then
+on the import path)."""
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Dict, List, Sequence, Tuple
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
 from ptq_jax.data import loader
-from ptq_jax.results import read_results
+from ptq_jax.jobs.results import describe_device, read_results, write_results
+
+__all__ = ['POLICIES', 'concurrency_fields', 'describe_device', 'fashion_mnist', 'merge_records',
+           'new_rows_from', 'read_results', 'write_results']
 
 # First/last-layer policies: the paper's 8-bit, or every layer alike.
 POLICIES = {'first_last_8bit': 8, 'all_layers_alike': None}

@@ -35,18 +35,17 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import concurrency_fields, merge_records
-from ptq_jax.pipeline_job import run_label
-from ptq_jax.results import write_results
-from ptq_jax.sensitivity import option_name, parse_option
-from ptq_jax.train import describe_device
+from common import concurrency_fields, merge_records
+from ptq_jax.pipelines import run_label
+from common import write_results
+from ptq_jax.quant.quantizer import option_name, parse_option
+from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['minilm_l6', 'efficientnet_lite0'], 'Models to quantize.')

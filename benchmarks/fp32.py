@@ -11,7 +11,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +21,9 @@ from ptq_jax.bundled import bundled_checkpoints
 from ptq_jax.data import loader
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
 from ptq_jax.models import MODELS, create_model
-from ptq_jax.results import write_results
+from common import write_results
 from ptq_jax.trace import totals, trace
-from ptq_jax.train import describe_device
+from common import describe_device
 
 flags.DEFINE_string('out', 'results', 'Directory for fp32.json / fp32.md.')
 FLAGS = flags.FLAGS

@@ -82,7 +82,6 @@ fi
 #                      pick the algorithms). Measured on an H200 with jax 0.11.2: the first
 #                      layer (the 7x7 stem) alone took 97 s, so this is not a way to a
 #                      faster cold run; kept to recheck on other cards and versions.
-#      cold_noautotune_aot  the same, compiling every program up front on a thread pool
 #      cold_nosens     empty cache, no sensitivity table (the default's first run and the
 #                      baseline for the others): each layer is one program (target, errors,
 #                      steps; layer_program=one in the row)
@@ -104,7 +103,6 @@ for run in $R50_RUNS; do
     cold) flags=() ;;
     warm) cache=${last_cache:-$cache} ;;   # the cache the run before filled
     cold_noautotune) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=0) ;;
-    cold_noautotune_aot) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=0); flags+=(--precompile=on) ;;
     cold_nosens) ;;
     cold_autotune1) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=1) ;;
     cold_autotune2) env_flags=(XLA_FLAGS=--xla_gpu_autotune_level=2) ;;

@@ -21,17 +21,18 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import concurrency_fields, fashion_mnist, merge_records, new_rows_from
-from ptq_jax import allocation as alloc
-from ptq_jax.results import write_results
-from ptq_jax.train import describe_device
+from common import concurrency_fields, fashion_mnist, merge_records, new_rows_from
+from ptq_jax.quant.quantizer import parse_option
+from ptq_jax.stages import allocation as alloc
+from ptq_jax.stages.bias_tuning import kl_to_teacher
+from common import write_results
+from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['resnet20', 'mobilenet_v2_fmnist'], 'Bundled models.')
@@ -98,7 +99,7 @@ def main(_):
           'size_pct_of_fp32': round(allocation.size_pct_of_fp32, 3),
           'bops_pct_of_fp32': round(allocation.bops_pct_of_fp32, 3),
           'predicted_loss': round(allocation.predicted_loss, 5),
-          'measured_loss': round(float(ptq_jax.kl_to_teacher(fp_calib, q_calib)), 5),
+          'measured_loss': round(float(kl_to_teacher(fp_calib, q_calib)), 5),
           'top1_pct': round(top1, 2), 'fp32_top1_pct': round(fp32, 2),
           'delta_pct': round(top1 - fp32, 2),
           'layers_per_option': ' '.join(f'{k}:{v}' for k, v in sorted(allocation.counts().items())),
@@ -111,7 +112,7 @@ def main(_):
                                          'measured_loss', 'top1_pct')}, flush=True)
 
     for name in FLAGS.uniform:
-      option = ptq_jax.sensitivity.parse_option(name)
+      option = parse_option(name)
       allocation = mp.uniform(option)
       record('uniform', name, mp.build(allocation), allocation, w_bits=option[0],
              a_bits=option[1])

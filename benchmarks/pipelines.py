@@ -19,18 +19,18 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import concurrency_fields, fashion_mnist, merge_records, new_rows_from
+from common import concurrency_fields, fashion_mnist, merge_records, new_rows_from
 from ptq_jax.data import loader
-from ptq_jax.pipeline_job import parse_run, run_label
-from ptq_jax.sensitivity import option_name
-from ptq_jax.results import write_results
-from ptq_jax.train import describe_device
+from ptq_jax.pipelines import parse_run, run_label
+from ptq_jax.qat import qat_train
+from ptq_jax.quant.quantizer import option_name
+from common import write_results
+from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['resnet20', 'mobilenet_v2_fmnist'], 'Bundled models.')
@@ -149,7 +149,7 @@ def main(_):
                             first_last_bits=8, progress=False, model_name=model_name)
       limit = FLAGS.qat_train_limit or len(train)
       normalize = lambda x: (x / 255.0 - loader.FASHION_MNIST_MEAN) / loader.FASHION_MNIST_STD
-      qat, report = ptq_jax.qat_train(qm, train.images[:limit], train.labels[:limit],
+      qat, report = qat_train(qm, train.images[:limit], train.labels[:limit],
                                       normalize, epochs=FLAGS.qat_epochs,
                                       key=jax.random.key(FLAGS.seed), progress=False)
       jax.block_until_ready(jax.tree.leaves(qat.qstate))

@@ -19,7 +19,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +26,12 @@ import numpy as np
 from absl import app, flags
 
 import ptq_jax
-from benchmarks.common import merge_records, new_rows_from
-from ptq_jax.results import write_results
-from ptq_jax.train import describe_device
+from ptq_jax.data.loader import CalibrationSet
+from ptq_jax.models import create_model
+from ptq_jax.stages.sensitivity import sensitivity_table
+from common import merge_records, new_rows_from
+from common import write_results
+from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'resnet50', 'Registered model name.')
@@ -42,10 +44,6 @@ flags.DEFINE_integer('a_bits', 4, 'Activation bits.')
 flags.DEFINE_float('capture_budget_mb', 0.0, 'Device memory for captured layer inputs '
                    '(fewer, larger capture groups on a big GPU); 0: 35% of the device memory '
                    '(16 GiB where the device does not say).')
-flags.DEFINE_enum('precompile', 'off', ['on', 'off'], 'Compile every layer\'s programs up '
-                  'front on a thread pool (AdaQuantConfig.precompile).')
-flags.DEFINE_integer('compile_threads', 0, 'Threads for ahead-of-time compilation (0: one '
-                     'per CPU core).')
 flags.DEFINE_integer('eval_batch_size', 0, 'AdaQuantConfig.eval_batch_size: the batch of each '
                      'layer\'s float-target and error passes (0: the default, the minibatch '
                      'on a GPU; 1000: the whole set, as before).')
@@ -69,29 +67,25 @@ def main(_):
   if os.environ.get('XLA_FLAGS'):   # part of how the row was measured
     command = f"XLA_FLAGS='{os.environ['XLA_FLAGS']}' {command}"
   cache_state = compilation_cache_state()
-  model = ptq_jax.create_model(FLAGS.model)
+  model = create_model(FLAGS.model)
   shape = (FLAGS.image_size, FLAGS.image_size, 3)
   variables = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + shape), train=False))(
       jax.random.key(0))
   images = np.asarray(jax.random.normal(jax.random.key(1), (FLAGS.calib_size,) + shape),
                       np.float32)
-  calib = ptq_jax.CalibrationSet(images, np.arange(FLAGS.calib_size), 'synthetic', 'train', 1)
+  calib = CalibrationSet(images, np.arange(FLAGS.calib_size), 'synthetic', 'train', 1)
   layers = ptq_jax.trace(model, variables, images[:1])
-  precompile = FLAGS.precompile == 'on'
-  config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=FLAGS.batch_size,
-                                  capture_budget_mb=FLAGS.capture_budget_mb or capture_budget(),
-                                  precompile=precompile, compile_threads=FLAGS.compile_threads,
-                                  eval_batch_size=FLAGS.eval_batch_size or None,
-                                  steps_per_call=FLAGS.steps_per_call or None)
-  threads = FLAGS.compile_threads or os.cpu_count()
-  print(f'capture budget {config.capture_budget_mb:.0f} MB, ahead-of-time compilation '
-        f'{precompile}', flush=True)
+  config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=FLAGS.batch_size)
+  runtime = ptq_jax.AdaQuantRuntime(
+      capture_budget_mb=FLAGS.capture_budget_mb or capture_budget(),
+      eval_batch_size=FLAGS.eval_batch_size or None, steps_per_call=FLAGS.steps_per_call or None)
+  print(f'capture budget {runtime.capture_budget_mb:.0f} MB', flush=True)
   compiles = CompileLog()
   jax.monitoring.register_event_duration_secs_listener(compiles)
   start = time.time()
   qm = ptq_jax.quantize(model, variables, calib, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
                         first_last_bits=None, method='adaquant', mode='parallel', adaquant=config,
-                        key=jax.random.key(0))
+                        runtime=runtime, key=jax.random.key(0))
   jax.block_until_ready(qm.qstate)
   total = time.time() - start
   jax.monitoring.unregister_event_duration_listener(compiles)
@@ -105,11 +99,10 @@ def main(_):
   base = {'model': FLAGS.model, 'method': 'adaquant_parallel', 'w_bits': FLAGS.w_bits,
           'a_bits': FLAGS.a_bits, 'calib_size': FLAGS.calib_size,
           'iterations': FLAGS.iterations, 'layers': len(reports),
-          'compilation': (f'ahead of time, {threads} threads' if precompile
-                          else 'at first call'),
+          'compilation': 'at first call',
           'compilation_cache': cache_state,
-          'eval_batch': config.eval_batches(FLAGS.calib_size) or 'whole set / 250',
-          'layer_program': ('one' if config.single_program(FLAGS.calib_size)
+          'eval_batch': runtime.eval_batches(FLAGS.calib_size, config) or 'whole set / 250',
+          'layer_program': ('one' if runtime.single_program(FLAGS.calib_size, config)
                             else 'separate'),
           **({'xla_flags': os.environ['XLA_FLAGS']} if os.environ.get('XLA_FLAGS') else {}),
           'device': describe_device(), 'command': command}
@@ -131,11 +124,10 @@ def main(_):
   start = time.time()
   w8a8 = ptq_jax.quantize(model, variables, calib, w_bits=8, a_bits=8, first_last_bits=None,
                           progress=False)
-  float_state = ptq_jax.quantize(model, variables, images[:1], w_bits=None, a_bits=None,
-                                 first_last_bits=None, progress=False).qstate
+  float_state = ptq_jax.prepare(model, variables, images[:1]).float_state
   options = {(8, 8): w8a8.qstate, (FLAGS.w_bits, FLAGS.a_bits): qm.qstate}
   table_start = time.time()
-  table = ptq_jax.sensitivity_table(model, variables, layers, float_state, options, images)
+  table = sensitivity_table(model, variables, layers, float_state, options, images)
   sensitivity_seconds = time.time() - table_start
   sensitivity_total = time.time() - start
   records += [
@@ -225,8 +217,8 @@ def save(records):
                        'AdaQuant, and their summed time over all threads. compilation: at '
                        'first call = each program compiled when its first layer came up; '
                        'ahead of time = all compiled up front on a thread pool while inputs '
-                       'are captured (the cold row compiled ahead of time was run when that '
-                       'was the GPU default: rerun it with --precompile=on). '
+                       'are captured (rows of an earlier version; that path was removed since no '
+                       'row showed it faster). '
                        'compilation_cache: JAX\'s persistent compilation cache off, empty at '
                        'the start (cold) or holding the programs of an earlier run (warm). '
                        'eval_batch: the batch of each layer\'s float-target and error passes '

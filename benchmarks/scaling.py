@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
@@ -47,8 +46,9 @@ def child() -> None:
   import numpy as np
 
   import ptq_jax
+  from ptq_jax.stages.sensitivity import sensitivity_table
   from benchmarks.common import fashion_mnist
-  from ptq_jax.train import describe_device
+  from common import describe_device
 
   devices = jax.devices()[:FLAGS.child_devices]
   if len(devices) < FLAGS.child_devices:
@@ -71,9 +71,8 @@ def child() -> None:
     start = time.time()
     w8a8 = ptq_jax.quantize(model, variables, calib, w_bits=8, a_bits=8, first_last_bits=None,
                             progress=False)
-    float_state = ptq_jax.quantize(model, variables, calib.images[:1], w_bits=None,
-                                   a_bits=None, first_last_bits=None, progress=False).qstate
-    table = ptq_jax.sensitivity_table(model, variables, qm.layers, float_state,
+    float_state = ptq_jax.prepare(model, variables, calib.images[:1]).float_state
+    table = sensitivity_table(model, variables, qm.layers, float_state,
                                       {(8, 8): w8a8.qstate, (4, 4): qm.qstate}, calib.images,
                                       progress=False, devices=devices)
     table_s = time.time() - start
@@ -142,7 +141,7 @@ def main(_):
 
 def save(records) -> None:
   from benchmarks.common import merge_records
-  from ptq_jax.results import write_results
+  from common import write_results
   write_results(FLAGS.out, NAME, merge_records(FLAGS.out, NAME, records, KEY_FIELDS),
                 'Scaling over JAX devices',
                 columns=['model', 'stage', 'devices', 'w_bits', 'a_bits', 'calib_size',

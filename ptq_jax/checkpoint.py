@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -21,37 +20,15 @@ import numpy as np
 from flax import serialization
 from flax.traverse_util import flatten_dict
 
+from ptq_jax.io import atomic_write_bytes
+from ptq_jax.models import create_model, get_model_spec
+
 FORMAT = 'ptq_jax.checkpoint'
 VERSION = 1
 
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` via a temporary file and rename: never half-written."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=directory)
-  umask = os.umask(0)
-  os.umask(umask)
-  try:
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON, atomically."""
-  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + '\n').encode())
 
 
 def save_checkpoint(path: str, variables: Dict[str, Any],
@@ -105,7 +82,6 @@ def check_variables_match(expected: Any, actual: Any, what: str = 'checkpoint') 
 
 def load_model(path: str) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
   """Rebuilds the registry model named in a checkpoint and returns (model, variables, metadata)."""
-  from ptq_jax.models import create_model, get_model_spec
   variables, metadata = load_checkpoint(path)
   name = metadata.get('model')
   if name is None:

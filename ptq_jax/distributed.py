@@ -1,4 +1,4 @@
-"""Spreading the work over JAX devices and hosts (DESIGN.md §3: JAX is the engine).
+"""Spreading the work over JAX devices and hosts.
 
 * Data-parallel passes (evaluation, teacher logits, calibration capture, the
   sensitivity table): each batch is split along its first axis over a 1-D device mesh

@@ -21,15 +21,17 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ptq_jax import allocation as alloc
 from ptq_jax import checkpoint as ckpt
-from ptq_jax.adaquant import AdaQuantConfig
-from ptq_jax.api import (QuantizedModel, _check_calibration, _layer_from_tree, _layer_to_tree,
-                         quantize)
-from ptq_jax.quant.qmodel import LayerQuant
-from ptq_jax.sensitivity import (DEFAULT_OPTIONS, Option, SensitivityTable, cache_key,
-                                 load_cached, option_name, parse_option, save_cached,
-                                 sensitivity_table)
+from ptq_jax.quant.interceptor import LayerQuant
+from ptq_jax.quant.quantizer import Option, option_name, parse_option
+from ptq_jax.quantize import quantized_model
+from ptq_jax.quantized_model import QuantizedModel, layer_from_tree, layer_to_tree
+from ptq_jax.stages import allocation as alloc
+from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime, run_adaquant
+from ptq_jax.stages.prepare import Prepared, prepare
+from ptq_jax.stages.ranges import RangeConfig, assign_bits, calibrate_ranges
+from ptq_jax.stages.sensitivity import (DEFAULT_OPTIONS, SensitivityTable, cache_key, load_cached,
+                                        save_cached, sensitivity_table)
 
 OPTION_METHODS = ('ptq', 'adaquant')
 
@@ -38,7 +40,7 @@ OPTION_METHODS = ('ptq', 'adaquant')
 class MixedPrecision:
   """Per-option quantization states of every layer and their sensitivity table."""
 
-  float_model: QuantizedModel                 # folded float model: layers, variables, template
+  prepared: Prepared                          # the traced, folded model and its images
   option_states: Dict[Option, Dict[str, LayerQuant]]
   table: SensitivityTable
   method: str
@@ -46,6 +48,7 @@ class MixedPrecision:
   from_cache: bool = False                    # states and table read from cache_dir
   # Per-layer AdaQuant reports of each option, when computed in this process (not cached).
   option_reports: Dict[Option, list] = dataclasses.field(default_factory=dict)
+  range_method: str = 'minmax'
 
   def solve(self, size_pct: Optional[float] = None, bops_pct: Optional[float] = None,
             size_bits: Optional[float] = None, bops: Optional[float] = None,
@@ -81,14 +84,14 @@ class MixedPrecision:
 
   def build(self, allocation: alloc.Allocation) -> QuantizedModel:
     """The mixed model: each layer's state from its chosen option."""
-    base = self.float_model
     qstate = {p: self.option_states[allocation.choice[p]][p] for p in self.table.paths}
-    options = dict(base.options, method='mixed_precision', option_method=self.method,
-                   w_bits=None, a_bits=None, first_last_bits=None,
-                   overrides=allocation.overrides(), allocation=allocation.counts(),
-                   budgets=allocation.budgets)
-    return QuantizedModel(base.model, base.variables, base.layers, qstate, options,
-                          base.input_shape, dict(self.timings))
+    options = {'w_bits': None, 'a_bits': None, 'range_method': self.range_method,
+               'weight_range_method': self.range_method, 'first_last_bits': None,
+               'overrides': allocation.overrides(), 'symmetric': False,
+               'per_channel_inputs': False, 'calib_size': len(self.prepared.images),
+               'method': 'mixed_precision', 'option_method': self.method,
+               'allocation': allocation.counts(), 'budgets': allocation.budgets}
+    return quantized_model(self.prepared, qstate, options, self.timings)
 
   def quantize(self, **budgets) -> Tuple[QuantizedModel, alloc.Allocation]:
     """``solve(**budgets)`` then ``build``."""
@@ -97,12 +100,22 @@ class MixedPrecision:
 
 
 def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
-                    options: Sequence[Any] = DEFAULT_OPTIONS, method: str = 'ptq',
-                    range_method: str = 'minmax', adaquant: Optional[AdaQuantConfig] = None,
-                    labels: Optional[np.ndarray] = None, key: Optional[jax.Array] = None,
-                    cache_dir: Optional[str] = None, model_name: str = 'model',
-                    batch_size: int = 250, progress: bool = True) -> MixedPrecision:
-  """Computes every option's state and the sensitivity table (or loads it from cache).
+                    model_name: str = 'model', **kwargs: Any) -> MixedPrecision:
+  """Computes every option's state and the sensitivity table (or loads it from cache)
+  for ``model`` on the calibration images ``calib``; see :func:`mixed_precision_of`
+  for the options."""
+  return mixed_precision_of(prepare(model, variables, calib, model_name=model_name), **kwargs)
+
+
+def mixed_precision_of(prepared: Prepared, *,
+                       options: Sequence[Any] = DEFAULT_OPTIONS, method: str = 'ptq',
+                       range_method: str = 'minmax', adaquant: Optional[AdaQuantConfig] = None,
+                       labels: Optional[np.ndarray] = None, key: Optional[jax.Array] = None,
+                       cache_dir: Optional[str] = None,
+                       batch_size: int = 250, progress: bool = True,
+                       runtime: Optional[AdaQuantRuntime] = None) -> MixedPrecision:
+  """Every option's state and the sensitivity table of a prepared model (or both
+  from the cache).
 
   Args:
     options: (w_bits, a_bits) pairs, or names such as 'W4A4'.
@@ -118,19 +131,17 @@ def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, 
   options = tuple(dict.fromkeys(parse_option(o) for o in options))
   if not options:
     raise ValueError('Give at least one bit option, e.g. options=("W8A8", "W4A4").')
-  images = _check_calibration(calib)
+  range_config = RangeConfig(range_method)
+  images, model, variables = prepared.images, prepared.model, prepared.variables
+  model_name = prepared.model_name or 'model'
   if labels is not None and len(labels) != len(images):
     raise ValueError(f'{len(labels)} labels for {len(images)} calibration images.')
+  adaquant = adaquant or AdaQuantConfig()
   timings: Dict[str, float] = {}
-  # The float model (folded weights, no quantizers): the reference and the template.
-  float_model = quantize(model, variables, images[:1], w_bits=None, a_bits=None,
-                         first_last_bits=None, progress=False, model_name=model_name)
-  float_model.options['calib_size'] = len(images)
   extra = {'range_method': range_method, 'loss': 'kl' if labels is None else 'ce',
            'labels': None if labels is None else np.asarray(labels).tolist(),
-           'adaquant': dataclasses.asdict(adaquant or AdaQuantConfig()) if method == 'adaquant'
-           else None, 'key': None if key is None else np.asarray(
-               jax.random.key_data(key)).tolist()}
+           'adaquant': dataclasses.asdict(adaquant) if method == 'adaquant' else None,
+           'key': None if key is None else np.asarray(jax.random.key_data(key)).tolist()}
   digest = cache_key(model_name, variables, images, options, method, extra) if cache_dir else None
   cached = _load_states(cache_dir, digest, options) if cache_dir else None
   table = load_cached(cache_dir, digest) if cached is not None else None
@@ -142,26 +153,27 @@ def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, 
   else:
     states = {}
     for option in options:
-      qm = quantize(model, variables, images, w_bits=option[0], a_bits=option[1],
-                    first_last_bits=None, range_method=range_method, method=method,
-                    mode='parallel', adaquant=adaquant, key=key, progress=progress,
-                    model_name=model_name)
-      states[option] = qm.qstate
-      if qm.layer_reports:
-        reports[option] = qm.layer_reports
+      # Every layer at this option, first and last included: any mix is then valid.
+      bits = assign_bits(prepared.layers, option[0], option[1], None, None)
+      state = calibrate_ranges(prepared, bits, range_config)
+      if method == 'adaquant':
+        state, reports[option] = run_adaquant(
+            prepared.model, prepared.variables, prepared.layers, state, images, 'parallel',
+            adaquant, key, progress, None, runtime or AdaQuantRuntime())
+      states[option] = state
       if progress:
         print(f'  {option_name(option)} states ready ({time.time() - start:.0f}s)', flush=True)
   timings['option_states_seconds'] = time.time() - start
   start = time.time()
   if table is None:
-    table = sensitivity_table(model, variables, float_model.layers, float_model.qstate, states,
+    table = sensitivity_table(model, variables, prepared.layers, prepared.float_state, states,
                               images, labels, batch_size=batch_size, progress=progress)
     if cache_dir:
       _save_states(cache_dir, digest, states)
       save_cached(cache_dir, digest, table)
   timings['sensitivity_seconds'] = time.time() - start
-  return MixedPrecision(float_model, states, table, method, timings, from_cache=hit,
-                        option_reports=reports)
+  return MixedPrecision(prepared, states, table, method, timings, from_cache=hit,
+                        option_reports=reports, range_method=range_method)
 
 
 def _states_path(cache_dir: str, digest: str) -> str:
@@ -170,7 +182,7 @@ def _states_path(cache_dir: str, digest: str) -> str:
 
 def _save_states(cache_dir: str, digest: str,
                  states: Mapping[Option, Mapping[str, LayerQuant]]) -> None:
-  tree = {option_name(o): {p: _layer_to_tree(lq) for p, lq in s.items()}
+  tree = {option_name(o): {p: layer_to_tree(lq) for p, lq in s.items()}
           for o, s in states.items()}
   ckpt.save_checkpoint(_states_path(cache_dir, digest), tree, {'kind': 'mixed_states'})
 
@@ -184,5 +196,5 @@ def _load_states(cache_dir: str, digest: str, options: Sequence[Option]
   if meta.get('kind') != 'mixed_states' or set(tree) != {option_name(o) for o in options}:
     raise ckpt.CheckpointError(f'{path} is not a mixed-precision state cache for options '
                                f'{[option_name(o) for o in options]}; delete it to recompute.')
-  return {o: {p: _layer_from_tree(t, o[0], o[1], False)
+  return {o: {p: layer_from_tree(t, o[0], o[1], False)
               for p, t in tree[option_name(o)].items()} for o in options}

@@ -1,4 +1,4 @@
-"""The paper's pipelines as compositions of the pure stages (DESIGN.md §2.8).
+"""The paper's pipelines as ordered lists of stages (docs/method.md, "Pipelines").
 
 * ``light``:      calibrated ranges at each option -> dL -> IP -> BN tuning
 * ``advanced``:   parallel AdaQuant at each option -> dL -> IP -> BN tuning -> bias tuning
@@ -6,35 +6,68 @@
 
 ``light`` and ``advanced`` without a budget run at the fixed bit widths instead
 (``w_bits``/``a_bits``, ``first_last_bits`` for the first and last layer): ranges ->
-[parallel AdaQuant ->] BN tuning [-> bias tuning]. Each stage takes and returns a
-quantization state; :func:`run_pipeline` keeps the model after every stage, so a
-caller can evaluate each stage's contribution. The per-option states of an advanced
-run (``result.mixed``) can be handed to the next run, so a fixed-bit and a
-mixed-precision run share one AdaQuant pass.
+[parallel AdaQuant ->] BN tuning [-> bias tuning]. Every stage has the signature
+``(prepared, qstate, key) -> (qstate, report)`` (:mod:`ptq_jax.stages.prepare`);
+:func:`pipeline_stages` lists them and :func:`run_pipeline` runs them, keeping the
+model after every stage so a caller can evaluate each stage's contribution. The
+per-option states of a light/advanced run (``result.mixed``) can be handed to the
+next run, so a fixed-bit and a mixed-precision run share one AdaQuant pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+import numpy as np
 
-from ptq_jax.adaquant import AdaQuantConfig, run_adaquant
-from ptq_jax.allocation import Allocation
-from ptq_jax.api import QuantizedModel, _check_calibration, quantize
-from ptq_jax.bn_tuning import bn_tune
-from ptq_jax.distill import kd_tune
-from ptq_jax.sensitivity import DEFAULT_OPTIONS, SensitivityTable, option_name, parse_option
+from ptq_jax.mixed_precision import MixedPrecision, mixed_precision_of
+from ptq_jax.quant.interceptor import QState
+from ptq_jax.quant.quantizer import option_name, parse_option
+from ptq_jax.quantize import quantized_model
+from ptq_jax.quantized_model import QuantizedModel
+from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime, adaquant
+from ptq_jax.stages.allocation import Allocation
+from ptq_jax.stages.bias_tuning import bias_tuning
+from ptq_jax.stages.bn_tuning import bn_tuning
+from ptq_jax.stages.prepare import Prepared, Stage, prepare, run_stages
+from ptq_jax.stages.ranges import RangeConfig, assign_bits, ranges
+from ptq_jax.stages.sensitivity import DEFAULT_OPTIONS, SensitivityTable
 
 PIPELINES = ('light', 'advanced', 'sequential')
 
 
+def parse_run(entry: str) -> Tuple[str, Optional[float]]:
+  """'advanced' -> ('advanced', None); 'advanced@13' -> ('advanced', 13.0)."""
+  name, _, size = str(entry).partition('@')
+  if name not in PIPELINES:
+    raise ValueError(f'pipeline run {entry!r}: {name!r} is not one of '
+                     f'{PIPELINES} (write e.g. "advanced" or "advanced@13").')
+  if not size:
+    return name, None
+  try:
+    size_pct = float(size.rstrip('%'))
+  except ValueError:
+    raise ValueError(f'pipeline run {entry!r}: the size budget after "@" must be a '
+                     'number (% of the FP32 weight size), e.g. "advanced@13".') from None
+  if name == 'sequential':
+    raise ValueError(f'pipeline run {entry!r}: the sequential pipeline has fixed bit '
+                     'widths; budgets belong to light and advanced.')
+  return name, size_pct
+
+
+def run_label(pipeline: str, size_pct: Optional[float], w_bits: int, a_bits: int) -> str:
+  """'advanced W4A4' (fixed bits) or 'advanced 13%' (mixed at 13% size)."""
+  if size_pct is not None:
+    return f'{pipeline} {size_pct:g}%'
+  return f'{pipeline} W{w_bits}A{a_bits}'
+
+
 @dataclasses.dataclass
-class Stage:
-  """One stage's output model and its wall time."""
+class StageResult:
+  """One stage's output model, wall time and report."""
 
   name: str
   model: QuantizedModel
@@ -45,10 +78,10 @@ class Stage:
 @dataclasses.dataclass
 class PipelineResult:
   pipeline: str
-  stages: List[Stage]
+  stages: List[StageResult]
   allocation: Optional[Allocation] = None
   table: Optional[SensitivityTable] = None
-  mixed: Any = None   # the MixedPrecision states a light/advanced run used
+  mixed: Optional[MixedPrecision] = None   # the per-option states a light/advanced run used
 
   @property
   def model(self) -> QuantizedModel:
@@ -59,10 +92,83 @@ class PipelineResult:
     return {f'{s.name}_seconds': s.seconds for s in self.stages}
 
 
-def _with_state(qm: QuantizedModel, state, stage: str) -> QuantizedModel:
-  options = dict(qm.options, stages=list(qm.options.get('stages', [])) + [stage])
-  return QuantizedModel(qm.model, qm.variables, qm.layers, dict(state), options, qm.input_shape,
-                        dict(qm.timings), list(qm.layer_reports))
+def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
+                    a_bits: int = 4, first_last_bits: Optional[int] = 8,
+                    size_pct: Optional[float] = None, bops_pct: Optional[float] = None,
+                    options: Sequence[Any] = DEFAULT_OPTIONS, range_method: str = 'minmax',
+                    adaquant_config: Optional[AdaQuantConfig] = None,
+                    runtime: Optional[AdaQuantRuntime] = None, bias_steps: int = 800,
+                    cache_dir: Optional[str] = None, mixed: Optional[MixedPrecision] = None,
+                    bn_target: str = 'data', progress: bool = True) -> List[Stage]:
+  """The ordered stages of ``pipeline`` (see :func:`run_pipeline` for the arguments).
+  The mixed-precision stages record the allocation, table and per-option states they
+  used in ``result``."""
+  if pipeline not in PIPELINES:
+    raise ValueError(f'pipeline={pipeline!r} is not one of {PIPELINES}.')
+  budget = size_pct is not None or bops_pct is not None
+  if pipeline == 'sequential' and budget:
+    raise ValueError('The sequential pipeline has fixed bit widths (w_bits, a_bits); budgets '
+                     'belong to the light and advanced pipelines.')
+  if isinstance(bias_steps, bool) or not isinstance(bias_steps, int) or bias_steps < 0:
+    raise ValueError(f'bias_steps must be an integer >= 0, got {bias_steps!r}.')
+  method = 'adaquant' if pipeline == 'advanced' else 'ptq'
+  fixed = [parse_option((w_bits, a_bits))]
+  if first_last_bits is not None:
+    fixed.append(parse_option((first_last_bits, first_last_bits)))
+  wanted = [parse_option(o) for o in options]
+
+  def states_for(prepared: Prepared, needed, key) -> MixedPrecision:
+    """Per-option states: ``mixed`` if given, else computed (all of ``options`` when
+    they include ``needed``, so a later mixed run can reuse them)."""
+    if mixed is not None:
+      if mixed.method != method or any(o not in mixed.option_states for o in needed):
+        raise ValueError(f'mixed= holds {mixed.method} states for '
+                         f'{[option_name(o) for o in mixed.table.options]}; the {pipeline} '
+                         f'pipeline needs {method} states for '
+                         f'{[option_name(o) for o in needed]}.')
+      result.mixed = mixed
+    else:
+      computed = wanted if all(o in wanted for o in needed) else needed
+      result.mixed = mixed_precision_of(prepared, options=computed, method=method,
+                                        range_method=range_method, adaquant=adaquant_config,
+                                        key=key, cache_dir=cache_dir, progress=progress,
+                                        runtime=runtime)
+    return result.mixed
+
+  def mixed_stage(prepared: Prepared, qstate: QState, key: jax.Array):
+    mp = states_for(prepared, [], key)
+    result.allocation = mp.solve(size_pct=size_pct, bops_pct=bops_pct)
+    result.table = mp.table
+    return mp.build(result.allocation).qstate, result.allocation
+
+  def option_adaquant_stage(prepared: Prepared, qstate: QState, key: jax.Array):
+    """Parallel AdaQuant at the fixed bits, taken from the per-option states."""
+    mp = states_for(prepared, fixed, key)
+    allocation = mp.uniform(fixed[0], fixed[1] if len(fixed) > 1 else None)
+    return mp.build(allocation).qstate, mp.layer_reports(allocation)
+
+  stages: List[Stage] = []
+  if budget:
+    stages.append(Stage('mixed_precision', mixed_stage))
+  else:
+    stages.append(_fixed_ranges(w_bits, a_bits, first_last_bits, RangeConfig(range_method)))
+    if pipeline == 'sequential':
+      stages.append(adaquant('sequential', adaquant_config, runtime, progress))
+    elif pipeline == 'advanced':
+      stages.append(Stage('adaquant', option_adaquant_stage))
+  stages.append(bn_tuning(bn_target, progress=progress))
+  if pipeline in ('advanced', 'sequential') and bias_steps:
+    stages.append(bias_tuning(bias_steps, progress=progress))
+  return stages
+
+
+def _fixed_ranges(w_bits, a_bits, first_last_bits, config: RangeConfig) -> Stage:
+  """The ranges stage at fixed bit widths (the bits are assigned once the layers are
+  known)."""
+  def apply(prepared: Prepared, qstate: QState, key: jax.Array):
+    bits = assign_bits(prepared.layers, w_bits, a_bits, first_last_bits, None)
+    return ranges(bits, config).apply(prepared, qstate, key)
+  return Stage('ranges', apply)
 
 
 def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
@@ -70,9 +176,10 @@ def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
                  first_last_bits: Optional[int] = 8, size_pct: Optional[float] = None,
                  bops_pct: Optional[float] = None, options: Sequence[Any] = DEFAULT_OPTIONS,
                  range_method: str = 'minmax', adaquant: Optional[AdaQuantConfig] = None,
+                 runtime: Optional[AdaQuantRuntime] = None,
                  bias_steps: int = 800, key: Optional[jax.Array] = None,
                  cache_dir: Optional[str] = None, model_name: str = 'model',
-                 mixed: Any = None, bn_target: str = 'data',
+                 mixed: Optional[MixedPrecision] = None, bn_target: str = 'data',
                  progress: bool = True) -> PipelineResult:
   """Runs one pipeline; see the module docstring.
 
@@ -85,82 +192,56 @@ def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
     options: the bit options the integer program mixes (a fixed-bit advanced run
       computes these too when they include its bit widths, so ``result.mixed`` can
       serve a later mixed run; otherwise only the ones it needs).
+    adaquant, runtime: AdaQuant's hyper-parameters and runtime settings.
     bias_steps: KD bias-tuning steps (minibatch 50, SGD lr 0.1, the reference's).
     mixed: a previous run's ``result.mixed`` (same model, images and method) to reuse
       its per-option states and sensitivity table instead of recomputing them.
     bn_target: BN tuning's 'data' (re-estimate the statistics on the calibration
       images, the paper's) or 'fp' (match the FP network's statistics on them: for
-      calibration data unlike the training data; see ptq_jax.bn_tuning).
+      calibration data unlike the training data; see ptq_jax.stages.bn_tuning).
   """
-  from ptq_jax.mixed import mixed_precision  # mixed imports api; keep imports acyclic
-  if pipeline not in PIPELINES:
-    raise ValueError(f'pipeline={pipeline!r} is not one of {PIPELINES}.')
-  budget = size_pct is not None or bops_pct is not None
-  if pipeline == 'sequential' and budget:
-    raise ValueError('The sequential pipeline has fixed bit widths (w_bits, a_bits); budgets '
-                     'belong to the light and advanced pipelines.')
-  if bias_steps < 0:
-    raise ValueError(f'bias_steps must be >= 0, got {bias_steps}.')
-  images = _check_calibration(calib)
+  result = PipelineResult(pipeline, [])
+  stages = pipeline_stages(pipeline, result, w_bits=w_bits, a_bits=a_bits,
+                           first_last_bits=first_last_bits, size_pct=size_pct,
+                           bops_pct=bops_pct, options=options, range_method=range_method,
+                           adaquant_config=adaquant, runtime=runtime, bias_steps=bias_steps,
+                           cache_dir=cache_dir, mixed=mixed, bn_target=bn_target,
+                           progress=progress)
+  prepared = prepare(model, variables, calib, model_name=model_name)
+  if mixed is not None and not np.array_equal(mixed.prepared.images, prepared.images):
+    raise ValueError('mixed= was computed on other calibration images than this run\'s; pass '
+                     'the same images (or leave mixed=None to compute the states).')
   key = jax.random.key(0) if key is None else key
-  stages: List[Stage] = []
-  result = PipelineResult(pipeline, stages)
-  method = 'adaquant' if pipeline == 'advanced' else 'ptq'
-  fixed = [parse_option((w_bits, a_bits))]
-  if first_last_bits is not None:
-    fixed.append(parse_option((first_last_bits, first_last_bits)))
-
-  def states_for(needed):
-    if mixed is not None:
-      if mixed.method != method or any(o not in mixed.option_states for o in needed):
-        raise ValueError(f'mixed= holds {mixed.method} states for '
-                         f'{[option_name(o) for o in mixed.table.options]}; the {pipeline} '
-                         f'pipeline needs {method} states for '
-                         f'{[option_name(o) for o in needed]}.')
-      return mixed
-    wanted = [parse_option(o) for o in options]
-    computed = wanted if all(o in wanted for o in needed) else needed
-    return mixed_precision(model, variables, images, options=computed, method=method,
-                           range_method=range_method, adaquant=adaquant, key=key,
-                           cache_dir=cache_dir, model_name=model_name, progress=progress)
-
-  start = time.time()
-  if budget:
-    mp = result.mixed = states_for([])
-    allocation = mp.solve(size_pct=size_pct, bops_pct=bops_pct)
-    qm = mp.build(allocation)
-    qm = _with_state(qm, qm.qstate, 'mixed_precision')
-    result.allocation, result.table = allocation, mp.table
-    stages.append(Stage('mixed_precision', qm, time.time() - start, allocation))
-  else:
-    qm = quantize(model, variables, images, w_bits=w_bits, a_bits=a_bits,
-                  first_last_bits=first_last_bits, range_method=range_method,
-                  progress=progress, model_name=model_name)
-    qm = _with_state(qm, qm.qstate, 'ranges')
-    stages.append(Stage('ranges', qm, time.time() - start))
-    start = time.time()
-    if pipeline == 'sequential':
-      state, reports = run_adaquant(model, qm.variables, qm.layers, qm.qstate, images,
-                                    'sequential', adaquant or AdaQuantConfig(), key, progress)
-    elif pipeline == 'advanced':
-      mp = result.mixed = states_for(fixed)
-      allocation = mp.uniform(fixed[0], fixed[1] if len(fixed) > 1 else None)
-      state, reports = mp.build(allocation).qstate, mp.layer_reports(allocation)
-    if pipeline != 'light':
-      qm = _with_state(qm, state, 'adaquant')
-      qm.layer_reports = reports or []
-      stages.append(Stage('adaquant', qm, time.time() - start, reports))
-  start = time.time()
-  state, report = bn_tune(model, qm.variables, qm.layers, qm.qstate, images, progress=progress,
-                          target=bn_target)
-  qm = _with_state(qm, state, 'bn_tuning')
-  stages.append(Stage('bn_tuning', qm, time.time() - start, report))
-  if pipeline in ('advanced', 'sequential') and bias_steps:
-    start = time.time()
-    state, report = kd_tune(model, qm.variables, qm.qstate, qm.folded_bns, images, target='bias',
-                            steps=bias_steps, key=jax.random.fold_in(key, 1), progress=progress)
-    stages.append(Stage('bias_tuning', _with_state(qm, state, 'bias_tuning'),
-                        time.time() - start, report))
-  for stage in stages:
+  base = _base_options(pipeline, w_bits, a_bits, first_last_bits, range_method,
+                       len(prepared.images))
+  names: List[str] = []
+  for name, state, report, seconds in run_stages(prepared, stages, key):
+    names.append(name)
+    if name == 'mixed_precision':
+      options = dict(result.mixed.build(result.allocation).options)
+    else:
+      options = dict(result.stages[0].model.options if result.stages else base)
+    options['stages'] = list(names)
+    qm = quantized_model(prepared, state, options,
+                         layer_reports=report if name == 'adaquant' else None)
+    result.stages.append(StageResult(name, qm, seconds, report))
+  for stage in result.stages:
     stage.model.timings.update(result.timings())
+    if stage.name != 'adaquant':  # later stages keep the AdaQuant reports they started from
+      stage.model.layer_reports = list(_adaquant_reports(result.stages, stage))
   return result
+
+
+def _adaquant_reports(stages: List[StageResult], stage: StageResult) -> list:
+  for s in stages[:stages.index(stage)]:
+    if s.name == 'adaquant':
+      return s.report or []
+  return []
+
+
+def _base_options(pipeline: str, w_bits, a_bits, first_last_bits, range_method: str,
+                  calib_size: int) -> Dict[str, Any]:
+  return {'w_bits': w_bits, 'a_bits': a_bits, 'range_method': range_method,
+          'weight_range_method': range_method, 'first_last_bits': first_last_bits,
+          'overrides': {}, 'symmetric': False, 'per_channel_inputs': False,
+          'calib_size': calib_size, 'method': 'ptq', 'pipeline': pipeline}

@@ -19,9 +19,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ptq_jax.api import QuantizedModel
-from ptq_jax.quant.qmodel import LayerQuant, apply_quantized
-from ptq_jax.train import augment
+from ptq_jax.data.augment import augment
+from ptq_jax.quant.interceptor import LayerQuant, apply_quantized
+from ptq_jax.quantized_model import QuantizedModel
 
 
 def qat_train(qm: QuantizedModel, images: np.ndarray, labels: np.ndarray,

@@ -8,7 +8,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ptq_jax.data.arrays import arrays_path, save_split
 from ptq_jax.data.loader import load_split

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up ptq_jax on a Debian/Ubuntu machine with Python 3.11+: the Fashion-MNIST
-# Debian package and a virtual environment in .venv with requirements.txt.
+# Sets up ptq_jax on a Debian/Ubuntu machine with Python 3.11+: the Debian data packages
+# and a virtual environment in .venv with the pinned requirements.txt and ptq_jax itself
+# installed editable (pyproject.toml), so `import ptq_jax` works from any directory.
 # Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,12 +35,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 \
   | grep -v -e "^WARNING: Location" -e "is ignored" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 \
+  | grep -v -e "^WARNING: Location" -e "is ignored" || true
 # Rotten Tomatoes sentences: only vaderSentiment's source distribution holds them.
 if [ ! -f .external/vaderSentiment-3.3.2.tar.gz ]; then
   .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps \
     --no-binary :all: vaderSentiment==3.3.2 -d .external 2>&1 \
     | grep -v -e "^WARNING: Location" -e "is ignored" || true
 fi
-.venv/bin/python -c "import jax, flax, optax, tensorflow_datasets, array_record" \
+(cd / && "$OLDPWD/.venv/bin/python" -c "import jax, flax, optax, tensorflow_datasets, array_record, ptq_jax") \
   || { echo "setup: the virtual environment is incomplete" >&2; exit 1; }
 echo "setup: ready (.venv, $(.venv/bin/python --version))" >&2

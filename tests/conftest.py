@@ -9,7 +9,6 @@ cache only skips recompiling identical programs; it changes no result.
 
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
@@ -17,9 +16,6 @@ import pytest
 _XLA_CACHE = tempfile.mkdtemp(prefix='ptq_jax_tests_xla_')
 os.environ['JAX_COMPILATION_CACHE_DIR'] = _XLA_CACHE
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 import ptq_jax
+from ptq_jax.stages.sensitivity import sensitivity_table
 from tests.test_quant import ToyNet, random_variables
 
 
@@ -26,7 +27,7 @@ def main():
                           key=jax.random.key(3), progress=False, devices=devs)
     float_state = ptq_jax.quantize(model, variables, x[:1], w_bits=None, a_bits=None,
                                    first_last_bits=None, progress=False).qstate
-    table = ptq_jax.sensitivity_table(model, variables, qm.layers, float_state,
+    table = sensitivity_table(model, variables, qm.layers, float_state,
                                       {(4, 4): qm.qstate}, x, batch_size=10, progress=False,
                                       devices=devs)
     runs[name] = dict(qm=qm, table=table, logits=qm.predict(x, batch_size=10, devices=devs),
@@ -36,12 +37,13 @@ def main():
   kernel_diff = lambda s, t: max(float(np.max(np.abs(np.asarray(s[p].kernel)
                                                      - np.asarray(t[p].kernel)))) for p in s)
   # The GPU default path (each layer one program: batched passes, every step in one call).
-  single = ptq_jax.AdaQuantConfig(iterations=15, batch_size=8, steps_per_call=15,
-                                  eval_batch_size=8)
-  assert single.single_program(len(x))
+  single = ptq_jax.AdaQuantConfig(iterations=15, batch_size=8)
+  runtime = ptq_jax.AdaQuantRuntime(steps_per_call=15, eval_batch_size=8)
+  assert runtime.single_program(len(x), single)
   one_program = {name: ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=4,
                                         first_last_bits=None, method='adaquant',
-                                        mode='parallel', adaquant=single, key=jax.random.key(3),
+                                        mode='parallel', adaquant=single, runtime=runtime,
+                                        key=jax.random.key(3),
                                         progress=False, devices=devs)
                  for name, devs in (('one', one), ('all', devices))}
   print(json.dumps({

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 import ptq_jax
-from ptq_jax import adaquant
-from ptq_jax.quant.qmodel import apply_quantized
+from ptq_jax.models import create_model
+from ptq_jax.quant.capture import InputCapture
+from ptq_jax.stages.adaquant import driver as adaquant_driver
+from ptq_jax.stages.adaquant import layer as adaquant
+from ptq_jax.stages.adaquant.driver import run_adaquant
+from ptq_jax.quant.interceptor import apply_quantized
 from test_quant import ToyNet, random_variables
 
 CONFIG = ptq_jax.AdaQuantConfig(iterations=120, batch_size=16)
@@ -28,7 +32,7 @@ def toy_w3a3():
 @pytest.mark.parametrize('mode', ['parallel', 'sequential'])
 def test_adaquant_lowers_every_layers_error(toy_w3a3, mode):
   model, variables, x, base = toy_w3a3
-  state, reports = adaquant.run_adaquant(model, variables, base.layers, base.qstate, x, mode,
+  state, reports = run_adaquant(model, variables, base.layers, base.qstate, x, mode,
                                          CONFIG, jax.random.key(0), progress=False)
   assert [r['path'] for r in reports] == [l.path for l in base.layers]
   for r in reports:
@@ -54,16 +58,16 @@ def test_quantize_entry_point(toy_w3a3):
 
 def test_sequential_inputs_come_from_the_quantized_prefix(toy_w3a3, monkeypatch):
   model, variables, x, base = toy_w3a3
-  seen = {}
-  original = adaquant.optimize_layer
+  seen, targets = {}, {}
+  original = adaquant_driver.optimize_layer
 
-  def recording(layer, lq, xs, ys, config, key, device=None):
-    seen[layer.path] = np.asarray(xs)
-    return original(layer, lq, xs, ys, config, key, device)
+  def recording(layer, lq, xs, ys, *args, **kwargs):
+    seen[layer.path], targets[layer.path] = np.asarray(xs), np.asarray(ys)
+    return original(layer, lq, xs, ys, *args, **kwargs)
 
-  monkeypatch.setattr(adaquant, 'optimize_layer', recording)
+  monkeypatch.setattr(adaquant_driver, 'optimize_layer', recording)
   config = ptq_jax.AdaQuantConfig(iterations=20, batch_size=16)
-  state, _ = adaquant.run_adaquant(model, variables, base.layers, base.qstate, x, 'sequential',
+  state, _ = run_adaquant(model, variables, base.layers, base.qstate, x, 'sequential',
                                    config, jax.random.key(0), progress=False)
   float_state = {p: adaquant.LayerQuant(lq.kernel, lq.bias) for p, lq in base.qstate.items()}
   for i, layer in enumerate(base.layers):
@@ -75,17 +79,21 @@ def test_sequential_inputs_come_from_the_quantized_prefix(toy_w3a3, monkeypatch)
     apply_quantized(model, variables, prefix, base.folded_bns, jnp.asarray(x),
                     on_layer=lambda p, v: captured.setdefault(p, v))
     np.testing.assert_allclose(seen[layer.path], captured[layer.path], rtol=1e-5, atol=1e-5)
-    if i > 0:  # ... and it is not the float model's input.
-      fp = {}
-      apply_quantized(model, variables, float_state, base.folded_bns, jnp.asarray(x),
-                      on_layer=lambda p, v: fp.setdefault(p, v))
+    # The target is the float layer on the float model's input, not on the prefix's.
+    fp = {}
+    apply_quantized(model, variables, float_state, base.folded_bns, jnp.asarray(x),
+                    on_layer=lambda p, v: fp.setdefault(p, v))
+    want = adaquant.float_target(layer.geometry, layer.activation, float_state[layer.path],
+                                 fp[layer.path])
+    np.testing.assert_allclose(targets[layer.path], want, rtol=1e-5, atol=1e-5)
+    if i > 0:  # ... and the input is not the float model's input.
       assert float(jnp.max(jnp.abs(fp[layer.path] - seen[layer.path]))) > 1e-3
 
 
 def test_deterministic_for_a_seed(toy_w3a3):
   model, variables, x, base = toy_w3a3
   config = ptq_jax.AdaQuantConfig(iterations=15, batch_size=8)
-  run = lambda seed: adaquant.run_adaquant(model, variables, base.layers, base.qstate, x,
+  run = lambda seed: run_adaquant(model, variables, base.layers, base.qstate, x,
                                            'parallel', config, jax.random.key(seed),
                                            progress=False)[0]
   a, b, c = run(1), run(1), run(2)
@@ -95,7 +103,7 @@ def test_deterministic_for_a_seed(toy_w3a3):
 
 
 def test_same_geometry_layer_does_not_recompile():
-  model = ptq_jax.create_model('resnet20')
+  model = create_model('resnet20')
   x = jax.random.normal(jax.random.key(0), (32, 28, 28, 1))
   variables = random_variables(model, x)
   base = ptq_jax.quantize(model, variables, np.asarray(x), w_bits=4, a_bits=4)
@@ -103,7 +111,7 @@ def test_same_geometry_layer_does_not_recompile():
   first, second = layers['BasicBlock_0/Conv_0'], layers['BasicBlock_1/Conv_0']
   assert first.geometry == second.geometry and first.activation == second.activation
   config = ptq_jax.AdaQuantConfig(iterations=3, batch_size=8)
-  capture = adaquant.InputCapture(model, variables, base.folded_bns)
+  capture = InputCapture(model, variables, base.folded_bns)
   inputs = capture(base.qstate, np.asarray(x), [first.path, second.path])
   for layer in (first, second):
     lq = base.qstate[layer.path]
@@ -119,7 +127,7 @@ def test_batched_target_and_error_equal_the_whole_set_ones(toy_w3a3):
   inside one program (the GPU default, so their convs share the step's shapes) equal
   the whole-set computation, including a smaller remainder batch."""
   model, variables, x, base = toy_w3a3
-  capture = adaquant.InputCapture(model, variables, base.folded_bns)
+  capture = InputCapture(model, variables, base.folded_bns)
   for layer in base.layers[:2]:
     xs = capture(base.qstate, x, [layer.path])[layer.path]
     lq = base.qstate[layer.path]
@@ -142,13 +150,13 @@ def test_one_program_per_layer_when_batched_and_one_call(toy_w3a3):
   rounding may differ between the programs)."""
   model, variables, x, base = toy_w3a3
   layer = base.layers[1]
-  xs = adaquant.InputCapture(model, variables, base.folded_bns)(
+  xs = InputCapture(model, variables, base.folded_bns)(
       base.qstate, x, [layer.path])[layer.path]
   lq = base.qstate[layer.path]
-  one = ptq_jax.AdaQuantConfig(iterations=11, batch_size=8, steps_per_call=11,
-                               eval_batch_size=8)
+  config = ptq_jax.AdaQuantConfig(iterations=11, batch_size=8)
+  one = ptq_jax.AdaQuantRuntime(steps_per_call=11, eval_batch_size=8)
   split = dataclasses.replace(one, eval_batch_size=None)   # CPU passes: separate programs
-  assert one.single_program(len(xs)) and not split.single_program(len(xs))
+  assert one.single_program(len(xs), config) and not split.single_program(len(xs), config)
   key, compiles = jax.random.key(2), []
 
   def listener(name, secs, **kwargs):
@@ -156,11 +164,11 @@ def test_one_program_per_layer_when_batched_and_one_call(toy_w3a3):
       compiles.append(kwargs.get('fun_name', name))
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    fused, report = adaquant.optimize_layer(layer, lq, xs, None, one, key)
+    fused, report = adaquant.optimize_layer(layer, lq, xs, None, config, key, runtime=one)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert compiles == ['jit(_fit_layer)']
-  separate, expected = adaquant.optimize_layer(layer, lq, xs, None, split, key)
+  separate, expected = adaquant.optimize_layer(layer, lq, xs, None, config, key, runtime=split)
   for field in ('mse_before', 'rel_error_before', 'mse_after', 'rel_error_after'):
     np.testing.assert_allclose(report[field], expected[field], rtol=1e-4)
   assert report['mse_after'] < report['mse_before']
@@ -169,38 +177,20 @@ def test_one_program_per_layer_when_batched_and_one_call(toy_w3a3):
   # Targets passed in (sequential mode) or computed inside (parallel mode) agree.
   ys = adaquant.float_targets(layer.geometry, layer.activation,
                               adaquant.LayerQuant(lq.kernel, lq.bias), xs)
-  given, report_given = adaquant.optimize_layer(layer, lq, xs, ys, one, key)
+  given, report_given = adaquant.optimize_layer(layer, lq, xs, ys, config, key, runtime=one)
   np.testing.assert_allclose(report_given['mse_after'], report['mse_after'], rtol=1e-4)
   np.testing.assert_allclose(given.bias, fused.bias, atol=1e-5)
-
-
-def test_layer_programs_list_what_each_mode_calls(toy_w3a3):
-  """The ahead-of-time program list follows the path optimize_layer takes: one program
-  per layer (parallel mode: targets computed inside), plus the target program in
-  sequential mode; four kinds of program on the CPU path."""
-  _, _, x, base = toy_w3a3
-  layer, lq = base.layers[0], base.qstate[base.layers[0].path]
-  device = jax.devices()[0]
-  kinds = lambda config, mode: [k[0] for k, _, _ in adaquant.layer_programs(
-      layer, lq, len(x), config, device, mode)]
-  single = ptq_jax.AdaQuantConfig(iterations=12, batch_size=8, steps_per_call=12,
-                                  eval_batch_size=8)
-  assert kinds(single, 'parallel') == ['fit_layer']
-  assert kinds(single, 'sequential') == ['batched_float_target', 'fit_layer']
-  (_, _, parallel_args), = adaquant.layer_programs(layer, lq, len(x), single, device)
-  assert parallel_args[8] is None          # ys: the program computes the targets
-  separate = dataclasses.replace(single, eval_batch_size=None, steps_per_call=5)
-  assert kinds(separate, 'parallel') == ['float_target', 'error_sums', 'init_optimizer',
-                                         'run_steps', 'run_steps']
 
 
 def test_bad_config():
   with pytest.raises(ValueError, match='iterations >= 0'):
     ptq_jax.AdaQuantConfig(iterations=-1).validate()
   with pytest.raises(ValueError, match='eval_batch_size must be >= 1'):
-    ptq_jax.AdaQuantConfig(eval_batch_size=0).validate()
-  with pytest.raises(ValueError, match='lr_bias must be >= 0'):
-    ptq_jax.AdaQuantConfig(lr_bias=-1.0).validate()
+    ptq_jax.AdaQuantRuntime(eval_batch_size=0)
+  with pytest.raises(ValueError, match='lr_bias must be a finite number >= 0'):
+    ptq_jax.AdaQuantConfig(lr_bias=-1.0)
+  with pytest.raises(ValueError, match='lr_kernel must be a finite number >= 0'):
+    ptq_jax.AdaQuantConfig(lr_kernel=float('nan'))
   with pytest.raises(ValueError, match="lr_schedule must be one of"):
     ptq_jax.AdaQuantConfig(lr_schedule='linear').validate()
 
@@ -208,7 +198,7 @@ def test_bad_config():
 def test_cosine_schedule_decays_and_constant_does_not():
   """Step k of n moves by rate * (1 + cos(pi k / n)) / 2 (cosine, the default) or by the
   rate (constant); Adam with a constant gradient steps by exactly the scheduled rate."""
-  from ptq_jax.adaquant import _optimizer
+  from ptq_jax.stages.adaquant.layer import _optimizer
   params = {'w': jnp.ones(3)}
   for schedule in ('cosine', 'constant'):
     rates = ptq_jax.AdaQuantConfig(iterations=4, lr_kernel=1.0, lr_schedule=schedule).rates()
@@ -223,56 +213,6 @@ def test_cosine_schedule_decays_and_constant_does_not():
     np.testing.assert_allclose(steps, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize('eval_batch_size,steps_per_call,mode', [
-    (None, 5, 'parallel'),      # CPU passes, separate programs
-    (8, 5, 'parallel'),         # batched passes, separate programs
-    (8, 12, 'parallel')])       # one program per layer (the GPU default)
-def test_programs_compiled_ahead_of_time_are_the_ones_called(monkeypatch, eval_batch_size,
-                                                             steps_per_call, mode):
-  """With ``precompile`` every layer's programs are compiled on the thread pool; the
-  layer optimisation itself (main thread) compiles nothing, and the result is the
-  same as compiling each program when first called."""
-  import threading
-  model = ToyNet()
-  x = np.asarray(jax.random.normal(jax.random.key(5), (37, 10, 10, 3)))  # shapes unique
-  variables = random_variables(model, jnp.asarray(x))                     # to this test
-  base = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=4, first_last_bits=None)
-  inside = threading.local()
-  main_compiles = []
-
-  def listener(name, secs, **kwargs):
-    if name.endswith('backend_compile_duration') and getattr(inside, 'optimizing', False):
-      main_compiles.append(name)
-
-  original = adaquant.optimize_layer
-
-  def watched(*args, **kwargs):
-    inside.optimizing = True
-    try:
-      return original(*args, **kwargs)
-    finally:
-      inside.optimizing = False
-
-  monkeypatch.setattr(adaquant, 'optimize_layer', watched)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    config = ptq_jax.AdaQuantConfig(iterations=12, batch_size=8,
-                                    steps_per_call=steps_per_call, precompile=True,
-                                    compile_threads=2, eval_batch_size=eval_batch_size)
-    ahead, reports = adaquant.run_adaquant(model, variables, base.layers, base.qstate, x,
-                                           mode, config, jax.random.key(0),
-                                           progress=False)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
-  assert main_compiles == []
-  assert all(r['compile_wait_seconds'] >= 0 for r in reports)
-  monkeypatch.setattr(adaquant, 'optimize_layer', original)
-  late, _ = adaquant.run_adaquant(model, variables, base.layers, base.qstate, x, mode,
-                                  dataclasses.replace(config, precompile=False),
-                                  jax.random.key(0), progress=False)
-  jax.tree.map(np.testing.assert_array_equal, ahead, late)
-
-
 def test_minibatches_do_not_depend_on_steps_per_call(toy_w3a3):
   """Drawing a call's minibatches up front gives the same steps as one call per step.
 
@@ -282,10 +222,10 @@ def test_minibatches_do_not_depend_on_steps_per_call(toy_w3a3):
   layer by far more, so: most weights agree to float precision, and the largest
   difference is well below what a change of minibatches does."""
   model, variables, x, base = toy_w3a3
-  run = lambda spc, seed=3: adaquant.run_adaquant(
+  run = lambda spc, seed=3: run_adaquant(
       model, variables, base.layers, base.qstate, x, 'parallel',
-      ptq_jax.AdaQuantConfig(iterations=9, batch_size=8, steps_per_call=spc),
-      jax.random.key(seed), progress=False)[0]
+      ptq_jax.AdaQuantConfig(iterations=9, batch_size=8), jax.random.key(seed),
+      progress=False, runtime=ptq_jax.AdaQuantRuntime(steps_per_call=spc))[0]
   one, four, other_seed = run(1), run(4), run(1, seed=4)
   largest = lambda a, b, field: max(float(jnp.max(jnp.abs(field(a[p]) - field(b[p]))))
                                     for p in a)

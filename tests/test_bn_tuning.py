@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import ptq_jax
-from ptq_jax.bn_tuning import bn_tune, refold
-from ptq_jax.quant.qmodel import LayerQuant, apply_quantized, quantized_weight
+from ptq_jax.stages.bn_tuning import bn_tune, refold
+from ptq_jax.quant.interceptor import LayerQuant, apply_quantized, quantized_weight
 from ptq_jax.quant.quantizer import init_range
 
 
@@ -62,7 +62,7 @@ def test_quantized_outputs_get_the_bn_statistics(net):
   outputs = {}
 
   def layer_output(path, module, inputs):
-    from ptq_jax.quant.qmodel import quantized_layer_output
+    from ptq_jax.quant.interceptor import quantized_layer_output
     y = quantized_layer_output(module, state[path], inputs)
     outputs[path] = y
     return y
@@ -112,7 +112,7 @@ def test_fp_target_matches_the_float_networks_statistics(net):
   state, _ = bn_tune(model, variables, qm.layers, qm.qstate, x, progress=False, target='fp')
 
   def outputs_of(qstate, quantized):
-    from ptq_jax.quant.qmodel import layer_forward, quantized_layer_output
+    from ptq_jax.quant.interceptor import layer_forward, quantized_layer_output
     found = {}
 
     def layer_output(path, module, inputs):

@@ -3,6 +3,7 @@
 import pytest
 
 import ptq_jax
+from ptq_jax.bundled import model_card
 from ptq_jax.data import loader
 
 # Floors on the first 1000 test images (the full-test figures are in each model card
@@ -13,7 +14,7 @@ FLOORS = {'resnet20_fashion_mnist': 92.0, 'mobilenet_v2_fmnist_fashion_mnist': 9
 def test_every_bundled_checkpoint_has_a_floor_and_a_card():
   assert set(ptq_jax.bundled_checkpoints()) == set(FLOORS)
   for name in FLOORS:
-    card = ptq_jax.model_card(name)
+    card = model_card(name)
     for key in ('test_top1_pct', 'config', 'seed', 'training_seconds', 'command'):
       assert key in card, (name, key)
 

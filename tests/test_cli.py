@@ -11,7 +11,7 @@ from configs import evaluate as evaluate_config
 from configs import train_resnet20
 import ptq_jax
 from ptq_jax import checkpoint as ckpt
-from ptq_jax import jobs
+from ptq_jax.jobs import registry as jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

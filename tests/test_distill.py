@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ptq_jax
-from ptq_jax.distill import kd_tune, kl_to_teacher
+from ptq_jax.stages.bias_tuning import kd_tune, kl_to_teacher
 from test_quant import ToyNet, random_variables
 
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import ptq_jax
-from ptq_jax import allocation as alloc
-from ptq_jax.sensitivity import SensitivityTable, parse_option
+from ptq_jax.stages.bias_tuning import kl_to_teacher
+from ptq_jax.stages import allocation as alloc
+from ptq_jax.quant.quantizer import parse_option
+from ptq_jax.stages.sensitivity import SensitivityTable
 from tests.test_quant import ToyNet, random_variables
 
 OPTIONS = ('W8A8', 'W4A4', 'W2A4')
@@ -139,7 +141,7 @@ def test_only_layer_l_quantized_matches_a_direct_evaluation(toy_mp):
     qstate[path] = mp.option_states[option][path]
     mixed = ptq_jax.QuantizedModel(model, fp.variables, fp.layers, qstate, fp.options,
                                    fp.input_shape)
-    kl = float(ptq_jax.kl_to_teacher(fp_logits, mixed.predict(x)))
+    kl = float(kl_to_teacher(fp_logits, mixed.predict(x)))
     assert mp.table.raw_delta[i, j] == pytest.approx(kl, rel=1e-3, abs=1e-6)
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import ptq_jax
-from ptq_jax.distill import kl_to_teacher
+from ptq_jax.qat import qat_train
+from ptq_jax.stages.bias_tuning import kl_to_teacher
 from tests.test_quant import ToyNet, random_variables
 
 FAST = ptq_jax.AdaQuantConfig(iterations=20, batch_size=8)
@@ -57,15 +58,15 @@ def test_bias_tuning_lowers_the_kd_loss(toy):
     np.testing.assert_array_equal(lq.kernel, result.stages[-2].model.qstate[path].kernel)
 
 
-def test_quantize_selects_a_pipeline_and_checks_budgets(toy):
+def test_pipeline_checks_budgets_and_names(toy):
   model, variables, x = toy
-  qm = ptq_jax.quantize(model, variables, x, pipeline='light', size_pct=20, progress=False)
+  qm = ptq_jax.run_pipeline(model, variables, x, 'light', size_pct=20, progress=False).model
   assert qm.options['stages'] == ['mixed_precision', 'bn_tuning']
   with pytest.raises(ValueError, match='fixed bit widths'):
     ptq_jax.run_pipeline(model, variables, x, 'sequential', size_pct=13, progress=False)
   with pytest.raises(ValueError, match="pipeline='fast'"):
     ptq_jax.run_pipeline(model, variables, x, 'fast', progress=False)
-  with pytest.raises(ValueError, match='budgets of the light and advanced'):
+  with pytest.raises(TypeError, match='size_pct'):   # budgets belong to run_pipeline
     ptq_jax.quantize(model, variables, x, size_pct=13, progress=False)
 
 
@@ -106,7 +107,7 @@ def test_qat_trains_the_quantized_model_on_labels(toy):
                         progress=False)
   raw = (x - x.min()) / (x.max() - x.min()) * 255  # "pixels"; preprocess undoes the scaling
   preprocess = lambda p: p / 255 * (x.max() - x.min()) + x.min()
-  trained, report = ptq_jax.qat_train(qm, raw, labels, preprocess, epochs=25, batch_size=16,
+  trained, report = qat_train(qm, raw, labels, preprocess, epochs=25, batch_size=16,
                                       learning_rate=1e-3, crop_pad=0, flip=False,
                                       progress=False)
   assert report['steps'] == 50 and report['loss_by_tenth'][-1] < report['loss_by_tenth'][0]
@@ -121,4 +122,4 @@ def test_qat_trains_the_quantized_model_on_labels(toy):
     assert not np.allclose(field(trained.qstate[path]), field(qm.qstate[path]))
   for bad in (dict(epochs=0), dict(batch_size=1000)):
     with pytest.raises(ValueError):
-      ptq_jax.qat_train(qm, raw, labels, preprocess, progress=False, **bad)
+      qat_train(qm, raw, labels, preprocess, progress=False, **bad)

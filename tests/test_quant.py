@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import ptq_jax
+from ptq_jax.models import create_model
 from ptq_jax.quant import export
 from ptq_jax.quant.folding import fold_batchnorm
-from ptq_jax.quant.qmodel import LayerQuant, apply_quantized, quantized_layer_output
+from ptq_jax.quant.interceptor import LayerQuant, apply_quantized, quantized_layer_output
 from ptq_jax.quant.quantizer import (QuantizerState, fake_quant, init_range, quantize_to_int,
                                      reshape_for)
 
@@ -119,7 +120,7 @@ def test_trace_of_a_model_written_here(toy):
 
 @pytest.mark.parametrize('name', ['resnet20', 'mobilenet_v2_fmnist'])
 def test_folding_equivalence(name):
-  model = ptq_jax.create_model(name)
+  model = create_model(name)
   x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
   variables = random_variables(model, x)
   layers = ptq_jax.trace(model, variables, x[:1])
@@ -169,7 +170,7 @@ def test_more_bits_means_closer_outputs(toy):
 def test_per_channel_inputs(toy, tmp_path):
   model, variables, x = toy
   qm = ptq_jax.quantize(model, variables, np.asarray(x), w_bits=4, a_bits=4,
-                        per_channel_inputs=True)
+                        ranges=ptq_jax.RangeConfig(per_channel_inputs=True))
   first = qm.qstate[qm.layers[0].path].a_quant
   assert first.range.shape == (3,)  # one range per input channel
   assert bool(jnp.all(jnp.isfinite(qm.apply(x))))
@@ -180,21 +181,21 @@ def test_per_channel_inputs(toy, tmp_path):
 
 def test_save_load_identical_outputs(toy, tmp_path):
   model, variables, x = toy
-  qm = ptq_jax.quantize(model, variables, np.asarray(x), w_bits=4, a_bits=6, range_method='mse',
-                        symmetric=True)
+  qm = ptq_jax.quantize(model, variables, np.asarray(x), w_bits=4, a_bits=6,
+                        ranges=ptq_jax.RangeConfig('mse', symmetric=True))
   path = str(tmp_path / 'q.msgpack')
   qm.save(path)
   loaded = ptq_jax.QuantizedModel.load(path, model)
   assert loaded.bits() == qm.bits() and loaded.options == qm.options
   np.testing.assert_array_equal(loaded.apply(x), qm.apply(x))
   with pytest.raises(ptq_jax.CheckpointError, match='another model'):
-    ptq_jax.QuantizedModel.load(path, ptq_jax.create_model('resnet20'))
+    ptq_jax.QuantizedModel.load(path, create_model('resnet20'))
 
 
 def test_models_with_the_same_bits_share_one_compiled_forward(toy):
   """Pipeline stages (same model and bits, other values) reuse one program; other bit
   widths compile their own."""
-  from ptq_jax.api import _quantized_forward
+  from ptq_jax.quantized_model import _quantized_forward
   model, variables, x = toy
   x = np.asarray(x)
   a = ptq_jax.quantize(model, variables, x[:16], w_bits=5, a_bits=7)
@@ -213,7 +214,7 @@ def test_models_with_the_same_bits_share_one_compiled_forward(toy):
 def test_integer_reference_equals_fake_quant(toy, tmp_path, bits, symmetric):
   model, variables, x = toy
   qm = ptq_jax.quantize(model, variables, np.asarray(x), w_bits=bits, a_bits=bits,
-                        first_last_bits=None, symmetric=symmetric)
+                        first_last_bits=None, ranges=ptq_jax.RangeConfig(symmetric=symmetric))
   path = str(tmp_path / 'int.msgpack')
   export.export_integer(qm, path)
   records = export.load_integer(path)
@@ -234,7 +235,7 @@ def test_integer_reference_equals_fake_quant(toy, tmp_path, bits, symmetric):
     record = records[layer.path]
     packed = record['w_codes']
     expected_bytes = int(np.prod(layer.kernel_shape))
-    assert packed.size == (expected_bytes + 1) // 2 if bits <= 4 else expected_bytes
+    assert packed.size == ((expected_bytes + 1) // 2 if bits <= 4 else expected_bytes)
     fake = quantized_layer_output(modules[layer.path], qm.qstate[layer.path], inputs[layer.path])
     integer = export.integer_layer_output(record, inputs[layer.path])
     scale = float(jnp.abs(fake).max())
@@ -256,13 +257,19 @@ def test_pack_unpack_round_trip():
     (dict(a_bits=9), 'a_bits=9 is not supported'),
     (dict(w_bits=4.5), 'w_bits=4.5'),
     (dict(first_last_bits=16), 'first_last_bits=16'),
-    (dict(range_method='kl'), "range_method='kl'"),
     (dict(overrides={'Conv_0': {'w_bits': 12}}), 'Conv_0 w_bits=12'),
 ])
 def test_bad_options(toy, kwargs, match):
   model, variables, x = toy
   with pytest.raises(ValueError, match=match):
     ptq_jax.quantize(model, variables, np.asarray(x[:4]), **kwargs)
+
+
+def test_bad_range_config():
+  with pytest.raises(ValueError, match="method='kl'"):
+    ptq_jax.RangeConfig('kl')
+  with pytest.raises(ValueError, match="weight_method='max'"):
+    ptq_jax.RangeConfig(weight_method='max')
 
 
 def test_unknown_override_path(toy):
@@ -287,7 +294,7 @@ def test_bad_calibration_data(toy):
 
 
 def test_wrong_calibration_shape_is_named():
-  model = ptq_jax.create_model('resnet20')
+  model = create_model('resnet20')
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   wrong = np.zeros((4, 32, 32, 3), np.float32)
   with pytest.raises(ValueError, match=r'shape \(32, 32, 3\).*\(28, 28, 1\)'):

@@ -20,7 +20,13 @@ from typing import Optional
 
 import numpy as np
 
+from ptq_jax.io import atomic_write_bytes
+
 ARRAYS_DIR_ENV = 'PTQ_JAX_ARRAYS_DIR'
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """The requested data is not on this machine; the message says how to get it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +47,6 @@ def arrays_path(arrays_dir: str, dataset: str, split: str) -> str:
 
 def save_split(path: str, data: ArraySplit) -> None:
   """Writes ``data`` to ``path`` (compressed ``.npz``), atomically."""
-  from ptq_jax.checkpoint import atomic_write_bytes  # jax-free callers need not pay for it
   buffer = io.BytesIO()
   np.savez_compressed(buffer, images=np.asarray(data.images, np.uint8),
                       labels=np.asarray(data.labels, np.int32))
@@ -52,7 +57,6 @@ def load_saved_split(arrays_dir: str, dataset: str, split: str) -> ArraySplit:
   """Reads a split written by :func:`save_split`; clear errors for missing or bad files."""
   path = arrays_path(arrays_dir, dataset, split)
   if not os.path.isfile(path):
-    from ptq_jax.data.loader import DatasetNotFoundError
     raise DatasetNotFoundError(
         f'{path} does not exist (${ARRAYS_DIR_ENV} / arrays_dir={arrays_dir!r}). Export the '
         f'split on a machine with the data: `python scripts/export_arrays.py --dataset={dataset} '

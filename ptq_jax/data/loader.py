@@ -19,16 +19,13 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from ptq_jax.data import fashion_mnist as fmnist
-from ptq_jax.data.arrays import ArraySplit, default_arrays_dir, load_saved_split
+from ptq_jax.data.arrays import (ArraySplit, DatasetNotFoundError, default_arrays_dir,
+                                 load_saved_split)
 
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
-
-
-class DatasetNotFoundError(FileNotFoundError):
-  """The requested data is not on this machine; the message says how to get it."""
 
 
 def preprocess_fashion_mnist(images: np.ndarray) -> np.ndarray:

@@ -15,8 +15,9 @@ from ptq_jax.bundled import resolve_checkpoint
 from ptq_jax.data import loader
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
 from ptq_jax.models import get_model_spec
+from ptq_jax.io import atomic_write_json
+from ptq_jax.jobs.results import describe_device
 from ptq_jax.trace import totals, trace
-from ptq_jax.train import describe_device
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -50,7 +51,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
       'device': describe_device(),
       'command': 'python ' + ' '.join(sys.argv),
   }
-  ckpt.atomic_write_json(os.path.join(workdir, 'results.json'), [result])
+  atomic_write_json(os.path.join(workdir, 'results.json'), [result])
   print(f'{result["model"]}: test top-1 {result["top1_pct"]:.2f}% on {limit} images '
         f'({result["params"]:,} weight-layer params, {result["macs"]:,} MACs/image); '
         f'wrote {os.path.join(workdir, "results.json")}')

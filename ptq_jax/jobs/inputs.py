@@ -15,7 +15,7 @@ from ptq_jax.bundled import resolve_checkpoint
 from ptq_jax.checkpoint import load_model
 from ptq_jax.data import loader
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
-from ptq_jax.train import describe_device
+from ptq_jax.jobs.results import describe_device
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,11 +17,12 @@ from typing import Any, Dict, List
 import jax
 import ml_collections
 
-import ptq_jax
-from ptq_jax.checkpoint import atomic_write_bytes, atomic_write_json
-from ptq_jax.job_inputs import load_job_inputs
-from ptq_jax.results import render_markdown
-from ptq_jax.sensitivity import option_name
+from ptq_jax.io import atomic_write_bytes, atomic_write_json
+from ptq_jax.jobs.inputs import load_job_inputs
+from ptq_jax.jobs.results import render_markdown
+from ptq_jax.mixed_precision import mixed_precision
+from ptq_jax.quant.quantizer import option_name
+from ptq_jax.stages.adaquant import AdaQuantConfig
 
 BUDGET_KEYS = ('size_pct', 'bops_pct', 'loss')
 
@@ -52,9 +53,9 @@ def mixed_precision_checkpoint(config: ml_collections.ConfigDict, workdir: str
   print(f'Mixed precision for {meta["model"]}: options {", ".join(m.options)} '
         f'({m.method} states, {config.calib_size} calibration images)...', flush=True)
   start = time.time()
-  mp = ptq_jax.mixed_precision(
+  mp = mixed_precision(
       model, variables, calib, options=list(m.options), method=m.method,
-      adaquant=ptq_jax.AdaQuantConfig(iterations=m.iterations) if m.method == 'adaquant' else None,
+      adaquant=AdaQuantConfig(iterations=m.iterations) if m.method == 'adaquant' else None,
       key=jax.random.key(config.seed), cache_dir=os.path.expanduser(m.cache_dir) if m.cache_dir
       else None, model_name=meta['model'], progress=True)
   prep_seconds = time.time() - start

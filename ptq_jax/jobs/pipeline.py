@@ -12,52 +12,24 @@ AdaQuant ran) and ``quantized.msgpack`` (the last run's final model) to the work
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import ml_collections
 
-import ptq_jax
-from ptq_jax.checkpoint import atomic_write_bytes, atomic_write_json
-from ptq_jax.job_inputs import load_job_inputs
-from ptq_jax.results import render_markdown
-
-STAGE_LABELS = {'ranges': 'baseline PTQ', 'adaquant': '+ AdaQuant', 'bn_tuning': '+ BN tuning',
-                'bias_tuning': '+ bias tuning', 'mixed_precision': 'mixed precision'}
-
-
-def parse_run(entry: str) -> Tuple[str, Optional[float]]:
-  """'advanced' -> ('advanced', None); 'advanced@13' -> ('advanced', 13.0)."""
-  name, _, size = str(entry).partition('@')
-  if name not in ptq_jax.PIPELINES:
-    raise ValueError(f'config.pipelines entry {entry!r}: {name!r} is not one of '
-                     f'{ptq_jax.PIPELINES} (write e.g. "advanced" or "advanced@13").')
-  if not size:
-    return name, None
-  try:
-    size_pct = float(size.rstrip('%'))
-  except ValueError:
-    raise ValueError(f'config.pipelines entry {entry!r}: the size budget after "@" must be a '
-                     'number (% of the FP32 weight size), e.g. "advanced@13".') from None
-  if name == 'sequential':
-    raise ValueError(f'config.pipelines entry {entry!r}: the sequential pipeline has fixed bit '
-                     'widths; budgets belong to light and advanced.')
-  return name, size_pct
-
-
-def run_label(pipeline: str, size_pct: Optional[float], w_bits: int, a_bits: int) -> str:
-  """'advanced W4A4' (fixed bits) or 'advanced 13%' (mixed at 13% size)."""
-  if size_pct is not None:
-    return f'{pipeline} {size_pct:g}%'
-  return f'{pipeline} W{w_bits}A{a_bits}'
+from ptq_jax.io import atomic_write_bytes, atomic_write_json
+from ptq_jax.jobs.inputs import load_job_inputs
+from ptq_jax.jobs.plots import STAGE_LABELS, plot_layers, plot_stages
+from ptq_jax.jobs.results import render_markdown
+from ptq_jax.pipelines import PIPELINES, parse_run, run_label, run_pipeline
+from ptq_jax.stages.adaquant import AdaQuantConfig
 
 
 def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[str, Any]]:
   if not config.pipelines:
     raise ValueError('config.pipelines is empty: name some of '
-                     f'{ptq_jax.PIPELINES}, e.g. ("advanced", "advanced@13").')
+                     f'{PIPELINES}, e.g. ("advanced", "advanced@13").')
   runs = [parse_run(entry) for entry in config.pipelines]
   inputs = load_job_inputs(config)
   model, variables, meta, calib = inputs.model, inputs.variables, inputs.meta, inputs.calib
@@ -66,14 +38,14 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
   records = [{**common, 'pipeline': '-', 'stage': 'fp32', 'w_bits': 32, 'a_bits': 32,
               'top1_pct': round(fp32, 2), 'size_pct_of_fp32': 100.0, 'seconds': 0.0}]
   q = config.quant
-  adaquant = ptq_jax.AdaQuantConfig(iterations=q.iterations)
+  adaquant = AdaQuantConfig(iterations=q.iterations)
   os.makedirs(workdir, exist_ok=True)
   result, shared = None, {}
   for pipeline, size_pct in runs:
     label = run_label(pipeline, size_pct, q.w_bits, q.a_bits)
     print(f'Running {label} on {meta["model"]} ({config.calib_size} calibration images)...',
           flush=True)
-    result = ptq_jax.run_pipeline(
+    result = run_pipeline(
         model, variables, calib, pipeline, w_bits=q.w_bits, a_bits=q.a_bits,
         first_last_bits=q.first_last_bits or None, size_pct=size_pct, options=q.options,
         adaquant=adaquant, bias_steps=q.bias_steps, key=jax.random.key(config.seed),
@@ -95,12 +67,12 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
             flush=True)
     adaquant_stage = [s for s in result.stages if s.name == 'adaquant' and s.report]
     if adaquant_stage:
-      _plot_layers(adaquant_stage[0].report, os.path.join(workdir, 'layers.png'))
+      plot_layers(adaquant_stage[0].report, os.path.join(workdir, 'layers.png'))
   result.model.save(os.path.join(workdir, 'quantized.msgpack'))
   atomic_write_json(os.path.join(workdir, 'results.json'), records)
   atomic_write_bytes(os.path.join(workdir, 'results.md'), render_markdown(
       records, f'Pipelines: {meta["model"]}').encode())
-  _plot_stages(records, os.path.join(workdir, 'stages.png'))
+  plot_stages(records, os.path.join(workdir, 'stages.png'))
   print(f'\n{"stage":36s} {"bits":7s} {"top-1":>7s} {"size":>8s} {"seconds":>8s}')
   for r in records:
     name = 'FP32' if r['stage'] == 'fp32' else f'{r["run"]}: {STAGE_LABELS[r["stage"]]}'
@@ -112,46 +84,3 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
         f'quantized.msgpack{", layers.png" if os.path.exists(os.path.join(workdir, "layers.png")) else ""} '
         f'to {workdir}')
   return records
-
-
-def _plot_stages(records: List[Dict[str, Any]], path: str) -> None:
-  """Test top-1 after each stage of each run, FP32 as a line."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  rows = [r for r in records if r['stage'] != 'fp32']
-  fig, ax = plt.subplots(figsize=(max(5, 0.55 * len(rows)), 3.5))
-  ax.bar(range(len(rows)), [r['top1_pct'] for r in rows], color='tab:blue')
-  ax.axhline(records[0]['top1_pct'], color='k', ls='--', lw=1, label='FP32')
-  low = min(r['top1_pct'] for r in records)
-  ax.set_ylim(max(0.0, low - 2), min(100.0, records[0]['top1_pct'] + 1))
-  ax.set_xticks(range(len(rows)), [f'{r["run"]}\n{STAGE_LABELS[r["stage"]]}' for r in rows],
-                rotation=60, ha='right', fontsize=7)
-  ax.set_ylabel('test top-1 (%)')
-  ax.legend()
-  _save_figure(fig, path)
-
-
-def _plot_layers(reports, path: str) -> None:
-  """Per-layer relative reconstruction error before and after AdaQuant."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(reports)), 3.5))
-  xs = range(len(reports))
-  ax.semilogy(xs, [r['rel_error_before'] for r in reports], 'o-', label='ranges only')
-  ax.semilogy(xs, [r['rel_error_after'] for r in reports], 'o-', label='after AdaQuant')
-  ax.set_xticks(list(xs), [r['path'] for r in reports], rotation=90, fontsize=6)
-  ax.set_ylabel('relative MSE of layer output')
-  ax.legend()
-  _save_figure(fig, path)
-
-
-def _save_figure(fig, path: str) -> None:
-  """Writes ``fig`` as a PNG atomically and closes it."""
-  import matplotlib.pyplot as plt
-  fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=110)
-  plt.close(fig)
-  atomic_write_bytes(path, buffer.getvalue())

@@ -13,10 +13,12 @@ from typing import Any, Dict, List
 
 import ml_collections
 
-import ptq_jax
-from ptq_jax.checkpoint import atomic_write_bytes, atomic_write_json
-from ptq_jax.job_inputs import load_job_inputs
-from ptq_jax.results import render_markdown
+from ptq_jax.io import atomic_write_bytes, atomic_write_json
+from ptq_jax.jobs.inputs import load_job_inputs
+from ptq_jax.jobs.results import render_markdown
+from ptq_jax.quant.export import export_integer
+from ptq_jax.quantize import quantize
+from ptq_jax.stages.ranges import RangeConfig
 
 
 def _bits(value: int):
@@ -31,9 +33,10 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List
   print(f'Quantizing {meta["model"]} at W{q.w_bits}A{q.a_bits} ({q.range_method} ranges, '
         f'{config.calib_size} calibration images)...', flush=True)
   start = time.time()
-  qm = ptq_jax.quantize(model, variables, calib, w_bits=_bits(q.w_bits), a_bits=_bits(q.a_bits),
-                        range_method=q.range_method, first_last_bits=_bits(q.first_last_bits),
-                        symmetric=q.symmetric, model_name=meta['model'])
+  qm = quantize(model, variables, calib, w_bits=_bits(q.w_bits), a_bits=_bits(q.a_bits),
+                first_last_bits=_bits(q.first_last_bits),
+                ranges=RangeConfig(q.range_method, symmetric=q.symmetric),
+                model_name=meta['model'])
   quant_seconds = time.time() - start
   fp32 = inputs.fp32_top1()
   top1 = inputs.top1(qm.predict)
@@ -49,7 +52,7 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List
   ]
   os.makedirs(workdir, exist_ok=True)
   qm.save(os.path.join(workdir, 'quantized.msgpack'))
-  ptq_jax.export_integer(qm, os.path.join(workdir, 'integer.msgpack'))
+  export_integer(qm, os.path.join(workdir, 'integer.msgpack'))
   atomic_write_json(os.path.join(workdir, 'results.json'), records)
   atomic_write_bytes(os.path.join(workdir, 'layers.md'),
                      render_markdown(qm.report, f'Per-layer report: {meta["model"]}').encode())

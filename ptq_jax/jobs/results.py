@@ -1,4 +1,5 @@
-"""Results files: ``results/NAME.json`` (a flat list of records) and ``NAME.md`` rendered from it."""
+"""Results files: ``NAME.json`` (a flat list of records) and ``NAME.md`` rendered from it,
+and the device every record names."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from ptq_jax.checkpoint import atomic_write_bytes, atomic_write_json
+import jax
+
+from ptq_jax.io import atomic_write_bytes, atomic_write_json
 
 
 def render_markdown(records: Sequence[Dict[str, Any]], title: str,
@@ -44,3 +47,11 @@ def write_results(directory: str, name: str, records: List[Dict[str, Any]], titl
 def read_results(directory: str, name: str) -> List[Dict[str, Any]]:
   with open(os.path.join(directory, f'{name}.json')) as f:
     return json.load(f)
+
+
+def describe_device() -> str:
+  """e.g. 'cpu (2 cores)' or 'NVIDIA H200 x1'."""
+  devices = jax.devices()
+  if devices[0].platform == 'cpu':
+    return f'cpu ({os.cpu_count()} cores)'
+  return f'{devices[0].device_kind} x{len(devices)}'

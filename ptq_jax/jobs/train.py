@@ -1,4 +1,4 @@
-"""Training the bundled models from scratch (optax SGD, cosine schedule, augmentation).
+"""run.py job 'train': the bundled models from scratch (optax SGD, cosine schedule, augmentation).
 
 A pure jit-compiled step over an explicit ``TrainState`` pytree; the host loop only
 shuffles indices, feeds batches and logs. Writes an atomic checkpoint and a JSON
@@ -21,6 +21,9 @@ import optax
 from tqdm.auto import tqdm
 
 from ptq_jax import checkpoint as ckpt
+from ptq_jax.data.augment import augment
+from ptq_jax.io import atomic_write_json
+from ptq_jax.jobs.results import describe_device
 from ptq_jax.data import loader
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
 from ptq_jax.models import create_model, get_model_spec
@@ -32,21 +35,6 @@ class TrainState(NamedTuple):
   params: Any
   batch_stats: Any
   opt_state: Any
-
-
-def augment(images: jnp.ndarray, key: jax.Array, pad: int, flip: bool) -> jnp.ndarray:
-  """Random crop after ``pad`` pixels of zero padding (in raw-pixel space) and h-flip."""
-  n, h, w, _ = images.shape
-  key_crop, key_flip = jax.random.split(key)
-  if pad:
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    offsets = jax.random.randint(key_crop, (n, 2), 0, 2 * pad + 1)
-    images = jax.vmap(lambda im, o: jax.lax.dynamic_slice(
-        im, (o[0], o[1], 0), (h, w, im.shape[-1])))(padded, offsets)
-  if flip:
-    do_flip = jax.random.bernoulli(key_flip, 0.5, (n, 1, 1, 1))
-    images = jnp.where(do_flip, images[:, :, ::-1, :], images)
-  return images
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -161,15 +149,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   checkpoint_path = os.path.join(workdir, f'{config.model}_{config.data.dataset}.msgpack')
   ckpt.save_checkpoint(checkpoint_path, final, {k: card[k] for k in (
       'model', 'model_kwargs', 'dataset', 'test_top1_pct', 'seed')})
-  ckpt.atomic_write_json(os.path.join(workdir, 'model_card.json'), card)
+  atomic_write_json(os.path.join(workdir, 'model_card.json'), card)
   print(f'test top-1 {test_top1:.2f}%  checkpoint {checkpoint_path}', flush=True)
   return card
-
-
-def describe_device() -> str:
-  """e.g. 'cpu x2 (2 cores)' or 'NVIDIA H200 x1'."""
-  devices = jax.devices()
-  kind = devices[0].device_kind
-  if devices[0].platform == 'cpu':
-    return f'cpu ({os.cpu_count()} cores)'
-  return f'{kind} x{len(devices)}'

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax.quant.folding import FoldedLayer
-from ptq_jax.quant.qmodel import LayerQuant, apply_quantized
+from ptq_jax.quant.interceptor import LayerQuant, apply_quantized
 from ptq_jax.quant.quantizer import QuantizerState, init_range
 
 

@@ -1,4 +1,4 @@
-"""BatchNorm folding as a pure transform of the variable tree (DESIGN.md §2.1).
+"""BatchNorm folding as a pure transform of the variable tree (docs/method.md).
 
 ``W' = W * gamma / sqrt(var + eps)`` per output channel (the kernel's last axis) and
 ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``. Every conv/dense layer gets a

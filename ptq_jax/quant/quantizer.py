@@ -1,4 +1,4 @@
-"""Uniform quantizers with differentiable range and offset (DESIGN.md §2.2).
+"""Uniform quantizers with differentiable range and offset.
 
 A quantizer's state is a pytree ``QuantizerState(range, low)`` whose leaves are
 broadcastable to the tensor (shape ``(C,)`` per output channel, ``()`` per
@@ -12,7 +12,7 @@ the straight-through estimator, so gradients reach ``x``, ``R`` and ``z``.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,32 @@ def check_bits(bits: Optional[int], what: str = 'bits') -> Optional[int]:
     raise ValueError(f'{what}={bits!r} is not supported: use an integer from {MIN_BITS} to '
                      f'{MAX_BITS}, or None to leave the tensor in float.')
   return int(bits)
+
+
+Option = Tuple[int, int]  # a bit option: (w_bits, a_bits)
+
+
+def parse_option(option: Any) -> Option:
+  """``(4, 4)``, ``'W4A4'`` or ``'4/4'`` -> ``(4, 4)``, validated."""
+  if isinstance(option, str):
+    text = option.strip().upper()
+    try:
+      if text.startswith('W') and 'A' in text:
+        w, a = text[1:].split('A')
+      else:
+        w, a = text.split('/')
+      option = (int(w), int(a))
+    except ValueError:
+      raise ValueError(f'Bit option {option!r} is not understood: write "W4A4", "4/4" or '
+                       '(4, 4).') from None
+  if len(tuple(option)) != 2:
+    raise ValueError(f'A bit option is a (w_bits, a_bits) pair, got {option!r}.')
+  w, a = option
+  return check_bits(w, 'option w_bits'), check_bits(a, 'option a_bits')
+
+
+def option_name(option: Option) -> str:
+  return f'W{option[0]}A{option[1]}'
 
 
 @struct.dataclass

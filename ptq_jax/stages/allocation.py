@@ -1,4 +1,4 @@
-"""Bit allocation by integer programming with python-mip (DESIGN.md §2.5).
+"""Bit allocation by integer programming with python-mip (docs/method.md).
 
 Binary ``x[l, b]`` picks one option per layer (``sum_b x[l, b] = 1``). Any mix of
 constraints, each ``sum cost * x <= budget``:
@@ -20,7 +20,8 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ptq_jax.sensitivity import Option, SensitivityTable, option_name
+from ptq_jax.quant.quantizer import Option, option_name
+from ptq_jax.stages.sensitivity import SensitivityTable
 
 OBJECTIVES = ('loss', 'size_bits', 'bops')
 

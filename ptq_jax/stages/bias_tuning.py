@@ -1,7 +1,7 @@
-"""Knowledge-distillation tuning of a quantized network on unlabelled data.
+"""Bias tuning, and the fine-tuning baseline: knowledge distillation on unlabelled data.
 
 Minimises ``KL(softmax(FP logits) || softmax(Q logits))`` over the calibration set
-with respect to the biases only (the paper's bias tuning, DESIGN.md §2.7) or to
+with respect to the biases only (the paper's bias tuning, docs/method.md) or to
 all weights and biases (the fine-tuning baseline AdaQuant is compared with, to
 check the paper's claim that AdaQuant overfits less). The float logits are
 computed directly from the float model, so any unlabelled set works. Quantizer
@@ -21,7 +21,8 @@ import optax
 from tqdm.auto import tqdm
 
 from ptq_jax.evaluation import batched_predict
-from ptq_jax.quant.qmodel import LayerQuant, apply_quantized
+from ptq_jax.quant.interceptor import LayerQuant, QState, apply_quantized
+from ptq_jax.stages.prepare import Prepared, Stage
 
 TARGETS = ('bias', 'all')
 
@@ -96,3 +97,17 @@ def kd_tune(model: nn.Module, variables: Mapping[str, Any], qstate: Mapping[str,
   after = float(full_loss(state))
   return state, {'target': target, 'steps': steps, 'kd_loss_before': before,
                  'kd_loss_after': after, 'seconds': time.time() - start}
+
+
+def bias_tuning(steps: int = 800, batch_size: int = 50, progress: bool = True) -> Stage:
+  """The bias-tuning stage: :func:`kd_tune` of the biases (SGD, lr 0.1, the
+  reference's), minibatches drawn from ``fold_in(key, 1)``."""
+  if steps < 0 or batch_size < 1:
+    raise ValueError(f'bias tuning needs steps >= 0 and batch_size >= 1 (got {steps}, '
+                     f'{batch_size}).')
+
+  def apply(prepared: Prepared, qstate: QState, key: jax.Array) -> Tuple[QState, Any]:
+    return kd_tune(prepared.model, prepared.variables, qstate, prepared.folded_bns,
+                   prepared.images, target='bias', steps=steps, batch_size=batch_size,
+                   key=jax.random.fold_in(key, 1), progress=progress)
+  return Stage('bias_tuning', apply)

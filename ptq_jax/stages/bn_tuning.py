@@ -1,4 +1,4 @@
-"""BN re-estimation ("global statistics tuning", DESIGN.md §2.6) as a functional pass.
+"""BN re-estimation ("global statistics tuning", docs/method.md) as a functional pass.
 
 After quantization a layer's outputs drift from the statistics its folded BatchNorm
 was trained with. For every layer with a folded BN, in network order, we measure the
@@ -36,8 +36,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ptq_jax.quant.folding import fold_batchnorm, get_path
-from ptq_jax.quant.qmodel import LayerQuant, QState, apply_quantized, quantized_layer_output
+from ptq_jax.quant.interceptor import LayerQuant, QState, apply_quantized, quantized_layer_output
 from ptq_jax.quant.quantizer import QuantizerState
+from ptq_jax.stages.prepare import Prepared, Stage
 from ptq_jax.trace import LayerInfo
 
 
@@ -164,3 +165,15 @@ def _bn_params(variables: Mapping[str, Any], layer: LayerInfo):
   gamma = np.asarray(params.get('scale', np.ones_like(var)), np.float64)
   beta = np.asarray(params.get('bias', np.zeros_like(var)), np.float64)
   return gamma, beta, var
+
+
+def bn_tuning(target: str = 'data', batch_size: int = 250, progress: bool = True) -> Stage:
+  """The BN-tuning stage (:func:`bn_tune` on the prepared model's calibration images)."""
+  if target not in TARGETS:
+    raise ValueError(f'target={target!r} is not one of {TARGETS}.')
+
+  def apply(prepared: Prepared, qstate: QState, key: jax.Array) -> Tuple[QState, Any]:
+    del key  # deterministic
+    return bn_tune(prepared.model, prepared.variables, prepared.layers, qstate, prepared.images,
+                   batch_size, progress, target)
+  return Stage('bn_tuning', apply)

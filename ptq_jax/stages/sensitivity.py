@@ -1,4 +1,4 @@
-"""Per-layer sensitivity to quantization: the table the bit allocator mixes (DESIGN.md §2.5).
+"""Per-layer sensitivity to quantization: the table the bit allocator mixes (docs/method.md).
 
 ``dL[l, b] = L(model with only layer l at option b, every other layer float) - L(float)``
 on the calibration set, floored at a tiny positive number. ``L`` is label-free by
@@ -28,41 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ptq_jax.distill import kl_per_row
 from ptq_jax.distributed import local_devices, padded_batches
 from ptq_jax.evaluation import batched_predict
-from ptq_jax.quant.qmodel import (LayerQuant, apply_quantized, layer_forward, quantized_input,
+from ptq_jax.io import atomic_write_json
+from ptq_jax.quant.interceptor import (LayerQuant, apply_quantized, layer_forward, quantized_input,
                                   quantized_weight)
-from ptq_jax.quant.quantizer import check_bits
+from ptq_jax.quant.quantizer import Option, option_name, parse_option
+from ptq_jax.stages.bias_tuning import kl_per_row
 from ptq_jax.trace import LayerInfo
 
-Option = Tuple[int, int]  # (w_bits, a_bits)
 DEFAULT_OPTIONS: Tuple[Option, ...] = ((8, 8), (6, 6), (4, 8), (4, 4), (3, 3), (2, 4))
 MIN_DELTA = 1e-9
 LOSSES = ('kl', 'ce')
-
-
-def parse_option(option: Any) -> Option:
-  """``(4, 4)``, ``'W4A4'`` or ``'4/4'`` -> ``(4, 4)``, validated."""
-  if isinstance(option, str):
-    text = option.strip().upper()
-    try:
-      if text.startswith('W') and 'A' in text:
-        w, a = text[1:].split('A')
-      else:
-        w, a = text.split('/')
-      option = (int(w), int(a))
-    except ValueError:
-      raise ValueError(f'Bit option {option!r} is not understood: write "W4A4", "4/4" or '
-                       '(4, 4).') from None
-  if len(tuple(option)) != 2:
-    raise ValueError(f'A bit option is a (w_bits, a_bits) pair, got {option!r}.')
-  w, a = option
-  return check_bits(w, 'option w_bits'), check_bits(a, 'option a_bits')
-
-
-def option_name(option: Option) -> str:
-  return f'W{option[0]}A{option[1]}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +203,6 @@ def load_cached(cache_dir: str, key: str) -> Optional[SensitivityTable]:
 
 
 def save_cached(cache_dir: str, key: str, table: SensitivityTable) -> str:
-  from ptq_jax.checkpoint import atomic_write_json
   path = os.path.join(cache_dir, f'sensitivity-{key}.json')
   atomic_write_json(path, table.to_json())
   return path

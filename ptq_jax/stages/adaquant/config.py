@@ -1,0 +1,126 @@
+"""AdaQuant's settings: the method's hyper-parameters apart from how it is executed.
+
+:class:`AdaQuantConfig` is what changes the result (iterations, minibatch, learning
+rates, schedule); :class:`AdaQuantRuntime` only changes where and how fast it runs
+(steps per compiled call, capture memory, evaluation batching). Both are frozen
+dataclasses, validated on construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import jax
+import numpy as np
+
+MODES = ('parallel', 'sequential')
+LR_SCHEDULES = ('constant', 'cosine')
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaQuantConfig:
+  """AdaQuant's hyper-parameters (docs/method.md, "AdaQuant").
+
+  The learning rates, iteration count and minibatch are the reference code's. The
+  cosine decay of every rate to 0 is ours: on held-out training images it scored
+  above the constant rates, though not best of every variant tried
+  (results/adaquant_tuning.md lists them all).
+  """
+
+  iterations: int = 1000
+  batch_size: int = 50
+  lr_kernel: float = 1e-5
+  lr_bias: float = 1e-3
+  lr_w_quant: float = 1e-3
+  lr_a_quant: float = 1e-1
+  lr_schedule: str = 'cosine'           # or 'constant' (the reference's)
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> 'AdaQuantConfig':
+    for name in ('iterations', 'batch_size'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f'AdaQuant {name} must be an integer, got {value!r}.')
+    if self.iterations < 0 or self.batch_size < 1:
+      raise ValueError(f'AdaQuant needs iterations >= 0 and batch_size >= 1, got '
+                       f'{self.iterations} and {self.batch_size}.')
+    for name in ('lr_kernel', 'lr_bias', 'lr_w_quant', 'lr_a_quant'):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(
+          value) or value < 0:
+        raise ValueError(f'AdaQuant {name} must be a finite number >= 0, got {value!r}.')
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f'AdaQuant lr_schedule must be one of {LR_SCHEDULES}, got '
+                       f'{self.lr_schedule!r}.')
+    return self
+
+  def rates(self) -> jax.Array:
+    """The four learning rates and the iteration count, as one array argument (so
+    changing them does not recompile the step)."""
+    # (device_put: jnp.asarray would compile a copy program for it.)
+    return jax.device_put(np.array([self.lr_kernel, self.lr_bias, self.lr_w_quant,
+                                    self.lr_a_quant, max(self.iterations, 1)], np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaQuantRuntime:
+  """How AdaQuant runs; none of these change what it computes beyond float rounding.
+
+  * ``steps_per_call``: optimiser steps per compiled call; None: 1 on CPU (a Python
+    loop; XLA's CPU backend runs convolutions inside loops far slower) and all of
+    them in one ``lax.fori_loop`` elsewhere (results/adaquant_speed*.md).
+  * ``capture_budget_mb``: memory for the captured inputs of a group of layers
+    (host memory on CPU, device memory elsewhere).
+  * ``capture_batch_size``: images per capture pass.
+  * ``eval_batch_size``: batch of the float-target and error passes; None: the CPU
+    way (one call for the target, host-side batches of ERROR_BATCH for the error)
+    on CPU and the minibatch size elsewhere, so a GPU autotunes each conv shape once.
+  """
+
+  steps_per_call: Optional[int] = None
+  capture_budget_mb: float = 1024.0
+  capture_batch_size: int = 100
+  eval_batch_size: Optional[int] = None
+
+  def __post_init__(self):
+    if self.steps_per_call is not None and self.steps_per_call < 1:
+      raise ValueError(f'steps_per_call must be >= 1 or None, got {self.steps_per_call}.')
+    if not self.capture_budget_mb > 0 or self.capture_batch_size < 1:
+      raise ValueError('capture_budget_mb must be > 0 and capture_batch_size >= 1, got '
+                       f'{self.capture_budget_mb} and {self.capture_batch_size}.')
+    if self.eval_batch_size is not None and self.eval_batch_size < 1:
+      raise ValueError(f'eval_batch_size must be >= 1 or None, got {self.eval_batch_size}.')
+
+  def eval_batches(self, n: int, config: AdaQuantConfig) -> Optional[int]:
+    """The batch of a layer's float-target and error passes over ``n`` inputs (inside
+    one program each, ``lax.map``), or None for the CPU way (see the class)."""
+    if self.eval_batch_size is not None:
+      return min(self.eval_batch_size, n)
+    return None if jax.default_backend() == 'cpu' else min(config.batch_size, n)
+
+  def chunk(self, config: AdaQuantConfig) -> int:
+    """Steps per compiled call."""
+    if self.steps_per_call:
+      return max(1, min(self.steps_per_call, max(config.iterations, 1)))
+    return 1 if jax.default_backend() == 'cpu' else max(config.iterations, 1)
+
+  def single_program(self, n: int, config: AdaQuantConfig) -> bool:
+    """Whether a layer's whole AdaQuant on ``n`` inputs (target, errors, optimiser
+    start, every step) is one compiled program: when its passes are batched and one
+    call runs all the iterations (both off CPU by default)."""
+    return (self.eval_batches(n, config) is not None and config.iterations >= 1
+            and self.chunk(config) >= config.iterations)
+
+  def step_counts(self, config: AdaQuantConfig) -> Tuple[int, ...]:
+    """The distinct ``steps`` values the step loop is called with."""
+    chunk = self.chunk(config)
+    counts = set()
+    if config.iterations >= chunk:
+      counts.add(chunk)
+    if config.iterations % chunk:
+      counts.add(1)
+    return tuple(sorted(counts))

@@ -1,0 +1,129 @@
+"""AdaQuant of a whole model: which layers, in which order, on which inputs and devices.
+
+* parallel mode: every layer is fitted to the float model's inputs and targets, so
+  the layers are independent; they are dealt round-robin to the local devices and,
+  under ``jax.distributed``, to the processes, which exchange the results.
+* sequential mode: each layer is fitted to the inputs of the already-quantized
+  prefix (the whole calibration set), with the float model's targets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from ptq_jax.distributed import allgather_owned, local_devices, map_over_devices, process_share
+from ptq_jax.quant.capture import InputCapture, capture_groups
+from ptq_jax.quant.interceptor import LayerQuant
+from ptq_jax.stages.adaquant.config import MODES, AdaQuantConfig, AdaQuantRuntime
+from ptq_jax.stages.adaquant.layer import commit, float_targets, optimize_layer
+from ptq_jax.trace import LayerInfo
+
+
+def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
+                 qstate: Mapping[str, LayerQuant], images: np.ndarray, mode: str = 'parallel',
+                 config: AdaQuantConfig = AdaQuantConfig(), key: Optional[jax.Array] = None,
+                 progress: bool = True, devices: Optional[Sequence[Any]] = None,
+                 runtime: AdaQuantRuntime = AdaQuantRuntime()
+                 ) -> Tuple[Dict[str, LayerQuant], List[Dict[str, Any]]]:
+  """AdaQuant of every quantized layer; returns the new state and a per-layer report.
+
+  ``qstate`` holds the starting point (folded weights and calibrated quantizers);
+  layers without quantizers, or without a plain geometry, are left as they are.
+  ``devices`` (default: all local devices): the capture passes are split over them
+  and, in parallel mode, the layers are dealt to them (and, under
+  ``jax.distributed``, to the processes); see :mod:`ptq_jax.distributed`.
+  """
+  if mode not in MODES:
+    raise ValueError(f'AdaQuant mode must be one of {MODES}, got {mode!r}.')
+  config = config.validate()
+  devices = local_devices(devices)
+  key = jax.random.key(0) if key is None else key
+  folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
+  float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in qstate.items()}
+  todo = [l for l in layers if l.geometry is not None
+          and (qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None)]
+  index = {l.path: i for i, l in enumerate(layers)}
+  new_state = dict(qstate)
+  reports: Dict[str, Dict[str, Any]] = {}
+  mine = {todo[k].path for k in process_share(len(todo))}  # this process's layers
+  groups = capture_groups(todo, len(images), runtime.capture_budget_mb)
+  bar = tqdm(total=len(todo), desc=f'AdaQuant ({mode})', disable=not progress, leave=False)
+  capture = InputCapture(model, variables, folded_bns, runtime.capture_batch_size, devices)
+
+  def optimize(layer, x_fp, x=None, device=None):
+    # Layer-parallel over several devices: this layer is pinned to ``device``.
+    pin = device if device is not None and len(devices) > 1 else None
+    y = None   # parallel mode: optimize_layer computes the float target from x_fp
+    if x is not None:   # sequential mode: trained on x, the target from the float inputs
+      float_lq = float_state[layer.path]
+      if pin is not None:
+        x_fp, float_lq = commit((x_fp, float_lq), pin)
+      y = float_targets(layer.geometry, layer.activation, float_lq, x_fp,
+                        runtime.eval_batches(len(x_fp), config))
+    lq, report = optimize_layer(layer, qstate[layer.path], x_fp if x is None else x, y, config,
+                                jax.random.fold_in(key, index[layer.path]), pin, runtime)
+    report['mode'] = mode
+    if pin is not None:  # back to the host: later passes may run on any device
+      lq, report['device'] = jax.device_get(lq), str(device)
+    return lq, report
+
+  def done(layer, lq, report):
+    new_state[layer.path] = lq
+    reports[layer.path] = report
+    bar.set_postfix_str(f'{layer.path}: rel err {report["rel_error_before"]:.3g} -> '
+                        f'{report["rel_error_after"]:.3g}')
+    bar.update()
+
+  try:
+    for group in groups:
+      group_paths = [l.path for l in group]
+      if mode == 'sequential':
+        fp_inputs = capture(float_state, images, group_paths)
+        for layer in group:
+          # Inputs from the quantized prefix: layers before this one already optimised.
+          x = capture(new_state, images, group_paths, keep=[layer.path])[layer.path]
+          done(layer, *optimize(layer, fp_inputs.pop(layer.path), x))
+          del x
+        continue
+      group = [l for l in group if l.path in mine]
+      if not group:
+        continue
+      fp_inputs = capture(float_state, images, group_paths, keep=[l.path for l in group])
+      items = [(layer, fp_inputs.pop(layer.path)) for layer in group]
+      for i, (lq, report) in map_over_devices(lambda item, d: optimize(*item, device=d),
+                                              items, devices):
+        done(group[i], lq, report)
+      del items
+  finally:
+    bar.close()
+  if jax.process_count() > 1 and mode == 'parallel':
+    _exchange_between_processes(todo, qstate, new_state, reports, mine, config.iterations)
+  return new_state, [reports[l.path] for l in todo]
+
+
+_NUMERIC_REPORT_FIELDS = ('mse_before', 'mse_after', 'rel_error_before', 'rel_error_after',
+                          'seconds')
+
+
+def _exchange_between_processes(todo, qstate, new_state, reports, mine, iterations) -> None:
+  """Multi-host parallel mode: every process ends with every layer's state and report."""
+  owner = [k % jax.process_count() for k in range(len(todo))]
+  trees = []
+  for layer in todo:
+    lq = new_state[layer.path] if layer.path in mine else qstate[layer.path]
+    numbers = np.array([reports[layer.path][f] if layer.path in mine else 0.0
+                        for f in _NUMERIC_REPORT_FIELDS], np.float64)
+    trees.append((jax.device_get(lq), numbers))
+  for layer, o, (lq, numbers) in zip(todo, owner, allgather_owned(trees, owner)):
+    new_state[layer.path] = lq
+    if layer.path not in mine:
+      w, a = lq.w_quant, lq.a_quant
+      reports[layer.path] = {'path': layer.path, 'activation': layer.activation,
+                             'w_bits': w.bits if w else None, 'a_bits': a.bits if a else None,
+                             **dict(zip(_NUMERIC_REPORT_FIELDS, map(float, numbers))),
+                             'iterations': iterations, 'mode': 'parallel', 'process': o}

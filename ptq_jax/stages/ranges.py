@@ -1,0 +1,104 @@
+"""Range calibration (baseline PTQ): bit widths per layer, then every quantizer's range.
+
+Weights get per-output-channel quantizers from the folded kernels; layer inputs get
+per-tensor (or per-input-channel) quantizers from what the float model feeds each
+layer on the calibration images. This stage starts from the float state whatever
+state it is given: it is where quantization begins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import jax
+
+from ptq_jax.quant import calibrate
+from ptq_jax.quant.folding import FoldedLayer
+from ptq_jax.quant.interceptor import LayerQuant, QState
+from ptq_jax.quant.quantizer import RANGE_METHODS, check_bits
+from ptq_jax.stages.prepare import Prepared, Stage
+from ptq_jax.trace import LayerInfo
+
+Bits = Optional[int]
+LayerBits = Dict[str, Tuple[Bits, Bits]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RangeConfig:
+  """How quantizer ranges are initialised (docs/method.md, "Quantizer").
+
+  ``method``: 'minmax' (the reference), 'mse' or 'percentile', for activations and,
+  unless ``weight_method`` says otherwise, weights. ``per_channel_inputs``: one input
+  quantizer per input channel (not expressible in the integer export).
+  ``batch_size``: images per activation-statistics batch.
+  """
+
+  method: str = 'minmax'
+  weight_method: Optional[str] = None
+  symmetric: bool = False
+  per_channel_inputs: bool = False
+  percentile: float = 99.99
+  batch_size: int = 100
+
+  def __post_init__(self):
+    for name, value in (('method', self.method), ('weight_method', self.weights)):
+      if value not in RANGE_METHODS:
+        raise ValueError(f'RangeConfig {name}={value!r} is not one of {RANGE_METHODS}.')
+    if not 0 < self.percentile <= 100:
+      raise ValueError(f'RangeConfig percentile must be in (0, 100], got {self.percentile}.')
+    if self.batch_size < 1:
+      raise ValueError(f'RangeConfig batch_size must be >= 1, got {self.batch_size}.')
+
+  @property
+  def weights(self) -> str:
+    """The weights' range method."""
+    return self.weight_method or self.method
+
+
+def assign_bits(layers: Sequence[LayerInfo], w_bits: Bits, a_bits: Bits,
+                first_last_bits: Bits, overrides: Optional[Mapping[str, Mapping[str, Bits]]]
+                ) -> LayerBits:
+  """(w_bits, a_bits) per layer path: the default, the first/last policy, then overrides."""
+  w_bits, a_bits = check_bits(w_bits, 'w_bits'), check_bits(a_bits, 'a_bits')
+  first_last_bits = check_bits(first_last_bits, 'first_last_bits')
+  bits = {l.path: (w_bits, a_bits) for l in layers}
+  if first_last_bits is not None and layers:
+    for layer in (layers[0], layers[-1]):
+      bits[layer.path] = (first_last_bits if w_bits is not None else None,
+                          first_last_bits if a_bits is not None else None)
+  for path, option in (overrides or {}).items():
+    if path not in bits:
+      raise KeyError(f'Override names layer {path!r}, which the model does not have. Layers: '
+                     f'{list(bits)}')
+    unknown = set(option) - {'w_bits', 'a_bits'}
+    if unknown:
+      raise KeyError(f'Override for {path!r} has unknown keys {sorted(unknown)}; use w_bits '
+                     'and/or a_bits.')
+    w, a = bits[path]
+    bits[path] = (check_bits(option.get('w_bits', w), f'{path} w_bits'),
+                  check_bits(option.get('a_bits', a), f'{path} a_bits'))
+  return bits
+
+
+def calibrate_ranges(prepared: Prepared, bits: LayerBits,
+                     config: RangeConfig = RangeConfig()) -> QState:
+  """The quantization state with every layer's quantizers at ``bits`` (None: float)."""
+  folded = {p: FoldedLayer(lq.kernel, lq.bias) for p, lq in prepared.float_state.items()}
+  a_quants = calibrate.activation_quantizers(
+      prepared.model, prepared.variables, folded, prepared.folded_bns, prepared.images,
+      {p: b[1] for p, b in bits.items()}, config.method, config.symmetric, config.percentile,
+      config.batch_size, config.per_channel_inputs)
+  w_quants = calibrate.weight_quantizers(folded, {p: b[0] for p, b in bits.items()},
+                                         config.weights, config.symmetric, config.percentile)
+  return {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias,
+                             w_quants.get(l.path), a_quants.get(l.path))
+          for l in prepared.layers}
+
+
+def ranges(bits: LayerBits, config: RangeConfig = RangeConfig()) -> Stage:
+  """The range-calibration stage for per-layer ``bits`` (see :func:`assign_bits`)."""
+  def apply(prepared: Prepared, qstate: QState, key: jax.Array) -> Tuple[QState, Any]:
+    del qstate, key  # quantization starts from the float state
+    return calibrate_ranges(prepared, bits, config), None
+  return Stage('ranges', apply)
