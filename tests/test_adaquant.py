@@ -254,3 +254,30 @@ def test_compilation_cache_stores_programs_for_later_processes(tmp_path):
   assert cache_setting('auto') is None  # the tests run on CPU
   with pytest.raises(ValueError, match='min_compile_seconds'):
     enable_compilation_cache(str(tmp_path / 'other'), -1.0)
+
+
+def test_objective_includes_the_activation_after_the_layer(toy_w3a3):
+  """The step's loss is ``mean((f(Q(W) Q(x) + b) - f(W x + b))^2)`` with ``f`` the ReLU
+  the trace found after the layer: computed here independently on the step's own
+  minibatch, it matches the loss the step reports, and differs from the loss without
+  ``f`` (so an objective that dropped the activation would fail)."""
+  model, variables, x, base = toy_w3a3
+  layer = base.layers[0]
+  assert layer.activation == 'relu'
+  lq = base.qstate[layer.path]
+  xs = InputCapture(model, variables, base.folded_bns)(base.qstate, x, [layer.path])[layer.path]
+  float_lq = adaquant.LayerQuant(lq.kernel, lq.bias)
+  ys = adaquant.float_target(layer.geometry, layer.activation, float_lq, xs)
+  config = ptq_jax.AdaQuantConfig(iterations=1, batch_size=16)
+  key = jax.random.key(7)
+  opt_state = adaquant._init_optimizer(config.lr_schedule, config.rates(), lq)
+  _, _, loss = adaquant._run_steps(layer.geometry, layer.activation, 1, 16, config.lr_schedule,
+                                   lq, opt_state, xs, ys, key, np.int32(0), config.rates())
+  idx = jax.random.choice(jax.random.fold_in(key, 0), xs.shape[0], (16,), replace=False)
+  pre_q = adaquant.apply_linear(layer.geometry, adaquant.quantized_input(lq, xs[idx]),
+                                adaquant.quantized_weight(lq)) + lq.bias
+  pre_fp = adaquant.apply_linear(layer.geometry, xs[idx], lq.kernel) + lq.bias
+  with_relu = float(jnp.mean((jnp.maximum(pre_q, 0) - jnp.maximum(pre_fp, 0))**2))
+  without = float(jnp.mean((pre_q - pre_fp)**2))
+  np.testing.assert_allclose(float(loss), with_relu, rtol=1e-5)
+  assert abs(without - with_relu) > 0.05 * with_relu

@@ -97,7 +97,7 @@ def test_infeasible_budget_names_the_smallest_feasible():
 def test_sensitivity_table_is_cached_and_identical(toy_mp):
   model, variables, x, mp, cache = toy_mp
   table = mp.table
-  assert table.delta.shape == (len(mp.float_model.layers), len(OPTIONS))
+  assert table.delta.shape == (len(mp.prepared.layers), len(OPTIONS))
   assert np.all(table.delta > 0) and table.base_loss == pytest.approx(0.0, abs=1e-6)
   # More bits hurt less, for every layer (W8A8 vs W2A4).
   assert np.all(table.raw_delta[:, 0] <= table.raw_delta[:, 2] + 1e-7)
@@ -159,3 +159,15 @@ def test_mixed_model_uses_the_chosen_options(toy_mp):
   np.testing.assert_allclose(mp.build(uniform).predict(x), w8.predict(x), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match='not among the computed options'):
     mp.uniform('W6A6')
+
+
+def test_bops_cost_is_macs_times_weight_and_activation_bits():
+  """Options with w_bits != a_bits tell MACs*w*a from MACs*w*w or MACs*a*a."""
+  table = SensitivityTable(('a', 'b'), ((4, 8), (8, 2)), np.ones((2, 2)), np.ones((2, 2)), 0.0,
+                           (100, 10), (1000, 50))
+  costs = alloc.cost_matrices(table)
+  np.testing.assert_array_equal(costs['bops'], [[1000 * 4 * 8, 1000 * 8 * 2],
+                                                [50 * 4 * 8, 50 * 8 * 2]])
+  np.testing.assert_array_equal(costs['size_bits'], [[400, 800], [40, 80]])
+  picked = alloc.allocation_of(table, [0, 1])
+  assert picked.bops_pct_of_fp32 == 100 * (1000 * 32 + 50 * 16) / (32 * 32 * 1050)

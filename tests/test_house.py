@@ -1,0 +1,131 @@
+"""The package's shape: no import cycle, no sys.path patch, installed so that
+``import ptq_jax`` works from any directory, a curated API, docs in the repository."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+import ptq_jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, 'ptq_jax')
+
+
+def _modules():
+  """{module name: file} for every module of the package."""
+  found = {}
+  for folder, _, files in os.walk(PACKAGE):
+    for f in files:
+      if f.endswith('.py'):
+        rel = os.path.relpath(os.path.join(folder, f), ROOT)[:-3].replace(os.sep, '.')
+        found[rel[:-len('.__init__')] if rel.endswith('.__init__') else rel] = \
+            os.path.join(folder, f)
+  return found
+
+
+def _imports(path, modules, package):
+  """The package modules ``path`` imports (anywhere in the file), and the line numbers of
+  those imported inside a function."""
+  tree = ast.parse(open(path).read())
+  edges, nested = set(), []
+  parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+  for node in ast.walk(tree):
+    names = []
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ''
+      if node.level:  # relative import
+        base = '.'.join(package.split('.')[:len(package.split('.')) - node.level + 1]
+                        + ([base] if base else []))
+      names = [f'{base}.{a.name}' if f'{base}.{a.name}' in modules else base
+               for a in node.names]
+    names = [n for n in names if n in modules]
+    if not names:
+      continue
+    edges.update(names)
+    up = parents.get(node)
+    while up is not None and not isinstance(up, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      up = parents.get(up)
+    if up is not None:
+      nested.append(node.lineno)
+  return edges, nested
+
+
+def test_no_import_cycle_and_no_function_level_imports_inside_the_package():
+  modules = _modules()
+  graph, nested = {}, {}
+  for name, path in modules.items():
+    package = name if path.endswith('__init__.py') else name.rsplit('.', 1)[0]
+    graph[name], lines = _imports(path, modules, package)
+    if lines:
+      nested[name] = lines
+  assert not nested, f'imports of ptq_jax modules inside functions: {nested}'
+  state, cycles = {}, []
+
+  def visit(node, stack):
+    state[node] = 'open'
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == 'open':
+        cycles.append(stack[stack.index(nxt):] + [nxt])
+      elif nxt not in state:
+        visit(nxt, stack + [nxt])
+    state[node] = 'done'
+
+  for name in sorted(graph):
+    if name not in state:
+      visit(name, [name])
+  assert not cycles, f'import cycles: {cycles}'
+  assert len(modules) > 40 and 'ptq_jax.stages.adaquant.driver' in graph  # the walk saw it all
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path):
+  """The checker itself: two modules importing each other are a cycle."""
+  (tmp_path / 'a.py').write_text('from pkg import b\n')
+  (tmp_path / 'b.py').write_text('def f():\n  import pkg.a\n')
+  modules = {'pkg.a': str(tmp_path / 'a.py'), 'pkg.b': str(tmp_path / 'b.py')}
+  assert _imports(modules['pkg.a'], modules, 'pkg') == ({'pkg.b'}, [])
+  assert _imports(modules['pkg.b'], modules, 'pkg') == ({'pkg.a'}, [2])
+
+
+def test_no_file_patches_sys_path():
+  offenders = []
+  for folder, dirs, files in os.walk(ROOT):
+    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    for f in files:
+      if f.endswith(('.py', '.ipynb')):
+        text = open(os.path.join(folder, f)).read()
+        if re.search(r'sys\.path\.(insert|append)|sys\.path \+?=', text) and f != 'test_house.py':
+          offenders.append(os.path.relpath(os.path.join(folder, f), ROOT))
+  assert offenders == []
+
+
+def test_import_works_from_any_directory():
+  """scripts/setup.sh installs the project (editable), so the package imports outside
+  the checkout too."""
+  proc = subprocess.run([sys.executable, '-c', 'import ptq_jax; print(ptq_jax.__file__)'],
+                        cwd='/', capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-1000:]
+  assert os.path.realpath(proc.stdout.strip()) == os.path.realpath(
+      os.path.join(PACKAGE, '__init__.py'))
+
+
+def test_curated_api():
+  assert len(ptq_jax.__all__) <= 30 and len(set(ptq_jax.__all__)) == len(ptq_jax.__all__)
+  for name in ptq_jax.__all__:
+    obj = getattr(ptq_jax, name)
+    assert getattr(obj, '__doc__', None), f'ptq_jax.{name} has no docstring'
+
+
+def test_docs_stay_inside_the_repository():
+  """Docstrings and docs cite docs/method.md, never a file outside the repository."""
+  assert os.path.isfile(os.path.join(ROOT, 'docs', 'method.md'))
+  assert os.path.getsize(os.path.join(ROOT, 'README.md')) <= 16 * 1024
+  for folder, dirs, files in os.walk(ROOT):
+    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    for f in files:
+      if f.endswith(('.py', '.md', '.ipynb')) and f != 'test_house.py':
+        text = open(os.path.join(folder, f)).read()
+        assert 'DESIGN.md' not in text and '../shared' not in text, f
