@@ -1,8 +1,7 @@
 """JAX's persistent compilation cache, turned on for ptq_jax's command line.
 
-Why: on a GPU most of a cold whole-model AdaQuant run is compilation. ResNet-50, all 54
-layers at 1000 iterations on one H200: 101-115 s with an empty cache, 33 s when the
-programs come from the cache of an earlier run (results/resnet50_gpu.md). Every
+Why: on a GPU most of a cold whole-model AdaQuant run is compilation, and a later run
+reads the programs back instead (cold and warm rows: results/resnet50_gpu.md). Every
 program AdaQuant runs depends only on a layer's geometry, shapes and bit widths, so
 a second model, bit width or calibration size with the same shapes reuses them.
 

@@ -8,12 +8,11 @@ a hashable :class:`LayerGeometry`: strides, explicit padding, dilations, groups.
   all compute a layer the same way;
 * one jitted AdaQuant step serves every layer of the same geometry and shapes
   (the module, with its name, is not part of the compiled function);
-* on CPU a depthwise conv runs as a sum of shifted products: XLA's CPU grouped
-  conv is ~15x slower forward and ~5x slower for gradients on a 2-core machine,
-  and its gradient is written out as shifted products too (see ``depthwise_conv2d``);
-  a 1x1 conv runs as a matmul (``pointwise_conv``), whose gradients XLA's CPU backend
-  computes faster than the conv's. Together: one AdaQuant iteration of every MobileNetV2
-  layer, 500 -> 302 ms (``benchmarks/adaquant_speed.py --model=mobilenet_v2_fmnist``).
+* on CPU a depthwise conv runs as a sum of shifted products (XLA's CPU grouped conv
+  is much slower, forward and backward), with its gradient written out as shifted
+  products too (see ``depthwise_conv2d``); a 1x1 conv runs as a matmul
+  (``pointwise_conv``), whose gradients XLA's CPU backend computes faster than the
+  conv's. Timings: results/adaquant_speed.md.
 """
 
 from __future__ import annotations
@@ -131,10 +130,8 @@ def depthwise_conv2d(x: jnp.ndarray, kernel: jnp.ndarray, strides: Tuple[int, in
 
   Its gradient is written out (``_depthwise_vjp``): the input gradient as one more sum
   of shifted products over the dilated, padded cotangent (a transposed conv), instead
-  of the nine scattered pads that autodiff of the slices gives (equal values). On 2 CPU
-  cores an AdaQuant step of a 3x3 depthwise layer over 50x14x14x96 inputs takes
-  29.4 ms instead of 35.4 at stride 1 and 9.0 ms instead of 27.4 at stride 2
-  (``benchmarks/adaquant_speed.py --depthwise``).
+  of the nine scattered pads that autodiff of the slices gives (equal values), which is
+  faster on CPU (``benchmarks/adaquant_speed.py --depthwise``).
   """
   kh, kw = kernel.shape[:2]
   xp = _pad_spatial(x, pads)

@@ -11,6 +11,11 @@ import ptq_jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, 'ptq_jax')
+# Files outside the repository that docs once cited (spelled so this file is not one).
+OUTSIDE = ('DESIGN' + '.md', '..' + '/shared')
+# Modules that may be imported inside a function: they pull in a heavy optional
+# dependency at import time, which ``import ptq_jax`` must not need (never a cycle).
+LAZY = {'ptq_jax.data.fashion_mnist_builder': 'imports tensorflow_datasets'}
 
 
 def _modules():
@@ -49,7 +54,7 @@ def _imports(path, modules, package):
     up = parents.get(node)
     while up is not None and not isinstance(up, (ast.FunctionDef, ast.AsyncFunctionDef)):
       up = parents.get(up)
-    if up is not None:
+    if up is not None and not set(names) <= set(LAZY):
       nested.append(node.lineno)
   return edges, nested
 
@@ -126,6 +131,7 @@ def test_docs_stay_inside_the_repository():
   for folder, dirs, files in os.walk(ROOT):
     dirs[:] = [d for d in dirs if not d.startswith('.')]
     for f in files:
-      if f.endswith(('.py', '.md', '.ipynb')) and f != 'test_house.py':
+      if f.endswith(('.py', '.md', '.ipynb', '.sh')):
         text = open(os.path.join(folder, f)).read()
-        assert 'DESIGN.md' not in text and '../shared' not in text, f
+        for outside in OUTSIDE:
+          assert outside not in text, (f, outside)

@@ -1,8 +1,7 @@
 """Depthwise convolutions as sums of shifted products, for fast CPU training.
 
-XLA's CPU backend lowers grouped convolutions to a slow generic loop: on a 2-core
-machine a 3x3 depthwise conv over 128x28x28x72 takes ~160 ms forward and ~500 ms
-for its gradients, against ~9 ms / ~110 ms as nine shifted multiply-adds. The
+XLA's CPU backend lowers grouped convolutions to a slow generic loop; nine shifted
+multiply-adds are far faster (results/adaquant_speed.md, the `dwconv` rows). The
 model code stays a standard ``nn.Conv(feature_group_count=C)``; this module swaps
 its computation through ``nn.intercept_methods`` only where it is enabled, and
 the result equals the convolution up to float rounding.
