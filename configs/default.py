@@ -8,9 +8,9 @@ BN tuning and bias tuning; then mixed precision at 13% of the FP32 weight size f
 same AdaQuant states (options W8A8 and W4A4), BN tuning and bias tuning. Prints the
 table (FP32 and every stage: test top-1 on the 10,000 Fashion-MNIST test images, weight
 size, seconds) and writes results.json, results.md, stages.png, layers.png and
-quantized.msgpack to ./workdir/default. Expected: as in README.md's quick start, in
-about 7 minutes on 2 CPU cores. The full-size settings (1000 iterations, six options)
-are in configs/pipeline.py and results/pipelines.md.
+quantized.msgpack to ./workdir/default. Expected: results/default_job.md (the table of
+two runs on 2 CPU cores, `python benchmarks/default_job.py`). The full-size settings
+(1000 iterations, six options) are in configs/pipeline.py and results/pipelines.md.
 """
 
 import ml_collections

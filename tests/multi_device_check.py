@@ -25,8 +25,7 @@ def main():
     qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=4, first_last_bits=None,
                           method='adaquant', mode='parallel', adaquant=config,
                           key=jax.random.key(3), progress=False, devices=devs)
-    float_state = ptq_jax.quantize(model, variables, x[:1], w_bits=None, a_bits=None,
-                                   first_last_bits=None, progress=False).qstate
+    float_state = ptq_jax.prepare(model, variables, x[:1]).float_state
     table = sensitivity_table(model, variables, qm.layers, float_state,
                                       {(4, 4): qm.qstate}, x, batch_size=10, progress=False,
                                       devices=devs)
