@@ -93,7 +93,6 @@ def main(_):
         flush=True)
   reports = qm.layer_reports
   step_seconds = sum(r['seconds'] for r in reports)
-  waited = sum(r.get('compile_wait_seconds', 0.0) for r in reports)
   macs = {l.path: l.macs for l in layers}
   flops = sum(6 * macs[r['path']] * FLAGS.batch_size * FLAGS.iterations for r in reports)
   base = {'model': FLAGS.model, 'method': 'adaquant_parallel', 'w_bits': FLAGS.w_bits,
@@ -113,7 +112,6 @@ def main(_):
            1000 * step_seconds / (len(reports) * FLAGS.iterations), 3),
        'tflops_per_s': round(flops / step_seconds / 1e12, 2),
        'seconds_in_layer_optimisation': round(step_seconds, 1),
-       'seconds_waiting_for_compilation': round(waited, 1),
        'programs_compiled': compiles.count, 'seconds_compiling': round(compiles.seconds, 1),
        **peak_device_mb()},
   ]

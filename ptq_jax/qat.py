@@ -5,7 +5,7 @@ every kernel, bias and quantizer range/offset on a *labelled* training set with
 the straight-through estimator, cross-entropy on the labels, the training recipe's
 crop/flip augmentation and Adam on a cosine schedule. BatchNorms stay folded
 (frozen statistics), so the trained model has exactly the quantized model's
-structure and is returned as a :class:`~ptq_jax.api.QuantizedModel`.
+structure and is returned as a :class:`~ptq_jax.quantized_model.QuantizedModel`.
 """
 
 from __future__ import annotations
