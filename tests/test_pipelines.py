@@ -123,3 +123,26 @@ def test_qat_trains_the_quantized_model_on_labels(toy):
   for bad in (dict(epochs=0), dict(batch_size=1000)):
     with pytest.raises(ValueError):
       qat_train(qm, raw, labels, preprocess, progress=False, **bad)
+
+
+def test_a_hand_made_stage_list_is_the_sequential_pipeline(toy):
+  """The stages compose as documented (README, docs/method.md): ranges -> sequential
+  AdaQuant -> BN tuning -> bias tuning run by hand through ``run_stages`` give exactly
+  what ``run_pipeline('sequential')`` gives, stage by stage."""
+  from ptq_jax.stages.adaquant import adaquant
+  from ptq_jax.stages.bias_tuning import bias_tuning
+  from ptq_jax.stages.bn_tuning import bn_tuning
+  from ptq_jax.stages.prepare import run_stages
+  from ptq_jax.stages.ranges import assign_bits, ranges
+  model, variables, x = toy
+  key = jax.random.key(5)
+  prepared = ptq_jax.prepare(model, variables, x)
+  bits = assign_bits(prepared.layers, 4, 4, first_last_bits=8, overrides=None)
+  stages = [ranges(bits), adaquant('sequential', FAST, progress=False),
+            bn_tuning(progress=False), bias_tuning(10, progress=False)]
+  by_hand = run_stages(prepared, stages, key)
+  result = ptq_jax.run_pipeline(model, variables, x, 'sequential', adaquant=FAST,
+                                bias_steps=10, key=key, progress=False)
+  assert [s[0] for s in by_hand] == [s.name for s in result.stages]
+  for (_, state, _, _), stage in zip(by_hand, result.stages):
+    jax.tree.map(np.testing.assert_array_equal, state, stage.model.qstate)
