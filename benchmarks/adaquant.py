@@ -22,12 +22,10 @@ import time
 import jax
 from absl import app, flags
 
+from common import (POLICIES, concurrency_fields, describe_device, fashion_mnist, merge_records,
+                    new_rows_from, read_results, write_results)
 import ptq_jax
-from common import (POLICIES, concurrency_fields, fashion_mnist, merge_records,
-                               new_rows_from)
 from ptq_jax.stages.bias_tuning import kd_tune
-from common import read_results, write_results
-from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['resnet20', 'mobilenet_v2_fmnist'], 'Bundled models.')

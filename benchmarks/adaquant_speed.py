@@ -18,7 +18,6 @@ results/adaquant_speed.{json,md} by layer, driver and device.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Tuple
@@ -28,16 +27,14 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from common import describe_device, merge_records, read_results, write_results
 import ptq_jax
-from common import merge_records
 from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.adaquant import layer as adaquant
 from ptq_jax.linear import LayerGeometry
 from ptq_jax.quant.interceptor import LayerQuant
 from ptq_jax.quant.quantizer import init_range
-from common import read_results, write_results
 from ptq_jax.trace import LayerInfo
-from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('channels', 32, 'Input = output channels of the conv.')

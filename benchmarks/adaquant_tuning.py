@@ -12,7 +12,6 @@ results/adaquant_tuning.{json,md} by (model, mode, variant, iterations, device).
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 
@@ -21,10 +20,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from common import (POLICIES, describe_device, fashion_mnist, merge_records, new_rows_from,
+                    write_results)
 import ptq_jax
-from common import POLICIES, fashion_mnist, merge_records, new_rows_from
-from common import write_results
-from common import describe_device
 
 # Overrides of the AdaQuantConfig defaults. 'reference' is the reference code's setting.
 VARIANTS = {

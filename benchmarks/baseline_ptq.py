@@ -11,7 +11,6 @@ a run of a subset (``--models``, ``--bits``, ...) is merged into the existing fi
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -19,10 +18,8 @@ import time
 from absl import app, flags
 from tqdm import tqdm
 
+from common import POLICIES, describe_device, fashion_mnist, merge_records, write_results
 import ptq_jax
-from common import POLICIES, fashion_mnist, merge_records
-from common import write_results
-from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['resnet20', 'mobilenet_v2_fmnist'], 'Bundled models to run.')

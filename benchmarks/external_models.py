@@ -31,7 +31,6 @@ with the fixed-bit runs). Writes results/external_models.{json,md}; rows merge b
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -40,12 +39,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from common import concurrency_fields, describe_device, merge_records, write_results
 import ptq_jax
-from common import concurrency_fields, merge_records
 from ptq_jax.pipelines import run_label
-from common import write_results
 from ptq_jax.quant.quantizer import option_name, parse_option
-from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['minilm_l6', 'efficientnet_lite0'], 'Models to quantize.')

@@ -7,8 +7,6 @@ Also lists the ImageNet-shape models (no bundled weights: parameters and MACs on
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 
@@ -16,14 +14,13 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from common import describe_device, write_results
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.bundled import bundled_checkpoints
 from ptq_jax.data import loader
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
 from ptq_jax.models import MODELS, create_model
-from common import write_results
 from ptq_jax.trace import totals, trace
-from common import describe_device
 
 flags.DEFINE_string('out', 'results', 'Directory for fp32.json / fp32.md.')
 FLAGS = flags.FLAGS

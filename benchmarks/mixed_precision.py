@@ -26,13 +26,12 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from common import (concurrency_fields, describe_device, fashion_mnist, merge_records,
+                    new_rows_from, write_results)
 import ptq_jax
-from common import concurrency_fields, fashion_mnist, merge_records, new_rows_from
 from ptq_jax.quant.quantizer import parse_option
 from ptq_jax.stages import allocation as alloc
 from ptq_jax.stages.bias_tuning import kl_to_teacher
-from common import write_results
-from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['resnet20', 'mobilenet_v2_fmnist'], 'Bundled models.')

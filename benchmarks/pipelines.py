@@ -15,7 +15,6 @@ stage, device).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -23,14 +22,13 @@ import time
 import jax
 from absl import app, flags
 
+from common import (concurrency_fields, describe_device, fashion_mnist, merge_records,
+                    new_rows_from, write_results)
 import ptq_jax
-from common import concurrency_fields, fashion_mnist, merge_records, new_rows_from
 from ptq_jax.data import loader
 from ptq_jax.pipelines import parse_run, run_label
 from ptq_jax.qat import qat_train
 from ptq_jax.quant.quantizer import option_name
-from common import write_results
-from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['resnet20', 'mobilenet_v2_fmnist'], 'Bundled models.')

@@ -25,13 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from common import describe_device, merge_records, new_rows_from, write_results
 import ptq_jax
 from ptq_jax.data.loader import CalibrationSet
 from ptq_jax.models import create_model
 from ptq_jax.stages.sensitivity import sensitivity_table
-from common import merge_records, new_rows_from
-from common import write_results
-from common import describe_device
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'resnet50', 'Registered model name.')

@@ -6,8 +6,6 @@
 
 import argparse
 import os
-import sys
-
 
 from ptq_jax.data.arrays import arrays_path, save_split
 from ptq_jax.data.loader import load_split

@@ -13,7 +13,7 @@ AdaQuant ran) and ``quantized.msgpack`` (the last run's final model) to the work
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 import jax
 import ml_collections

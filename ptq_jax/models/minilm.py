@@ -19,7 +19,6 @@ mean squared error of the embedding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
