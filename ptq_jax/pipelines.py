@@ -147,19 +147,16 @@ def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
     allocation = mp.uniform(fixed[0], fixed[1] if len(fixed) > 1 else None)
     return mp.build(allocation).qstate, mp.layer_reports(allocation)
 
-  stages: List[Stage] = []
-  if budget:
-    stages.append(Stage('mixed_precision', mixed_stage))
-  else:
-    stages.append(_fixed_ranges(w_bits, a_bits, first_last_bits, RangeConfig(range_method)))
-    if pipeline == 'sequential':
-      stages.append(adaquant('sequential', adaquant_config, runtime, progress))
-    elif pipeline == 'advanced':
-      stages.append(Stage('adaquant', option_adaquant_stage))
-  stages.append(bn_tuning(bn_target, progress=progress))
-  if pipeline in ('advanced', 'sequential') and bias_steps:
-    stages.append(bias_tuning(bias_steps, progress=progress))
-  return stages
+  fixed_ranges = _fixed_ranges(w_bits, a_bits, first_last_bits, RangeConfig(range_method))
+  heads = {  # what precedes BN tuning at fixed bit widths
+      'light': [fixed_ranges],
+      'advanced': [fixed_ranges, Stage('adaquant', option_adaquant_stage)],
+      'sequential': [fixed_ranges, adaquant('sequential', adaquant_config, runtime, progress)]}
+  head = [Stage('mixed_precision', mixed_stage)] if budget else heads[pipeline]
+  tail = [bn_tuning(bn_target, progress=progress)]
+  if pipeline != 'light' and bias_steps:
+    tail.append(bias_tuning(bias_steps, progress=progress))
+  return head + tail
 
 
 def _fixed_ranges(w_bits, a_bits, first_last_bits, config: RangeConfig) -> Stage:
