@@ -14,13 +14,32 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ptq_jax.jobs.checks import config_error_message
 from ptq_jax.jobs.registry import run as run_job
 from ptq_jax.compilation_cache import cache_setting, enable_compilation_cache
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                       'configs', 'default.py'),
-                                'Path to an ml_collections config file.', lock_config=True)
+
+
+def _config_path(argv):
+  return next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+
+
+def _config_error(error: BaseException, argv) -> None:
+  """Exits with one line for an error of the config file or an override (re-raises it
+  with --traceback)."""
+  if '--traceback' in argv:
+    raise error
+  sys.exit(f'run.py: error: {config_error_message(error, _config_path(argv))}')
+
+
+try:  # (ml_collections reads the config's overrides from sys.argv right here)
+  config_flags.DEFINE_config_file(
+      'config', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
+                             'default.py'),
+      'Path to an ml_collections config file.', lock_config=True)
+except Exception as e:  # pylint: disable=broad-except
+  _config_error(e, sys.argv)
 flags.DEFINE_string('workdir', None, 'Directory for results, logs and checkpoints '
                     '(default: the config\'s workdir field).')
 flags.DEFINE_bool('traceback', False, 'Show the full traceback of an input error.')
@@ -38,11 +57,16 @@ def main(argv):
   if not FLAGS['verbosity'].present:  # TFDS and JAX log a lot at INFO; --verbosity=0 shows it.
     logging.set_verbosity(logging.WARNING)
   try:
+    config = FLAGS.config   # a config file that failed to load raises on first use:
+    config.job              # here, before any work
+  except Exception as e:  # pylint: disable=broad-except
+    _config_error(e, sys.argv)
+  try:
     cache_dir = cache_setting(FLAGS.compilation_cache)
     if cache_dir:
       print(f'run.py: compiled programs are cached in {enable_compilation_cache(cache_dir)}',
             file=sys.stderr)
-    run_job(FLAGS.config, FLAGS.workdir)
+    run_job(config, FLAGS.workdir)
   except INPUT_ERRORS as e:
     if FLAGS.traceback:
       raise
@@ -50,5 +74,15 @@ def main(argv):
     sys.exit(f'run.py: error: {message}\n(--traceback shows where it was raised)')
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with every config-file error reported as one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'run.py: error: {e}\n(run.py --help lists the flags)')
+  except Exception as e:  # pylint: disable=broad-except
+    _config_error(e, argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

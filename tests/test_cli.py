@@ -123,10 +123,43 @@ def run_cli(*args):
                         capture_output=True, text=True, cwd=ROOT, timeout=1200)
 
 
-def test_unknown_config_key_is_an_error(tmp_path):
-  proc = run_cli('--config.no_such_key=1', f'--workdir={tmp_path / "w"}')
+def _write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+BAD_CONFIGS = [  # (flags given tmp_path, what the one line must say)
+    (lambda t: ['--config.no_such_key=1'], "names 'no_such_key'"),
+    (lambda t: ['--config.data.no_key=3'], "names 'no_key'"),
+    (lambda t: [f'--config={t / "missing.py"}'], 'could not be read (No such file'),
+    (lambda t: [f'--config={t}'], 'could not be read (Is a directory'),
+    (lambda t: [f'--config={_write(t / "syntax.py", "def get_config(:")}'], 'syntax error'),
+    (lambda t: [f'--config={_write(t / "empty.py", "x = 1")}'], 'no get_config() function'),
+    (lambda t: [f'--config={_write(t / "raises.py", "def get_config():  raise RuntimeError(1)")}'],
+     'RuntimeError'),
+    (lambda t: ['--config.quant.w_bits=abc'], 'invalid literal'),
+    (lambda t: ['--no_such_flag'], "Unknown command line flag 'no_such_flag'"),
+    (lambda t: [f'--workdir={_write(t / "a_file", "")}'], 'is a file, not a directory'),
+    (lambda t: [f'--workdir={_write(t / "b_file", "")}/sub'], 'which is a file'),
+    (lambda t: [f'--config.quant.cache_dir={_write(t / "c_file", "")}'],
+     'config.quant.cache_dir'),
+]
+
+
+@pytest.mark.parametrize('case', range(len(BAD_CONFIGS)))
+def test_bad_command_lines_give_one_line(tmp_path, case):
+  """A bad config file, override, flag or output location: a non-zero exit with one
+  line naming the problem (plus a one-line hint), no traceback, nothing written."""
+  args, message = BAD_CONFIGS[case]
+  argv = args(tmp_path)
+  if not any(a.startswith('--workdir=') for a in argv):
+    argv.append(f'--workdir={tmp_path / "w"}')
+  proc = run_cli(*argv)
   assert proc.returncode != 0
-  assert 'no_such_key' in proc.stderr
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert lines[0].startswith('run.py: error: ') and message in lines[0], proc.stderr[-2000:]
+  assert len(lines) <= 2
   assert not (tmp_path / 'w').exists()
 
 

@@ -1,0 +1,62 @@
+"""What run.py checks before any work starts, and how it words a bad config.
+
+* :func:`config_error_message`: one line for an error raised while the config file is
+  loaded or overridden (missing file, syntax error, no ``get_config``, an unknown key,
+  ``get_config`` raising), naming the file or key and the fix.
+* :func:`check_writable_dir`: an output directory (the work dir, a cache dir) can be
+  created and written, checked without creating anything, so a run never fails on
+  its outputs after the work is done.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+
+def config_error_message(error: BaseException, config_path: Optional[str] = None) -> str:
+  """One line naming what is wrong with the config and how to fix it."""
+  where = f'config file {config_path}' if config_path else 'the config file'
+  text = str(error).replace('Configuration is not available because of an earlier failure to '
+                            'load: ', '')
+  if isinstance(error, SyntaxError):
+    return (f'{where}: syntax error at {error.filename or "?"} line {error.lineno}: '
+            f'{error.msg}. Fix the file (see configs/default.py for the form).')
+  if '[Errno' in text or 'Failed loading config file' in text:
+    reason = re.search(r'\[Errno \d+\] ([^:\n]+)', text)
+    return (f'{where} could not be read ({reason.group(1) if reason else _first_line(text)}).'
+            ' Pass an existing config file, e.g. --config=configs/default.py.')
+  if isinstance(error, AttributeError) and 'get_config' in text:
+    return (f'{where} has no get_config() function: define `def get_config():` returning '
+            'an ml_collections.ConfigDict (see configs/default.py).')
+  if isinstance(error, (AttributeError, KeyError)):
+    key = re.sub(r'^["\']+|["\']+$', '', _first_line(text))
+    return (f'--config override names {key!r}, which the config does not have: check the '
+            'spelling against the fields of the config file.')
+  return (f'loading {where} failed: {type(error).__name__}: {_first_line(text)} '
+          '(--traceback shows where).')
+
+
+def _first_line(text: str) -> str:
+  return text.strip().splitlines()[0] if text.strip() else ''
+
+
+def check_writable_dir(path: str, what: str) -> None:
+  """Raises ValueError unless ``path`` is (or can be created as) a writable directory.
+
+  Nothing is created: the deepest existing ancestor must be a writable directory."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'{what} {path} is a file, not a directory: pass another path.')
+  probe = path
+  while not os.path.exists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if not os.path.isdir(probe):
+    raise ValueError(f'{what} {path} lies under {probe}, which is a file: pass another path.')
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f'{what} {path} cannot be written ({probe} is not writable): pass a '
+                     'writable path.')
