@@ -8,6 +8,12 @@ unpickler resolves only the handful of names a tensor state dict needs (tensor
 and parameter reconstruction, storage dtypes, ``OrderedDict``) to its own numpy
 implementations, and refuses everything else with :class:`UnsafeCheckpointError`
 *before* anything is called. The result is a flat ``{name: np.ndarray}``.
+
+Sizes are checked before anything is allocated: a zip member must unpack to exactly
+the bytes its storage declares (and not far beyond its packed size), a legacy
+storage cannot be longer than the rest of the file, and a tensor cannot have more
+elements than its storage holds (so no stride-0 view is blown up). Every malformed
+file ends in :class:`UnsafeCheckpointError`.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 import ml_dtypes
 import numpy as np
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+MAX_PICKLE_BYTES = 64 * 2**20   # a state dict's pickle: names and shapes, not weights
+MAX_INFLATION = 100             # unpacked / packed size of a zip member
 _LEGACY_PROTOCOL = 1001
 
 _STORAGE_DTYPES: Dict[str, np.dtype] = {
@@ -71,6 +80,11 @@ class _LazyTensor:
                                    if n > 0)
     if any(n == 0 for n in self.size):
       return np.zeros(self.size, data.dtype)
+    if len(self.stride) != len(self.size) or int(np.prod(self.size)) > data.size - self.offset:
+      raise UnsafeCheckpointError(
+          f'A tensor of size {self.size} (stride {self.stride}) has more elements than its '
+          f'storage of {data.size} holds past offset {self.offset}: an overlapping view '
+          '(e.g. stride 0) would allocate far more than the file holds; refusing it.')
     if self.offset < 0 or needed > data.size or any(s < 0 for s in self.stride):
       raise UnsafeCheckpointError(
           f'A tensor of size {self.size} (stride {self.stride}, offset {self.offset}) reaches '
@@ -153,17 +167,35 @@ def _read_zip(path: str) -> Any:
         if member not in names:
           raise UnsafeCheckpointError(f'{path} lacks the storage {member}: it is corrupt.')
         dtype = storage_type.dtype.newbyteorder('<' if byteorder == 'little' else '>')
+        info = archive.getinfo(member)
+        if info.file_size != int(numel) * dtype.itemsize or _inflated(info):
+          raise UnsafeCheckpointError(
+              f'{path}: storage {member} unpacks to {info.file_size} bytes from '
+              f'{info.compress_size}, but declares {numel} elements of {dtype.itemsize} '
+              'bytes: the file is corrupt or a decompression bomb; refusing it.')
         raw = archive.read(member)
         storage = _Storage(storage_type.dtype, len(raw) // dtype.itemsize)
         storage.data = np.frombuffer(raw, dtype).astype(storage_type.dtype)
         storages[key] = storage
       return storages[key]
 
+    info = archive.getinfo(pickles[0])
+    if info.file_size > MAX_PICKLE_BYTES or _inflated(info):
+      raise UnsafeCheckpointError(
+          f'{path}: {pickles[0]} unpacks to {info.file_size} bytes (from '
+          f'{info.compress_size}); a state dict\'s pickle is far smaller: refusing it.')
     with archive.open(pickles[0]) as f:
       return _SafeUnpickler(io.BytesIO(f.read()), storage_for).load()
 
 
+def _inflated(info: zipfile.ZipInfo) -> bool:
+  """A member that unpacks to more than MAX_INFLATION times its packed size (torch
+  stores members uncompressed) and to more than 1 MiB."""
+  return info.file_size > max(2**20, MAX_INFLATION * info.compress_size)
+
+
 def _read_legacy(path: str) -> Any:
+  size = os.path.getsize(path)
   with open(path, 'rb') as f:
     def load_plain():
       return _SafeUnpickler(f, _refuse_storage).load()
@@ -202,6 +234,9 @@ def _read_legacy(path: str) -> Any:
         raise UnsafeCheckpointError(f'{path} is truncated (storage {key}).')
       (numel,) = struct.unpack('<q' if little else '>q', header)
       dtype = storage.dtype.newbyteorder('<' if little else '>')
+      if numel < 0 or numel * dtype.itemsize > size - f.tell():
+        raise UnsafeCheckpointError(f'{path} declares {numel} elements for storage {key}, '
+                                    'more than the file holds: it is truncated or corrupt.')
       raw = f.read(numel * dtype.itemsize)
       if len(raw) != numel * dtype.itemsize:
         raise UnsafeCheckpointError(f'{path} is truncated (storage {key}).')
@@ -235,9 +270,17 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No checkpoint at {path}.')
-  obj = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
   out: Dict[str, np.ndarray] = {}
-  _materialise(obj, '', out)
+  try:
+    obj = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
+    _materialise(obj, '', out)
+  except UnsafeCheckpointError:
+    raise
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+          AttributeError, struct.error, zipfile.BadZipFile, UnicodeDecodeError, RecursionError,
+          MemoryError, OverflowError, OSError, zlib.error) as e:
+    raise UnsafeCheckpointError(f'{path} is not a readable PyTorch checkpoint '
+                                f'({type(e).__name__}: {str(e)[:200]}).') from None
   if not out:
     raise UnsafeCheckpointError(f'{path} holds no tensors.')
   return out
