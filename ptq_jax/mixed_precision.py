@@ -30,6 +30,7 @@ from ptq_jax.stages import allocation as alloc
 from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime, run_adaquant
 from ptq_jax.stages.prepare import Prepared, prepare
 from ptq_jax.stages.ranges import RangeConfig, assign_bits, calibrate_ranges
+from ptq_jax.validate import check_key
 from ptq_jax.stages.sensitivity import (DEFAULT_OPTIONS, SensitivityTable, cache_key, load_cached,
                                         save_cached, sensitivity_table)
 
@@ -126,6 +127,7 @@ def mixed_precision_of(prepared: Prepared, *,
     cache_dir: where to keep the states and the table (keyed by weights, images,
       options and settings).
   """
+  check_key(key)
   if method not in OPTION_METHODS:
     raise ValueError(f'method={method!r} is not one of {OPTION_METHODS}.')
   options = tuple(dict.fromkeys(parse_option(o) for o in options))
@@ -134,8 +136,17 @@ def mixed_precision_of(prepared: Prepared, *,
   range_config = RangeConfig(range_method)
   images, model, variables = prepared.images, prepared.model, prepared.variables
   model_name = prepared.model_name or 'model'
-  if labels is not None and len(labels) != len(images):
-    raise ValueError(f'{len(labels)} labels for {len(images)} calibration images.')
+  if labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f'labels must be {len(images)} integer class indices (one per '
+                       f'calibration image), got {labels.dtype} of shape {labels.shape}.')
+    if labels.min() < 0:
+      raise ValueError(f'labels must be class indices >= 0, got {int(labels.min())}.')
+    classes = jax.eval_shape(lambda x: model.apply(variables, x), images[:1]).shape[-1]
+    if labels.max() >= classes:   # (checked abstractly, before any state is computed)
+      raise ValueError(f'labels hold class {int(labels.max())}, but the model has {classes} '
+                       'outputs: pass class indices below that.')
   adaquant = adaquant or AdaQuantConfig()
   timings: Dict[str, float] = {}
   extra = {'range_method': range_method, 'loss': 'kl' if labels is None else 'ce',

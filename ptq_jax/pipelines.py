@@ -35,6 +35,7 @@ from ptq_jax.stages.bn_tuning import bn_tuning
 from ptq_jax.stages.prepare import Prepared, Stage, prepare, run_stages
 from ptq_jax.stages.ranges import RangeConfig, assign_bits, ranges
 from ptq_jax.stages.sensitivity import DEFAULT_OPTIONS, SensitivityTable
+from ptq_jax.validate import check_int, check_key
 
 PIPELINES = ('light', 'advanced', 'sequential')
 
@@ -109,8 +110,7 @@ def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
   if pipeline == 'sequential' and budget:
     raise ValueError('The sequential pipeline has fixed bit widths (w_bits, a_bits); budgets '
                      'belong to the light and advanced pipelines.')
-  if isinstance(bias_steps, bool) or not isinstance(bias_steps, int) or bias_steps < 0:
-    raise ValueError(f'bias_steps must be an integer >= 0, got {bias_steps!r}.')
+  check_int(bias_steps, 'bias_steps')
   method = 'adaquant' if pipeline == 'advanced' else 'ptq'
   fixed = [parse_option((w_bits, a_bits))]
   if first_last_bits is not None:
@@ -197,6 +197,7 @@ def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
       images, the paper's) or 'fp' (match the FP network's statistics on them: for
       calibration data unlike the training data; see ptq_jax.stages.bn_tuning).
   """
+  check_key(key)
   result = PipelineResult(pipeline, [])
   stages = pipeline_stages(pipeline, result, w_bits=w_bits, a_bits=a_bits,
                            first_last_bits=first_last_bits, size_pct=size_pct,

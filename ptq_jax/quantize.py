@@ -21,6 +21,7 @@ from ptq_jax.quantized_model import QuantizedModel
 from ptq_jax.stages.adaquant import MODES, AdaQuantConfig, AdaQuantRuntime, run_adaquant
 from ptq_jax.stages.prepare import Prepared, prepare
 from ptq_jax.stages.ranges import Bits, RangeConfig, assign_bits, calibrate_ranges
+from ptq_jax.validate import check_key
 
 METHODS = ('ptq', 'adaquant')
 
@@ -72,6 +73,7 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
     raise ValueError(f'method={method!r} is not one of {METHODS}.')
   if mode not in MODES:
     raise ValueError(f'mode={mode!r} is not one of {MODES}.')
+  check_key(key)
   if not isinstance(ranges, RangeConfig):
     raise TypeError(f'ranges must be a ptq_jax.RangeConfig, got {type(ranges).__name__}.')
   start = time.time()

@@ -178,6 +178,10 @@ class ImageClassificationSource:
 
 def sample_indices(num_examples: int, n: int, seed: int) -> np.ndarray:
   """``n`` distinct indices in ``[0, num_examples)``, a pure function of ``seed``."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f'seed must be an integer >= 0, got {seed!r}.')
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+    raise TypeError(f'n (the calibration set size) must be an integer, got {n!r}.')
   if n <= 0:
     raise ValueError(f'The calibration set must hold at least one image; got n={n}.')
   if n > num_examples:

@@ -18,6 +18,7 @@ from ptq_jax.models import get_model_spec
 from ptq_jax.io import atomic_write_json
 from ptq_jax.jobs.results import describe_device
 from ptq_jax.trace import totals, trace
+from ptq_jax.validate import check_int
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -28,7 +29,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
   spec = get_model_spec(metadata['model'])
   test = loader.load_split(config.data.dataset, 'test', data_dir=config.data.data_dir,
                            idx_dir=config.data.idx_dir, download=config.data.download)
-  limit = config.eval_limit or len(test)
+  limit = check_int(config.eval_limit, 'config.eval_limit') or len(test)
   images = loader.preprocess(config.data.dataset, test.images[:limit])
   if images.shape[1:] != spec.input_shape:
     raise ValueError(f'Checkpoint model {metadata["model"]} expects inputs {spec.input_shape}; '

@@ -16,6 +16,7 @@ from ptq_jax.checkpoint import load_model
 from ptq_jax.data import loader
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
 from ptq_jax.jobs.results import describe_device
+from ptq_jax.validate import check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ def load_job_inputs(config: ml_collections.ConfigDict) -> JobInputs:
                      download=config.data.download)
   train = loader.load_split(config.data.dataset, 'train', **data_kwargs)
   test = loader.load_split(config.data.dataset, 'test', **data_kwargs)
-  limit = config.eval_limit or len(test)
+  limit = check_int(config.eval_limit, 'config.eval_limit') or len(test)
   calib = loader.calibration_set(config.data.dataset, config.calib_size, config.seed, data=train)
   return JobInputs(model, variables, meta, calib,
                    loader.preprocess(config.data.dataset, test.images[:limit]),

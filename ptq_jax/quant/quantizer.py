@@ -51,7 +51,7 @@ def parse_option(option: Any) -> Option:
     except ValueError:
       raise ValueError(f'Bit option {option!r} is not understood: write "W4A4", "4/4" or '
                        '(4, 4).') from None
-  if len(tuple(option)) != 2:
+  if not isinstance(option, (tuple, list)) or len(option) != 2:
     raise ValueError(f'A bit option is a (w_bits, a_bits) pair, got {option!r}.')
   w, a = option
   return check_bits(w, 'option w_bits'), check_bits(a, 'option a_bits')

@@ -22,6 +22,7 @@ import numpy as np
 
 from ptq_jax.quant.quantizer import Option, option_name
 from ptq_jax.stages.sensitivity import SensitivityTable
+from ptq_jax.validate import check_number
 
 OBJECTIVES = ('loss', 'size_bits', 'bops')
 
@@ -69,10 +70,8 @@ def cost_matrices(table: SensitivityTable) -> Dict[str, np.ndarray]:
 
 def _check_budgets(table: SensitivityTable, budgets: Mapping[str, Optional[float]]
                    ) -> Dict[str, float]:
-  given = {k: float(v) for k, v in budgets.items() if v is not None}
-  for name, value in given.items():
-    if not np.isfinite(value) or value < 0:
-      raise ValueError(f'Budget {name}={value} must be a finite number >= 0.')
+  given = {k: check_number(v, f'Budget {k}', minimum=0.0) for k, v in budgets.items()
+           if v is not None}
   if not given:
     raise ValueError('Give at least one budget: size_bits, bops or loss (or a *_pct form).')
   return given
@@ -81,6 +80,8 @@ def _check_budgets(table: SensitivityTable, budgets: Mapping[str, Optional[float
 def budgets_from_pct(table: SensitivityTable, size_pct: Optional[float] = None,
                      bops_pct: Optional[float] = None) -> Dict[str, Optional[float]]:
   """Size / BOPs budgets as percentages of the FP32 model's."""
+  size_pct = None if size_pct is None else check_number(size_pct, 'size_pct', minimum=0.0)
+  bops_pct = None if bops_pct is None else check_number(bops_pct, 'bops_pct', minimum=0.0)
   return {'size_bits': None if size_pct is None else size_pct / 100 * table.fp32_size_bits(),
           'bops': None if bops_pct is None else bops_pct / 100 * table.fp32_bops()}
 

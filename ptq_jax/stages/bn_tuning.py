@@ -27,6 +27,7 @@ corrects only what quantization changed, whatever the data.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -59,6 +60,7 @@ def refold(lq: LayerQuant, a: jnp.ndarray, c: jnp.ndarray) -> LayerQuant:
 
 
 TARGETS = ('data', 'fp')
+MIN_IMAGES = 32   # below this BN tuning warns: its statistics are too noisy
 
 
 def _merge(acc, mean_b, m2_b, n_b):
@@ -87,6 +89,10 @@ def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[Lay
   images = np.asarray(images, np.float32)
   if len(images) == 0:
     raise ValueError('BN tuning needs calibration images; the set is empty.')
+  if len(images) < MIN_IMAGES:
+    warnings.warn(f'BN tuning on {len(images)} calibration image(s): per-channel statistics '
+                  f'from fewer than {MIN_IMAGES} images are noisy and can cost accuracy '
+                  'instead of restoring it; use more images or skip BN tuning.', stacklevel=2)
   folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
   state = dict(qstate)
   todo = [l for l in layers if l.bn_path and l.path in state]

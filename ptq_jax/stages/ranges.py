@@ -67,7 +67,13 @@ def assign_bits(layers: Sequence[LayerInfo], w_bits: Bits, a_bits: Bits,
     for layer in (layers[0], layers[-1]):
       bits[layer.path] = (first_last_bits if w_bits is not None else None,
                           first_last_bits if a_bits is not None else None)
+  if overrides is not None and not isinstance(overrides, Mapping):
+    raise TypeError(f'overrides must be a dict {{layer_path: {{"w_bits": b, "a_bits": b}}}}, '
+                    f'got {type(overrides).__name__}.')
   for path, option in (overrides or {}).items():
+    if not isinstance(option, Mapping):
+      raise TypeError(f'overrides[{path!r}] must be a dict such as {{"w_bits": 4}}, got '
+                      f'{option!r}.')
     if path not in bits:
       raise KeyError(f'Override names layer {path!r}, which the model does not have. Layers: '
                      f'{list(bits)}')

@@ -140,6 +140,9 @@ def sensitivity_table(model: nn.Module, variables: Mapping[str, Any], layers: Se
   fp_forward = jax.jit(lambda x: apply_quantized(model, variables, float_state, folded_bns, x))
   devices = local_devices(devices)
   fp_logits = batched_predict(fp_forward, images, batch_size, devices)
+  if labels is not None and int(np.max(labels)) >= fp_logits.shape[-1]:
+    raise ValueError(f'labels hold class {int(np.max(labels))}, but the model has '
+                     f'{fp_logits.shape[-1]} outputs: pass class indices below that.')
   target = fp_logits if labels is None else np.asarray(labels, np.int32)
 
   def batch_loss(option_state, gate_vec, x, t, n_valid):
