@@ -83,16 +83,23 @@ class MixedPrecision:
                        f'{[option_name(o) for o in self.table.options]}.')
     return self.table.options.index(option)
 
+  def state(self, allocation: alloc.Allocation) -> Dict[str, LayerQuant]:
+    """Each layer's state from its chosen option."""
+    return {p: self.option_states[allocation.choice[p]][p] for p in self.table.paths}
+
+  def options(self, allocation: alloc.Allocation) -> Dict[str, Any]:
+    """The options a mixed model of ``allocation`` records."""
+    return {'w_bits': None, 'a_bits': None, 'range_method': self.range_method,
+            'weight_range_method': self.range_method, 'first_last_bits': None,
+            'overrides': allocation.overrides(), 'symmetric': False,
+            'per_channel_inputs': False, 'calib_size': len(self.prepared.images),
+            'method': 'mixed_precision', 'option_method': self.method,
+            'allocation': allocation.counts(), 'budgets': allocation.budgets}
+
   def build(self, allocation: alloc.Allocation) -> QuantizedModel:
     """The mixed model: each layer's state from its chosen option."""
-    qstate = {p: self.option_states[allocation.choice[p]][p] for p in self.table.paths}
-    options = {'w_bits': None, 'a_bits': None, 'range_method': self.range_method,
-               'weight_range_method': self.range_method, 'first_last_bits': None,
-               'overrides': allocation.overrides(), 'symmetric': False,
-               'per_channel_inputs': False, 'calib_size': len(self.prepared.images),
-               'method': 'mixed_precision', 'option_method': self.method,
-               'allocation': allocation.counts(), 'budgets': allocation.budgets}
-    return quantized_model(self.prepared, qstate, options, self.timings)
+    return quantized_model(self.prepared, self.state(allocation), self.options(allocation),
+                           self.timings)
 
   def quantize(self, **budgets) -> Tuple[QuantizedModel, alloc.Allocation]:
     """``solve(**budgets)`` then ``build``."""

@@ -139,13 +139,13 @@ def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
     mp = states_for(prepared, [], key)
     result.allocation = mp.solve(size_pct=size_pct, bops_pct=bops_pct)
     result.table = mp.table
-    return mp.build(result.allocation).qstate, result.allocation
+    return mp.state(result.allocation), result.allocation
 
   def option_adaquant_stage(prepared: Prepared, qstate: QState, key: jax.Array):
     """Parallel AdaQuant at the fixed bits, taken from the per-option states."""
     mp = states_for(prepared, fixed, key)
     allocation = mp.uniform(fixed[0], fixed[1] if len(fixed) > 1 else None)
-    return mp.build(allocation).qstate, mp.layer_reports(allocation)
+    return mp.state(allocation), mp.layer_reports(allocation)
 
   fixed_ranges = _fixed_ranges(w_bits, a_bits, first_last_bits, RangeConfig(range_method))
   heads = {  # what precedes BN tuning at fixed bit widths
@@ -216,7 +216,7 @@ def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
   for name, state, report, seconds in run_stages(prepared, stages, key):
     names.append(name)
     if name == 'mixed_precision':
-      options = dict(result.mixed.build(result.allocation).options)
+      options = result.mixed.options(result.allocation)
     else:
       options = dict(result.stages[0].model.options if result.stages else base)
     options['stages'] = list(names)
