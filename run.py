@@ -47,8 +47,9 @@ flags.DEFINE_string('compilation_cache', 'auto', 'JAX persistent compilation cac
                     'directory, "off", or "auto" (~/.cache/ptq_jax/xla on GPU/TPU, where '
                     'compilation is most of a cold run; off on CPU).')
 
-# Errors that mean "bad input": reported as one line naming the problem and the fix.
-INPUT_ERRORS = (FileNotFoundError, KeyError, ValueError)
+# Errors that mean "bad input" (a bad value or file, an unwritable or full disk):
+# reported as one line naming the problem and the fix; --traceback shows the stack.
+INPUT_ERRORS = (OSError, KeyError, TypeError, ValueError)
 
 
 def main(argv):
@@ -71,7 +72,11 @@ def main(argv):
     if FLAGS.traceback:
       raise
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
-    sys.exit(f'run.py: error: {message}\n(--traceback shows where it was raised)')
+    sys.exit(f'run.py: error: {_one_line(message)} (--traceback shows where it was raised)')
+
+
+def _one_line(message) -> str:
+  return ' '.join(str(message).split())
 
 
 def parse_flags(argv):
@@ -79,7 +84,7 @@ def parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    sys.exit(f'run.py: error: {e}\n(run.py --help lists the flags)')
+    sys.exit(f'run.py: error: {_one_line(e)} (run.py --help lists the flags)')
   except Exception as e:  # pylint: disable=broad-except
     _config_error(e, argv)
 

@@ -2,22 +2,29 @@
 
 Every output of the library and the command line (checkpoints, caches, results,
 figures) is written through here: a temporary file in the same directory, fsync,
-then ``os.replace``.
+then ``os.replace``. A killed writer's temporary file is removed by the next run
+(:func:`clean_stale_temps`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from typing import Any
+from typing import Any, List
+
+# Temporary files are named '.<name>.tmp<pid>.<random>': a later run can tell a killed
+# writer's leftovers (its process is gone) from a live writer's file.
+_TEMP = re.compile(r'^\..+\.tmp(\d+)\.[A-Za-z0-9_]+$')
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
   """Writes ``data`` to ``path`` via a temporary file and rename: never half-written."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.tmp{os.getpid()}.',
+                             dir=directory)
   umask = os.umask(0)
   os.umask(umask)
   try:
@@ -36,3 +43,30 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def atomic_write_json(path: str, obj: Any) -> None:
   """Writes ``obj`` as indented JSON, atomically."""
   atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + '\n').encode())
+
+
+def process_alive(pid: int) -> bool:
+  """Whether a process with this id exists (on this machine)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def clean_stale_temps(directory: str) -> List[str]:
+  """Removes the temporary files of killed writers in ``directory``; returns their names."""
+  removed = []
+  if not os.path.isdir(directory):
+    return removed
+  for name in os.listdir(directory):
+    match = _TEMP.match(name)
+    if match and not process_alive(int(match.group(1))):
+      try:
+        os.unlink(os.path.join(directory, name))
+        removed.append(name)
+      except OSError:
+        pass
+  return removed

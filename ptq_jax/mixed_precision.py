@@ -6,8 +6,9 @@
 
 Each option's state is computed once for every layer (baseline ranges for the light
 pipeline, parallel AdaQuant for the advanced one). With ``cache_dir`` the states and
-the table are cached on disk, keyed by the weights, calibration images, options and
-settings, so a later run with a new budget costs only the integer program.
+the table are cached on disk in one checksummed file, keyed by the model's traced
+program, the weights, calibration images, options and settings, so a later run with a
+new budget costs only the integer program; a cache file is verified before it is used.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from ptq_jax import checkpoint as ckpt
 from ptq_jax.quant.interceptor import LayerQuant
 from ptq_jax.quant.quantizer import Option, option_name, parse_option
 from ptq_jax.quantize import quantized_model
-from ptq_jax.quantized_model import QuantizedModel, layer_from_tree, layer_to_tree
+from ptq_jax.io import clean_stale_temps
+from ptq_jax.quantized_model import QuantizedModel, checked_layer, layer_to_tree
 from ptq_jax.stages import allocation as alloc
 from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime, run_adaquant
 from ptq_jax.stages.prepare import Prepared, prepare
 from ptq_jax.stages.ranges import RangeConfig, assign_bits, calibrate_ranges
 from ptq_jax.validate import check_key
-from ptq_jax.stages.sensitivity import (DEFAULT_OPTIONS, SensitivityTable, cache_key, load_cached,
-                                        save_cached, sensitivity_table)
+from ptq_jax.stages.sensitivity import (DEFAULT_OPTIONS, SensitivityTable, cache_key,
+                                        program_text, sensitivity_table)
 
 OPTION_METHODS = ('ptq', 'adaquant')
 
@@ -160,14 +162,16 @@ def mixed_precision_of(prepared: Prepared, *,
            'labels': None if labels is None else np.asarray(labels).tolist(),
            'adaquant': dataclasses.asdict(adaquant) if method == 'adaquant' else None,
            'key': None if key is None else np.asarray(jax.random.key_data(key)).tolist()}
-  digest = cache_key(model_name, variables, images, options, method, extra) if cache_dir else None
-  cached = _load_states(cache_dir, digest, options) if cache_dir else None
-  table = load_cached(cache_dir, digest) if cached is not None else None
+  digest = (cache_key(model_name, variables, images, options, method, extra,
+                       program=program_text(model, variables, images[:1]))
+            if cache_dir else None)
+  cached = _load_cache(cache_dir, digest, prepared, options) if cache_dir else None
   start = time.time()
-  hit = cached is not None and table is not None
+  hit = cached is not None
   reports = {}   # per option, AdaQuant's layer reports (only when computed here)
+  table = None
   if hit:
-    states = cached
+    states, table = cached
   else:
     states = {}
     for option in options:
@@ -187,32 +191,53 @@ def mixed_precision_of(prepared: Prepared, *,
     table = sensitivity_table(model, variables, prepared.layers, prepared.float_state, states,
                               images, labels, batch_size=batch_size, progress=progress)
     if cache_dir:
-      _save_states(cache_dir, digest, states)
-      save_cached(cache_dir, digest, table)
+      _save_cache(cache_dir, digest, states, table)
   timings['sensitivity_seconds'] = time.time() - start
   return MixedPrecision(prepared, states, table, method, timings, from_cache=hit,
                         option_reports=reports, range_method=range_method)
 
 
 def _states_path(cache_dir: str, digest: str) -> str:
-  return os.path.join(cache_dir, f'states-{digest}.msgpack')
+  return os.path.join(cache_dir, f'mixed-{digest}.msgpack')
 
 
-def _save_states(cache_dir: str, digest: str,
-                 states: Mapping[Option, Mapping[str, LayerQuant]]) -> None:
+def _save_cache(cache_dir: str, digest: str, states: Mapping[Option, Mapping[str, LayerQuant]],
+                table: SensitivityTable) -> None:
+  """The option states and the table in one checksummed file: they can never disagree."""
   tree = {option_name(o): {p: layer_to_tree(lq) for p, lq in s.items()}
           for o, s in states.items()}
-  ckpt.save_checkpoint(_states_path(cache_dir, digest), tree, {'kind': 'mixed_states'})
+  ckpt.save_checkpoint(_states_path(cache_dir, digest), tree,
+                       {'kind': 'mixed_states', 'table': table.to_json()})
 
 
-def _load_states(cache_dir: str, digest: str, options: Sequence[Option]
-                 ) -> Optional[Dict[Option, Dict[str, LayerQuant]]]:
+def _load_cache(cache_dir: str, digest: str, prepared: Prepared, options: Sequence[Option]
+                ) -> Optional[Tuple[Dict[Option, Dict[str, LayerQuant]], SensitivityTable]]:
+  """The cached states and table, or None; a damaged or foreign file is a CheckpointError."""
+  clean_stale_temps(cache_dir)   # temporary files of killed writers
   path = _states_path(cache_dir, digest)
   if not os.path.isfile(path):
     return None
-  tree, meta = ckpt.load_checkpoint(path)
-  if meta.get('kind') != 'mixed_states' or set(tree) != {option_name(o) for o in options}:
-    raise ckpt.CheckpointError(f'{path} is not a mixed-precision state cache for options '
-                               f'{[option_name(o) for o in options]}; delete it to recompute.')
-  return {o: {p: layer_from_tree(t, o[0], o[1], False)
-              for p, t in tree[option_name(o)].items()} for o in options}
+  fix = 'delete it to recompute'
+  tree, meta = ckpt.load_checkpoint(path, fix=fix)
+  names = [option_name(o) for o in options]
+  if meta.get('kind') != 'mixed_states' or set(tree) != set(names):
+    raise ckpt.CheckpointError(f'{path} is not a mixed-precision cache for options {names}; '
+                               f'{fix}.')
+  try:
+    table = SensitivityTable.from_json(meta['table'])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ckpt.CheckpointError(f'{path} has a malformed sensitivity table ({e}); {fix}.') from e
+  layers = {l.path: l for l in prepared.layers}
+  if (table.paths != tuple(layers) or table.options != tuple(options)
+      or table.delta.shape != (len(layers), len(options))
+      or not np.all(np.isfinite(table.delta)) or not np.isfinite(table.base_loss)):
+    raise ckpt.CheckpointError(f'{path} holds a sensitivity table that does not fit this model '
+                               f'and these options, or non-finite entries; {fix}.')
+  states = {}
+  for o in options:
+    layer_trees = tree[option_name(o)]
+    if set(layer_trees) != set(layers):
+      raise ckpt.CheckpointError(f'{path}: the {option_name(o)} states do not cover this '
+                                 f'model\'s layers; {fix}.')
+    states[o] = {p: checked_layer(layer_trees[p], layers[p], o, False, path, fix) for p in layers}
+  return states, table

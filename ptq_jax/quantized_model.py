@@ -20,7 +20,7 @@ import numpy as np
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant.interceptor import LayerQuant, QState, apply_quantized, quantized_weight
-from ptq_jax.quant.quantizer import QuantizerState
+from ptq_jax.quant.quantizer import QuantizerState, check_bits
 from ptq_jax.trace import LayerInfo, trace
 
 Bits = Optional[int]
@@ -113,25 +113,78 @@ class QuantizedModel:
 
   @classmethod
   def load(cls, path: str, model: nn.Module) -> 'QuantizedModel':
-    """Reloads a saved quantized model for ``model`` (the same module that was quantized)."""
-    tree, meta = ckpt.load_checkpoint(path)
+    """Reloads a saved quantized model for ``model`` (the same module that was quantized).
+
+    The checksum, the layer set, every bit width (2..8 or float), every shape and the
+    finiteness of every weight and range are checked; a bad file is a CheckpointError."""
+    fix = 'quantize the model again and save it'
+    tree, meta = ckpt.load_checkpoint(path, fix=fix)
     if meta.get('kind') != 'quantized':
-      raise ckpt.CheckpointError(f'{path} is a float checkpoint, not a quantized model; use '
-                                 'ptq_jax.load_model / load_checkpoint for it.')
-    variables = tree['variables']
-    input_shape = tuple(meta['input_shape'])
+      raise ckpt.CheckpointError(f'{path} is not a quantized model (kind {meta.get("kind")!r}); '
+                                 'use ptq_jax.load_model / load_checkpoint for a float one.')
+    try:
+      variables, qtree = tree['variables'], tree['qstate']
+      input_shape = tuple(int(d) for d in meta['input_shape'])
+      bits, options, symmetric = meta['bits'], dict(meta['options']), meta['symmetric']
+      if not (input_shape and min(input_shape) > 0 and isinstance(symmetric, bool)
+              and isinstance(bits, dict) and isinstance(qtree, dict)):
+        raise ValueError('input_shape, bits, symmetric or qstate has the wrong form')
+    except (KeyError, TypeError, ValueError) as e:
+      raise ckpt.CheckpointError(f'{path} has malformed metadata ({type(e).__name__}: {e}); '
+                                 f'{fix}.') from e
+    ckpt.check_values(variables, path, fix)
     try:
       layers = trace(model, variables, jnp.zeros((1,) + input_shape))
     except Exception as e:  # The saved variables do not fit this module at all.
       raise ckpt.CheckpointError(f'{path} was saved from another model: {type(e).__name__}: '
                                  f'{str(e)[:200]}') from e
     paths = {l.path for l in layers}
-    if paths != set(tree['qstate']):
+    if paths != set(qtree) or paths != set(bits):
       raise ckpt.CheckpointError(f'{path} was saved from another model: its layers '
-                                 f'{sorted(set(tree["qstate"]) ^ paths)[:5]} do not match.')
-    qstate = {p: layer_from_tree(tree['qstate'][p], *meta['bits'][p], meta['symmetric'])
-              for p in (l.path for l in layers)}
-    return cls(model, variables, layers, qstate, meta['options'], input_shape)
+                                 f'{sorted(set(qtree) ^ paths)[:5]} do not match.')
+    qstate = {l.path: checked_layer(qtree[l.path], l, bits[l.path], symmetric, path, fix)
+              for l in layers}
+    return cls(model, variables, layers, qstate, options, input_shape)
+
+
+def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: bool, path: str,
+                  fix: str) -> LayerQuant:
+  """:func:`layer_from_tree` for a tree read from a file: bits, shapes and values
+  checked against the traced ``layer``; raises CheckpointError naming the field."""
+  where = f'{path}: layer {layer.path}'
+  try:
+    w_bits, a_bits = (check_bits(b, name) for b, name in zip(bits, ('w_bits', 'a_bits')))
+    if len(bits) != 2:
+      raise ValueError(f'bits must be a (w_bits, a_bits) pair, got {bits!r}')
+  except (TypeError, ValueError) as e:
+    raise ckpt.CheckpointError(f'{where}: {e}; {fix}.') from e
+  if not isinstance(tree, dict) or 'kernel' not in tree or 'bias' not in tree:
+    raise ckpt.CheckpointError(f'{where}: no kernel/bias; {fix}.')
+  for name, want in (('w_quant', w_bits), ('a_quant', a_bits)):
+    if (want is None) != (name not in tree):
+      raise ckpt.CheckpointError(f'{where}: {name} is {"present" if name in tree else "missing"}'
+                                 f' but the stored bits say {want}; {fix}.')
+  fields = {'kernel': tree['kernel'], 'bias': tree['bias']}
+  for name in ('w_quant', 'a_quant'):
+    if name in tree:
+      fields.update({f'{name}/{k}': tree[name].get(k) if isinstance(tree[name], dict) else None
+                     for k in ('range', 'low')})
+  # Weight ranges are per output channel; input ranges per tensor or per input channel.
+  allowed = {'kernel': [tuple(layer.kernel_shape)], 'bias': [(layer.kernel_shape[-1],)],
+             'w_quant': [(layer.kernel_shape[-1],)], 'a_quant': [(), (layer.input_shape[-1],)]}
+  for name, value in fields.items():
+    if value is None:
+      raise ckpt.CheckpointError(f'{where}: {name} is missing; {fix}.')
+    value, shapes = np.asarray(value), allowed[name.split('/')[0]]
+    if not np.issubdtype(value.dtype, np.floating) or value.shape not in shapes:
+      raise ckpt.CheckpointError(f'{where}: {name} is {value.dtype}{list(value.shape)}, expected '
+                                 f'float32 of shape {" or ".join(map(str, map(list, shapes)))}; '
+                                 f'{fix}.')
+    if not np.all(np.isfinite(value)):
+      raise ckpt.CheckpointError(f'{where}: {name} holds NaN or infinite values; {fix}.')
+    if name.endswith('range') and np.any(value < 0):
+      raise ckpt.CheckpointError(f'{where}: {name} holds negative ranges; {fix}.')
+  return layer_from_tree(tree, w_bits, a_bits, symmetric)
 
 
 def layer_to_tree(lq: LayerQuant) -> Dict[str, Any]:

@@ -83,3 +83,26 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, resnet20_variables, 
     ckpt.save_checkpoint(str(path), variables, {'model': 'resnet20', 'v': 2})
   assert path.read_bytes() == before
   assert os.listdir(tmp_path) == ['r20.msgpack']
+
+
+def test_a_version_1_file_is_refused_until_upgraded(tmp_path, resnet20_variables):
+  """Files written before checksums: refused with the fix named; upgrade_checkpoint
+  checks the values and rewrites them with a checksum."""
+  from flax import serialization
+  _, variables = resnet20_variables
+  host = jax.tree.map(np.asarray, serialization.to_state_dict(variables))
+  path = tmp_path / 'v1.msgpack'
+  path.write_bytes(serialization.msgpack_serialize(
+      {'format': ckpt.FORMAT, 'version': 1, 'metadata': '{"model": "resnet20"}',
+       'variables': host}))
+  with pytest.raises(ckpt.CheckpointError, match='upgrade_checkpoint'):
+    ckpt.load_model(str(path))
+  ckpt.upgrade_checkpoint(str(path))
+  _, loaded, meta = ckpt.load_model(str(path))
+  assert meta == {'model': 'resnet20'}
+  jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+  host['params']['head']['kernel'][0, 0] = np.nan   # a damaged old file is not blessed
+  path.write_bytes(serialization.msgpack_serialize(
+      {'format': ckpt.FORMAT, 'version': 1, 'metadata': '{}', 'variables': host}))
+  with pytest.raises(ckpt.CheckpointError, match='NaN'):
+    ckpt.upgrade_checkpoint(str(path))

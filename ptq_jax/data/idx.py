@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from typing import Union
 
 import numpy as np
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'),
                0x0C: np.dtype('>i4'), 0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+# The largest data an IDX file may declare (the Fashion-MNIST training images are 47 MB).
+MAX_IDX_BYTES = 1 << 30
 
 
 class IdxFormatError(ValueError):
@@ -17,26 +20,34 @@ class IdxFormatError(ValueError):
 
 
 def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
-  """Reads an IDX file (``.gz`` or raw) into an array of its declared shape and dtype."""
+  """Reads an IDX file (``.gz`` or raw) into an array of its declared shape and dtype.
+
+  The header is read first and at most the declared size (itself capped at
+  ``MAX_IDX_BYTES``) is read after it, so a small file that inflates without end, or a
+  header declaring gigabytes, costs no more memory than a real dataset file."""
   path = os.fspath(path)
   opener = gzip.open if path.endswith('.gz') else open
   try:
     with opener(path, 'rb') as f:
-      data = f.read()
-  except (OSError, EOFError) as e:
+      magic = f.read(4)
+      if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+        raise IdxFormatError(f'{path} is not an IDX file (bad magic number {magic!r}).')
+      dtype, ndim = np.dtype(_IDX_DTYPES[magic[2]]), magic[3]
+      dims = f.read(4 * ndim)
+      if len(dims) < 4 * ndim:
+        raise IdxFormatError(f'{path} is truncated inside its header.')
+      shape = tuple(int(d) for d in np.frombuffer(dims, dtype='>u4'))
+      expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      if expected > MAX_IDX_BYTES:
+        raise IdxFormatError(f'{path} declares shape {shape} ({expected} bytes), more than the '
+                             f'{MAX_IDX_BYTES} bytes an IDX dataset file may hold here.')
+      data = f.read(expected + 1)
+  except (OSError, EOFError, zlib.error) as e:
     raise IdxFormatError(f'Cannot read IDX file {path}: {e}. Reinstall it '
                          '(apt-get install --reinstall dataset-fashion-mnist).') from e
-  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-    raise IdxFormatError(f'{path} is not an IDX file (bad magic number {data[:4]!r}).')
-  dtype = np.dtype(_IDX_DTYPES[data[2]])
-  ndim = data[3]
-  header = 4 + 4 * ndim
-  if len(data) < header:
-    raise IdxFormatError(f'{path} is truncated inside its header.')
-  shape = tuple(int(d) for d in np.frombuffer(data, dtype='>u4', count=ndim, offset=4))
-  expected = int(np.prod(shape)) * dtype.itemsize
-  if len(data) - header != expected:
-    raise IdxFormatError(f'{path} holds {len(data) - header} bytes of data but its header '
-                         f'declares shape {shape} ({expected} bytes): the file is corrupt.')
-  array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+  if len(data) != expected:
+    raise IdxFormatError(f'{path} holds {"more than " if len(data) > expected else ""}'
+                         f'{len(data)} bytes of data but its header declares shape {shape} '
+                         f'({expected} bytes): the file is corrupt.')
+  array = np.frombuffer(data, dtype=dtype).reshape(shape)
   return array.astype(dtype.newbyteorder('='), copy=True)

@@ -16,6 +16,7 @@ from ptq_jax.data import loader
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
 from ptq_jax.models import get_model_spec
 from ptq_jax.io import atomic_write_json
+from ptq_jax.jobs.outputs import RunOutputs
 from ptq_jax.jobs.results import describe_device
 from ptq_jax.trace import totals, trace
 from ptq_jax.validate import check_int
@@ -52,7 +53,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
       'device': describe_device(),
       'command': 'python ' + ' '.join(sys.argv),
   }
-  atomic_write_json(os.path.join(workdir, 'results.json'), [result])
+  with RunOutputs(workdir, 'evaluate', {'model': metadata['model']}) as out:
+    atomic_write_json(out.path('results.json'), [result])
   print(f'{result["model"]}: test top-1 {result["top1_pct"]:.2f}% on {limit} images '
         f'({result["params"]:,} weight-layer params, {result["macs"]:,} MACs/image); '
         f'wrote {os.path.join(workdir, "results.json")}')

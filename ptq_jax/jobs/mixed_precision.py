@@ -18,6 +18,7 @@ import jax
 import ml_collections
 
 from ptq_jax.io import atomic_write_bytes, atomic_write_json
+from ptq_jax.jobs.outputs import RunOutputs
 from ptq_jax.jobs.inputs import load_job_inputs
 from ptq_jax.jobs.results import render_markdown
 from ptq_jax.mixed_precision import mixed_precision
@@ -64,34 +65,35 @@ def mixed_precision_checkpoint(config: ml_collections.ConfigDict, workdir: str
   records = [{**common, 'method': 'fp32', 'budget': '-', 'w_bits': 32, 'a_bits': 32,
               'top1_pct': round(fp32, 2), 'size_pct_of_fp32': 100.0, 'bops_pct_of_fp32': 100.0,
               'seconds': 0.0}]
-  os.makedirs(workdir, exist_ok=True)
-  for i, budget in enumerate(budgets):
-    qm, allocation = mp.quantize(**budget)
-    top1 = inputs.top1(qm.predict)
-    records.append({
-        **common, 'method': 'mixed_precision',
-        'budget': ','.join(f'{k}={v:g}' for k, v in budget.items()), 'w_bits': 'mixed',
-        'a_bits': 'mixed', 'top1_pct': round(top1, 2),
-        'size_pct_of_fp32': round(allocation.size_pct_of_fp32, 2),
-        'bops_pct_of_fp32': round(allocation.bops_pct_of_fp32, 3),
-        'predicted_loss': round(allocation.predicted_loss, 5),
-        'layers_per_option': ' '.join(f'{k}:{v}' for k, v in sorted(allocation.counts().items())),
-        'solve_seconds': round(allocation.solve_seconds, 3),
-        'seconds': round(prep_seconds if i == 0 else allocation.solve_seconds, 1)})
-    if i == 0:
-      qm.save(os.path.join(workdir, 'mixed.msgpack'))
-  table = mp.table
-  sens_rows = [{'path': p, **{option_name(o): float(f'{table.raw_delta[i, j]:.4g}')
-                              for j, o in enumerate(table.options)}}
-               for i, p in enumerate(table.paths)]
-  atomic_write_json(os.path.join(workdir, 'results.json'), records)
-  atomic_write_bytes(os.path.join(workdir, 'results.md'), render_markdown(
-      records, f'Mixed precision: {meta["model"]}').encode())
-  atomic_write_bytes(os.path.join(workdir, 'sensitivity.md'), render_markdown(
-      sens_rows, f'Sensitivity dL ({table.loss}) per layer and option: {meta["model"]}').encode())
+  with RunOutputs(workdir, 'mixed_precision', {'model': meta['model']}) as out:
+    for i, budget in enumerate(budgets):
+      qm, allocation = mp.quantize(**budget)
+      top1 = inputs.top1(qm.predict)
+      records.append({
+          **common, 'method': 'mixed_precision',
+          'budget': ','.join(f'{k}={v:g}' for k, v in budget.items()), 'w_bits': 'mixed',
+          'a_bits': 'mixed', 'top1_pct': round(top1, 2),
+          'size_pct_of_fp32': round(allocation.size_pct_of_fp32, 2),
+          'bops_pct_of_fp32': round(allocation.bops_pct_of_fp32, 3),
+          'predicted_loss': round(allocation.predicted_loss, 5),
+          'layers_per_option': ' '.join(f'{k}:{v}' for k, v in sorted(allocation.counts().items())),
+          'solve_seconds': round(allocation.solve_seconds, 3),
+          'seconds': round(prep_seconds if i == 0 else allocation.solve_seconds, 1)})
+      if i == 0:
+        qm.save(out.path('mixed.msgpack'))
+    table = mp.table
+    sens_rows = [{'path': p, **{option_name(o): float(f'{table.raw_delta[i, j]:.4g}')
+                                for j, o in enumerate(table.options)}}
+                 for i, p in enumerate(table.paths)]
+    atomic_write_json(out.path('results.json'), records)
+    atomic_write_bytes(out.path('results.md'), render_markdown(
+        records, f'Mixed precision: {meta["model"]}').encode())
+    atomic_write_bytes(out.path('sensitivity.md'), render_markdown(
+        sens_rows, f'Sensitivity dL ({table.loss}) per layer and option: {meta["model"]}').encode())
   for r in records:
     print(f'{r["method"]:16s} {r["budget"]:22s} top-1 {r["top1_pct"]:6.2f}%   size '
           f'{r["size_pct_of_fp32"]:6.2f}%  BOPs {r["bops_pct_of_fp32"]:7.3f}% of FP32'
           + (f'   [{r["layers_per_option"]}]' if 'layers_per_option' in r else ''))
-  print(f'Wrote results.json, results.md, sensitivity.md, mixed.msgpack to {workdir}')
+  print(f'Wrote results.json, results.md, sensitivity.md, mixed.msgpack, manifest.json to '
+        f'{workdir}')
   return records

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from ptq_jax.io import atomic_write_bytes, atomic_write_json
+from ptq_jax.jobs.outputs import RunOutputs
 from ptq_jax.jobs.inputs import load_job_inputs
 from ptq_jax.jobs.plots import STAGE_LABELS, plot_layers, plot_stages
 from ptq_jax.jobs.results import render_markdown
@@ -39,40 +40,40 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
               'top1_pct': round(fp32, 2), 'size_pct_of_fp32': 100.0, 'seconds': 0.0}]
   q = config.quant
   adaquant = AdaQuantConfig(iterations=q.iterations)
-  os.makedirs(workdir, exist_ok=True)
-  result, shared = None, {}
-  for pipeline, size_pct in runs:
-    label = run_label(pipeline, size_pct, q.w_bits, q.a_bits)
-    print(f'Running {label} on {meta["model"]} ({config.calib_size} calibration images)...',
-          flush=True)
-    result = run_pipeline(
-        model, variables, calib, pipeline, w_bits=q.w_bits, a_bits=q.a_bits,
-        first_last_bits=q.first_last_bits or None, size_pct=size_pct, options=q.options,
-        adaquant=adaquant, bias_steps=q.bias_steps, key=jax.random.key(config.seed),
-        cache_dir=os.path.expanduser(q.cache_dir) if q.cache_dir else None,
-        model_name=meta['model'], mixed=shared.get(pipeline),
-        bn_target=q.get('bn_target', 'data'), progress=True)
-    if result.mixed is not None:
-      shared.setdefault(pipeline, result.mixed)
-    mixed = size_pct is not None
-    fp32_bits = 32 * sum(l.params for l in result.model.layers)
-    for stage in result.stages:
-      top1 = inputs.top1(stage.model.predict)
-      records.append({**common, 'pipeline': pipeline, 'run': label, 'stage': stage.name,
-                      'w_bits': 'mixed' if mixed else q.w_bits,
-                      'a_bits': 'mixed' if mixed else q.a_bits, 'top1_pct': round(top1, 2),
-                      'size_pct_of_fp32': round(100 * stage.model.size_bits() / fp32_bits, 2),
-                      'seconds': round(stage.seconds, 1)})
-      print(f'  {STAGE_LABELS[stage.name]:16s} top-1 {top1:6.2f}%  ({stage.seconds:.1f}s)',
+  with RunOutputs(workdir, 'pipeline', {'model': meta['model']}) as out:
+    result, shared = None, {}
+    for pipeline, size_pct in runs:
+      label = run_label(pipeline, size_pct, q.w_bits, q.a_bits)
+      print(f'Running {label} on {meta["model"]} ({config.calib_size} calibration images)...',
             flush=True)
-    adaquant_stage = [s for s in result.stages if s.name == 'adaquant' and s.report]
-    if adaquant_stage:
-      plot_layers(adaquant_stage[0].report, os.path.join(workdir, 'layers.png'))
-  result.model.save(os.path.join(workdir, 'quantized.msgpack'))
-  atomic_write_json(os.path.join(workdir, 'results.json'), records)
-  atomic_write_bytes(os.path.join(workdir, 'results.md'), render_markdown(
-      records, f'Pipelines: {meta["model"]}').encode())
-  plot_stages(records, os.path.join(workdir, 'stages.png'))
+      result = run_pipeline(
+          model, variables, calib, pipeline, w_bits=q.w_bits, a_bits=q.a_bits,
+          first_last_bits=q.first_last_bits or None, size_pct=size_pct, options=q.options,
+          adaquant=adaquant, bias_steps=q.bias_steps, key=jax.random.key(config.seed),
+          cache_dir=os.path.expanduser(q.cache_dir) if q.cache_dir else None,
+          model_name=meta['model'], mixed=shared.get(pipeline),
+          bn_target=q.get('bn_target', 'data'), progress=True)
+      if result.mixed is not None:
+        shared.setdefault(pipeline, result.mixed)
+      mixed = size_pct is not None
+      fp32_bits = 32 * sum(l.params for l in result.model.layers)
+      for stage in result.stages:
+        top1 = inputs.top1(stage.model.predict)
+        records.append({**common, 'pipeline': pipeline, 'run': label, 'stage': stage.name,
+                        'w_bits': 'mixed' if mixed else q.w_bits,
+                        'a_bits': 'mixed' if mixed else q.a_bits, 'top1_pct': round(top1, 2),
+                        'size_pct_of_fp32': round(100 * stage.model.size_bits() / fp32_bits, 2),
+                        'seconds': round(stage.seconds, 1)})
+        print(f'  {STAGE_LABELS[stage.name]:16s} top-1 {top1:6.2f}%  ({stage.seconds:.1f}s)',
+              flush=True)
+      adaquant_stage = [s for s in result.stages if s.name == 'adaquant' and s.report]
+      if adaquant_stage:
+        plot_layers(adaquant_stage[0].report, out.path('layers.png'))
+    result.model.save(out.path('quantized.msgpack'))
+    atomic_write_json(out.path('results.json'), records)
+    atomic_write_bytes(out.path('results.md'), render_markdown(
+        records, f'Pipelines: {meta["model"]}').encode())
+    plot_stages(records, out.path('stages.png'))
   print(f'\n{"stage":36s} {"bits":7s} {"top-1":>7s} {"size":>8s} {"seconds":>8s}')
   for r in records:
     name = 'FP32' if r['stage'] == 'fp32' else f'{r["run"]}: {STAGE_LABELS[r["stage"]]}'
@@ -80,7 +81,5 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
     print(f'{name:36s} {bits:7s} {r["top1_pct"]:6.2f}% {r["size_pct_of_fp32"]:7.2f}% '
           f'{r["seconds"]:8.1f}')
   total = sum(r['seconds'] for r in records)
-  print(f'Stages took {total:.0f}s. Wrote results.json, results.md, stages.png, '
-        f'quantized.msgpack{", layers.png" if os.path.exists(os.path.join(workdir, "layers.png")) else ""} '
-        f'to {workdir}')
+  print(f'Stages took {total:.0f}s. Wrote {", ".join(out.names)}, manifest.json to {workdir}')
   return records

@@ -7,13 +7,13 @@ Writes to the work dir: ``results.json`` (FP32 and quantized top-1), ``layers.md
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Dict, List
 
 import ml_collections
 
 from ptq_jax.io import atomic_write_bytes, atomic_write_json
+from ptq_jax.jobs.outputs import RunOutputs
 from ptq_jax.jobs.inputs import load_job_inputs
 from ptq_jax.jobs.results import render_markdown
 from ptq_jax.quant.export import export_integer
@@ -50,15 +50,16 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List
        'size_pct_of_fp32': round(100 * qm.size_bits() / fp32_bits, 2),
        'seconds': round(quant_seconds, 1)},
   ]
-  os.makedirs(workdir, exist_ok=True)
-  qm.save(os.path.join(workdir, 'quantized.msgpack'))
-  export_integer(qm, os.path.join(workdir, 'integer.msgpack'))
-  atomic_write_json(os.path.join(workdir, 'results.json'), records)
-  atomic_write_bytes(os.path.join(workdir, 'layers.md'),
-                     render_markdown(qm.report, f'Per-layer report: {meta["model"]}').encode())
+  with RunOutputs(workdir, 'quantize', {'model': meta['model']}) as out:
+    qm.save(out.path('quantized.msgpack'))
+    export_integer(qm, out.path('integer.msgpack'))
+    atomic_write_json(out.path('results.json'), records)
+    atomic_write_bytes(out.path('layers.md'),
+                       render_markdown(qm.report, f'Per-layer report: {meta["model"]}').encode())
   for r in records:
     bits = f'W{r["w_bits"]}A{r["a_bits"]}'
     print(f'{r["method"]:24s} {bits:7s} top-1 {r["top1_pct"]:6.2f}%   weights '
           f'{r["size_pct_of_fp32"]:6.2f}% of FP32')
-  print(f'Wrote results.json, layers.md, quantized.msgpack, integer.msgpack to {workdir}')
+  print(f'Wrote results.json, layers.md, quantized.msgpack, integer.msgpack, manifest.json '
+        f'to {workdir}')
   return records

@@ -20,7 +20,7 @@ import numpy as np
 
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.linear import LayerGeometry, apply_linear
-from ptq_jax.quant.quantizer import QuantizerState, quantize_to_int, reshape_for, \
+from ptq_jax.quant.quantizer import QuantizerState, check_bits, quantize_to_int, reshape_for, \
     scale_and_zero_point
 
 
@@ -114,11 +114,50 @@ def export_integer(qmodel, path: str) -> Dict[str, Dict[str, Any]]:
 
 
 def load_integer(path: str) -> Dict[str, Dict[str, Any]]:
-  """Reads an integer export; layer order is preserved."""
-  tree, meta = ckpt.load_checkpoint(path)
-  if meta.get('kind') != 'integer':
+  """Reads an integer export (checksum, bits, shapes and scales verified); layer order
+  is preserved."""
+  fix = 'export the quantized model again'
+  tree, meta = ckpt.load_checkpoint(path, fix=fix)
+  layers = meta.get('layers')
+  if meta.get('kind') != 'integer' or not isinstance(layers, list) or set(layers) != set(tree):
     raise ckpt.CheckpointError(f'{path} is not an integer export (written by export_integer).')
-  return {p: tree[p] for p in meta['layers']}
+  for name in layers:
+    _check_record(tree[name], f'{path}: layer {name}', fix)
+  return {p: tree[p] for p in layers}
+
+
+_RECORD_KEYS = ('kind', 'kernel_shape', 'w_bits', 'a_bits', 'w_codes', 'w_scale', 'w_zero_point',
+                'a_scale', 'a_zero_point', 'a_code_max', 'bias', 'groups')
+
+
+def _check_record(record: Any, where: str, fix: str) -> None:
+  """Raises CheckpointError unless ``record`` is a well-formed export record."""
+  def bad(what):
+    return ckpt.CheckpointError(f'{where}: {what}; {fix}.')
+  if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
+    raise bad(f'a record needs the fields {list(_RECORD_KEYS)}')
+  if record['kind'] not in ('conv', 'dense') or (record['kind'] == 'conv' and any(
+      k not in record for k in ('strides', 'padding', 'kernel_dilation', 'input_dilation'))):
+    raise bad(f'kind {record["kind"]!r} is not conv/dense, or conv geometry is missing')
+  try:
+    bits = [check_bits(int(record[k]), k) for k in ('w_bits', 'a_bits')]
+  except (TypeError, ValueError) as e:
+    raise bad(str(e)) from e
+  shape = np.asarray(record['kernel_shape'])
+  if shape.dtype.kind not in 'iu' or shape.ndim != 1 or not shape.size or shape.min() < 1:
+    raise bad(f'kernel_shape {shape.tolist()} is not a list of positive sizes')
+  out, count = int(shape[-1]), int(np.prod(shape))
+  codes = np.asarray(record['w_codes'])
+  need = count if bits[0] > 4 else (count + 1) // 2
+  if codes.dtype != np.uint8 or codes.shape != (need,):
+    raise bad(f'w_codes is {codes.dtype}{list(codes.shape)}, expected uint8[{need}]')
+  for key, size in (('w_scale', out), ('w_zero_point', out), ('bias', out), ('a_scale', 1),
+                    ('a_zero_point', 1), ('a_code_max', 1)):
+    value = np.asarray(record[key])
+    if value.size != size or not np.all(np.isfinite(value)):
+      raise bad(f'{key} must hold {size} finite values')
+  if np.any(np.asarray(record['w_scale']) <= 0) or float(record['a_scale']) <= 0:
+    raise bad('scales must be positive')
 
 
 def integer_layer_output(record: Mapping[str, Any], x: jnp.ndarray) -> jnp.ndarray:

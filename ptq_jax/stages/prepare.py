@@ -74,8 +74,9 @@ def prepare(model: nn.Module, variables: Mapping[str, Any], calib: Any,
   try:
     layers = trace(model, variables, jnp.asarray(images[:1]))
   except Exception as e:  # Flax reports a shape clash deep inside the model.
-    raise ValueError(f'The model cannot run on calibration images of shape {images.shape[1:]}: '
-                     f'{type(e).__name__}: {str(e)[:300]}') from e
+    raise ValueError(f'The model cannot run with these variables on calibration images of '
+                     f'shape {images.shape[1:]} (are they this model\'s variables and its input '
+                     f'shape?): {type(e).__name__}: {str(e)[:300]}') from e
   if not layers:
     raise ValueError('The model has no nn.Conv or nn.Dense layer to quantize.')
   folded = fold_batchnorm(layers, variables)

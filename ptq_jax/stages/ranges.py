@@ -75,11 +75,11 @@ def assign_bits(layers: Sequence[LayerInfo], w_bits: Bits, a_bits: Bits,
       raise TypeError(f'overrides[{path!r}] must be a dict such as {{"w_bits": 4}}, got '
                       f'{option!r}.')
     if path not in bits:
-      raise KeyError(f'Override names layer {path!r}, which the model does not have. Layers: '
+      raise ValueError(f'Override names layer {path!r}, which the model does not have. Layers: '
                      f'{list(bits)}')
     unknown = set(option) - {'w_bits', 'a_bits'}
     if unknown:
-      raise KeyError(f'Override for {path!r} has unknown keys {sorted(unknown)}; use w_bits '
+      raise ValueError(f'Override for {path!r} has unknown keys {sorted(unknown)}; use w_bits '
                      'and/or a_bits.')
     w, a = bits[path]
     bits[path] = (check_bits(option.get('w_bits', w), f'{path} w_bits'),

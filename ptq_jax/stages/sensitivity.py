@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -30,7 +29,6 @@ from tqdm.auto import tqdm
 
 from ptq_jax.distributed import local_devices, padded_batches
 from ptq_jax.evaluation import batched_predict
-from ptq_jax.io import atomic_write_json
 from ptq_jax.quant.interceptor import (LayerQuant, apply_quantized, layer_forward, quantized_input,
                                   quantized_weight)
 from ptq_jax.quant.quantizer import Option, option_name, parse_option
@@ -179,12 +177,14 @@ def sensitivity_table(model: nn.Module, variables: Mapping[str, Any], layers: Se
 
 
 def cache_key(model_name: str, variables: Mapping[str, Any], images: np.ndarray,
-              options: Sequence[Option], method: str, extra: Optional[Mapping[str, Any]] = None
-              ) -> str:
-  """A digest of everything the table depends on: the weights, the calibration
-  images, the options, how the option states were made and any extra settings."""
+              options: Sequence[Option], method: str, extra: Optional[Mapping[str, Any]] = None,
+              program: str = '') -> str:
+  """A digest of everything the table depends on: the model's computation
+  (``program``, see :func:`program_text`), the weights, the calibration images, the
+  options, how the option states were made and any extra settings."""
   h = hashlib.sha256()
   h.update(model_name.encode())
+  h.update(program.encode())
   for leaf in jax.tree.leaves(variables):
     h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
   h.update(np.ascontiguousarray(np.asarray(images, np.float32)).tobytes())
@@ -193,19 +193,7 @@ def cache_key(model_name: str, variables: Mapping[str, Any], images: np.ndarray,
   return h.hexdigest()[:20]
 
 
-def load_cached(cache_dir: str, key: str) -> Optional[SensitivityTable]:
-  """The cached table for ``key``, or None; a corrupt cache file is an error."""
-  path = os.path.join(cache_dir, f'sensitivity-{key}.json')
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path) as f:
-      return SensitivityTable.from_json(json.load(f))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'Sensitivity cache {path} is corrupt ({e}); delete it to recompute.') from e
-
-
-def save_cached(cache_dir: str, key: str, table: SensitivityTable) -> str:
-  path = os.path.join(cache_dir, f'sensitivity-{key}.json')
-  atomic_write_json(path, table.to_json())
-  return path
+def program_text(model: nn.Module, variables: Mapping[str, Any], x: np.ndarray) -> str:
+  """The model's traced inference program as text (a jaxpr): changing the model's code
+  (an activation, a layer's order) changes it even when the weights stay the same."""
+  return str(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x))
