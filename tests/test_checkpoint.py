@@ -90,7 +90,7 @@ def test_a_version_1_file_is_refused_until_upgraded(tmp_path, resnet20_variables
   checks the values and rewrites them with a checksum."""
   from flax import serialization
   _, variables = resnet20_variables
-  host = jax.tree.map(np.asarray, serialization.to_state_dict(variables))
+  host = jax.tree.map(np.array, serialization.to_state_dict(variables))
   path = tmp_path / 'v1.msgpack'
   path.write_bytes(serialization.msgpack_serialize(
       {'format': ckpt.FORMAT, 'version': 1, 'metadata': '{"model": "resnet20"}',
