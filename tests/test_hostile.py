@@ -677,12 +677,19 @@ CLI_CASES = [  # (name, flags given a scratch dir, what the one line must say)
 ]
 
 
-def run_cli(args: List[str]) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=600)
+def run_cli(args: List[str], timeout: float = 600) -> Any:
+  """The finished process, or None if it was still running after ``timeout`` seconds
+  (it took the input and started the work instead of refusing it)."""
+  try:
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'run.py'), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return None
 
 
-def cli_outcome(proc: subprocess.CompletedProcess, words: str, workdir: str) -> Tuple[str, str]:
+def cli_outcome(proc: Any, words: str, workdir: str) -> Tuple[str, str]:
+  if proc is None:
+    return SILENT, 'still working: the input was taken'
   lines = proc.stderr.strip().splitlines()
   if proc.returncode == 0:
     return SILENT, 'exit status 0'
@@ -695,7 +702,7 @@ def cli_outcome(proc: subprocess.CompletedProcess, words: str, workdir: str) -> 
   return CLEAR, lines[0]
 
 
-def run_cli_cases(tmp: str) -> Dict[str, Tuple[str, str]]:
+def run_cli_cases(tmp: str, timeout: float = 600) -> Dict[str, Tuple[str, str]]:
   """Every command-line case, two at a time (each is a fresh interpreter)."""
   def one(case):
     name, args, words = case
@@ -704,7 +711,7 @@ def run_cli_cases(tmp: str) -> Dict[str, Tuple[str, str]]:
     workdir = os.path.join(scratch, 'w')
     if not any(a.startswith('--workdir=') for a in argv):
       argv.append(f'--workdir={workdir}')
-    return name, cli_outcome(run_cli(argv), words, workdir)
+    return name, cli_outcome(run_cli(argv, timeout), words, workdir)
   with ThreadPoolExecutor(max_workers=2) as pool:
     return dict(pool.map(one, CLI_CASES))
 
@@ -739,11 +746,13 @@ def test_command_line_case(cli_results, name):
 
 
 def main() -> None:
-  """Every case's outcome and the counts by area and outcome."""
+  """Every case's outcome and the counts by area and outcome (a command line still
+  running after 60 s took its bad input: counted as silent)."""
   with tempfile.TemporaryDirectory() as tmp:
     c = make_context(tmp)
     rows = [(case.area, case.name, *outcome(case, c)) for case in CASES]
-    rows += [('command line', name, *result) for name, result in run_cli_cases(tmp).items()]
+    rows += [('command line', name, *result)
+             for name, result in run_cli_cases(tmp, timeout=60).items()]
   for area, name, result, detail in rows:
     print(f'{area:13s} {name:48s} {result:20s} {detail[:100]}')
   counts = collections.Counter((area, result) for area, _, result, _ in rows)
