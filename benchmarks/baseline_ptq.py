@@ -56,7 +56,7 @@ def main(_):
       qm = ptq_jax.quantize(model, variables, calib, w_bits=w_bits, a_bits=a_bits,
                             ranges=ptq_jax.RangeConfig(method), first_last_bits=POLICIES[policy])
       top1 = ptq_jax.top1_accuracy_pct(qm.predict(test_images), test.labels)
-      fp32_bits = fp32_bits or sum(l.params for l in qm.layers) * 32
+      fp32_bits = fp32_bits or qm.fp32_bits()
       records.append({
           'model': model_name, 'method': 'baseline_ptq', 'range_method': method,
           'first_last': policy, 'w_bits': w_bits, 'a_bits': a_bits,

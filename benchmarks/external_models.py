@@ -217,7 +217,7 @@ def main(_):
 
       for stage in result.stages:
         qm = stage.model
-        fp32_bits = 32 * sum(l.params for l in qm.layers)
+        fp32_bits = qm.fp32_bits()
         records.append({**base, 'run': label, 'stage': stage.name,
                         'w_bits': 'mixed' if size_pct else w_bits,
                         'a_bits': 'mixed' if size_pct else a_bits,

@@ -100,7 +100,7 @@ def main(_):
 
     def record(run, stage, qm, seconds, mixed, **extra):
       top1 = ptq_jax.top1_accuracy_pct(qm.predict(test_images), test.labels)
-      fp32_bits = 32 * sum(l.params for l in qm.layers)
+      fp32_bits = qm.fp32_bits()
       records.append({
           **base, 'run': run, 'stage': stage,
           'w_bits': 'mixed' if mixed else FLAGS.w_bits,

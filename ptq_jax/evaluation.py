@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from ptq_jax.calling import inference_kwargs
 from ptq_jax.distributed import local_devices, padded_batches
 from ptq_jax.models.fast_depthwise import fast_depthwise
 
@@ -29,13 +30,14 @@ def batched_predict(forward: Callable[[np.ndarray], Any], images: np.ndarray,
 def predict_logits(model: nn.Module, variables: Dict[str, Any], images: np.ndarray,
                    batch_size: int = 500, use_fast_depthwise: bool = True,
                    devices: Optional[Sequence[Any]] = None) -> np.ndarray:
-  """Logits of the float ``model`` on ``images`` (float32, NHWC), batched and jitted."""
+  """Logits of the float ``model`` on ``images`` (float32, NHWC), batched and jitted
+  (``train=False`` / ``deterministic=True`` passed only where the model takes them)."""
 
   @jax.jit
   def forward(variables, x):
     ctx = fast_depthwise() if use_fast_depthwise else contextlib.nullcontext()
     with ctx:
-      return model.apply(variables, x, train=False)
+      return model.apply(variables, x, **inference_kwargs(model))
 
   return batched_predict(lambda x: forward(variables, x), images, batch_size, devices)
 

@@ -23,9 +23,11 @@ import jax
 import numpy as np
 
 from ptq_jax import checkpoint as ckpt
+from ptq_jax.calling import inference_kwargs
 from ptq_jax.quant.interceptor import LayerQuant
 from ptq_jax.quant.quantizer import Option, option_name, parse_option
 from ptq_jax.quantize import quantized_model
+from ptq_jax.float_ops import UnsupportedLayerError
 from ptq_jax.io import clean_stale_temps
 from ptq_jax.quantized_model import QuantizedModel, checked_layer, layer_to_tree
 from ptq_jax.stages import allocation as alloc
@@ -137,6 +139,12 @@ def mixed_precision_of(prepared: Prepared, *,
       options and settings).
   """
   check_key(key)
+  if prepared.float_ops:
+    raise UnsupportedLayerError(
+        f'Mixed precision cannot yet budget operations kept in float32 '
+        f'({", ".join(op.path or "<top level>" for op in prepared.float_ops[:5])}): its '
+        'size and BOPs budgets cover the quantized layers only. Quantize at fixed bit widths '
+        "(ptq_jax.quantize(..., unsupported='keep_float')) instead.")
   if method not in OPTION_METHODS:
     raise ValueError(f'method={method!r} is not one of {OPTION_METHODS}.')
   options = tuple(dict.fromkeys(parse_option(o) for o in options))
@@ -152,7 +160,8 @@ def mixed_precision_of(prepared: Prepared, *,
                        f'calibration image), got {labels.dtype} of shape {labels.shape}.')
     if labels.min() < 0:
       raise ValueError(f'labels must be class indices >= 0, got {int(labels.min())}.')
-    classes = jax.eval_shape(lambda x: model.apply(variables, x), images[:1]).shape[-1]
+    classes = jax.eval_shape(
+        lambda x: model.apply(variables, x, **inference_kwargs(model)), images[:1]).shape[-1]
     if labels.max() >= classes:   # (checked abstractly, before any state is computed)
       raise ValueError(f'labels hold class {int(labels.max())}, but the model has {classes} '
                        'outputs: pass class indices below that.')

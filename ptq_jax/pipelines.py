@@ -177,7 +177,7 @@ def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
                  bias_steps: int = 800, key: Optional[jax.Array] = None,
                  cache_dir: Optional[str] = None, model_name: str = 'model',
                  mixed: Optional[MixedPrecision] = None, bn_target: str = 'data',
-                 progress: bool = True) -> PipelineResult:
+                 unsupported: str = 'error', progress: bool = True) -> PipelineResult:
   """Runs one pipeline; see the module docstring.
 
   Args:
@@ -196,6 +196,8 @@ def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
     bn_target: BN tuning's 'data' (re-estimate the statistics on the calibration
       images, the paper's) or 'fp' (match the FP network's statistics on them: for
       calibration data unlike the training data; see ptq_jax.stages.bn_tuning).
+    unsupported: 'error' or 'keep_float' for operations ptq_jax cannot quantize
+      (see :func:`ptq_jax.quantize`; fixed-bit pipelines only).
   """
   check_key(key)
   result = PipelineResult(pipeline, [])
@@ -205,7 +207,7 @@ def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
                            adaquant_config=adaquant, runtime=runtime, bias_steps=bias_steps,
                            cache_dir=cache_dir, mixed=mixed, bn_target=bn_target,
                            progress=progress)
-  prepared = prepare(model, variables, calib, model_name=model_name)
+  prepared = prepare(model, variables, calib, model_name=model_name, unsupported=unsupported)
   if mixed is not None and not np.array_equal(mixed.prepared.images, prepared.images):
     raise ValueError('mixed= was computed on other calibration images than this run\'s; pass '
                      'the same images (or leave mixed=None to compute the states).')

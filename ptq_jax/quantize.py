@@ -34,7 +34,7 @@ def quantized_model(prepared: Prepared, qstate: QState, options: Dict[str, Any],
     options = dict(options, model=prepared.model_name)
   return QuantizedModel(prepared.model, dict(prepared.variables), list(prepared.layers),
                         dict(qstate), options, prepared.input_shape, dict(timings or {}),
-                        list(layer_reports or []))
+                        list(layer_reports or []), list(prepared.float_ops))
 
 
 def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
@@ -45,7 +45,7 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
              runtime: Optional[AdaQuantRuntime] = None, key: Optional[jax.Array] = None,
              devices: Optional[Sequence[Any]] = None, progress: bool = True,
              input_shape: Optional[Sequence[int]] = None,
-             model_name: Optional[str] = None) -> QuantizedModel:
+             model_name: Optional[str] = None, unsupported: str = 'error') -> QuantizedModel:
   """Post-training quantization: calibrated ranges (baseline PTQ), then optionally AdaQuant.
 
   Args:
@@ -68,6 +68,10 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
     input_shape: the per-example input shape the model expects, to check the
       calibration data against (optional).
     model_name: registry name recorded with the saved model (optional).
+    unsupported: what to do with a parameter-carrying operation that is not an
+      ``nn.Conv`` / ``nn.Dense`` layer called once: 'error' (the default: raises
+      ``UnsupportedLayerError`` naming it) or 'keep_float' (it stays float32, with a
+      warning, counted at 32 bits in ``size_bits``).
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not one of {METHODS}.')
@@ -77,7 +81,7 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
   if not isinstance(ranges, RangeConfig):
     raise TypeError(f'ranges must be a ptq_jax.RangeConfig, got {type(ranges).__name__}.')
   start = time.time()
-  prepared = prepare(model, variables, calib, input_shape, model_name)
+  prepared = prepare(model, variables, calib, input_shape, model_name, unsupported)
   bits = assign_bits(prepared.layers, w_bits, a_bits, first_last_bits, overrides)
   qstate = calibrate_ranges(prepared, bits, ranges)
   timings = {'calibrate_seconds': time.time() - start}

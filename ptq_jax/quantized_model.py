@@ -21,7 +21,8 @@ from ptq_jax import checkpoint as ckpt
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant.interceptor import LayerQuant, QState, apply_quantized, quantized_weight
 from ptq_jax.quant.quantizer import QuantizerState, check_bits
-from ptq_jax.trace import LayerInfo, trace
+from ptq_jax.float_ops import FloatOp
+from ptq_jax.trace import LayerInfo, trace_model
 
 Bits = Optional[int]
 
@@ -47,6 +48,8 @@ class QuantizedModel:
   timings: Dict[str, float] = dataclasses.field(default_factory=dict)
   # Per-layer optimisation records (AdaQuant: reconstruction error before/after, time).
   layer_reports: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+  # Parameter-carrying operations kept in float32 (unsupported='keep_float').
+  float_ops: List[FloatOp] = dataclasses.field(default_factory=list)
 
   @property
   def folded_bns(self) -> frozenset:
@@ -94,12 +97,23 @@ class QuantizedModel:
                    'w_bits': w, 'a_bits': a, 'params': layer.params, 'macs': layer.macs,
                    'weight_bits_total': layer.params * (w or 32),
                    'weight_rel_mse': float(err)})
+    for op in self.float_ops:   # kept in float32 (unsupported='keep_float')
+      rows.append({'path': op.path, 'kind': f'float {op.module or op.primitive}',
+                   'kernel_shape': '', 'groups': '', 'folded_bn': '', 'activation': '',
+                   'w_bits': None, 'a_bits': None, 'params': op.params, 'macs': '',
+                   'weight_bits_total': 32 * op.params, 'weight_rel_mse': 0.0})
     return rows
 
   def size_bits(self) -> int:
-    """Weight storage of all quantized layers, in bits."""
+    """Weight storage in bits: every layer at its weight bits (float ones at 32) and
+    every operation kept in float (``float_ops``) at 32."""
     bits = self.bits()
-    return sum(l.params * (bits[l.path][0] or 32) for l in self.layers)
+    return (sum(l.params * (bits[l.path][0] or 32) for l in self.layers)
+            + 32 * sum(op.params for op in self.float_ops))
+
+  def fp32_bits(self) -> int:
+    """The same storage with everything at 32 bits: the denominator of size figures."""
+    return 32 * (sum(l.params for l in self.layers) + sum(op.params for op in self.float_ops))
 
   def save(self, path: str) -> None:
     """Writes the original variables, the quantization state and the options atomically."""
@@ -134,7 +148,8 @@ class QuantizedModel:
                                  f'{fix}.') from e
     ckpt.check_values(variables, path, fix)
     try:
-      layers = trace(model, variables, jnp.zeros((1,) + input_shape))
+      traced = trace_model(model, variables, jnp.zeros((1,) + input_shape))
+      layers = traced.layers
     except Exception as e:  # The saved variables do not fit this module at all.
       raise ckpt.CheckpointError(f'{path} was saved from another model: {type(e).__name__}: '
                                  f'{str(e)[:200]}') from e
@@ -144,7 +159,8 @@ class QuantizedModel:
                                  f'{sorted(set(qtree) ^ paths)[:5]} do not match.')
     qstate = {l.path: checked_layer(qtree[l.path], l, bits[l.path], symmetric, path, fix)
               for l in layers}
-    return cls(model, variables, layers, qstate, options, input_shape)
+    return cls(model, variables, layers, qstate, options, input_shape,
+               float_ops=list(traced.float_ops))
 
 
 def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: bool, path: str,

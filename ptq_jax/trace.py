@@ -21,6 +21,8 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 
+from ptq_jax.calling import inference_kwargs
+from ptq_jax.float_ops import FloatOp, find_float_ops
 from ptq_jax.linear import LayerGeometry, geometry_of
 
 
@@ -142,14 +144,33 @@ def _graph_facts(jaxpr, root: str, layers: List[LayerInfo],
   return result
 
 
+@dataclasses.dataclass(frozen=True)
+class Traced:
+  """What one traced forward pass tells: the quantizable layers, and every other
+  parameter-carrying linear operation (which would stay float; see
+  :mod:`ptq_jax.float_ops`)."""
+  layers: List[LayerInfo]
+  float_ops: List[FloatOp]
+
+
 def trace(model: nn.Module, variables: Dict[str, Any], x: Any,
           **apply_kwargs) -> List[LayerInfo]:
-  """Layer table of ``model`` at input ``x`` (a batch; only its shape and dtype matter).
+  """Layer table of ``model`` at input ``x`` (a batch; only its shape and dtype matter),
+  in call order; :func:`trace_model` also lists what cannot be quantized."""
+  return trace_model(model, variables, x, **apply_kwargs).layers
 
-  Layers are listed in call order. A module called twice (weight sharing) appears
-  once per call.
+
+def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
+                **apply_kwargs) -> Traced:
+  """The layer table and the float operations of ``model`` at input ``x``.
+
+  A ``nn.Conv`` / ``nn.Dense`` called more than once (shared weights) is not a layer:
+  it is listed among the float operations. A BatchNorm is folded only when it
+  normalises the last (output-feature) axis of the layer output it directly consumes.
   """
   layers: List[LayerInfo] = []
+  calls: Dict[str, int] = {}     # layer path -> number of calls
+  modules: Dict[str, str] = {}   # every called module's path -> class name
   outputs: Dict[int, str] = {}   # id(output array) -> path of the layer that made it
   bn_of: Dict[str, str] = {}     # layer path -> path of the BatchNorm fed by its output
   bn_eps: Dict[str, float] = {}
@@ -160,28 +181,49 @@ def trace(model: nn.Module, variables: Dict[str, Any], x: Any,
     if context.method_name != '__call__' or not args:
       return y
     path = '/'.join(module.path)
+    modules.setdefault(path, type(module).__name__)
     if isinstance(module, nn.BatchNorm):
       producer = outputs.get(id(args[0]))
-      if producer is not None and producer not in bn_of:
+      if (producer is not None and producer not in bn_of
+          and _normalises_last_axis(module, np.ndim(args[0]))):
         bn_of[producer] = path
         bn_eps[path] = float(module.epsilon)
       return y
     for cls, handler in _HANDLERS:
       if isinstance(module, cls):
-        layers.append(handler(module, path, args[0], y, module.variables['params']))
-        outputs[id(y)] = path
+        calls[path] = calls.get(path, 0) + 1
+        if calls[path] == 1:
+          layers.append(handler(module, path, args[0], y, module.variables['params']))
+          outputs[id(y)] = path
         break
     return y
 
   def forward(variables, x):
     with nn.intercept_methods(interceptor):
-      return model.apply(variables, x, **apply_kwargs)
+      return model.apply(variables, x, **{**inference_kwargs(model), **apply_kwargs})
 
   closed = jax.make_jaxpr(forward)(variables, x)
   root = model.name or type(model).__name__
-  layers = _graph_facts(closed.jaxpr, root, layers, bn_of)
-  return [dataclasses.replace(l, bn_epsilon=bn_eps[l.bn_path]) if l.bn_path else l
-          for l in layers]
+  shared = {p for p, n in calls.items() if n > 1}
+  kept = [l for l in layers if l.path not in shared]
+  kept = _graph_facts(closed.jaxpr, root, kept, {p: b for p, b in bn_of.items()
+                                                  if p not in shared})
+  kept = [dataclasses.replace(l, bn_epsilon=bn_eps[l.bn_path]) if l.bn_path else l
+          for l in kept]
+  leaves = jax.tree_util.tree_flatten_with_path((variables, x))[0]
+  is_param = [len(k) > 1 and getattr(k[0], 'idx', None) == 0
+              and getattr(k[1], 'key', None) == 'params' for k, _ in leaves]
+  is_data = [getattr(k[0], 'idx', None) == 1 for k, _ in leaves]
+  float_ops = [FloatOp(l.path, modules.get(l.path, ''), 'module call', l.params,
+                       f'called {calls[l.path]} times (shared weights), which ptq_jax does not '
+                       'quantize yet') for l in layers if l.path in shared]
+  float_ops += find_float_ops(closed, is_param, is_data, root, calls, modules)
+  return Traced(kept, float_ops)
+
+
+def _normalises_last_axis(module: nn.BatchNorm, ndim: int) -> bool:
+  axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+  return tuple(sorted(int(a) % ndim for a in axes)) == (ndim - 1,)
 
 
 def totals(layers: Sequence[LayerInfo]) -> Dict[str, int]:

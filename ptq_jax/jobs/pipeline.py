@@ -56,7 +56,7 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
       if result.mixed is not None:
         shared.setdefault(pipeline, result.mixed)
       mixed = size_pct is not None
-      fp32_bits = 32 * sum(l.params for l in result.model.layers)
+      fp32_bits = result.model.fp32_bits()
       for stage in result.stages:
         top1 = inputs.top1(stage.model.predict)
         records.append({**common, 'pipeline': pipeline, 'run': label, 'stage': stage.name,

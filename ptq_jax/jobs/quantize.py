@@ -40,7 +40,7 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List
   quant_seconds = time.time() - start
   fp32 = inputs.fp32_top1()
   top1 = inputs.top1(qm.predict)
-  fp32_bits = sum(l.params for l in qm.layers) * 32
+  fp32_bits = qm.fp32_bits()
   common = inputs.record_fields()
   records = [
       {**common, 'method': 'fp32', 'w_bits': 32, 'a_bits': 32, 'top1_pct': round(fp32, 2),

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax import struct
 
+from ptq_jax.calling import inference_kwargs
 from ptq_jax.linear import apply_linear, geometry_of
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant, reshape_for
 
@@ -103,4 +104,4 @@ def apply_quantized(model: nn.Module, variables: Mapping[str, Any],
                     **apply_kwargs) -> jnp.ndarray:
   """Runs ``model`` on ``x`` with every layer in ``qstate`` quantized."""
   with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer, layer_output)):
-    return model.apply(variables, x, **apply_kwargs)
+    return model.apply(variables, x, **{**inference_kwargs(model), **apply_kwargs})

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from ptq_jax.calling import inference_kwargs
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant.interceptor import LayerQuant, QState, apply_quantized
 from ptq_jax.stages.prepare import Prepared, Stage
@@ -68,7 +69,7 @@ def kd_tune(model: nn.Module, variables: Mapping[str, Any], qstate: Mapping[str,
   key = jax.random.key(0) if key is None else key
   images = jnp.asarray(images, jnp.float32)
   teacher = jnp.asarray(batched_predict(
-      jax.jit(lambda x: model.apply(variables, x)), np.asarray(images), 250))
+      jax.jit(lambda x: model.apply(variables, x, **inference_kwargs(model))), np.asarray(images), 250))
   if optimizer is None:
     optimizer = optax.sgd(0.1) if target == 'bias' else optax.adam(1e-4)
   tx = optax.multi_transform({'train': optimizer, 'freeze': optax.set_to_zero()},

@@ -20,7 +20,8 @@ import numpy as np
 
 from ptq_jax.quant.folding import fold_batchnorm
 from ptq_jax.quant.interceptor import LayerQuant, QState
-from ptq_jax.trace import LayerInfo, trace
+from ptq_jax.float_ops import UNSUPPORTED_POLICIES, FloatOp, check_unsupported
+from ptq_jax.trace import LayerInfo, trace_model
 
 
 def check_calibration(images: Any, input_shape: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -55,6 +56,8 @@ class Prepared:
   float_state: QState            # folded kernel and bias of every layer, no quantizers
   images: np.ndarray             # checked float32 calibration images
   model_name: Optional[str] = None
+  # Parameter-carrying operations kept in float32 (only with unsupported='keep_float').
+  float_ops: Tuple[FloatOp, ...] = ()
 
   @property
   def folded_bns(self) -> frozenset:
@@ -67,21 +70,30 @@ class Prepared:
 
 def prepare(model: nn.Module, variables: Mapping[str, Any], calib: Any,
             input_shape: Optional[Sequence[int]] = None,
-            model_name: Optional[str] = None) -> Prepared:
+            model_name: Optional[str] = None, unsupported: str = 'error') -> Prepared:
   """Checks ``calib`` (images or a ``CalibrationSet``), traces ``model`` on one image
-  and folds every BatchNorm that directly follows a layer."""
+  and folds every BatchNorm that directly follows a layer.
+
+  Any other parameter-carrying linear operation (``ptq_jax.float_ops``) is an
+  :class:`~ptq_jax.float_ops.UnsupportedLayerError`, or with
+  ``unsupported='keep_float'`` stays float32 with a warning."""
+  if unsupported not in UNSUPPORTED_POLICIES:
+    raise ValueError(f'unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}.')
   images = check_calibration(calib, input_shape)
   try:
-    layers = trace(model, variables, jnp.asarray(images[:1]))
+    traced = trace_model(model, variables, jnp.asarray(images[:1]))
+    layers = traced.layers
   except Exception as e:  # Flax reports a shape clash deep inside the model.
     raise ValueError(f'The model cannot run with these variables on calibration images of '
                      f'shape {images.shape[1:]} (are they this model\'s variables and its input '
                      f'shape?): {type(e).__name__}: {str(e)[:300]}') from e
+  check_unsupported(traced.float_ops, unsupported)
   if not layers:
     raise ValueError('The model has no nn.Conv or nn.Dense layer to quantize.')
   folded = fold_batchnorm(layers, variables)
   float_state = {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias) for l in layers}
-  return Prepared(model, dict(variables), tuple(layers), float_state, images, model_name)
+  return Prepared(model, dict(variables), tuple(layers), float_state, images, model_name,
+                  tuple(traced.float_ops))
 
 
 StageFn = Callable[[Prepared, QState, jax.Array], Tuple[QState, Any]]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from ptq_jax.calling import inference_kwargs
 from ptq_jax.distributed import local_devices, padded_batches
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant.interceptor import (LayerQuant, apply_quantized, layer_forward, quantized_input,
@@ -196,4 +197,4 @@ def cache_key(model_name: str, variables: Mapping[str, Any], images: np.ndarray,
 def program_text(model: nn.Module, variables: Mapping[str, Any], x: np.ndarray) -> str:
   """The model's traced inference program as text (a jaxpr): changing the model's code
   (an activation, a layer's order) changes it even when the weights stay the same."""
-  return str(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x))
+  return str(jax.make_jaxpr(lambda v, x: model.apply(v, x, **inference_kwargs(model)))(variables, x))

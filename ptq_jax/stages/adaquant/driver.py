@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -45,8 +46,14 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
   key = jax.random.key(0) if key is None else key
   folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
   float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in qstate.items()}
-  todo = [l for l in layers if l.geometry is not None
-          and (qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None)]
+  quantized = [l for l in layers
+               if qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None]
+  todo = [l for l in quantized if l.geometry is not None]
+  skipped = [l.path for l in quantized if l.geometry is None]
+  if skipped:
+    warnings.warn(f'AdaQuant leaves {skipped} at their calibrated ranges: a convolution with a '
+                  'mask or CIRCULAR/CAUSAL padding has no plain lax form for the per-layer '
+                  'optimiser (they are quantized, not optimised).', UserWarning, stacklevel=2)
   index = {l.path: i for i, l in enumerate(layers)}
   new_state = dict(qstate)
   reports: Dict[str, Dict[str, Any]] = {}

@@ -1,0 +1,127 @@
+"""Linear operations on parameters that the layer table does not cover.
+
+The library quantizes the ``nn.Conv`` / ``nn.Dense`` calls it traces. Any other
+contraction of a parameter with the data (``nn.DenseGeneral``, ``nn.Einsum``,
+``nn.ConvTranspose``, a custom layer calling ``jnp.dot`` on its own parameter, a module
+called more than once) would stay in float32: the library finds each one in the
+traced program and refuses it with its module path and the reason, unless the caller
+opts in with ``unsupported='keep_float'`` (then it stays float, with a warning, and is
+counted at 32 bits in every size figure).
+
+Found from the jaxpr: every ``dot_general`` / ``conv_general_dilated`` one of whose
+operands depends on the model's ``params`` but not on its input. Operations inside the
+module of a quantized layer are that layer's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Dict, Iterable, List, Sequence
+
+import flax.linen as nn
+import jax.extend.core as jex
+import numpy as np
+
+LINEAR_PRIMITIVES = ('dot_general', 'conv_general_dilated')
+UNSUPPORTED_POLICIES = ('error', 'keep_float')
+
+
+class UnsupportedLayerError(ValueError):
+  """The model computes with parameters in a way the library cannot quantize."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatOp:
+  """A parameter-carrying linear operation that is not quantized."""
+  path: str          # module path ('' at the top level)
+  module: str        # module class name ('' if unknown)
+  primitive: str     # 'dot_general' / 'conv_general_dilated', or 'module call'
+  params: int        # elements of the parameter operand
+  reason: str
+
+
+def find_float_ops(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[bool],
+                   root: str, covered: Iterable[str], modules: Dict[str, str]) -> List[FloatOp]:
+  """The parameter x data contractions of ``closed`` outside the ``covered`` module paths.
+
+  ``param_mask`` / ``data_mask`` flag the jaxpr's inputs that are parameters / data.
+  """
+  covered = [f'{root}/{p}' for p in covered]
+  found: List[FloatOp] = []
+
+  def module_of(stack: str) -> str:
+    """The deepest known module whose path prefixes the name stack."""
+    parts = stack.split('/')[1:] if stack.startswith(root) else stack.split('/')
+    for k in range(len(parts), 0, -1):
+      if '/'.join(parts[:k]) in modules:
+        return '/'.join(parts[:k])
+    return ''
+
+  def walk(jaxpr, params: List[bool], data: List[bool], prefix: str) -> None:
+    flags: Dict[Any, tuple] = {v: (p, d) for v, p, d in zip(jaxpr.invars, params, data)}
+
+    def flag(v):
+      return (False, False) if isinstance(v, jex.Literal) else flags.get(v, (False, False))
+
+    for eqn in jaxpr.eqns:
+      ins = [flag(v) for v in eqn.invars]
+      stack = prefix + str(eqn.source_info.name_stack)
+      if eqn.primitive.name in LINEAR_PRIMITIVES and len(ins) >= 2:
+        (p0, d0), (p1, d1) = ins[0], ins[1]
+        weight = 1 if (p1 and not d1 and d0) else 0 if (p0 and not d0 and d1) else None
+        if weight is not None and not any(stack == c or stack.startswith(c + '/')
+                                          for c in covered):
+          path = module_of(stack)
+          found.append(FloatOp(path, modules.get(path, ''), eqn.primitive.name,
+                               int(np.prod(eqn.invars[weight].aval.shape)),
+                               _reason(modules.get(path, ''))))
+      for sub in _sub_jaxprs(eqn):
+        if len(sub.invars) == len(ins):
+          walk(sub, [p for p, _ in ins], [d for _, d in ins], stack + '/')
+        else:   # unknown calling convention: assume every input may be anything
+          walk(sub, [any(p for p, _ in ins)] * len(sub.invars),
+               [any(d for _, d in ins)] * len(sub.invars), stack + '/')
+      out = (any(p for p, _ in ins), any(d for _, d in ins))
+      for v in eqn.outvars:
+        flags[v] = out
+
+  walk(closed.jaxpr, list(param_mask), list(data_mask), '')
+  return found
+
+
+def _reason(module: str) -> str:
+  if module and module != 'Module' and hasattr(nn, module):
+    return f'nn.{module} is not quantized by ptq_jax yet (only nn.Conv and nn.Dense are)'
+  return (f'a parameter contracted in the code of {module or "the model"} itself (e.g. '
+          'jnp.dot on self.param), not in an nn.Conv / nn.Dense')
+
+
+def _sub_jaxprs(eqn) -> List[Any]:
+  subs = []
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jex.ClosedJaxpr):
+        subs.append(item.jaxpr)
+      elif isinstance(item, jex.Jaxpr):
+        subs.append(item)
+  return subs
+
+
+def check_unsupported(ops: Sequence[FloatOp], unsupported: str) -> None:
+  """Raises :class:`UnsupportedLayerError` listing ``ops`` (or warns, with
+  ``unsupported='keep_float'``)."""
+  if unsupported not in UNSUPPORTED_POLICIES:
+    raise ValueError(f'unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}.')
+  if not ops:
+    return
+  listed = '; '.join(f'{op.path or "<top level>"} ({op.primitive}, {op.params} parameters): '
+                     f'{op.reason}' for op in ops[:8])
+  more = f' and {len(ops) - 8} more' if len(ops) > 8 else ''
+  if unsupported == 'error':
+    raise UnsupportedLayerError(
+        f'{len(ops)} operation(s) of this model would stay in float32: {listed}{more}. '
+        "Pass unsupported='keep_float' to keep them in float (counted at 32 bits in the "
+        'size), or express them with nn.Conv / nn.Dense.')
+  warnings.warn(f'Kept in float32 (unsupported=\'keep_float\'): {listed}{more}.', UserWarning,
+                stacklevel=3)

@@ -1,0 +1,206 @@
+"""Models from outside the bundled ones: whatever ptq_jax cannot quantize is an error
+naming it (or, opted in, float with a warning and counted at 32 bits); BatchNorm on a
+non-feature axis is left unfolded; models without a ``train`` argument run; PyTorch
+weights after a channel-first flatten are permuted by a documented rule."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ptq_jax
+from ptq_jax.float_ops import UnsupportedLayerError
+from ptq_jax.importers import from_flax_tree, from_nchw, to_flax_tree
+from ptq_jax.importers.mapping import LayoutRule, MappingError
+
+
+class WithParam(nn.Module):
+  """A custom layer contracting its own parameter with jnp.dot."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('w', nn.initializers.lecun_normal(), (x.shape[-1], 6))
+    return jnp.dot(x, w)
+
+
+class Mixed(nn.Module):
+  """Dense layers around one operation ptq_jax does not quantize, chosen by ``kind``."""
+  kind: str
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(12, name='first')(x))
+    if self.kind == 'dense_general':
+      x = nn.DenseGeneral((2, 3), name='odd')(x).reshape(x.shape[0], -1)
+    elif self.kind == 'einsum':
+      x = nn.Einsum((12, 6), '...i,ij->...j', name='odd')(x)
+    elif self.kind == 'custom':
+      x = WithParam(name='odd')(x)
+    elif self.kind == 'shared':
+      odd = nn.Dense(12, name='odd')
+      x = odd(nn.relu(odd(x)))
+    return nn.Dense(4, name='last')(x)
+
+
+def data(shape=(32, 10), seed=0):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize('kind', ['dense_general', 'einsum', 'custom', 'shared'])
+def test_an_operation_ptq_jax_cannot_quantize_is_an_error_or_float_by_choice(kind):
+  model, x = Mixed(kind), data()
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(UnsupportedLayerError, match=r"odd .*unsupported='keep_float'"):
+    ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, progress=False)
+  with pytest.warns(UserWarning, match='Kept in float32'):
+    qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, first_last_bits=None,
+                          progress=False, unsupported='keep_float')
+  assert [l.path for l in qm.layers] == ['first', 'last']
+  odd_params = sum(np.size(a) for a in jax.tree.leaves(variables['params']['odd']))
+  kernel_only = kind in ('dense_general', 'einsum', 'custom')   # the contracted operand
+  float_params = sum(op.params for op in qm.float_ops)
+  assert float_params == (variables['params']['odd'][
+      'kernel' if kind != 'custom' else 'w'].size if kernel_only else odd_params)
+  layer_params = sum(l.params for l in qm.layers)
+  assert qm.size_bits() == 4 * layer_params + 32 * float_params
+  assert qm.fp32_bits() == 32 * (layer_params + float_params)
+  assert [r['path'] for r in qm.report][-1] == 'odd' and qm.report[-1]['w_bits'] is None
+  # The float operation really is float: the output stays close to the FP32 model's.
+  err = np.abs(np.asarray(qm.apply(x)) - np.asarray(model.apply(variables, x))).max()
+  assert err < 0.2 * np.abs(np.asarray(model.apply(variables, x))).max()
+
+
+def test_mixed_precision_refuses_float_operations():
+  model, x = Mixed('einsum'), data()
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(UnsupportedLayerError):
+    ptq_jax.mixed_precision(model, variables, x, options=('W8A8',), progress=False)
+  with pytest.warns(UserWarning), pytest.raises(UnsupportedLayerError, match='Mixed precision'):
+    ptq_jax.run_pipeline(model, variables, x, 'light', size_pct=50, options=('W8A8', 'W4A8'),
+                         unsupported='keep_float', progress=False)
+
+
+class ChannelFirstBN(nn.Module):
+  """A conv whose output BatchNorm normalises axis 1 (H here), not the features."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), name='conv')(x)
+    x = nn.BatchNorm(use_running_average=True, axis=1, name='bn')(x)
+    return nn.Dense(3, name='head')(x.reshape(x.shape[0], -1))
+
+
+def test_batchnorm_on_another_axis_is_not_folded_and_stays_exact():
+  model, x = ChannelFirstBN(), data((8, 6, 6, 2))
+  variables = model.init(jax.random.key(0), x)
+  rng = np.random.default_rng(1)
+  stats = variables['batch_stats']['bn']
+  variables['batch_stats']['bn'] = {'mean': jnp.asarray(rng.normal(size=stats['mean'].shape)),
+                                    'var': jnp.asarray(rng.uniform(0.2, 3, stats['var'].shape))}
+  qm = ptq_jax.quantize(model, variables, x, w_bits=None, a_bits=None, first_last_bits=None,
+                        progress=False)
+  assert qm.layers[0].bn_path is None
+  np.testing.assert_allclose(qm.apply(x), model.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+class NoTrainArgument(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+
+class TrainsByDefault(nn.Module):
+  """Dropout active unless deterministic=True: inference must pass it."""
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = False):
+    x = nn.Dropout(0.5, deterministic=deterministic)(nn.relu(nn.Dense(8)(x)))
+    return nn.Dense(3)(x)
+
+
+@pytest.mark.parametrize('model', [NoTrainArgument(), TrainsByDefault()],
+                         ids=['no train argument', 'deterministic=False by default'])
+def test_evaluation_and_quantization_call_any_model_in_inference_mode(model):
+  x = data()
+  variables = model.init(jax.random.key(0), x)
+  expected = model.apply(variables, x, **({'deterministic': True}
+                                         if isinstance(model, TrainsByDefault) else {}))
+  np.testing.assert_allclose(ptq_jax.predict_logits(model, variables, x), expected, rtol=1e-5,
+                             atol=1e-6)
+  qm = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False)
+  np.testing.assert_allclose(qm.predict(x), expected, atol=0.1)
+
+
+class CircularConv(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), padding='CIRCULAR', name='circ')(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_adaquant_says_which_layers_it_cannot_optimise():
+  model, x = CircularConv(), data((16, 6, 6, 2))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.warns(UserWarning, match=r"AdaQuant leaves \['circ'\]"):
+    qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, method='adaquant',
+                          adaquant=ptq_jax.AdaQuantConfig(iterations=2), progress=False)
+  assert qm.bits()['circ'] == (8, 8)   # quantized (first layer), not left float
+
+
+class TorchStyleCNN(nn.Module):
+  """conv -> flatten -> dense, written for NHWC data."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(3, (3, 3), padding='VALID', name='conv')(x))
+    return nn.Dense(5, name='fc')(x.reshape(x.shape[0], -1))
+
+
+def torch_forward(weights, x_nchw):
+  """The same network computed the PyTorch way: NCHW, (O, I, kh, kw), flatten(1)."""
+  w, b = weights['conv.weight'], weights['conv.bias']
+  n, _, h, wd = x_nchw.shape
+  kh, kw = w.shape[2:]
+  out = np.zeros((n, w.shape[0], h - kh + 1, wd - kw + 1), np.float32)
+  for i in range(out.shape[2]):
+    for j in range(out.shape[3]):
+      patch = x_nchw[:, :, i:i + kh, j:j + kw]
+      out[:, :, i, j] = np.einsum('ncij,ocij->no', patch, w) + b
+  flat = np.maximum(out, 0).reshape(n, -1)          # channel-first flatten
+  return flat @ weights['fc.weight'].T + weights['fc.bias']
+
+
+def test_from_nchw_rule_ports_a_dense_after_a_channel_first_flatten():
+  rng = np.random.default_rng(0)
+  weights = {'conv.weight': rng.normal(size=(3, 2, 3, 3)).astype(np.float32),
+             'conv.bias': rng.normal(size=3).astype(np.float32),
+             'fc.weight': rng.normal(size=(5, 3 * 4 * 4)).astype(np.float32),
+             'fc.bias': rng.normal(size=5).astype(np.float32)}
+  model = TorchStyleCNN()
+  x_nchw = rng.normal(size=(4, 2, 6, 6)).astype(np.float32)
+  x = np.transpose(x_nchw, (0, 2, 3, 1))
+  template = jax.eval_shape(model.init, jax.random.key(0), x)
+  mapping = {('params', 'conv', 'kernel'): ('conv.weight', LayoutRule.CONV),
+             ('params', 'conv', 'bias'): ('conv.bias', LayoutRule.COPY),
+             ('params', 'fc', 'kernel'): ('fc.weight', from_nchw(3, 4, 4)),
+             ('params', 'fc', 'bias'): ('fc.bias', LayoutRule.COPY)}
+  variables = to_flax_tree(weights, mapping, template)
+  np.testing.assert_allclose(model.apply(variables, x), torch_forward(weights, x_nchw),
+                             rtol=1e-4, atol=1e-4)
+  # Forgetting the rule: the shapes still match, the outputs do not.
+  plain = dict(mapping)
+  plain[('params', 'fc', 'kernel')] = ('fc.weight', LayoutRule.DENSE)
+  wrong = to_flax_tree(weights, plain, template)
+  assert np.abs(model.apply(wrong, x) - torch_forward(weights, x_nchw)).max() > 0.1
+  back = from_flax_tree(variables, mapping)
+  for name, array in weights.items():
+    np.testing.assert_array_equal(back[name], array)
+  with pytest.raises(MappingError, match=r'must be \(out, 12\), got \(5, 48\)'):
+    to_flax_tree(weights, {**mapping, ('params', 'fc', 'kernel'): ('fc.weight',
+                                                                   from_nchw(3, 2, 2))},
+                 template)
+  with pytest.raises(ValueError, match='channels'):
+    from_nchw(0, 4, 4)
