@@ -182,6 +182,37 @@ def test_one_program_per_layer_when_batched_and_one_call(toy_w3a3):
   np.testing.assert_allclose(given.bias, fused.bias, atol=1e-5)
 
 
+@pytest.mark.parametrize('runtime', [
+    ptq_jax.AdaQuantRuntime(steps_per_call=1, eval_batch_size=None),    # the CPU way
+    ptq_jax.AdaQuantRuntime(steps_per_call=12, eval_batch_size=16)],    # one program
+    ids=['separate calls', 'one program'])
+def test_the_guard_never_returns_a_layer_worse_than_it_started(toy_w3a3, runtime):
+  """An absurd weight learning rate wrecks the layer by the last step: with the guard
+  the layer keeps its best measured state (here an early one) and says so; without,
+  the paper's AdaQuant returns the wrecked last state."""
+  model, variables, x, base = toy_w3a3
+  layer = base.layers[1]
+  xs = InputCapture(model, variables, base.folded_bns)(
+      base.qstate, x, [layer.path])[layer.path]
+  lq = base.qstate[layer.path]
+  absurd = ptq_jax.AdaQuantConfig(iterations=12, batch_size=16, lr_kernel=10.0,
+                                  lr_w_quant=10.0, lr_schedule='constant')
+  key = jax.random.key(0)
+  guarded, report = adaquant.optimize_layer(layer, lq, xs, None, absurd, key, runtime=runtime)
+  assert report['rel_error_last_step'] > 2 * report['rel_error_before']   # it did drift
+  assert report['guard_acted'] and report['kept_iteration'] < 12
+  assert report['rel_error_after'] <= report['rel_error_before']
+  _, (_, measured) = guarded, adaquant.reconstruction_error(
+      layer.geometry, layer.activation, guarded, xs, adaquant.float_targets(
+          layer.geometry, layer.activation, adaquant.LayerQuant(lq.kernel, lq.bias), xs))
+  np.testing.assert_allclose(measured, report['rel_error_after'], rtol=1e-4)
+  paper = dataclasses.replace(absurd, guard=False)
+  _, unguarded = adaquant.optimize_layer(layer, lq, xs, None, paper, key, runtime=runtime)
+  assert not unguarded['guard_acted'] and unguarded['kept_iteration'] == 12
+  np.testing.assert_allclose(unguarded['rel_error_after'], report['rel_error_last_step'],
+                             rtol=1e-4)
+
+
 def test_bad_config():
   with pytest.raises(ValueError, match='iterations >= 0'):
     ptq_jax.AdaQuantConfig(iterations=-1).validate()

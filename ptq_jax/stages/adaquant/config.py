@@ -36,18 +36,27 @@ class AdaQuantConfig:
   lr_w_quant: float = 1e-3
   lr_a_quant: float = 1e-1
   lr_schedule: str = 'cosine'           # or 'constant' (the reference's)
+  # The guard: the layer's error over all its calibration inputs is measured at the
+  # start and after each of ``guard_checks`` equal parts of the iterations, and the
+  # best state is kept, so no layer ends worse than it started. False: the paper's
+  # AdaQuant exactly (the last state, whatever its error).
+  guard: bool = True
+  guard_checks: int = 4
 
   def __post_init__(self):
     self.validate()
 
   def validate(self) -> 'AdaQuantConfig':
-    for name in ('iterations', 'batch_size'):
+    if not isinstance(self.guard, (bool, np.bool_)):
+      raise ValueError(f'AdaQuant guard must be True or False, got {self.guard!r}.')
+    for name in ('iterations', 'batch_size', 'guard_checks'):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f'AdaQuant {name} must be an integer, got {value!r}.')
-    if self.iterations < 0 or self.batch_size < 1:
-      raise ValueError(f'AdaQuant needs iterations >= 0 and batch_size >= 1, got '
-                       f'{self.iterations} and {self.batch_size}.')
+    if self.iterations < 0 or self.batch_size < 1 or self.guard_checks < 1:
+      raise ValueError(f'AdaQuant needs iterations >= 0, batch_size >= 1 and guard_checks '
+                       f'>= 1, got {self.iterations}, {self.batch_size} and '
+                       f'{self.guard_checks}.')
     for name in ('lr_kernel', 'lr_bias', 'lr_w_quant', 'lr_a_quant'):
       value = getattr(self, name)
       if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(
@@ -57,6 +66,14 @@ class AdaQuantConfig:
       raise ValueError(f'AdaQuant lr_schedule must be one of {LR_SCHEDULES}, got '
                        f'{self.lr_schedule!r}.')
     return self
+
+  def check_steps(self) -> Tuple[int, ...]:
+    """The iteration counts after which the guard measures the error (the last is
+    ``iterations``); ``(iterations,)`` without the guard."""
+    if not self.guard or self.iterations == 0:
+      return (self.iterations,)
+    checks = min(self.guard_checks, self.iterations)
+    return tuple(sorted({round(self.iterations * (k + 1) / checks) for k in range(checks)}))
 
   def rates(self) -> jax.Array:
     """The four learning rates and the iteration count, as one array argument (so
@@ -115,12 +132,18 @@ class AdaQuantRuntime:
     return (self.eval_batches(n, config) is not None and config.iterations >= 1
             and self.chunk(config) >= config.iterations)
 
+  def call_plan(self, config: AdaQuantConfig) -> Tuple[Tuple[int, ...], ...]:
+    """Per guard check (:meth:`AdaQuantConfig.check_steps`), the ``steps`` of each call
+    of the step loop: the whole part in one call when it fits a chunk (as in the one
+    program), else full chunks, then the remainder one step at a time (no new loop
+    length to compile). The same calls give the same float rounding on every path."""
+    chunk, done, plan = self.chunk(config), 0, []
+    for end in config.check_steps():
+      n = end - done
+      plan.append((n,) if 0 < n <= chunk else (chunk,) * (n // chunk) + (1,) * (n % chunk))
+      done = end
+    return tuple(plan)
+
   def step_counts(self, config: AdaQuantConfig) -> Tuple[int, ...]:
     """The distinct ``steps`` values the step loop is called with."""
-    chunk = self.chunk(config)
-    counts = set()
-    if config.iterations >= chunk:
-      counts.add(chunk)
-    if config.iterations % chunk:
-      counts.add(1)
-    return tuple(sorted(counts))
+    return tuple(sorted({s for calls in self.call_plan(config) for s in calls}))

@@ -110,11 +110,16 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
     bar.close()
   if jax.process_count() > 1 and mode == 'parallel':
     _exchange_between_processes(todo, qstate, new_state, reports, mine, config.iterations)
+  guarded = [p for p, r in reports.items() if r.get('guard_acted')]
+  if guarded and progress:
+    print(f'AdaQuant guard: {len(guarded)} layer(s) kept an earlier state, their error '
+          f'having risen by the last step: {guarded[:6]}{"..." if len(guarded) > 6 else ""}',
+          flush=True)
   return new_state, [reports[l.path] for l in todo]
 
 
 _NUMERIC_REPORT_FIELDS = ('mse_before', 'mse_after', 'rel_error_before', 'rel_error_after',
-                          'seconds')
+                          'rel_error_last_step', 'kept_iteration', 'seconds')
 
 
 def _exchange_between_processes(todo, qstate, new_state, reports, mine, iterations) -> None:
@@ -134,3 +139,5 @@ def _exchange_between_processes(todo, qstate, new_state, reports, mine, iteratio
                              'w_bits': w.bits if w else None, 'a_bits': a.bits if a else None,
                              **dict(zip(_NUMERIC_REPORT_FIELDS, map(float, numbers))),
                              'iterations': iterations, 'mode': 'parallel', 'process': o}
+      reports[layer.path]['kept_iteration'] = int(reports[layer.path]['kept_iteration'])
+      reports[layer.path]['guard_acted'] = reports[layer.path]['kept_iteration'] != iterations

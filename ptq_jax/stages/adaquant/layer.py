@@ -156,23 +156,35 @@ def _batched_error_sums(geom: LayerGeometry, activation: str, batch: int, lq: La
   return jnp.sum(err), jnp.sum(ref)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _fit_layer(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
-               eval_batch: int, lq: LayerQuant, xs, ys, key, rates):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _fit_layer(geom: LayerGeometry, activation: str, checks: Tuple[int, ...], guard: bool,
+               batch: int, schedule: str, eval_batch: int, lq: LayerQuant, xs, ys, key, rates):
   """A layer's whole AdaQuant in one program: the float target (``ys=None``: the float
   layer's own outputs on ``xs``, as in parallel mode), the error before, the optimiser
-  state, all ``steps`` steps and the error after. Used off CPU when one call runs every
-  iteration: one compilation per layer geometry instead of four, and the passes'
-  convs all have the minibatch's shapes (``eval_batch``). Returns the new state and
-  the (error, target) sums of squares before and after."""
+  state, the steps up to each of ``checks`` (iteration counts; the last is the total)
+  with the error measured after each, and the guard's choice. Used off CPU when one
+  call runs every iteration: one compilation per layer geometry instead of four, and
+  the passes' convs all have the minibatch's shapes (``eval_batch``). Returns the
+  kept state, the (error, target) sums of squares before, after the last step and of
+  the kept state, and the index of the kept check (-1: the start). Without the
+  ``guard`` the last state is kept, whatever its error."""
   # (The jitted helpers called here are traced into this one program, not compiled apart.)
   if ys is None:
     ys = _batched_float_target(geom, activation, eval_batch, LayerQuant(lq.kernel, lq.bias), xs)
   before = _batched_error_sums(geom, activation, eval_batch, lq, xs, ys)
   opt_state = _init_optimizer(schedule, rates, lq)
-  lq, _, _ = _run_steps(geom, activation, steps, batch, schedule, lq, opt_state, xs, ys, key,
-                        np.int32(0), rates)
-  return lq, before, _batched_error_sums(geom, activation, eval_batch, lq, xs, ys)
+  best, best_sums, best_at = lq, before, jnp.int32(-1)
+  done = 0
+  for k, end in enumerate(checks):
+    lq, opt_state, _ = _run_steps(geom, activation, end - done, batch, schedule, lq, opt_state,
+                                  xs, ys, key, np.int32(done), rates)
+    done = end
+    sums = _batched_error_sums(geom, activation, eval_batch, lq, xs, ys)
+    better = (sums[0] <= best_sums[0]) | (not guard)   # ties go to the later state
+    best = jax.tree.map(lambda new, old: jnp.where(better, new, old), lq, best)
+    best_sums = jax.tree.map(lambda new, old: jnp.where(better, new, old), sums, best_sums)
+    best_at = jnp.where(better, jnp.int32(k), best_at)
+  return best, before, sums, best_sums, best_at
 
 
 def float_targets(geom: LayerGeometry, activation: str, lq: LayerQuant, xs: jnp.ndarray,
@@ -227,34 +239,42 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
   n = xs.shape[0]
   eval_batch = runtime.eval_batches(n, config)
   batch = min(config.batch_size, n)
+  checks = config.check_steps()
   if runtime.single_program(n, config):
-    lq, before, after = _fit_layer(geom, layer.activation, config.iterations, batch,
-                                   config.lr_schedule, eval_batch, lq, xs, ys, key, rates)
+    lq, before, last, kept, kept_at = _fit_layer(
+        geom, layer.activation, checks, config.guard, batch, config.lr_schedule, eval_batch,
+        lq, xs, ys, key, rates)
     count = n * int(np.prod(layer.output_shape))   # target elements
-    (before, rel_before), (after, rel_after) = (_relative_error(before, count),
-                                                _relative_error(after, count))
+    (before, rel_before), (last, rel_last), (after, rel_after) = (
+        _relative_error(s, count) for s in (before, last, kept))
+    kept_at = int(kept_at)
   else:
     if ys is None:
       ys = float_targets(geom, layer.activation, LayerQuant(lq.kernel, lq.bias), xs,
                          eval_batch)
     before, rel_before = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
-    chunk = runtime.chunk(config)
+    best, (after, rel_after), kept_at = lq, (before, rel_before), -1
     # (Committed again: outputs that do not depend on an input come back uncommitted.)
     opt_state = pin(_init_optimizer(config.lr_schedule, rates, lq))
     done = 0
-    while done < config.iterations:
-      # Full chunks, then the remainder one step at a time (no new loop length to compile).
-      steps = chunk if config.iterations - done >= chunk else 1
-      # (The step's outputs stay committed; ``step0`` goes uncommitted, as it was compiled.)
-      lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch, config.lr_schedule,
-                                    lq, opt_state, xs, ys, key, np.int32(done), rates)
-      done += steps
-    after, rel_after = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
+    for k, calls in enumerate(runtime.call_plan(config)):
+      for steps in calls:
+        # (The step's outputs stay committed; ``step0`` goes uncommitted, as compiled.)
+        lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch,
+                                      config.lr_schedule, lq, opt_state, xs, ys, key,
+                                      np.int32(done), rates)
+        done += steps
+      last, rel_last = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
+      if last <= after or not config.guard:   # the best state so far (ties: the later)
+        best, (after, rel_after), kept_at = lq, (last, rel_last), k
+    lq = best
   report = {'path': layer.path, 'activation': layer.activation,
             'w_bits': lq.w_quant.bits if lq.w_quant else None,
             'a_bits': lq.a_quant.bits if lq.a_quant else None,
             'mse_before': before, 'mse_after': after, 'rel_error_before': rel_before,
-            'rel_error_after': rel_after, 'iterations': config.iterations,
+            'rel_error_after': rel_after, 'rel_error_last_step': rel_last,
+            'kept_iteration': 0 if kept_at < 0 else checks[kept_at],
+            'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
             'seconds': time.time() - start}
   return lq, report
 
