@@ -41,18 +41,27 @@ class FloatOp:
   reason: str
 
 
+def relative_stack(stack: str, root: str) -> str:
+  """A jaxpr name stack relative to the model: its leading ``root`` scopes dropped (a
+  subclass whose ``__call__`` calls ``super().__call__`` opens the root scope twice)."""
+  parts = stack.split('/') if stack else []
+  while parts and parts[0] == root:
+    parts = parts[1:]
+  return '/'.join(parts)
+
+
 def find_float_ops(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[bool],
                    root: str, covered: Iterable[str], modules: Dict[str, str]) -> List[FloatOp]:
   """The parameter x data contractions of ``closed`` outside the ``covered`` module paths.
 
   ``param_mask`` / ``data_mask`` flag the jaxpr's inputs that are parameters / data.
   """
-  covered = [f'{root}/{p}' for p in covered]
+  covered = list(covered)
   found: List[FloatOp] = []
 
   def module_of(stack: str) -> str:
-    """The deepest known module whose path prefixes the name stack."""
-    parts = stack.split('/')[1:] if stack.startswith(root) else stack.split('/')
+    """The deepest known module whose path prefixes the (relative) name stack."""
+    parts = stack.split('/') if stack else []
     for k in range(len(parts), 0, -1):
       if '/'.join(parts[:k]) in modules:
         return '/'.join(parts[:k])
@@ -66,7 +75,7 @@ def find_float_ops(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[
 
     for eqn in jaxpr.eqns:
       ins = [flag(v) for v in eqn.invars]
-      stack = prefix + str(eqn.source_info.name_stack)
+      stack = relative_stack(prefix + str(eqn.source_info.name_stack), root)
       if eqn.primitive.name in LINEAR_PRIMITIVES and len(ins) >= 2:
         (p0, d0), (p1, d1) = ins[0], ins[1]
         weight = 1 if (p1 and not d1 and d0) else 0 if (p0 and not d0 and d1) else None

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax.calling import inference_kwargs
-from ptq_jax.float_ops import FloatOp, find_float_ops
+from ptq_jax.float_ops import FloatOp, find_float_ops, relative_stack
 from ptq_jax.linear import LayerGeometry, geometry_of
 
 
@@ -112,19 +112,18 @@ def _graph_facts(jaxpr, root: str, layers: List[LayerInfo],
         consumers.setdefault(v, []).append(i)
 
   def stack_of(eqn) -> str:
-    return str(eqn.source_info.name_stack)
+    return relative_stack(str(eqn.source_info.name_stack), root)
 
   def output_var(path: str):
     """The output of the last operation run directly inside module ``path``."""
-    full = f'{root}/{path}'
     for eqn in reversed(eqns):
-      if stack_of(eqn) == full:
+      if stack_of(eqn) == path:
         return eqn.outvars[0]
     return None
 
   def in_module(i: int, path: str) -> bool:
-    name, full = stack_of(eqns[i]), f'{root}/{path}'
-    return name == full or name.startswith(full + '/')
+    name = stack_of(eqns[i])
+    return name == path or name.startswith(path + '/')
 
   result = []
   for layer in layers:

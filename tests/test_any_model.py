@@ -204,3 +204,21 @@ def test_from_nchw_rule_ports_a_dense_after_a_channel_first_flatten():
                  template)
   with pytest.raises(ValueError, match='channels'):
     from_nchw(0, 4, 4)
+
+
+def test_a_subclass_calling_super_traces_like_its_base():
+  from ptq_jax.trace import trace_model
+  from tests.test_quant import ToyNet, random_variables
+
+  class Tanh(ToyNet):
+    def __call__(self, x, train: bool = False):
+      return super().__call__(jnp.tanh(x), train)
+
+  x = data((4, 12, 12, 3))
+  variables = random_variables(ToyNet(), jnp.asarray(x))
+  base, sub = (trace_model(m, variables, x) for m in (ToyNet(), Tanh()))
+  assert not sub.float_ops
+  assert [(l.path, l.bn_path, l.activation) for l in sub.layers] == [
+      (l.path, l.bn_path, l.activation) for l in base.layers]
+  assert any(l.activation != 'none' for l in base.layers)
+  assert any(l.bn_path for l in base.layers)
