@@ -29,6 +29,8 @@ import ptq_jax
 METHODS = {
     'adaquant_paper': dict(guard=False),   # the paper's AdaQuant: the last state
     'adaquant_guard': dict(guard=True),    # + the guard: the best measured state
+    # + weight-range updates relative to each channel's starting range
+    'adaquant_guard_relative': dict(guard=True, weight_range_updates='relative'),
 }
 
 FLAGS = flags.FLAGS

@@ -213,6 +213,37 @@ def test_the_guard_never_returns_a_layer_worse_than_it_started(toy_w3a3, runtime
                              rtol=1e-4)
 
 
+@pytest.mark.parametrize('updates', ['relative', 'absolute'])
+def test_relative_weight_range_updates_do_not_depend_on_the_weight_scale(toy_w3a3, updates):
+  """The same layer with its kernel, bias and weight range scaled by c (so its
+  outputs and target scale by c): relative updates move the range by the same fraction
+  of itself; absolute ones (the paper's) by the same amount, a larger fraction for
+  small weights."""
+  model, variables, x, base = toy_w3a3
+  layer = base.layers[1]
+  xs = InputCapture(model, variables, base.folded_bns)(
+      base.qstate, x, [layer.path])[layer.path]
+  lq = base.qstate[layer.path]
+  c = 0.25   # a power of two: scaling is exact in float, so roundings are the same
+  small = lq.replace(kernel=lq.kernel * c, bias=lq.bias * c,
+                     w_quant=lq.w_quant.replace(range=lq.w_quant.range * c,
+                                                low=lq.w_quant.low * c))
+  config = ptq_jax.AdaQuantConfig(iterations=20, batch_size=16, lr_kernel=0.0, lr_bias=0.0,
+                                  lr_a_quant=0.0, lr_w_quant=1e-2, guard=False,
+                                  weight_range_updates=updates)
+  key = jax.random.key(1)
+  runtime = ptq_jax.AdaQuantRuntime(steps_per_call=1, eval_batch_size=None)
+  big_fit, _ = adaquant.optimize_layer(layer, lq, xs, None, config, key, runtime=runtime)
+  small_fit, _ = adaquant.optimize_layer(layer, small, xs, None, config, key, runtime=runtime)
+  moved = lambda fit, start: np.asarray(fit.w_quant.range / start.w_quant.range - 1)
+  assert np.abs(moved(big_fit, lq)).max() > 1e-3       # the range did move
+  if updates == 'relative':
+    # (Adam's epsilon is not scale-free: a channel with tiny gradients may differ.)
+    assert np.median(np.abs(moved(small_fit, small) - moved(big_fit, lq))) < 1e-3
+  else:
+    assert np.abs(moved(small_fit, small)).max() > 2 * np.abs(moved(big_fit, lq)).max()
+
+
 def test_bad_config():
   with pytest.raises(ValueError, match='iterations >= 0'):
     ptq_jax.AdaQuantConfig(iterations=-1).validate()

@@ -17,6 +17,7 @@ import numpy as np
 
 MODES = ('parallel', 'sequential')
 LR_SCHEDULES = ('constant', 'cosine')
+RANGE_UPDATES = ('absolute', 'relative')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,10 @@ class AdaQuantConfig:
   # AdaQuant exactly (the last state, whatever its error).
   guard: bool = True
   guard_checks: int = 4
+  # 'absolute': the weight quantizer's range and low end move by about lr_w_quant per
+  # step (the paper's), large for a layer whose weights are small; 'relative': in units
+  # of each channel's starting range.
+  weight_range_updates: str = 'absolute'
 
   def __post_init__(self):
     self.validate()
@@ -62,6 +67,9 @@ class AdaQuantConfig:
       if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(
           value) or value < 0:
         raise ValueError(f'AdaQuant {name} must be a finite number >= 0, got {value!r}.')
+    if self.weight_range_updates not in RANGE_UPDATES:
+      raise ValueError(f'AdaQuant weight_range_updates must be one of {RANGE_UPDATES}, got '
+                       f'{self.weight_range_updates!r}.')
     if self.lr_schedule not in LR_SCHEDULES:
       raise ValueError(f'AdaQuant lr_schedule must be one of {LR_SCHEDULES}, got '
                        f'{self.lr_schedule!r}.')

@@ -80,15 +80,36 @@ def _init_optimizer(schedule: str, rates: jnp.ndarray, lq: LayerQuant):
   return _optimizer(rates, _labels(lq), schedule).init(lq)
 
 
+def _scaled_ranges(lq: LayerQuant, w_scale: Optional[jnp.ndarray], power: int) -> LayerQuant:
+  """``lq`` with its weight quantizer's range and low end divided (``power=-1``) or
+  multiplied (``power=1``) by ``w_scale``; unchanged if ``w_scale`` is None."""
+  if w_scale is None or lq.w_quant is None:
+    return lq
+  factor = w_scale if power > 0 else 1.0 / w_scale
+  return lq.replace(w_quant=lq.w_quant.replace(range=lq.w_quant.range * factor,
+                                               low=lq.w_quant.low * factor))
+
+
+def weight_range_scale(config: AdaQuantConfig, lq: LayerQuant) -> Optional[jnp.ndarray]:
+  """The per-channel unit of the weight quantizer's updates: None (absolute, the
+  paper's) or its starting range (``weight_range_updates='relative'``)."""
+  if config.weight_range_updates != 'relative' or lq.w_quant is None:
+    return None
+  return jnp.maximum(lq.w_quant.range, 1e-8)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
-               lq: LayerQuant, opt_state, xs, ys, key, step0, rates):
+               lq: LayerQuant, opt_state, xs, ys, key, step0, rates, w_scale=None):
   """``steps`` Adam steps on one layer. The module is not an argument of this or the
   programs below, only its geometry, so ``jax.jit`` compiles each once per geometry,
-  shapes and bit widths."""
+  shapes and bit widths. With ``w_scale`` the optimiser sees the weight quantizer's
+  range and low end in units of ``w_scale`` (per output channel), so its learning rate
+  is relative to each channel's range."""
   tx = _optimizer(rates, _labels(lq), schedule)
 
   def loss_fn(lq, x, y):
+    lq = _scaled_ranges(lq, w_scale, 1)
     return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
 
   def minibatch(i):
@@ -105,10 +126,12 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
     updates, opt_state = tx.update(grads, opt_state, lq)
     return optax.apply_updates(lq, updates), opt_state, loss
 
-  carry = (lq, opt_state, jnp.zeros((), jnp.float32))
+  carry = (_scaled_ranges(lq, w_scale, -1), opt_state, jnp.zeros((), jnp.float32))
   if steps == 1:
-    return body(0, carry)
-  return jax.lax.fori_loop(0, steps, body, carry)
+    lq, opt_state, loss = body(0, carry)
+  else:
+    lq, opt_state, loss = jax.lax.fori_loop(0, steps, body, carry)
+  return _scaled_ranges(lq, w_scale, 1), opt_state, loss
 
 
 def compiled_step_count() -> int:
@@ -158,7 +181,8 @@ def _batched_error_sums(geom: LayerGeometry, activation: str, batch: int, lq: La
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _fit_layer(geom: LayerGeometry, activation: str, checks: Tuple[int, ...], guard: bool,
-               batch: int, schedule: str, eval_batch: int, lq: LayerQuant, xs, ys, key, rates):
+               batch: int, schedule: str, eval_batch: int, lq: LayerQuant, xs, ys, key, rates,
+               w_scale=None):
   """A layer's whole AdaQuant in one program: the float target (``ys=None``: the float
   layer's own outputs on ``xs``, as in parallel mode), the error before, the optimiser
   state, the steps up to each of ``checks`` (iteration counts; the last is the total)
@@ -177,7 +201,7 @@ def _fit_layer(geom: LayerGeometry, activation: str, checks: Tuple[int, ...], gu
   done = 0
   for k, end in enumerate(checks):
     lq, opt_state, _ = _run_steps(geom, activation, end - done, batch, schedule, lq, opt_state,
-                                  xs, ys, key, np.int32(done), rates)
+                                  xs, ys, key, np.int32(done), rates, w_scale)
     done = end
     sums = _batched_error_sums(geom, activation, eval_batch, lq, xs, ys)
     better = (sums[0] <= best_sums[0]) | (not guard)   # ties go to the later state
@@ -235,7 +259,8 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
   geom = layer.geometry
   rates = config.rates()
   pin = (lambda tree: commit(tree, device)) if device is not None else (lambda tree: tree)
-  lq, xs, ys, key, rates = pin((lq, xs, ys, key, rates))
+  w_scale = weight_range_scale(config, lq)
+  lq, xs, ys, key, rates, w_scale = pin((lq, xs, ys, key, rates, w_scale))
   n = xs.shape[0]
   eval_batch = runtime.eval_batches(n, config)
   batch = min(config.batch_size, n)
@@ -243,7 +268,7 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
   if runtime.single_program(n, config):
     lq, before, last, kept, kept_at = _fit_layer(
         geom, layer.activation, checks, config.guard, batch, config.lr_schedule, eval_batch,
-        lq, xs, ys, key, rates)
+        lq, xs, ys, key, rates, w_scale)
     count = n * int(np.prod(layer.output_shape))   # target elements
     (before, rel_before), (last, rel_last), (after, rel_after) = (
         _relative_error(s, count) for s in (before, last, kept))
@@ -262,7 +287,7 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
         # (The step's outputs stay committed; ``step0`` goes uncommitted, as compiled.)
         lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch,
                                       config.lr_schedule, lq, opt_state, xs, ys, key,
-                                      np.int32(done), rates)
+                                      np.int32(done), rates, w_scale)
         done += steps
       last, rel_last = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
       if last <= after or not config.guard:   # the best state so far (ties: the later)
