@@ -31,6 +31,8 @@ METHODS = {
     'adaquant_guard': dict(guard=True),    # + the guard: the best measured state
     # + weight-range updates relative to each channel's starting range
     'adaquant_guard_relative': dict(guard=True, weight_range_updates='relative'),
+    # + the weight quantizer's range kept where calibration put it
+    'adaquant_guard_fixed_wrange': dict(guard=True, lr_w_quant=0.0),
 }
 
 FLAGS = flags.FLAGS

@@ -101,7 +101,8 @@ def find_float_ops(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[
 
 def _reason(module: str) -> str:
   if module and module != 'Module' and hasattr(nn, module):
-    return f'nn.{module} is not quantized by ptq_jax yet (only nn.Conv and nn.Dense are)'
+    return (f'nn.{module} is not quantized by ptq_jax yet (nn.Conv, nn.Dense and nn.DenseGeneral '
+            'over trailing axes without batch_dims are)')
   return (f'a parameter contracted in the code of {module or "the model"} itself (e.g. '
           'jnp.dot on self.param), not in an nn.Conv / nn.Dense')
 

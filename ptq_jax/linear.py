@@ -36,6 +36,39 @@ class LayerGeometry(NamedTuple):
   groups: int = 1
 
 
+def dense_general_view(module: nn.Module, x_ndim: int) -> Optional[Tuple[int, Tuple[int, ...]]]:
+  """``(n_in, features)`` if ``module`` is an ``nn.DenseGeneral`` that is a Dense on
+  reshaped views: it contracts the input's last ``n_in`` axes (no ``batch_dims``), so
+  ``y = (x flattened over them) @ (kernel as (in, out))``, reshaped to ``features``
+  at the end. None otherwise (other axes or batch dims: not quantized)."""
+  if not isinstance(module, nn.DenseGeneral) or tuple(module.batch_dims or ()):
+    return None
+  axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+  axes = sorted(int(a) % x_ndim for a in axes)
+  if axes != list(range(x_ndim - len(axes), x_ndim)) or len(axes) >= x_ndim:
+    return None
+  features = module.features if isinstance(module.features, (tuple, list)) else (
+      module.features,)
+  return len(axes), tuple(int(f) for f in features)
+
+
+def flatten_input(module: nn.Module, x: jnp.ndarray) -> jnp.ndarray:
+  """The input a layer's kernel multiplies: ``x`` itself, or for a DenseGeneral its
+  contracted axes flattened into one."""
+  view = dense_general_view(module, x.ndim)
+  if view is None:
+    return x
+  return x.reshape(x.shape[:x.ndim - view[0]] + (-1,))
+
+
+def unflatten_output(module: nn.Module, x_ndim: int, y: jnp.ndarray) -> jnp.ndarray:
+  """The inverse for the output: a DenseGeneral's features restored."""
+  view = dense_general_view(module, x_ndim)
+  if view is None:
+    return y
+  return y.reshape(y.shape[:-1] + view[1])
+
+
 def _as_tuple(value, n: int) -> Tuple[int, ...]:
   if value is None:
     return (1,) * n
@@ -47,7 +80,7 @@ def geometry_of(module: nn.Module, x_shape: Sequence[int],
   """The geometry of ``module`` at input shape ``x_shape`` (with batch dim), or None
   where it has no plain ``lax`` equivalent (masked, CIRCULAR/CAUSAL padding,
   unbatched input)."""
-  if isinstance(module, nn.Dense):
+  if isinstance(module, nn.Dense) or dense_general_view(module, len(x_shape)) is not None:
     return LayerGeometry('dense')
   if not isinstance(module, nn.Conv) or module.mask is not None:
     return None

@@ -23,7 +23,7 @@ import numpy as np
 
 from ptq_jax.calling import inference_kwargs
 from ptq_jax.float_ops import FloatOp, find_float_ops, relative_stack
-from ptq_jax.linear import LayerGeometry, geometry_of
+from ptq_jax.linear import LayerGeometry, dense_general_view, geometry_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,25 @@ def _dense_info(module: nn.Dense, path: str, x, y, variables) -> LayerInfo:
                    tuple(y.shape[1:]), params, macs, geometry_of(module, x.shape, kernel.shape))
 
 
-_HANDLERS = ((nn.Conv, _conv_info), (nn.Dense, _dense_info))
+def _dense_general_info(module: nn.DenseGeneral, path: str, x, y, variables
+                       ) -> Optional[LayerInfo]:
+  """A DenseGeneral that is a Dense on reshaped views (``dense_general_view``) as a
+  dense layer with a (in, out) kernel; None for any other (it is then a float op)."""
+  view = dense_general_view(module, x.ndim)
+  if view is None:
+    return None
+  n_in, features = view
+  fan_in, fan_out = int(np.prod(x.shape[x.ndim - n_in:])), int(np.prod(features))
+  rows = int(np.prod(x.shape[1:x.ndim - n_in]))
+  params = sum(int(np.size(v)) for v in variables.values())
+  return LayerInfo(path, 'dense', (fan_in, fan_out), 1,
+                   tuple(x.shape[1:x.ndim - n_in]) + (fan_in,),
+                   tuple(y.shape[1:y.ndim - len(features)]) + (fan_out,), params,
+                   rows * fan_in * fan_out, LayerGeometry('dense'))
+
+
+_HANDLERS = ((nn.Conv, _conv_info), (nn.Dense, _dense_info),
+             (nn.DenseGeneral, _dense_general_info))
 
 
 _PROBE = np.array([-7.0, -3.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 3.0, 5.5, 6.0, 6.5, 9.0],
@@ -190,10 +208,14 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
       return y
     for cls, handler in _HANDLERS:
       if isinstance(module, cls):
+        info = handler(module, path, args[0], y, module.variables['params'])
+        if info is None:   # not a layer this library quantizes: found as a float op
+          break
         calls[path] = calls.get(path, 0) + 1
         if calls[path] == 1:
-          layers.append(handler(module, path, args[0], y, module.variables['params']))
-          outputs[id(y)] = path
+          layers.append(info)
+          if info.kernel_shape[-1] == np.shape(y)[-1]:   # features last: BN may fold
+            outputs[id(y)] = path
         break
     return y
 

@@ -33,8 +33,9 @@ class Mixed(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.relu(nn.Dense(12, name='first')(x))
-    if self.kind == 'dense_general':
-      x = nn.DenseGeneral((2, 3), name='odd')(x).reshape(x.shape[0], -1)
+    if self.kind == 'dense_general_inner_axis':   # contracts an axis that is not last
+      x = nn.DenseGeneral(5, axis=1, name='odd')(x.reshape(x.shape[0], 3, 4))
+      x = x.reshape(x.shape[0], -1)
     elif self.kind == 'einsum':
       x = nn.Einsum((12, 6), '...i,ij->...j', name='odd')(x)
     elif self.kind == 'custom':
@@ -49,7 +50,7 @@ def data(shape=(32, 10), seed=0):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
-@pytest.mark.parametrize('kind', ['dense_general', 'einsum', 'custom', 'shared'])
+@pytest.mark.parametrize('kind', ['dense_general_inner_axis', 'einsum', 'custom', 'shared'])
 def test_an_operation_ptq_jax_cannot_quantize_is_an_error_or_float_by_choice(kind):
   model, x = Mixed(kind), data()
   variables = model.init(jax.random.key(0), x)
@@ -60,7 +61,7 @@ def test_an_operation_ptq_jax_cannot_quantize_is_an_error_or_float_by_choice(kin
                           progress=False, unsupported='keep_float')
   assert [l.path for l in qm.layers] == ['first', 'last']
   odd_params = sum(np.size(a) for a in jax.tree.leaves(variables['params']['odd']))
-  kernel_only = kind in ('dense_general', 'einsum', 'custom')   # the contracted operand
+  kernel_only = kind != 'shared'   # the contracted operand; a shared module: all its params
   float_params = sum(op.params for op in qm.float_ops)
   assert float_params == (variables['params']['odd'][
       'kernel' if kind != 'custom' else 'w'].size if kernel_only else odd_params)
@@ -81,6 +82,51 @@ def test_mixed_precision_refuses_float_operations():
   with pytest.warns(UserWarning), pytest.raises(UnsupportedLayerError, match='Mixed precision'):
     ptq_jax.run_pipeline(model, variables, x, 'light', size_pct=50, options=('W8A8', 'W4A8'),
                          unsupported='keep_float', progress=False)
+
+
+class AttentionBlock(nn.Module):
+  """A pre-norm transformer block: Flax's attention projects with nn.DenseGeneral."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, name='attn')(
+        nn.LayerNorm()(x))
+    x = x + h
+    x = x + nn.Dense(8, name='mlp_out')(nn.gelu(nn.Dense(32, name='mlp_in')(nn.LayerNorm()(x))))
+    return nn.Dense(4, name='head')(x.mean(axis=1))
+
+
+def test_attention_projections_are_quantized_layers():
+  model, x = AttentionBlock(), data((32, 6, 8))
+  variables = model.init(jax.random.key(0), x)
+  projections = ['attn/query', 'attn/key', 'attn/value', 'attn/out']
+  qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, first_last_bits=None,
+                        progress=False)
+  assert not qm.float_ops
+  rows = {r['path']: r for r in qm.report}
+  assert all(rows[p]['w_bits'] == 4 and rows[p]['weight_rel_mse'] > 0 for p in projections)
+  assert rows['attn/query']['kernel_shape'] == '8x16' and rows['attn/out']['kernel_shape'] == '16x8'
+  assert qm.size_bits() == 4 * sum(l.params for l in qm.layers)
+  fp = np.asarray(model.apply(variables, x))
+  w8 = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False)
+  assert np.abs(np.asarray(w8.apply(x)) - fp).max() < 0.05 * np.abs(fp).max()
+  ada = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, first_last_bits=None,
+                         method='adaquant', mode='sequential',
+                         adaquant=ptq_jax.AdaQuantConfig(iterations=20, batch_size=16),
+                         progress=False)
+  reports = {r['path']: r for r in ada.layer_reports}   # optimised, never made worse
+  assert all(reports[p]['rel_error_after'] <= reports[p]['rel_error_before'] for p in projections)
+  assert any(reports[p]['rel_error_after'] < reports[p]['rel_error_before'] for p in projections)
+  assert np.abs(ada.apply(x) - fp).mean() < np.abs(qm.apply(x) - fp).mean()
+
+
+def test_a_saved_attention_model_reloads(tmp_path):
+  model, x = AttentionBlock(), data((16, 6, 8))
+  variables = model.init(jax.random.key(0), x)
+  qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, progress=False)
+  qm.save(str(tmp_path / 'q.msgpack'))
+  again = ptq_jax.QuantizedModel.load(str(tmp_path / 'q.msgpack'), model)
+  np.testing.assert_array_equal(again.apply(x), qm.apply(x))
 
 
 class ChannelFirstBN(nn.Module):

@@ -35,8 +35,9 @@ def get_path(tree: Mapping[str, Any], path: str) -> Any:
 def fold_layer(layer: LayerInfo, variables: Mapping[str, Any]) -> FoldedLayer:
   """The folded kernel and bias of one layer."""
   params = get_path(variables['params'], layer.path)
-  kernel = jnp.asarray(params['kernel'], jnp.float32)
-  bias = jnp.asarray(params['bias'], jnp.float32) if 'bias' in params else \
+  # (A DenseGeneral's kernel is viewed as the layer's (in, out) matrix.)
+  kernel = jnp.asarray(params['kernel'], jnp.float32).reshape(layer.kernel_shape)
+  bias = jnp.asarray(params['bias'], jnp.float32).reshape(-1) if 'bias' in params else \
       jnp.zeros(kernel.shape[-1], jnp.float32)
   if layer.bn_path is None:
     return FoldedLayer(kernel, bias)

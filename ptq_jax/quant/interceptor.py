@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from ptq_jax.calling import inference_kwargs
-from ptq_jax.linear import apply_linear, geometry_of
+from ptq_jax.linear import (LayerGeometry, apply_linear, flatten_input, geometry_of,
+                            unflatten_output)
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant, reshape_for
 
 
@@ -54,7 +55,9 @@ def layer_forward(module: nn.Module, x: jnp.ndarray, kernel: jnp.ndarray,
   module without a plain ``lax`` equivalent runs as a parameter-free clone of itself.
   """
   x = jnp.asarray(x, jnp.float32)
-  geom = geometry_of(module, x.shape, kernel.shape)
+  # (A DenseGeneral in the layer table is a Dense on its flattened input: ``x`` here.)
+  geom = (LayerGeometry('dense') if isinstance(module, nn.DenseGeneral)
+          else geometry_of(module, x.shape, kernel.shape))
   if geom is not None:
     return apply_linear(geom, x, kernel) + bias
   clone = module.clone(parent=None, use_bias=False, dtype=jnp.float32,
@@ -88,10 +91,11 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
     path = '/'.join(module.path)
     if isinstance(module, nn.BatchNorm) and path in folded_bns:
       return args[0]
-    if path in qstate and isinstance(module, (nn.Conv, nn.Dense)):
+    if path in qstate and isinstance(module, (nn.Conv, nn.Dense, nn.DenseGeneral)):
+      x = flatten_input(module, args[0])   # a DenseGeneral's contracted axes in one
       if on_layer is not None:
-        on_layer(path, args[0])
-      out = layer_output(path, module, args[0])
+        on_layer(path, x)
+      out = unflatten_output(module, args[0].ndim, layer_output(path, module, x))
       return out.astype(module.dtype) if module.dtype is not None else out
     return next_fun(*args, **kwargs)
 
