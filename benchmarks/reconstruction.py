@@ -33,6 +33,8 @@ METHODS = {
     'adaquant_guard_relative': dict(guard=True, weight_range_updates='relative'),
     # + the weight quantizer's range kept where calibration put it
     'adaquant_guard_fixed_wrange': dict(guard=True, lr_w_quant=0.0),
+    # + QDrop: half of the input elements skip input quantization in each step
+    'adaquant_guard_qdrop': dict(guard=True, drop_prob=0.5),
 }
 
 FLAGS = flags.FLAGS

@@ -244,6 +244,44 @@ def test_relative_weight_range_updates_do_not_depend_on_the_weight_scale(toy_w3a
     assert np.abs(moved(small_fit, small)).max() > 2 * np.abs(moved(big_fit, lq)).max()
 
 
+def test_qdrop(toy_w3a3):
+  """drop_prob=0 is AdaQuant exactly; with drop_prob > 0 a step's loss is the
+  reconstruction error with each input element unquantized with that probability."""
+  model, variables, x, base = toy_w3a3
+  layer = base.layers[1]
+  xs = InputCapture(model, variables, base.folded_bns)(
+      base.qstate, x, [layer.path])[layer.path]
+  lq = base.qstate[layer.path]
+  key = jax.random.key(3)
+  plain = ptq_jax.AdaQuantConfig(iterations=6, batch_size=16)
+  zero = dataclasses.replace(plain, drop_prob=0.0)
+  a, ra = adaquant.optimize_layer(layer, lq, xs, None, plain, key)
+  b, rb = adaquant.optimize_layer(layer, lq, xs, None, zero, key)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert ra['mse_after'] == rb['mse_after']
+  dropped, _ = adaquant.optimize_layer(layer, lq, xs, None,
+                                       dataclasses.replace(plain, drop_prob=0.5), key)
+  assert not np.array_equal(dropped.kernel, a.kernel)
+  # One step's loss, recomputed by hand with the step's mask.
+  ys = adaquant.float_target(layer.geometry, layer.activation,
+                             adaquant.LayerQuant(lq.kernel, lq.bias), xs)
+  config = dataclasses.replace(plain, iterations=1, drop_prob=0.5)
+  opt_state = adaquant._init_optimizer(config.lr_schedule, config.rates(), lq)
+  _, _, loss = adaquant._run_steps(layer.geometry, layer.activation, 1, 16, config.lr_schedule,
+                                   lq, opt_state, xs, ys, key, np.int32(0), config.rates(),
+                                   drop_prob=0.5)
+  idx = jax.random.choice(jax.random.fold_in(key, 0), xs.shape[0], (16,), replace=False)
+  mask = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, 0), 1), 0.5,
+                              xs[idx].shape)
+  assert 0.3 < float(mask.mean()) < 0.7
+  x_used = jnp.where(mask, xs[idx], adaquant.quantized_input(lq, xs[idx]))
+  out = adaquant.activation_fn(layer.activation)(adaquant.apply_linear(
+      layer.geometry, x_used, adaquant.quantized_weight(lq)) + lq.bias)
+  np.testing.assert_allclose(float(loss), float(jnp.mean((out - ys[idx])**2)), rtol=1e-5)
+  with pytest.raises(ValueError, match='drop_prob'):
+    ptq_jax.AdaQuantConfig(drop_prob=1.0)
+
+
 def test_bad_config():
   with pytest.raises(ValueError, match='iterations >= 0'):
     ptq_jax.AdaQuantConfig(iterations=-1).validate()

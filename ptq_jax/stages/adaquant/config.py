@@ -47,6 +47,10 @@ class AdaQuantConfig:
   # step (the paper's), large for a layer whose weights are small; 'relative': in units
   # of each channel's starting range.
   weight_range_updates: str = 'absolute'
+  # QDrop: the probability that an element of a layer's input skips input quantization
+  # in a training step (drawn anew every step); 0 is AdaQuant exactly. Errors and the
+  # guard always measure the fully quantized layer.
+  drop_prob: float = 0.0
 
   def __post_init__(self):
     self.validate()
@@ -67,6 +71,10 @@ class AdaQuantConfig:
       if not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(
           value) or value < 0:
         raise ValueError(f'AdaQuant {name} must be a finite number >= 0, got {value!r}.')
+    if (isinstance(self.drop_prob, bool)
+        or not isinstance(self.drop_prob, (int, float, np.floating, np.integer))
+        or not 0.0 <= float(self.drop_prob) < 1.0):
+      raise ValueError(f'AdaQuant drop_prob must be a number in [0, 1), got {self.drop_prob!r}.')
     if self.weight_range_updates not in RANGE_UPDATES:
       raise ValueError(f'AdaQuant weight_range_updates must be one of {RANGE_UPDATES}, got '
                        f'{self.weight_range_updates!r}.')

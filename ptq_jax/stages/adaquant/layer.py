@@ -98,19 +98,27 @@ def weight_range_scale(config: AdaQuantConfig, lq: LayerQuant) -> Optional[jnp.n
   return jnp.maximum(lq.w_quant.range, 1e-8)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), static_argnames=('drop_prob',))
 def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
-               lq: LayerQuant, opt_state, xs, ys, key, step0, rates, w_scale=None):
+               lq: LayerQuant, opt_state, xs, ys, key, step0, rates, w_scale=None,
+               drop_prob: float = 0.0):
   """``steps`` Adam steps on one layer. The module is not an argument of this or the
   programs below, only its geometry, so ``jax.jit`` compiles each once per geometry,
   shapes and bit widths. With ``w_scale`` the optimiser sees the weight quantizer's
   range and low end in units of ``w_scale`` (per output channel), so its learning rate
-  is relative to each channel's range."""
+  is relative to each channel's range. With ``drop_prob`` > 0 (QDrop), each element of
+  the layer's input skips input quantization with that probability, drawn anew every
+  step; 0 is AdaQuant exactly (the same program)."""
   tx = _optimizer(rates, _labels(lq), schedule)
 
-  def loss_fn(lq, x, y):
+  def loss_fn(lq, x, y, drop_key):
     lq = _scaled_ranges(lq, w_scale, 1)
-    return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
+    if drop_prob == 0.0:
+      return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
+    keep_float = jax.random.bernoulli(drop_key, drop_prob, x.shape)
+    x_used = jnp.where(keep_float, x, quantized_input(lq, x))
+    out = activation_fn(activation)(apply_linear(geom, x_used, quantized_weight(lq)) + lq.bias)
+    return jnp.mean((out - y)**2)
 
   def minibatch(i):
     return jax.random.choice(jax.random.fold_in(key, step0 + i), xs.shape[0], (batch,),
@@ -122,7 +130,8 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
   def body(i, carry):
     lq, opt_state, _ = carry
     idx = indices[i]
-    loss, grads = jax.value_and_grad(loss_fn)(lq, xs[idx], ys[idx])
+    drop_key = jax.random.fold_in(jax.random.fold_in(key, step0 + i), 1)
+    loss, grads = jax.value_and_grad(loss_fn)(lq, xs[idx], ys[idx], drop_key)
     updates, opt_state = tx.update(grads, opt_state, lq)
     return optax.apply_updates(lq, updates), opt_state, loss
 
@@ -179,10 +188,11 @@ def _batched_error_sums(geom: LayerGeometry, activation: str, batch: int, lq: La
   return jnp.sum(err), jnp.sum(ref)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6),
+                   static_argnames=('drop_prob',))
 def _fit_layer(geom: LayerGeometry, activation: str, checks: Tuple[int, ...], guard: bool,
                batch: int, schedule: str, eval_batch: int, lq: LayerQuant, xs, ys, key, rates,
-               w_scale=None):
+               w_scale=None, drop_prob: float = 0.0):
   """A layer's whole AdaQuant in one program: the float target (``ys=None``: the float
   layer's own outputs on ``xs``, as in parallel mode), the error before, the optimiser
   state, the steps up to each of ``checks`` (iteration counts; the last is the total)
@@ -201,7 +211,8 @@ def _fit_layer(geom: LayerGeometry, activation: str, checks: Tuple[int, ...], gu
   done = 0
   for k, end in enumerate(checks):
     lq, opt_state, _ = _run_steps(geom, activation, end - done, batch, schedule, lq, opt_state,
-                                  xs, ys, key, np.int32(done), rates, w_scale)
+                                  xs, ys, key, np.int32(done), rates, w_scale,
+                                  drop_prob=drop_prob)
     done = end
     sums = _batched_error_sums(geom, activation, eval_batch, lq, xs, ys)
     better = (sums[0] <= best_sums[0]) | (not guard)   # ties go to the later state
@@ -268,7 +279,7 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
   if runtime.single_program(n, config):
     lq, before, last, kept, kept_at = _fit_layer(
         geom, layer.activation, checks, config.guard, batch, config.lr_schedule, eval_batch,
-        lq, xs, ys, key, rates, w_scale)
+        lq, xs, ys, key, rates, w_scale, drop_prob=config.drop_prob)
     count = n * int(np.prod(layer.output_shape))   # target elements
     (before, rel_before), (last, rel_last), (after, rel_after) = (
         _relative_error(s, count) for s in (before, last, kept))
@@ -287,7 +298,8 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
         # (The step's outputs stay committed; ``step0`` goes uncommitted, as compiled.)
         lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch,
                                       config.lr_schedule, lq, opt_state, xs, ys, key,
-                                      np.int32(done), rates, w_scale)
+                                      np.int32(done), rates, w_scale,
+                                      drop_prob=config.drop_prob)
         done += steps
       last, rel_last = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
       if last <= after or not config.guard:   # the best state so far (ties: the later)
