@@ -35,6 +35,8 @@ METHODS = {
     'adaquant_guard_fixed_wrange': dict(guard=True, lr_w_quant=0.0),
     # + QDrop: half of the input elements skip input quantization in each step
     'adaquant_guard_qdrop': dict(guard=True, drop_prob=0.5),
+    # learned rounding (AdaRound's idea) instead of free weight updates, + the guard
+    'adaround_guard': dict(guard=True, rounding='learned'),
 }
 
 FLAGS = flags.FLAGS

@@ -91,6 +91,12 @@ _ACTIVATIONS = (('relu', lambda x: np.maximum(x, 0.0)),
                 ('relu6', lambda x: np.clip(x, 0.0, 6.0)))
 
 
+def activation_fn(name: str):
+  """The activation a layer's ``activation`` field names, as a function."""
+  return {'relu': jax.nn.relu, 'relu6': lambda y: jnp.clip(y, 0.0, 6.0),
+          'none': lambda y: y}[name]
+
+
 def _classify_activation(eqn) -> str:
   """'relu' / 'relu6' if the one-input elementwise ``eqn`` computes it, else 'none'."""
   variables = [v for v in eqn.invars if not isinstance(v, jex.Literal)]

@@ -282,6 +282,36 @@ def test_qdrop(toy_w3a3):
     ptq_jax.AdaQuantConfig(drop_prob=1.0)
 
 
+def test_learned_rounding_ends_hard_and_on_the_grid(toy_w3a3):
+  """rounding='learned': every weight ends rounded down or up from where it was (never
+  further), the kernel lies on the quantization grid, the rounding variables are (nearly
+  all) pushed to 0 or 1 by the annealed regulariser, and the layer error falls."""
+  from ptq_jax.quant.quantizer import reshape_for, scale_and_zero_point
+  model, variables, x, base = toy_w3a3
+  layer = base.layers[1]
+  xs = InputCapture(model, variables, base.folded_bns)(
+      base.qstate, x, [layer.path])[layer.path]
+  lq = base.qstate[layer.path]
+  config = ptq_jax.AdaQuantConfig(iterations=400, batch_size=16, rounding='learned',
+                                  lr_rounding=3e-2, rounding_reg=1.0)
+  out, report = adaquant.optimize_layer(layer, lq, xs, None, config, jax.random.key(0),
+                                        runtime=ptq_jax.AdaQuantRuntime(steps_per_call=50))
+  s, zp = scale_and_zero_point(reshape_for(lq.w_quant, lq.kernel.ndim))
+  codes = np.asarray(out.kernel / s)
+  np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)       # on the grid
+  np.testing.assert_array_equal(adaquant.quantized_weight(out), out.kernel)
+  start = np.asarray(lq.kernel / s)
+  lo = np.clip(np.floor(start), -np.asarray(zp), lq.w_quant.levels - np.asarray(zp))
+  hi = np.clip(np.floor(start) + 1, -np.asarray(zp), lq.w_quant.levels - np.asarray(zp))
+  rounded = np.round(codes)
+  assert np.all((rounded == lo) | (rounded == hi))
+  assert np.mean(rounded != np.clip(np.round(start), lo, hi)) > 0.01   # some choices moved
+  assert report['hard_fraction'] > 0.9 and report['rounding'] == 'learned'
+  assert report['rel_error_after'] < report['rel_error_before']
+  np.testing.assert_array_equal(out.bias, lq.bias)
+  np.testing.assert_array_equal(out.w_quant.range, lq.w_quant.range)
+
+
 def test_bad_config():
   with pytest.raises(ValueError, match='iterations >= 0'):
     ptq_jax.AdaQuantConfig(iterations=-1).validate()

@@ -18,6 +18,7 @@ import numpy as np
 MODES = ('parallel', 'sequential')
 LR_SCHEDULES = ('constant', 'cosine')
 RANGE_UPDATES = ('absolute', 'relative')
+ROUNDINGS = ('free', 'learned')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,12 @@ class AdaQuantConfig:
   # in a training step (drawn anew every step); 0 is AdaQuant exactly. Errors and the
   # guard always measure the fully quantized layer.
   drop_prob: float = 0.0
+  # 'free': AdaQuant's continuous weight updates (lr_kernel); 'learned': each weight
+  # rounded down or up by a learned choice (AdaRound's idea; see
+  # ptq_jax.stages.adaquant.rounding), with its own rate and regulariser weight.
+  rounding: str = 'free'
+  lr_rounding: float = 1e-2
+  rounding_reg: float = 1.0
 
   def __post_init__(self):
     self.validate()
@@ -75,6 +82,15 @@ class AdaQuantConfig:
         or not isinstance(self.drop_prob, (int, float, np.floating, np.integer))
         or not 0.0 <= float(self.drop_prob) < 1.0):
       raise ValueError(f'AdaQuant drop_prob must be a number in [0, 1), got {self.drop_prob!r}.')
+    if self.rounding not in ROUNDINGS:
+      raise ValueError(f'AdaQuant rounding must be one of {ROUNDINGS}, got {self.rounding!r}.')
+    for name in ('lr_rounding', 'rounding_reg'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(
+          value, (int, float, np.floating, np.integer)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f'AdaQuant {name} must be a finite number >= 0, got {value!r}.')
+    if self.rounding == 'learned' and self.drop_prob:
+      raise ValueError("AdaQuant drop_prob (QDrop) applies to rounding='free' only.")
     if self.weight_range_updates not in RANGE_UPDATES:
       raise ValueError(f'AdaQuant weight_range_updates must be one of {RANGE_UPDATES}, got '
                        f'{self.weight_range_updates!r}.')

@@ -30,14 +30,9 @@ from jax.sharding import SingleDeviceSharding
 
 from ptq_jax.linear import LayerGeometry, apply_linear
 from ptq_jax.quant.interceptor import LayerQuant, quantized_input, quantized_weight
+from ptq_jax.stages.adaquant import rounding
 from ptq_jax.stages.adaquant.config import AdaQuantConfig, AdaQuantRuntime
-from ptq_jax.trace import LayerInfo
-
-
-def activation_fn(name: str):
-  """The activation the traced graph found after a layer."""
-  return {'relu': jax.nn.relu, 'relu6': lambda y: jnp.clip(y, 0.0, 6.0),
-          'none': lambda y: y}[name]
+from ptq_jax.trace import LayerInfo, activation_fn
 
 
 def _labels(lq: LayerQuant) -> LayerQuant:
@@ -276,7 +271,9 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
   eval_batch = runtime.eval_batches(n, config)
   batch = min(config.batch_size, n)
   checks = config.check_steps()
-  if runtime.single_program(n, config):
+  if config.rounding == 'learned' and lq.w_quant is not None:
+    lq, report = _learn_rounding(layer, lq, xs, ys, config, key, pin, runtime, rates)
+  elif runtime.single_program(n, config):
     lq, before, last, kept, kept_at = _fit_layer(
         geom, layer.activation, checks, config.guard, batch, config.lr_schedule, eval_batch,
         lq, xs, ys, key, rates, w_scale, drop_prob=config.drop_prob)
@@ -305,6 +302,9 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
       if last <= after or not config.guard:   # the best state so far (ties: the later)
         best, (after, rel_after), kept_at = lq, (last, rel_last), k
     lq = best
+  if config.rounding == 'learned' and lq.w_quant is not None:
+    report['seconds'] = time.time() - start
+    return lq, report
   report = {'path': layer.path, 'activation': layer.activation,
             'w_bits': lq.w_quant.bits if lq.w_quant else None,
             'a_bits': lq.a_quant.bits if lq.a_quant else None,
@@ -314,6 +314,41 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
             'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
             'seconds': time.time() - start}
   return lq, report
+
+
+def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, config: AdaQuantConfig,
+                    key, pin, runtime: AdaQuantRuntime, rates) -> Tuple[LayerQuant, Dict[str, Any]]:
+  """Learned rounding of one layer (``config.rounding='learned'``), step calls and guard
+  checks as in :func:`optimize_layer`; the kept state is always hard-rounded."""
+  geom, act = layer.geometry, layer.activation
+  eval_batch = runtime.eval_batches(xs.shape[0], config)
+  batch = min(config.batch_size, xs.shape[0])
+  if ys is None:
+    ys = float_targets(geom, act, LayerQuant(lq.kernel, lq.bias), xs, eval_batch)
+  before, rel_before = reconstruction_error(geom, act, lq, xs, ys, eval_batch)
+  lr, reg = pin((jnp.float32(config.lr_rounding), jnp.float32(config.rounding_reg)))
+  params = pin(rounding.start(lq))
+  opt_state = pin(rounding.init_optimizer(rates, lr, params))
+  best, (after, rel_after), kept_at = lq, (before, rel_before), -1
+  last, rel_last, done = before, rel_before, 0
+  for k, calls in enumerate(runtime.call_plan(config)):
+    for steps in calls:
+      params, opt_state, _ = rounding.run_steps(geom, act, steps, batch, lq, params, opt_state,
+                                                xs, ys, key, np.int32(done), rates, lr, reg)
+      done += steps
+    hard = rounding.finish(lq, params)
+    last, rel_last = reconstruction_error(geom, act, hard, xs, ys, eval_batch)
+    if last <= after or not config.guard:
+      best, (after, rel_after), kept_at = hard, (last, rel_last), k
+  checks = config.check_steps()
+  return best, {
+      'path': layer.path, 'activation': act, 'w_bits': lq.w_quant.bits,
+      'a_bits': lq.a_quant.bits if lq.a_quant else None, 'mse_before': before,
+      'mse_after': after, 'rel_error_before': rel_before, 'rel_error_after': rel_after,
+      'rel_error_last_step': rel_last,
+      'kept_iteration': 0 if kept_at < 0 else checks[kept_at],
+      'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
+      'rounding': 'learned', 'hard_fraction': rounding.hard_fraction(lq, params)}
 
 
 def commit(tree: Any, device: Any) -> Any:
