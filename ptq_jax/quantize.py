@@ -90,7 +90,8 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
              'weight_range_method': ranges.weights, 'first_last_bits': first_last_bits,
              'overrides': {k: dict(v) for k, v in (overrides or {}).items()},
              'symmetric': ranges.symmetric, 'per_channel_inputs': ranges.per_channel_inputs,
-             'percentile': ranges.percentile, 'calib_size': len(prepared.images),
+             'percentile': ranges.percentile, 'smooth_alpha': ranges.smooth_alpha,
+             'calib_size': len(prepared.images),
              'method': method}
   if method == 'adaquant':
     start = time.time()

@@ -19,7 +19,8 @@ import numpy as np
 
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.evaluation import batched_predict
-from ptq_jax.quant.interceptor import LayerQuant, QState, apply_quantized, quantized_weight
+from ptq_jax.quant.interceptor import (LayerQuant, QState, apply_quantized, quantized_weight,
+                                       smoothed_kernel)
 from ptq_jax.quant.quantizer import QuantizerState, check_bits
 from ptq_jax.float_ops import FloatOp
 from ptq_jax.trace import LayerInfo, trace_model
@@ -89,8 +90,8 @@ class QuantizedModel:
     for layer in self.layers:
       lq = self.qstate[layer.path]
       w, a = bits[layer.path]
-      err = jnp.sum((quantized_weight(lq) - lq.kernel)**2) / jnp.maximum(
-          jnp.sum(lq.kernel**2), 1e-30)
+      kernel = smoothed_kernel(lq)
+      err = jnp.sum((quantized_weight(lq) - kernel)**2) / jnp.maximum(jnp.sum(kernel**2), 1e-30)
       rows.append({'path': layer.path, 'kind': layer.kind,
                    'kernel_shape': 'x'.join(map(str, layer.kernel_shape)), 'groups': layer.groups,
                    'folded_bn': layer.bn_path or '', 'activation': layer.activation,
@@ -181,13 +182,16 @@ def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: bool, path:
       raise ckpt.CheckpointError(f'{where}: {name} is {"present" if name in tree else "missing"}'
                                  f' but the stored bits say {want}; {fix}.')
   fields = {'kernel': tree['kernel'], 'bias': tree['bias']}
+  if 'smooth' in tree:
+    fields['smooth'] = tree['smooth']
   for name in ('w_quant', 'a_quant'):
     if name in tree:
       fields.update({f'{name}/{k}': tree[name].get(k) if isinstance(tree[name], dict) else None
                      for k in ('range', 'low')})
   # Weight ranges are per output channel; input ranges per tensor or per input channel.
   allowed = {'kernel': [tuple(layer.kernel_shape)], 'bias': [(layer.kernel_shape[-1],)],
-             'w_quant': [(layer.kernel_shape[-1],)], 'a_quant': [(), (layer.input_shape[-1],)]}
+             'w_quant': [(layer.kernel_shape[-1],)], 'a_quant': [(), (layer.input_shape[-1],)],
+             'smooth': [(layer.kernel_shape[0],)] if layer.kind == 'dense' else []}
   for name, value in fields.items():
     if value is None:
       raise ckpt.CheckpointError(f'{where}: {name} is missing; {fix}.')
@@ -200,6 +204,8 @@ def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: bool, path:
       raise ckpt.CheckpointError(f'{where}: {name} holds NaN or infinite values; {fix}.')
     if name.endswith('range') and np.any(value < 0):
       raise ckpt.CheckpointError(f'{where}: {name} holds negative ranges; {fix}.')
+    if name == 'smooth' and np.any(value <= 0):
+      raise ckpt.CheckpointError(f'{where}: smooth holds scales <= 0; {fix}.')
   return layer_from_tree(tree, w_bits, a_bits, symmetric)
 
 
@@ -209,6 +215,8 @@ def layer_to_tree(lq: LayerQuant) -> Dict[str, Any]:
   for name, q in (('w_quant', lq.w_quant), ('a_quant', lq.a_quant)):
     if q is not None:
       tree[name] = {'range': q.range, 'low': q.low}
+  if lq.smooth is not None:
+    tree['smooth'] = lq.smooth
   return tree
 
 
@@ -220,5 +228,7 @@ def layer_from_tree(tree: Mapping[str, Any], w_bits: Bits, a_bits: Bits,
       return None
     return QuantizerState(jnp.asarray(tree[name]['range']), jnp.asarray(tree[name]['low']),
                           int(bits), bool(symmetric))
+  smooth = tree.get('smooth')
   return LayerQuant(jnp.asarray(tree['kernel']), jnp.asarray(tree['bias']),
-                    quantizer('w_quant', w_bits), quantizer('a_quant', a_bits))
+                    quantizer('w_quant', w_bits), quantizer('a_quant', a_bits),
+                    None if smooth is None else jnp.asarray(smooth))

@@ -42,10 +42,13 @@ def activation_quantizers(model: nn.Module, variables: Mapping[str, Any],
                           folded: Mapping[str, FoldedLayer], folded_bns: frozenset,
                           images: np.ndarray, a_bits: Mapping[str, Optional[int]],
                           method: str, symmetric: bool, percentile: float,
-                          batch_size: int = 100, per_channel: bool = False
+                          batch_size: int = 100, per_channel: bool = False,
+                          divisors: Optional[Mapping[str, jnp.ndarray]] = None
                           ) -> Dict[str, QuantizerState]:
   """Input quantizers (per tensor, or per input channel) for every layer with
-  ``a_bits[path]`` set."""
+  ``a_bits[path]`` set; a layer in ``divisors`` (smoothing) is calibrated on its input
+  divided by them."""
+  divisors = dict(divisors or {})
   float_state = {p: LayerQuant(f.kernel, f.bias) for p, f in folded.items()}
   wanted = {p: b for p, b in a_bits.items() if b is not None}
   if not wanted:
@@ -57,6 +60,8 @@ def activation_quantizers(model: nn.Module, variables: Mapping[str, Any],
 
     def on_layer(path, inputs):
       if path in wanted and path not in found:
+        if path in divisors:
+          inputs = inputs / divisors[path]
         found[path] = init_range(inputs, wanted[path], method, -1 if per_channel else None,
                                  symmetric, percentile)
 
@@ -76,3 +81,31 @@ def activation_quantizers(model: nn.Module, variables: Mapping[str, Any],
     raise RuntimeError(f'Layers {missing} never ran on the calibration data; was the model '
                        'traced with another input shape?')
   return jax.tree.map(lambda a: a / count, totals)
+
+
+def input_channel_absmax(model: nn.Module, variables: Mapping[str, Any],
+                         folded: Mapping[str, FoldedLayer], folded_bns: frozenset,
+                         images: np.ndarray, paths, batch_size: int = 100
+                         ) -> Dict[str, np.ndarray]:
+  """max |x| per input channel (last axis) of each layer in ``paths`` over all the
+  calibration images, as the float model feeds them."""
+  float_state = {p: LayerQuant(f.kernel, f.bias) for p, f in folded.items()}
+  paths = set(paths)
+
+  @jax.jit
+  def batch_max(x):
+    found: Dict[str, jnp.ndarray] = {}
+
+    def on_layer(path, inputs):
+      if path in paths and path not in found:
+        found[path] = jnp.max(jnp.abs(inputs).reshape(-1, inputs.shape[-1]), axis=0)
+
+    apply_quantized(model, variables, float_state, folded_bns, x, on_layer=on_layer)
+    return found
+
+  result: Dict[str, np.ndarray] = {}
+  for start in range(0, len(images), batch_size):
+    found = batch_max(jnp.asarray(images[start:start + batch_size], jnp.float32))
+    for path, value in found.items():
+      result[path] = np.maximum(result.get(path, 0.0), np.asarray(value))
+  return result

@@ -20,6 +20,7 @@ import numpy as np
 
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.linear import LayerGeometry, apply_linear
+from ptq_jax.quant.interceptor import smoothed_kernel
 from ptq_jax.quant.quantizer import QuantizerState, check_bits, quantize_to_int, reshape_for, \
     scale_and_zero_point
 
@@ -73,7 +74,7 @@ def layer_export(layer, lq) -> Dict[str, Any]:
     raise ValueError(f'Layer {layer.path} (masked, or CIRCULAR/CAUSAL padding) has no plain '
                      'integer conv equivalent to export.')
   w_q = reshape_for(lq.w_quant, lq.kernel.ndim)
-  w_codes, w_scale, w_zp = unsigned_codes(lq.kernel, w_q)
+  w_codes, w_scale, w_zp = unsigned_codes(smoothed_kernel(lq), w_q)
   a_scale, a_zp = (np.asarray(v) for v in scale_and_zero_point(lq.a_quant))
   a_code_max = lq.a_quant.levels
   if lq.a_quant.symmetric:  # codes -qmax..qmax stored as 0..2 qmax
@@ -88,6 +89,8 @@ def layer_export(layer, lq) -> Dict[str, Any]:
       'a_code_max': np.int32(a_code_max),
       'bias': np.asarray(lq.bias, np.float32), 'groups': layer.groups,
   }
+  if lq.smooth is not None:   # inputs are divided by it before quantizing (SmoothQuant)
+    record['input_divisor'] = np.asarray(lq.smooth, np.float32)
   geom = layer.geometry
   if geom.kind == 'conv':
     record.update(strides=np.asarray(geom.strides), padding=np.asarray(geom.padding),
@@ -158,6 +161,10 @@ def _check_record(record: Any, where: str, fix: str) -> None:
       raise bad(f'{key} must hold {size} finite values')
   if np.any(np.asarray(record['w_scale']) <= 0) or float(record['a_scale']) <= 0:
     raise bad('scales must be positive')
+  if 'input_divisor' in record:
+    divisor = np.asarray(record['input_divisor'])
+    if divisor.shape != (int(shape[0]),) or not np.all(np.isfinite(divisor) & (divisor > 0)):
+      raise bad(f'input_divisor must hold {int(shape[0])} finite values > 0')
 
 
 def integer_layer_output(record: Mapping[str, Any], x: jnp.ndarray) -> jnp.ndarray:
@@ -167,6 +174,8 @@ def integer_layer_output(record: Mapping[str, Any], x: jnp.ndarray) -> jnp.ndarr
   w_codes = unpack_codes(np.asarray(record['w_codes']), bits, shape).astype(np.int32)
   w_int = jnp.asarray(w_codes - np.asarray(record['w_zero_point'], np.int32))
   a_scale, a_zp = jnp.float32(record['a_scale']), jnp.int32(record['a_zero_point'])
+  if 'input_divisor' in record:
+    x = x / jnp.asarray(record['input_divisor'], jnp.float32)
   x_int = jnp.clip(jnp.round(x / a_scale).astype(jnp.int32) + a_zp, 0,
                    jnp.int32(record['a_code_max'])) - a_zp
   acc = apply_linear(record_geometry(record), x_int, w_int, preferred_element_type=jnp.int32)

@@ -30,20 +30,33 @@ class LayerQuant:
   bias: jnp.ndarray                        # folded bias (float)
   w_quant: Optional[QuantizerState] = None  # per output channel; None: float weights
   a_quant: Optional[QuantizerState] = None  # per tensor on the layer input; None: float input
+  # Per-input-channel smoothing s (dense layers): the layer computes Q(x / s) Q(s W),
+  # equal to x W in float; None: no smoothing. Set by RangeConfig(smooth_alpha=...).
+  smooth: Optional[jnp.ndarray] = None
 
 
 QState = Dict[str, LayerQuant]
 
 
+def smoothed_kernel(lq: LayerQuant) -> jnp.ndarray:
+  """The kernel the weight quantizer sees: ``s W`` (rows scaled), or ``W``."""
+  return lq.kernel if lq.smooth is None else lq.kernel * lq.smooth[:, None]
+
+
 def quantized_weight(lq: LayerQuant) -> jnp.ndarray:
-  """The fake-quantized kernel (or the float kernel if weights are not quantized)."""
+  """The fake-quantized (smoothed) kernel, or the float one if weights are not
+  quantized."""
+  kernel = smoothed_kernel(lq)
   if lq.w_quant is None:
-    return lq.kernel
-  return fake_quant(lq.kernel, reshape_for(lq.w_quant, lq.kernel.ndim))
+    return kernel
+  return fake_quant(kernel, reshape_for(lq.w_quant, kernel.ndim))
 
 
 def quantized_input(lq: LayerQuant, x: jnp.ndarray) -> jnp.ndarray:
-  """The fake-quantized layer input (or ``x`` if activations are not quantized)."""
+  """The fake-quantized (smoothed: ``x / s``) layer input, or ``x`` if activations are
+  not quantized."""
+  if lq.smooth is not None:
+    x = x / lq.smooth
   return x if lq.a_quant is None else fake_quant(x, reshape_for(lq.a_quant, x.ndim))
 
 

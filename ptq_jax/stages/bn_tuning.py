@@ -55,8 +55,8 @@ def _scale_quantizer(q: Optional[QuantizerState], a: jnp.ndarray) -> Optional[Qu
 
 def refold(lq: LayerQuant, a: jnp.ndarray, c: jnp.ndarray) -> LayerQuant:
   """``lq`` with its output mapped to ``a * y + c`` per output channel."""
-  return LayerQuant(lq.kernel * a, lq.bias * a + c, _scale_quantizer(lq.w_quant, a),
-                    lq.a_quant)
+  return lq.replace(kernel=lq.kernel * a, bias=lq.bias * a + c,
+                    w_quant=_scale_quantizer(lq.w_quant, a))
 
 
 TARGETS = ('data', 'fp')

@@ -12,6 +12,8 @@ import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from ptq_jax.quant import calibrate
 from ptq_jax.quant.folding import FoldedLayer
@@ -40,8 +42,17 @@ class RangeConfig:
   per_channel_inputs: bool = False
   percentile: float = 99.99
   batch_size: int = 100
+  # SmoothQuant's migration for dense layers: per input channel j, inputs are divided
+  # and kernel rows multiplied by s_j = max|x_j|^alpha / max|W_j|^(1 - alpha) (exact in
+  # float), moving activation outliers into the weights. None: off.
+  smooth_alpha: Optional[float] = None
 
   def __post_init__(self):
+    if self.smooth_alpha is not None and (
+        isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float))
+        or not 0.0 < float(self.smooth_alpha) < 1.0):
+      raise ValueError(f'RangeConfig smooth_alpha must be in (0, 1) or None, got '
+                       f'{self.smooth_alpha!r}.')
     for name, value in (('method', self.method), ('weight_method', self.weights)):
       if value not in RANGE_METHODS:
         raise ValueError(f'RangeConfig {name}={value!r} is not one of {RANGE_METHODS}.')
@@ -91,15 +102,39 @@ def calibrate_ranges(prepared: Prepared, bits: LayerBits,
                      config: RangeConfig = RangeConfig()) -> QState:
   """The quantization state with every layer's quantizers at ``bits`` (None: float)."""
   folded = {p: FoldedLayer(lq.kernel, lq.bias) for p, lq in prepared.float_state.items()}
+  smooth = smoothing_scales(prepared, bits, config, folded)
   a_quants = calibrate.activation_quantizers(
       prepared.model, prepared.variables, folded, prepared.folded_bns, prepared.images,
       {p: b[1] for p, b in bits.items()}, config.method, config.symmetric, config.percentile,
-      config.batch_size, config.per_channel_inputs)
-  w_quants = calibrate.weight_quantizers(folded, {p: b[0] for p, b in bits.items()},
+      config.batch_size, config.per_channel_inputs, divisors=smooth)
+  weights = {p: FoldedLayer(f.kernel * smooth[p][:, None], f.bias) if p in smooth else f
+             for p, f in folded.items()}
+  w_quants = calibrate.weight_quantizers(weights, {p: b[0] for p, b in bits.items()},
                                          config.weights, config.symmetric, config.percentile)
   return {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias,
-                             w_quants.get(l.path), a_quants.get(l.path))
+                             w_quants.get(l.path), a_quants.get(l.path), smooth.get(l.path))
           for l in prepared.layers}
+
+
+def smoothing_scales(prepared: Prepared, bits: LayerBits, config: RangeConfig,
+                     folded: Dict[str, FoldedLayer]) -> Dict[str, jnp.ndarray]:
+  """SmoothQuant's per-input-channel scales of every dense layer whose weights and
+  inputs are both quantized (empty unless ``config.smooth_alpha``)."""
+  if config.smooth_alpha is None:
+    return {}
+  paths = [l.path for l in prepared.layers if l.kind == 'dense'
+           and bits[l.path][0] is not None and bits[l.path][1] is not None]
+  x_max = calibrate.input_channel_absmax(prepared.model, prepared.variables, folded,
+                                         prepared.folded_bns, prepared.images, paths,
+                                         config.batch_size)
+  alpha, scales = float(config.smooth_alpha), {}
+  for p in paths:
+    w_max = np.max(np.abs(np.asarray(folded[p].kernel)), axis=1)
+    ok = (x_max[p] > 0) & (w_max > 0)
+    s = np.where(ok, np.maximum(x_max[p], 1e-12)**alpha / np.maximum(w_max, 1e-12)**(1 - alpha),
+                 1.0)
+    scales[p] = jnp.asarray(np.clip(s, 1e-5, 1e5), jnp.float32)
+  return scales
 
 
 def ranges(bits: LayerBits, config: RangeConfig = RangeConfig()) -> Stage:

@@ -39,7 +39,8 @@ def _labels(lq: LayerQuant) -> LayerQuant:
   """The optimizer group of every leaf of ``lq`` (for ``optax.multi_transform``)."""
   def group(q, name):
     return None if q is None else q.replace(range=name, low=name)
-  return LayerQuant('kernel', 'bias', group(lq.w_quant, 'w_quant'), group(lq.a_quant, 'a_quant'))
+  return LayerQuant('kernel', 'bias', group(lq.w_quant, 'w_quant'), group(lq.a_quant, 'a_quant'),
+                    None if lq.smooth is None else 'frozen')
 
 
 def _optimizer(rates: jnp.ndarray, labels: LayerQuant, schedule: str
@@ -51,7 +52,8 @@ def _optimizer(rates: jnp.ndarray, labels: LayerQuant, schedule: str
     return lambda count: rates[i] * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count / rates[4], 1)))
   return optax.multi_transform(
       {'kernel': optax.adam(rate(0)), 'bias': optax.adam(rate(1)),
-       'w_quant': optax.adam(rate(2)), 'a_quant': optax.adam(rate(3))}, labels)
+       'w_quant': optax.adam(rate(2)), 'a_quant': optax.adam(rate(3)),
+       'frozen': optax.set_to_zero()}, labels)
 
 
 def layer_output(geom: LayerGeometry, activation: str, lq: LayerQuant,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from ptq_jax.linear import LayerGeometry, apply_linear
-from ptq_jax.quant.interceptor import LayerQuant, quantized_input
+from ptq_jax.quant.interceptor import LayerQuant, quantized_input, smoothed_kernel
 from ptq_jax.quant.quantizer import reshape_for, scale_and_zero_point
 from ptq_jax.trace import activation_fn
 
@@ -53,7 +53,8 @@ def initial_v(lq: LayerQuant) -> jnp.ndarray:
   """V with h(V) equal to each weight's fractional position in its grid cell (so the
   soft kernel starts at the float kernel, up to clipping)."""
   s, _, _, _ = _grid(lq)
-  rest = lq.kernel / s - jnp.floor(lq.kernel / s)
+  kernel = smoothed_kernel(lq)
+  rest = kernel / s - jnp.floor(kernel / s)
   rest = jnp.clip(rest, 0.01, 0.99)
   return -jnp.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
 
@@ -61,10 +62,11 @@ def initial_v(lq: LayerQuant) -> jnp.ndarray:
 def rounded_kernel(lq: LayerQuant, v: jnp.ndarray, hard: bool) -> jnp.ndarray:
   """The kernel rounded by V: soft (training) or hard (``h >= 0.5`` rounds up)."""
   s, zp, top, bottom = _grid(lq)
+  kernel = smoothed_kernel(lq)   # (the weights the quantizer sees)
   h = (soft_choice(v) >= 0.5).astype(jnp.float32) if hard else soft_choice(v)
   if bottom < 0:   # symmetric: codes -qmax..qmax, no zero point
-    return s * jnp.clip(jnp.floor(lq.kernel / s) + h, bottom, top)
-  return s * (jnp.clip(jnp.floor(lq.kernel / s) + h + zp, 0, top) - zp)
+    return s * jnp.clip(jnp.floor(kernel / s) + h, bottom, top)
+  return s * (jnp.clip(jnp.floor(kernel / s) + h + zp, 0, top) - zp)
 
 
 def regulariser(v: jnp.ndarray, beta: jnp.ndarray) -> jnp.ndarray:
@@ -86,8 +88,10 @@ def start(lq: LayerQuant) -> Dict[str, Any]:
 def finish(lq: LayerQuant, params: Dict[str, Any]) -> LayerQuant:
   """The layer state with the hard-rounded kernel (on the grid) and trained input
   quantizer."""
-  return lq.replace(kernel=rounded_kernel(lq, params['v'], hard=True),
-                    a_quant=params['a_quant'])
+  kernel = rounded_kernel(lq, params['v'], hard=True)
+  if lq.smooth is not None:   # stored unsmoothed, as every layer state
+    kernel = kernel / lq.smooth[:, None]
+  return lq.replace(kernel=kernel, a_quant=params['a_quant'])
 
 
 def _optimizer(rates: jnp.ndarray, lr_rounding: jnp.ndarray, params) -> optax.GradientTransformation:
