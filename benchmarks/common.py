@@ -13,8 +13,8 @@ import numpy as np
 from ptq_jax.data import loader
 from ptq_jax.jobs.results import describe_device, read_results, write_results
 
-__all__ = ['POLICIES', 'concurrency_fields', 'describe_device', 'fashion_mnist', 'merge_records',
-           'new_rows_from', 'read_results', 'write_results']
+__all__ = ['POLICIES', 'concurrency_fields', 'describe_device', 'fashion_mnist', 'length_buckets',
+           'merge_records', 'new_rows_from', 'read_results', 'write_results']
 
 # First/last-layer policies: the paper's 8-bit, or every layer alike.
 POLICIES = {'first_last_8bit': 8, 'all_layers_alike': None}
@@ -75,3 +75,17 @@ def concurrency_fields() -> Dict[str, int]:
   processes shared the device (their seconds are then not solo timings), else {}."""
   n = int(os.environ.get('PTQ_JAX_CONCURRENT_PROCESSES', '1'))
   return {'concurrent_processes': n} if n > 1 else {}
+
+
+def length_buckets(texts, tokenize, lengths=(32, 48, 80)):
+  """[(indices, packed tokens)] with each sentence in the shortest bucket that holds it
+  (padding tokens change nothing but cost: most sentences need < 32 of the 80)."""
+  full = tokenize(texts, max(lengths))
+  needed = full[:, 1].sum(axis=1)
+  buckets, done = [], np.zeros(len(texts), bool)
+  for length in sorted(lengths):
+    index = np.nonzero(~done & (needed <= length))[0]
+    if len(index):
+      buckets.append((index, full[index][:, :, :length]))
+      done[index] = True
+  return buckets

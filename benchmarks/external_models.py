@@ -39,7 +39,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from common import concurrency_fields, describe_device, merge_records, write_results
+from common import concurrency_fields, describe_device, length_buckets, merge_records, write_results
 import ptq_jax
 from ptq_jax.pipelines import run_label
 from ptq_jax.quant.quantizer import option_name, parse_option
@@ -157,20 +157,6 @@ def minilm_task():
           'has_batchnorm': False}
   return model, variables, calib, lambda qm: metrics(embed(qm, test_x)), metrics(fp32_test), \
       info, FLAGS.sentence_batch
-
-
-def length_buckets(texts, tokenize, lengths=(32, 48, 80)):
-  """[(indices, packed tokens)] with each sentence in the shortest bucket that holds it
-  (padding tokens change nothing but cost: most sentences need < 32 of the 80)."""
-  full = tokenize(texts, max(lengths))
-  needed = full[:, 1].sum(axis=1)
-  buckets, done = [], np.zeros(len(texts), bool)
-  for length in sorted(lengths):
-    index = np.nonzero(~done & (needed <= length))[0]
-    if len(index):
-      buckets.append((index, full[index][:, :, :length]))
-      done[index] = True
-  return buckets
 
 
 TASKS = {'efficientnet_lite0': efficientnet_task, 'minilm_l6': minilm_task}
