@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Dict, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from ptq_jax.calling import inference_kwargs
+from ptq_jax.nnx_bridge import as_linen
 from ptq_jax.distributed import local_devices, padded_batches
 from ptq_jax.models.fast_depthwise import fast_depthwise
 
@@ -27,11 +27,13 @@ def batched_predict(forward: Callable[[np.ndarray], Any], images: np.ndarray,
   return np.concatenate(outputs)
 
 
-def predict_logits(model: nn.Module, variables: Dict[str, Any], images: np.ndarray,
+def predict_logits(model: Any, variables: Optional[Dict[str, Any]] = None, images: Any = None,
                    batch_size: int = 500, use_fast_depthwise: bool = True,
                    devices: Optional[Sequence[Any]] = None) -> np.ndarray:
   """Logits of the float ``model`` on ``images`` (float32, NHWC), batched and jitted
   (``train=False`` / ``deterministic=True`` passed only where the model takes them)."""
+
+  model, variables = as_linen(model, variables, images)
 
   @jax.jit
   def forward(variables, x):

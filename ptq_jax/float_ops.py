@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Dict, Iterable, List, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax.extend.core as jex
 import numpy as np
 
@@ -100,9 +101,9 @@ def find_float_ops(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[
 
 
 def _reason(module: str) -> str:
-  if module and module != 'Module' and hasattr(nn, module):
-    return (f'nn.{module} is not quantized by ptq_jax yet (nn.Conv, nn.Dense and nn.DenseGeneral '
-            'over trailing axes without batch_dims are)')
+  if module and module != 'Module' and (hasattr(nn, module) or hasattr(nnx, module)):
+    return (f'{module} is not quantized by ptq_jax yet (Conv, Dense/Linear and '
+            'DenseGeneral/LinearGeneral over trailing axes without batch dims are)')
   return (f'a parameter contracted in the code of {module or "the model"} itself (e.g. '
           'jnp.dot on self.param), not in an nn.Conv / nn.Dense')
 

@@ -18,7 +18,6 @@ import os
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -111,7 +110,7 @@ class MixedPrecision:
     return self.build(allocation), allocation
 
 
-def mixed_precision(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
+def mixed_precision(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: Any = None, *,
                     model_name: str = 'model', **kwargs: Any) -> MixedPrecision:
   """Computes every option's state and the sensitivity table (or loads it from cache)
   for ``model`` on the calibration images ``calib``; see :func:`mixed_precision_of`

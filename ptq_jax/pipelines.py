@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -168,7 +167,7 @@ def _fixed_ranges(w_bits, a_bits, first_last_bits, config: RangeConfig) -> Stage
   return Stage('ranges', apply)
 
 
-def run_pipeline(model: nn.Module, variables: Mapping[str, Any], calib: Any,
+def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: Any = None,
                  pipeline: str = 'advanced', *, w_bits: int = 4, a_bits: int = 4,
                  first_last_bits: Optional[int] = 8, size_pct: Optional[float] = None,
                  bops_pct: Optional[float] = None, options: Sequence[Any] = DEFAULT_OPTIONS,

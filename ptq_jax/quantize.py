@@ -13,7 +13,6 @@ import dataclasses
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import flax.linen as nn
 import jax
 
 from ptq_jax.quant.interceptor import QState
@@ -37,7 +36,7 @@ def quantized_model(prepared: Prepared, qstate: QState, options: Dict[str, Any],
                         list(layer_reports or []), list(prepared.float_ops))
 
 
-def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
+def quantize(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: Any = None, *,
              w_bits: Bits = 4, a_bits: Bits = 4, first_last_bits: Bits = 8,
              overrides: Optional[Mapping[str, Mapping[str, Bits]]] = None,
              ranges: RangeConfig = RangeConfig(), method: str = 'ptq',
@@ -49,7 +48,9 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
   """Post-training quantization: calibrated ranges (baseline PTQ), then optionally AdaQuant.
 
   Args:
-    model, variables: an unmodified Flax module and its ``{'params', 'batch_stats'}``.
+    model, variables: an unmodified Flax Linen module and its ``{'params',
+      'batch_stats'}``, or an NNX module alone (it carries its own state:
+      ``quantize(module, calib=images)``).
     calib: preprocessed float calibration images (N, ...) or a ``CalibrationSet``.
     w_bits, a_bits: default weight / layer-input bit widths, 2..8, or None for float.
     first_last_bits: bits of the first and last layer (the paper's 8), or None to
@@ -96,7 +97,7 @@ def quantize(model: nn.Module, variables: Mapping[str, Any], calib: Any, *,
   if method == 'adaquant':
     start = time.time()
     adaquant = adaquant or AdaQuantConfig()
-    qstate, reports = run_adaquant(model, prepared.variables, prepared.layers, qstate,
+    qstate, reports = run_adaquant(prepared.model, prepared.variables, prepared.layers, qstate,
                                    prepared.images, mode, adaquant, key, progress, devices,
                                    runtime or AdaQuantRuntime())
     timings['adaquant_seconds'] = time.time() - start

@@ -23,6 +23,7 @@ from ptq_jax.quant.interceptor import (LayerQuant, QState, apply_quantized, quan
                                        smoothed_kernel)
 from ptq_jax.quant.quantizer import QuantizerState, check_bits
 from ptq_jax.float_ops import FloatOp
+from ptq_jax.nnx_bridge import from_nnx, is_nnx
 from ptq_jax.trace import LayerInfo, trace_model
 
 Bits = Optional[int]
@@ -127,12 +128,15 @@ class QuantizedModel:
     ckpt.save_checkpoint(path, {'variables': self.variables, 'qstate': qtree}, meta)
 
   @classmethod
-  def load(cls, path: str, model: nn.Module) -> 'QuantizedModel':
-    """Reloads a saved quantized model for ``model`` (the same module that was quantized).
+  def load(cls, path: str, model: Any) -> 'QuantizedModel':
+    """Reloads a saved quantized model for ``model`` (the same module that was quantized,
+    Linen or NNX).
 
     The checksum, the layer set, every bit width (2..8 or float), every shape and the
     finiteness of every weight and range are checked; a bad file is a CheckpointError."""
     fix = 'quantize the model again and save it'
+    if is_nnx(model):   # its Linen view; the variables come from the file
+      model = from_nnx(model)[0]
     tree, meta = ckpt.load_checkpoint(path, fix=fix)
     if meta.get('kind') != 'quantized':
       raise ckpt.CheckpointError(f'{path} is not a quantized model (kind {meta.get("kind")!r}); '

@@ -24,6 +24,7 @@ import numpy as np
 from ptq_jax.calling import inference_kwargs
 from ptq_jax.float_ops import FloatOp, find_float_ops, relative_stack
 from ptq_jax.linear import LayerGeometry, dense_general_view, geometry_of
+from ptq_jax.nnx_bridge import NNXModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +232,8 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
 
   closed = jax.make_jaxpr(forward)(variables, x)
   root = model.name or type(model).__name__
+  if isinstance(model, NNXModel):   # NNX modules left in NNX code run in name scopes
+    modules.update({name: cls for _, name, cls in model.scoped})
   shared = {p for p, n in calls.items() if n > 1}
   kept = [l for l in layers if l.path not in shared]
   kept = _graph_facts(closed.jaxpr, root, kept, {p: b for p, b in bn_of.items()

@@ -20,6 +20,7 @@ import numpy as np
 
 from ptq_jax.quant.folding import fold_batchnorm
 from ptq_jax.quant.interceptor import LayerQuant, QState
+from ptq_jax.nnx_bridge import as_linen
 from ptq_jax.float_ops import UNSUPPORTED_POLICIES, FloatOp, check_unsupported
 from ptq_jax.trace import LayerInfo, trace_model
 
@@ -68,7 +69,7 @@ class Prepared:
     return tuple(self.images.shape[1:])
 
 
-def prepare(model: nn.Module, variables: Mapping[str, Any], calib: Any,
+def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: Any = None,
             input_shape: Optional[Sequence[int]] = None,
             model_name: Optional[str] = None, unsupported: str = 'error') -> Prepared:
   """Checks ``calib`` (images or a ``CalibrationSet``), traces ``model`` on one image
@@ -79,6 +80,7 @@ def prepare(model: nn.Module, variables: Mapping[str, Any], calib: Any,
   ``unsupported='keep_float'`` stays float32 with a warning."""
   if unsupported not in UNSUPPORTED_POLICIES:
     raise ValueError(f'unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}.')
+  model, variables = as_linen(model, variables, calib)   # an NNX module: its Linen view
   images = check_calibration(calib, input_shape)
   try:
     traced = trace_model(model, variables, jnp.asarray(images[:1]))

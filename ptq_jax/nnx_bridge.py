@@ -1,0 +1,168 @@
+"""Flax NNX modules through the same machinery as Linen ones.
+
+``from_nnx(module)`` returns a Linen module and its variables that compute exactly what
+the NNX module computes in inference mode, so every entry point (tracing, quantizing,
+AdaQuant, BN and bias tuning, mixed precision, save/load, export) works on it. The
+Linen module (:class:`NNXModel`) rebuilds the NNX module from its variables on every
+call (``nnx.merge``, a fresh copy: nothing is mutated) and routes each of its
+``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` / ``nnx.BatchNorm`` calls through
+the equivalent Linen layer (``nn.Dense`` / ``nn.Conv`` / ``nn.DenseGeneral`` /
+``nn.BatchNorm``) holding the same parameters, which the library's interceptor sees
+like any Linen layer. Layers are named by their NNX path (``layers.0``). Every other
+parameter (norms, embeddings, ``nnx.Einsum``, a module's own ``nnx.Param``) stays in the
+NNX code, under ``params['nnx']``, where the float-operation check still finds any
+contraction of it (and names the NNX path: each such module runs in a name scope).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+from flax import nnx
+
+NNX_KEY = 'nnx'   # params['nnx']: the NNX parameters the converted layers do not hold
+
+
+def is_nnx(model: Any) -> bool:
+  return isinstance(model, nnx.Module)
+
+
+def _name(path: Tuple[Any, ...]) -> str:
+  return '.'.join(str(p) for p in path)
+
+
+def _iter_modules(module: nnx.Module):
+  fn = getattr(nnx, 'iter_modules', None)
+  return fn(module) if fn is not None else module.iter_modules()
+
+
+def _converted(module: nnx.Module) -> bool:
+  if isinstance(module, nnx.LinearGeneral):
+    return not tuple(getattr(module, 'batch_axis', {}) or {})
+  return isinstance(module, (nnx.Linear, nnx.Conv, nnx.BatchNorm))
+
+
+def _linen_layer(module: nnx.Module, name: str) -> nn.Module:
+  """The Linen layer computing what ``module`` computes (inference mode)."""
+  if isinstance(module, nnx.Linear):
+    return nn.Dense(module.out_features, use_bias=module.use_bias, name=name)
+  if isinstance(module, nnx.Conv):
+    return nn.Conv(module.out_features, module.kernel_size, strides=module.strides,
+                   padding=module.padding, input_dilation=module.input_dilation,
+                   kernel_dilation=module.kernel_dilation,
+                   feature_group_count=module.feature_group_count, use_bias=module.use_bias,
+                   mask=module.mask, name=name)
+  if isinstance(module, nnx.LinearGeneral):
+    return nn.DenseGeneral(features=module.out_features, axis=module.axis,
+                           use_bias=module.use_bias, name=name)
+  return nn.BatchNorm(use_running_average=True, axis=module.axis, epsilon=module.epsilon,
+                      use_bias=module.use_bias, use_scale=module.use_scale, name=name)
+
+
+@functools.lru_cache(maxsize=None)
+def _routed_class(cls: type) -> type:
+  """A subclass of ``cls`` whose call goes to the instance's ``_ptq_call``."""
+  return type(f'Routed{cls.__name__}', (cls,),
+              {'__call__': lambda self, *a, **k: object.__getattribute__(self, '_ptq_call')(*a, **k)})
+
+
+@functools.lru_cache(maxsize=None)
+def _scoped_class(cls: type) -> type:
+  """A subclass of ``cls`` whose call runs in a name scope of the instance's path."""
+  def call(self, *args, **kwargs):
+    with jax.named_scope(object.__getattribute__(self, '_ptq_name')):
+      return cls.__call__(self, *args, **kwargs)
+  return type(f'Scoped{cls.__name__}', (cls,), {'__call__': call})
+
+
+def _get(module: Any, path: Tuple[Any, ...]) -> Any:
+  for part in path:
+    module = module[part] if isinstance(part, int) else getattr(module, part)
+  return module
+
+
+class NNXModel(nn.Module):
+  """A Linen view of an NNX module (see the module docstring); built by :func:`from_nnx`."""
+  graphdef: Any
+  treedef: Any                             # of the NNX (Param, BatchStat) state
+  leaves: Tuple[Tuple[str, str, str], ...]  # per state leaf: (collection, owner, key)
+  layers: Tuple[Tuple[Tuple[Any, ...], str], ...]   # converted: (NNX path, name)
+  scoped: Tuple[Tuple[Tuple[Any, ...], str, str], ...]   # others with parameters, + class
+  other: Any = None                        # the rest of the NNX state (RNG streams)
+
+  @nn.compact
+  def __call__(self, x):
+    variables = self.variables
+    values = [variables[c][o][k] for c, o, k in self.leaves]
+    model = nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, values),
+                      *(() if self.other is None else (self.other,)))
+    model.eval()
+    linen = {name: _linen_layer(_get(model, path), name) for path, name in self.layers}
+    for path, name in self.layers:
+      sub = _get(model, path)
+      sub.__class__ = _routed_class(type(sub))
+      object.__setattr__(sub, '_ptq_call', linen[name])
+    for path, name, _ in self.scoped:
+      sub = _get(model, path)
+      sub.__class__ = _scoped_class(type(sub))
+      object.__setattr__(sub, '_ptq_name', name)
+    return model(x)
+
+
+def from_nnx(module: nnx.Module) -> Tuple[NNXModel, Dict[str, Any]]:
+  """A Linen module and variables computing ``module`` in inference mode."""
+  graphdef, state, *other = nnx.split(module, (nnx.Param, nnx.BatchStat), ...)
+  other = other[0] if other and jax.tree.leaves(other[0]) else None
+  modules = [(tuple(p), m) for p, m in _iter_modules(module) if tuple(p)]
+  converted = {p: _name(p) for p, m in modules if _converted(m)}
+  owners = {p: m for p, m in modules}
+  flat, treedef = jax.tree_util.tree_flatten_with_path(state)
+  params: Dict[str, Any] = {NNX_KEY: {}}
+  stats: Dict[str, Any] = {}
+  leaves = []
+  for key_path, leaf in flat:
+    parts = tuple(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))) for k in key_path)
+    parts = tuple(p for p in parts if p != 'value')   # (a Variable's payload)
+    owner, key = parts[:-1], str(parts[-1])
+    if owner in converted and isinstance(owners[owner], nnx.BatchNorm) and key in ('mean', 'var'):
+      stats.setdefault(converted[owner], {})[key] = leaf
+      leaves.append(('batch_stats', converted[owner], key))
+    elif owner in converted:
+      params.setdefault(converted[owner], {})[key] = leaf
+      leaves.append(('params', converted[owner], key))
+    else:
+      flat_key = _name(parts)
+      params[NNX_KEY][flat_key] = leaf
+      leaves.append(('params', NNX_KEY, flat_key))
+  scoped = tuple((p, _name(p), type(m).__name__) for p, m in modules
+                 if p not in converted and callable(m)
+                 and any(isinstance(v, nnx.Param) for v in vars(m).values()))
+  model = NNXModel(graphdef, treedef, tuple(leaves), tuple(converted.items()), scoped, other)
+  variables = {'params': params}
+  if stats:
+    variables['batch_stats'] = stats
+  return model, variables
+
+
+def as_linen(model: Any, variables: Any, calib: Any = False) -> Tuple[nn.Module, Any]:
+  """``(model, variables)`` for the library: an NNX module converted (it carries its own
+  state: ``variables`` must be None), a Linen module with its variables checked
+  present. ``calib`` (if passed) must not be None."""
+  if calib is None:
+    raise TypeError('calib (the calibration images) is required: quantize(model, variables, '
+                    'calib) for a Linen module, quantize(module, calib=images) for NNX.')
+  if is_nnx(model):
+    if variables is not None:
+      raise TypeError('An NNX module carries its own state: call it without variables, e.g. '
+                      'ptq_jax.quantize(module, calib=images).')
+    return from_nnx(model)
+  if not isinstance(model, nn.Module):
+    raise TypeError(f'model must be a flax.linen.Module or a flax.nnx.Module, got '
+                    f'{type(model).__name__}.')
+  if variables is None:
+    raise TypeError('A Linen module needs its variables: ptq_jax.quantize(model, variables, '
+                    'calib).')
+  return model, variables
