@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -32,7 +32,8 @@ from ptq_jax.quantized_model import QuantizedModel, checked_layer, layer_to_tree
 from ptq_jax.stages import allocation as alloc
 from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime, run_adaquant
 from ptq_jax.stages.prepare import Prepared, prepare
-from ptq_jax.stages.ranges import RangeConfig, assign_bits, calibrate_ranges
+from ptq_jax.stages.ranges import (RangeConfig, as_range_config, assign_bits, calibrate_ranges,
+                                   range_options)
 from ptq_jax.validate import check_key
 from ptq_jax.stages.sensitivity import (DEFAULT_OPTIONS, SensitivityTable, cache_key,
                                         program_text, sensitivity_table)
@@ -52,7 +53,7 @@ class MixedPrecision:
   from_cache: bool = False                    # states and table read from cache_dir
   # Per-layer AdaQuant reports of each option, when computed in this process (not cached).
   option_reports: Dict[Option, list] = dataclasses.field(default_factory=dict)
-  range_method: str = 'minmax'
+  range_method: RangeConfig = RangeConfig()
 
   def solve(self, size_pct: Optional[float] = None, bops_pct: Optional[float] = None,
             size_bits: Optional[float] = None, bops: Optional[float] = None,
@@ -92,10 +93,9 @@ class MixedPrecision:
 
   def options(self, allocation: alloc.Allocation) -> Dict[str, Any]:
     """The options a mixed model of ``allocation`` records."""
-    return {'w_bits': None, 'a_bits': None, 'range_method': self.range_method,
-            'weight_range_method': self.range_method, 'first_last_bits': None,
-            'overrides': allocation.overrides(), 'symmetric': False,
-            'per_channel_inputs': False, 'calib_size': len(self.prepared.images),
+    return {'w_bits': None, 'a_bits': None, **range_options(self.range_method),
+            'first_last_bits': None, 'overrides': allocation.overrides(),
+            'calib_size': len(self.prepared.images),
             'method': 'mixed_precision', 'option_method': self.method,
             'allocation': allocation.counts(), 'budgets': allocation.budgets}
 
@@ -120,7 +120,8 @@ def mixed_precision(model: Any, variables: Optional[Mapping[str, Any]] = None, c
 
 def mixed_precision_of(prepared: Prepared, *,
                        options: Sequence[Any] = DEFAULT_OPTIONS, method: str = 'ptq',
-                       range_method: str = 'minmax', adaquant: Optional[AdaQuantConfig] = None,
+                       range_method: Union[str, RangeConfig] = 'minmax',
+                       adaquant: Optional[AdaQuantConfig] = None,
                        labels: Optional[np.ndarray] = None, key: Optional[jax.Array] = None,
                        cache_dir: Optional[str] = None,
                        batch_size: int = 250, progress: bool = True,
@@ -149,7 +150,7 @@ def mixed_precision_of(prepared: Prepared, *,
   options = tuple(dict.fromkeys(parse_option(o) for o in options))
   if not options:
     raise ValueError('Give at least one bit option, e.g. options=("W8A8", "W4A4").')
-  range_config = RangeConfig(range_method)
+  range_config = as_range_config(range_method)
   images, model, variables = prepared.images, prepared.model, prepared.variables
   model_name = prepared.model_name or 'model'
   if labels is not None:
@@ -166,7 +167,7 @@ def mixed_precision_of(prepared: Prepared, *,
                        'outputs: pass class indices below that.')
   adaquant = adaquant or AdaQuantConfig()
   timings: Dict[str, float] = {}
-  extra = {'range_method': range_method, 'loss': 'kl' if labels is None else 'ce',
+  extra = {'ranges': dataclasses.asdict(range_config), 'loss': 'kl' if labels is None else 'ce',
            'labels': None if labels is None else np.asarray(labels).tolist(),
            'adaquant': dataclasses.asdict(adaquant) if method == 'adaquant' else None,
            'key': None if key is None else np.asarray(jax.random.key_data(key)).tolist()}
@@ -202,7 +203,7 @@ def mixed_precision_of(prepared: Prepared, *,
       _save_cache(cache_dir, digest, states, table)
   timings['sensitivity_seconds'] = time.time() - start
   return MixedPrecision(prepared, states, table, method, timings, from_cache=hit,
-                        option_reports=reports, range_method=range_method)
+                        option_reports=reports, range_method=range_config)
 
 
 def _states_path(cache_dir: str, digest: str) -> str:

@@ -17,7 +17,7 @@ next run, so a fixed-bit and a mixed-precision run share one AdaQuant pass.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import numpy as np
@@ -32,7 +32,8 @@ from ptq_jax.stages.allocation import Allocation
 from ptq_jax.stages.bias_tuning import bias_tuning
 from ptq_jax.stages.bn_tuning import bn_tuning
 from ptq_jax.stages.prepare import Prepared, Stage, prepare, run_stages
-from ptq_jax.stages.ranges import RangeConfig, assign_bits, ranges
+from ptq_jax.stages.ranges import (RangeConfig, as_range_config, assign_bits, range_options,
+                                   ranges)
 from ptq_jax.stages.sensitivity import DEFAULT_OPTIONS, SensitivityTable
 from ptq_jax.validate import check_int, check_key
 
@@ -95,7 +96,7 @@ class PipelineResult:
 def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
                     a_bits: int = 4, first_last_bits: Optional[int] = 8,
                     size_pct: Optional[float] = None, bops_pct: Optional[float] = None,
-                    options: Sequence[Any] = DEFAULT_OPTIONS, range_method: str = 'minmax',
+                    options: Sequence[Any] = DEFAULT_OPTIONS, range_method: Any = 'minmax',
                     adaquant_config: Optional[AdaQuantConfig] = None,
                     runtime: Optional[AdaQuantRuntime] = None, bias_steps: int = 800,
                     cache_dir: Optional[str] = None, mixed: Optional[MixedPrecision] = None,
@@ -146,7 +147,7 @@ def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
     allocation = mp.uniform(fixed[0], fixed[1] if len(fixed) > 1 else None)
     return mp.state(allocation), mp.layer_reports(allocation)
 
-  fixed_ranges = _fixed_ranges(w_bits, a_bits, first_last_bits, RangeConfig(range_method))
+  fixed_ranges = _fixed_ranges(w_bits, a_bits, first_last_bits, as_range_config(range_method))
   heads = {  # what precedes BN tuning at fixed bit widths
       'light': [fixed_ranges],
       'advanced': [fixed_ranges, Stage('adaquant', option_adaquant_stage)],
@@ -171,7 +172,8 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
                  pipeline: str = 'advanced', *, w_bits: int = 4, a_bits: int = 4,
                  first_last_bits: Optional[int] = 8, size_pct: Optional[float] = None,
                  bops_pct: Optional[float] = None, options: Sequence[Any] = DEFAULT_OPTIONS,
-                 range_method: str = 'minmax', adaquant: Optional[AdaQuantConfig] = None,
+                 range_method: Union[str, RangeConfig] = 'minmax',
+                 adaquant: Optional[AdaQuantConfig] = None,
                  runtime: Optional[AdaQuantRuntime] = None,
                  bias_steps: int = 800, key: Optional[jax.Array] = None,
                  cache_dir: Optional[str] = None, model_name: str = 'model',
@@ -188,6 +190,7 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
     options: the bit options the integer program mixes (a fixed-bit advanced run
       computes these too when they include its bit widths, so ``result.mixed`` can
       serve a later mixed run; otherwise only the ones it needs).
+    range_method: 'minmax', 'mse', 'percentile', or a RangeConfig (smoothing, say).
     adaquant, runtime: AdaQuant's hyper-parameters and runtime settings.
     bias_steps: KD bias-tuning steps (minibatch 50, SGD lr 0.1, the reference's).
     mixed: a previous run's ``result.mixed`` (same model, images and method) to reuse
@@ -238,9 +241,8 @@ def _adaquant_reports(stages: List[StageResult], stage: StageResult) -> list:
   return []
 
 
-def _base_options(pipeline: str, w_bits, a_bits, first_last_bits, range_method: str,
+def _base_options(pipeline: str, w_bits, a_bits, first_last_bits, range_method,
                   calib_size: int) -> Dict[str, Any]:
-  return {'w_bits': w_bits, 'a_bits': a_bits, 'range_method': range_method,
-          'weight_range_method': range_method, 'first_last_bits': first_last_bits,
-          'overrides': {}, 'symmetric': False, 'per_channel_inputs': False,
-          'calib_size': calib_size, 'method': 'ptq', 'pipeline': pipeline}
+  return {'w_bits': w_bits, 'a_bits': a_bits, **range_options(as_range_config(range_method)),
+          'first_last_bits': first_last_bits, 'overrides': {}, 'calib_size': calib_size,
+          'method': 'ptq', 'pipeline': pipeline}

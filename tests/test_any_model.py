@@ -302,3 +302,20 @@ def test_a_subclass_calling_super_traces_like_its_base():
       (l.path, l.bn_path, l.activation) for l in base.layers]
   assert any(l.activation != 'none' for l in base.layers)
   assert any(l.bn_path for l in base.layers)
+
+
+def test_pipelines_and_mixed_precision_take_a_range_config():
+  """range_method=RangeConfig(smooth_alpha=...) reaches every option state and the
+  options the models record."""
+  model, x = AttentionBlock(), data((16, 6, 8))
+  variables = model.init(jax.random.key(0), x)
+  config = ptq_jax.RangeConfig(smooth_alpha=0.5)
+  result = ptq_jax.run_pipeline(model, variables, x, 'light', size_pct=40,
+                                options=('W8A8', 'W4A8'), range_method=config, progress=False)
+  assert result.model.options['smooth_alpha'] == 0.5
+  assert all(lq.smooth is not None for lq in result.model.qstate.values())
+  fixed = ptq_jax.run_pipeline(model, variables, x, 'light', range_method=config,
+                               progress=False)
+  assert all(lq.smooth is not None for lq in fixed.model.qstate.values())
+  with pytest.raises(TypeError, match='RangeConfig'):
+    ptq_jax.run_pipeline(model, variables, x, 'light', range_method=3, progress=False)

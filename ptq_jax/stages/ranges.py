@@ -67,6 +67,23 @@ class RangeConfig:
     return self.weight_method or self.method
 
 
+def as_range_config(value: Any) -> RangeConfig:
+  """A :class:`RangeConfig` from one, or from a range method name ('minmax', ...)."""
+  if isinstance(value, RangeConfig):
+    return value
+  if isinstance(value, str):
+    return RangeConfig(value)
+  raise TypeError(f'range_method must be a method name such as "minmax" or a '
+                  f'ptq_jax.RangeConfig, got {value!r}.')
+
+
+def range_options(config: RangeConfig) -> Dict[str, Any]:
+  """The range settings a quantized model records in its options."""
+  return {'range_method': config.method, 'weight_range_method': config.weights,
+          'symmetric': config.symmetric, 'per_channel_inputs': config.per_channel_inputs,
+          'smooth_alpha': config.smooth_alpha}
+
+
 def assign_bits(layers: Sequence[LayerInfo], w_bits: Bits, a_bits: Bits,
                 first_last_bits: Bits, overrides: Optional[Mapping[str, Mapping[str, Bits]]]
                 ) -> LayerBits:
