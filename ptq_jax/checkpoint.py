@@ -25,7 +25,7 @@ from flax import serialization
 from flax.traverse_util import flatten_dict
 
 from ptq_jax.io import atomic_write_bytes
-from ptq_jax.models import create_model, get_model_spec
+from ptq_jax.models import create_model, get_model_spec, init_variables
 
 FORMAT = 'ptq_jax.checkpoint'
 VERSION = 2
@@ -165,13 +165,12 @@ def load_model(path: str) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
     raise CheckpointError(f'{path}: metadata "model" must be a name and "model_kwargs" a '
                           f'mapping, got {name!r} and {kwargs!r}; {RECREATE}.')
   try:
-    spec = get_model_spec(name)
+    get_model_spec(name)
   except KeyError as e:
     raise CheckpointError(f'{path}: {e.args[0]}') from e
   try:
     model = create_model(name, **kwargs)
-    template = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1,) + spec.input_shape), train=False))
+    template = jax.eval_shape(lambda: init_variables(name, jax.random.key(0), **kwargs))
   except (TypeError, ValueError) as e:
     raise CheckpointError(f'{path}: model {name!r} cannot be built with model_kwargs '
                           f'{kwargs!r} ({type(e).__name__}: {str(e)[:160]}); {RECREATE}.') from e

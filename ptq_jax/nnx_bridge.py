@@ -64,9 +64,16 @@ def _linen_layer(module: nnx.Module, name: str) -> nn.Module:
 
 @functools.lru_cache(maxsize=None)
 def _routed_class(cls: type) -> type:
-  """A subclass of ``cls`` whose call goes to the instance's ``_ptq_call``."""
-  return type(f'Routed{cls.__name__}', (cls,),
-              {'__call__': lambda self, *a, **k: object.__getattribute__(self, '_ptq_call')(*a, **k)})
+  """A subclass of ``cls`` whose call goes to the instance's ``_ptq_call`` (the Linen
+  layer). Keyword arguments left at None (``out_sharding``, say) are dropped; any other
+  is an error, since the Linen layer would not apply it."""
+  def call(self, x, **kwargs):
+    extra = sorted(k for k, v in kwargs.items() if v is not None)
+    if extra:
+      raise TypeError(f'{cls.__name__} was called with {extra}, which ptq_jax cannot apply '
+                      'to its quantized layer.')
+    return object.__getattribute__(self, '_ptq_call')(x)
+  return type(f'Routed{cls.__name__}', (cls,), {'__call__': call})
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,8 +131,9 @@ def from_nnx(module: nnx.Module) -> Tuple[NNXModel, Dict[str, Any]]:
   stats: Dict[str, Any] = {}
   leaves = []
   for key_path, leaf in flat:
-    parts = tuple(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))) for k in key_path)
-    parts = tuple(p for p in parts if p != 'value')   # (a Variable's payload)
+    # (A Variable's payload is the attribute 'value'; module and leaf names are keys.)
+    parts = tuple(getattr(k, 'key', getattr(k, 'idx', k)) for k in key_path
+                  if not isinstance(k, jax.tree_util.GetAttrKey))
     owner, key = parts[:-1], str(parts[-1])
     if owner in converted and isinstance(owners[owner], nnx.BatchNorm) and key in ('mean', 'var'):
       stats.setdefault(converted[owner], {})[key] = leaf
@@ -166,3 +174,16 @@ def as_linen(model: Any, variables: Any, calib: Any = False) -> Tuple[nn.Module,
     raise TypeError('A Linen module needs its variables: ptq_jax.quantize(model, variables, '
                     'calib).')
   return model, variables
+
+
+def to_nnx(model: NNXModel, variables: Dict[str, Any]) -> nnx.Module:
+  """The NNX module an :class:`NNXModel` computes, holding ``variables`` (a trained or
+  loaded checkpoint of a registry NNX model, say), in inference mode."""
+  if not isinstance(model, NNXModel):
+    raise TypeError(f'to_nnx takes the Linen view of an NNX module (an NNXModel), got '
+                    f'{type(model).__name__}.')
+  values = [variables[c][o][k] for c, o, k in model.leaves]
+  module = nnx.merge(model.graphdef, jax.tree.unflatten(model.treedef, values),
+                     *(() if model.other is None else (model.other,)))
+  module.eval()
+  return module

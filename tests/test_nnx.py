@@ -110,3 +110,26 @@ def test_nnx_misuse_and_unsupported_modules_are_named(tagger):
   with pytest.warns(UserWarning, match='Kept in float32'):
     kept = ptq_jax.quantize(with_einsum, calib=x, unsupported='keep_float', progress=False)
   assert [op.path for op in kept.float_ops] == ['ein']
+
+
+def test_the_vit_trains_by_the_train_job_and_comes_back_as_nnx(tfds_dir, tmp_path):
+  """The registry ViT (NNX) through the train command's job (a few steps), its
+  checkpoint through load_model, back to an NNX module whose attention projections are
+  quantizable layers."""
+  from configs import train_vit
+  from ptq_jax.jobs import registry as jobs
+  from ptq_jax.nnx_bridge import to_nnx
+  from ptq_jax.models.vit_nnx import ViT
+  config = train_vit.get_config()
+  config.data.data_dir = tfds_dir
+  config.num_epochs, config.train_limit, config.eval_limit, config.batch_size = 1, 256, 100, 64
+  card = jobs.run(config, str(tmp_path))
+  model, variables, meta = ptq_jax.load_model(str(tmp_path / 'vit_fmnist_fashion_mnist.msgpack'))
+  assert meta['model'] == 'vit_fmnist' and card['num_params'] > 100_000
+  module = to_nnx(model, variables)
+  assert isinstance(module, ViT)
+  x = np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(module(jnp.asarray(x))),
+                             ptq_jax.predict_logits(model, variables, x), rtol=1e-5, atol=1e-5)
+  layers = ptq_jax.prepare(module, calib=x[:1]).layers   # attention projections are layers
+  assert {'blocks.0.attn.query', 'blocks.0.attn.out'} <= {l.path for l in layers}

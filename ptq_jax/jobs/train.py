@@ -26,7 +26,8 @@ from ptq_jax.io import atomic_write_json
 from ptq_jax.jobs.results import describe_device
 from ptq_jax.data import loader
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
-from ptq_jax.models import create_model, get_model_spec
+from ptq_jax.calling import inference_kwargs
+from ptq_jax.models import create_model, get_model_spec, init_variables
 from ptq_jax.models.fast_depthwise import fast_depthwise
 
 
@@ -37,12 +38,21 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
+OPTIMIZERS = ('sgd', 'adamw')
+
+
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int):
-  """SGD with Nesterov momentum, warmup + cosine decay, weight decay on kernels only."""
+  """Warmup + cosine decay, weight decay on kernels only; SGD with Nesterov momentum
+  (``config.optimizer='sgd'``, the default) or AdamW ('adamw', for the ViT)."""
   total = config.num_epochs * steps_per_epoch
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.learning_rate, min(config.warmup_steps, total // 2), total)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  name = config.get('optimizer', 'sgd')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'config.optimizer must be one of {OPTIMIZERS}, got {name!r}.')
+  if name == 'adamw':
+    return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask), schedule
   return optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
                      optax.sgd(schedule, momentum=config.momentum, nesterov=True)), schedule
 
@@ -73,9 +83,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   tx, schedule = make_optimizer(config, steps_per_epoch)
   key = jax.random.key(config.seed)
   init_key, dropout_key, aug_key = jax.random.split(key, 3)
-  variables = model.init(init_key, jnp.zeros((1,) + spec.input_shape), train=False)
+  variables = init_variables(config.model, init_key)
   state = TrainState(jnp.zeros((), jnp.int32), variables['params'],
-                     variables['batch_stats'], tx.init(variables['params']))
+                     variables.get('batch_stats', {}), tx.init(variables['params']))
+  train_kwargs = {'train': True} if 'train' in inference_kwargs(model) else {}
   preprocess = loader.PREPROCESSORS[config.data.dataset]
 
   @jax.jit
@@ -88,12 +99,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     def loss_fn(params):
       with fast_depthwise():
         logits, updates = model.apply(
-            {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+            {'params': params, 'batch_stats': state.batch_stats}, images, **train_kwargs,
             mutable=['batch_stats'], rngs={'dropout': jax.random.fold_in(dropout_key, state.step)})
       onehot = optax.smooth_labels(jax.nn.one_hot(labels, spec.num_classes),
                                    config.label_smoothing)
       loss = optax.softmax_cross_entropy(logits, onehot).mean()
-      return loss, (logits, updates['batch_stats'])
+      return loss, (logits, updates.get('batch_stats', state.batch_stats))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
