@@ -32,6 +32,7 @@ from ptq_jax.linear import LayerGeometry, apply_linear
 from ptq_jax.quant.interceptor import LayerQuant, quantized_input, quantized_weight
 from ptq_jax.stages.adaquant import rounding
 from ptq_jax.stages.adaquant.config import AdaQuantConfig, AdaQuantRuntime
+from ptq_jax.stages.adaquant.steps import run_loop
 from ptq_jax.trace import LayerInfo, activation_fn
 
 
@@ -108,35 +109,18 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
   step; 0 is AdaQuant exactly (the same program)."""
   tx = _optimizer(rates, _labels(lq), schedule)
 
-  def loss_fn(lq, x, y, drop_key):
+  def loss_fn(lq, x, y, step):
     lq = _scaled_ranges(lq, w_scale, 1)
     if drop_prob == 0.0:
       return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
+    drop_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
     keep_float = jax.random.bernoulli(drop_key, drop_prob, x.shape)
     x_used = jnp.where(keep_float, x, quantized_input(lq, x))
     out = activation_fn(activation)(apply_linear(geom, x_used, quantized_weight(lq)) + lq.bias)
     return jnp.mean((out - y)**2)
 
-  def minibatch(i):
-    return jax.random.choice(jax.random.fold_in(key, step0 + i), xs.shape[0], (batch,),
-                             replace=False)
-  # Every step's minibatch drawn up front in one batched op (the same indices as drawing
-  # them step by step), so the loop body holds no small sort kernels.
-  indices = minibatch(0)[None] if steps == 1 else jax.vmap(minibatch)(jnp.arange(steps))
-
-  def body(i, carry):
-    lq, opt_state, _ = carry
-    idx = indices[i]
-    drop_key = jax.random.fold_in(jax.random.fold_in(key, step0 + i), 1)
-    loss, grads = jax.value_and_grad(loss_fn)(lq, xs[idx], ys[idx], drop_key)
-    updates, opt_state = tx.update(grads, opt_state, lq)
-    return optax.apply_updates(lq, updates), opt_state, loss
-
-  carry = (_scaled_ranges(lq, w_scale, -1), opt_state, jnp.zeros((), jnp.float32))
-  if steps == 1:
-    lq, opt_state, loss = body(0, carry)
-  else:
-    lq, opt_state, loss = jax.lax.fori_loop(0, steps, body, carry)
+  lq, opt_state, loss = run_loop(loss_fn, tx, _scaled_ranges(lq, w_scale, -1), opt_state, xs,
+                                 ys, key, step0, steps, batch)
   return _scaled_ranges(lq, w_scale, 1), opt_state, loss
 
 

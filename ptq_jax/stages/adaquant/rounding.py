@@ -26,6 +26,7 @@ import optax
 from ptq_jax.linear import LayerGeometry, apply_linear
 from ptq_jax.quant.interceptor import LayerQuant, quantized_input, smoothed_kernel
 from ptq_jax.quant.quantizer import reshape_for, scale_and_zero_point
+from ptq_jax.stages.adaquant.steps import run_loop
 from ptq_jax.trace import activation_fn
 
 ZETA, GAMMA = 1.1, -0.1
@@ -121,22 +122,7 @@ def run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: 
     return jnp.mean((out - y)**2) + jnp.where(on, reg * regulariser(params['v'], beta) /
                                              params['v'].size, 0.0)
 
-  def minibatch(i):
-    return jax.random.choice(jax.random.fold_in(key, step0 + i), xs.shape[0], (batch,),
-                             replace=False)
-  indices = minibatch(0)[None] if steps == 1 else jax.vmap(minibatch)(jnp.arange(steps))
-
-  def body(i, carry):
-    params, opt_state, _ = carry
-    idx = indices[i]
-    loss, grads = jax.value_and_grad(loss_fn)(params, xs[idx], ys[idx], step0 + i)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  carry = (params, opt_state, jnp.zeros((), jnp.float32))
-  if steps == 1:
-    return body(0, carry)
-  return jax.lax.fori_loop(0, steps, body, carry)
+  return run_loop(loss_fn, tx, params, opt_state, xs, ys, key, step0, steps, batch)
 
 
 def hard_fraction(lq: LayerQuant, params: Dict[str, Any]) -> float:
