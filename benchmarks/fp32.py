@@ -19,7 +19,7 @@ from ptq_jax import checkpoint as ckpt
 from ptq_jax.bundled import bundled_checkpoints
 from ptq_jax.data import loader
 from ptq_jax.evaluation import predict_logits, top1_accuracy_pct
-from ptq_jax.models import MODELS, create_model
+from ptq_jax.models import MODELS, create_model, init_variables
 from ptq_jax.trace import totals, trace
 
 flags.DEFINE_string('out', 'results', 'Directory for fp32.json / fp32.md.')
@@ -51,7 +51,7 @@ def main(_):
       continue
     model = create_model(name)
     x = jnp.zeros((1,) + spec.input_shape)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    variables = jax.eval_shape(lambda: init_variables(name, jax.random.key(0)))
     counts = totals(trace(model, variables, x))
     records.append({'model': name, 'method': 'fp32', 'w_bits': 32, 'a_bits': 32,
                     'calib_size': 0,
