@@ -57,28 +57,28 @@ class ResNet20(nnx.Module):
 
 def resnet20_nnx(variables: Mapping[str, Any], num_classes: int = 10) -> ResNet20:
   """An NNX ResNet-20 holding the weights of a Linen ``resnet20`` (in eval mode)."""
-  model = ResNet20(num_classes)
+  # Built abstractly (no random init to throw away), then every variable is filled in.
+  model = nnx.eval_shape(lambda: ResNet20(num_classes))
   params, stats = variables['params'], variables['batch_stats']
 
-  def bn(target, name, where_params, where_stats):
-    target.scale[...] = jnp.asarray(where_params[name]['scale'])
-    target.bias[...] = jnp.asarray(where_params[name]['bias'])
-    target.mean[...] = jnp.asarray(where_stats[name]['mean'])
-    target.var[...] = jnp.asarray(where_stats[name]['var'])
+  def bn(name, where_params, where_stats):
+    return {'scale': where_params[name]['scale'], 'bias': where_params[name]['bias'],
+            'mean': where_stats[name]['mean'], 'var': where_stats[name]['var']}
 
-  model.conv_init.kernel[...] = jnp.asarray(params['conv_init']['kernel'])
-  bn(model.bn_init, 'bn_init', params, stats)
+  pure = {'conv_init': {'kernel': params['conv_init']['kernel']},
+          'bn_init': bn('bn_init', params, stats),
+          'head': {'kernel': params['head']['kernel'], 'bias': params['head']['bias']},
+          'blocks': {}}
   for k, block in enumerate(model.blocks):
     p, s = params[f'BasicBlock_{k}'], stats[f'BasicBlock_{k}']
-    block.conv0.kernel[...] = jnp.asarray(p['Conv_0']['kernel'])
-    block.conv1.kernel[...] = jnp.asarray(p['Conv_1']['kernel'])
-    bn(block.bn0, 'BatchNorm_0', p, s)
-    bn(block.bn1, 'BatchNorm_1', p, s)
+    entry = {'conv0': {'kernel': p['Conv_0']['kernel']}, 'bn0': bn('BatchNorm_0', p, s),
+             'conv1': {'kernel': p['Conv_1']['kernel']}, 'bn1': bn('BatchNorm_1', p, s)}
     if block.projects:
-      block.conv_proj.kernel[...] = jnp.asarray(p['conv_proj']['kernel'])
-      bn(block.norm_proj, 'norm_proj', p, s)
-  model.head.kernel[...] = jnp.asarray(params['head']['kernel'])
-  model.head.bias[...] = jnp.asarray(params['head']['bias'])
+      entry.update(conv_proj={'kernel': p['conv_proj']['kernel']},
+                   norm_proj=bn('norm_proj', p, s))
+    pure['blocks'][k] = entry
+  state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+  nnx.update(model, state)
   model.eval()
-  jax.block_until_ready(nnx.state(model))
   return model
