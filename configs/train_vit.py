@@ -2,8 +2,8 @@
 
 Command:
   python run.py --config=configs/train_vit.py --workdir=/tmp/train_vit
-Expected: >= 90% test top-1 (the bundled checkpoint's model card records the exact
-figure, seed and wall time).
+The model card it writes records the test top-1, seed and wall time; 12 epochs on a 2-core
+CPU took about 20 minutes.
 """
 
 import ml_collections
