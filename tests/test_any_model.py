@@ -112,7 +112,7 @@ def test_attention_projections_are_quantized_layers():
   assert np.abs(np.asarray(w8.apply(x)) - fp).max() < 0.05 * np.abs(fp).max()
   ada = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, first_last_bits=None,
                          method='adaquant', mode='sequential',
-                         adaquant=ptq_jax.AdaQuantConfig(iterations=20, batch_size=16),
+                         adaquant=ptq_jax.AdaQuantConfig(iterations=12, batch_size=16),
                          progress=False)
   reports = {r['path']: r for r in ada.layer_reports}   # optimised, never made worse
   assert all(reports[p]['rel_error_after'] <= reports[p]['rel_error_before'] for p in projections)
@@ -314,8 +314,5 @@ def test_pipelines_and_mixed_precision_take_a_range_config():
                                 options=('W8A8', 'W4A8'), range_method=config, progress=False)
   assert result.model.options['smooth_alpha'] == 0.5
   assert all(lq.smooth is not None for lq in result.model.qstate.values())
-  fixed = ptq_jax.run_pipeline(model, variables, x, 'light', range_method=config,
-                               progress=False)
-  assert all(lq.smooth is not None for lq in fixed.model.qstate.values())
   with pytest.raises(TypeError, match='RangeConfig'):
     ptq_jax.run_pipeline(model, variables, x, 'light', range_method=3, progress=False)
