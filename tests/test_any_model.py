@@ -108,8 +108,6 @@ def test_attention_projections_are_quantized_layers():
   assert rows['attn/query']['kernel_shape'] == '8x16' and rows['attn/out']['kernel_shape'] == '16x8'
   assert qm.size_bits() == 4 * sum(l.params for l in qm.layers)
   fp = np.asarray(model.apply(variables, x))
-  w8 = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False)
-  assert np.abs(np.asarray(w8.apply(x)) - fp).max() < 0.05 * np.abs(fp).max()
   ada = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, first_last_bits=None,
                          method='adaquant', mode='sequential',
                          adaquant=ptq_jax.AdaQuantConfig(iterations=12, batch_size=16),

@@ -103,7 +103,7 @@ def test_pipeline_job(trained, tfds_dir, tmp_path):
   config.data.data_dir = tfds_dir
   config.calib_size, config.eval_limit = 32, 100
   config.quant.iterations, config.quant.bias_steps = 3, 3
-  config.quant.options = ('W8A8', 'W4A4', 'W2A4')  # (six by default: slow to calibrate here)
+  config.quant.options = ('W8A8', 'W4A4')  # (six by default: slow to calibrate here)
   config.quant.cache_dir = str(tmp_path / 'cache')
   config.pipelines = ('sequential', 'light@13')
   records = jobs.run(config, str(tmp_path / 'work'))
