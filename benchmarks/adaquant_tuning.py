@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from common import (POLICIES, describe_device, fashion_mnist, merge_records, new_rows_from,
-                    write_results)
+from common import (POLICIES, describe_device, fashion_mnist, held_out, merge_records,
+                    new_rows_from, write_results)
 import ptq_jax
 
 # Overrides of the AdaQuantConfig defaults. 'reference' is the reference code's setting.
@@ -72,10 +72,7 @@ def main(_):
   model, variables, _ = ptq_jax.load_model(
       ptq_jax.bundled_checkpoints()[f'{FLAGS.model}_fashion_mnist'])
   calib = ptq_jax.calibration_set('fashion_mnist', FLAGS.calib_size, FLAGS.seed, data=train)
-  rest = np.setdiff1d(np.arange(len(train)), calib.indices)
-  val_idx = np.random.default_rng(FLAGS.seed + 1).choice(rest, FLAGS.val_size, replace=False)
-  val_images = ptq_jax.preprocess('fashion_mnist', train.images[val_idx])
-  val_labels = train.labels[val_idx]
+  val_images, val_labels = held_out(train, calib.indices, FLAGS.val_size, FLAGS.seed + 1)
   common = dict(w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits, first_last_bits=POLICIES['first_last_8bit'])
   records = []
 

@@ -13,8 +13,8 @@ import numpy as np
 from ptq_jax.data import loader
 from ptq_jax.jobs.results import describe_device, read_results, write_results
 
-__all__ = ['POLICIES', 'concurrency_fields', 'describe_device', 'fashion_mnist', 'length_buckets',
-           'merge_records', 'new_rows_from', 'read_results', 'write_results']
+__all__ = ['POLICIES', 'concurrency_fields', 'describe_device', 'fashion_mnist', 'held_out',
+           'length_buckets', 'merge_records', 'new_rows_from', 'read_results', 'write_results']
 
 # First/last-layer policies: the paper's 8-bit, or every layer alike.
 POLICIES = {'first_last_8bit': 8, 'all_layers_alike': None}
@@ -28,6 +28,16 @@ def fashion_mnist(test_limit: int = 0) -> Tuple[loader.ArraySplit, loader.ArrayS
   if test_limit:
     test = loader.ArraySplit(test.images[:test_limit], test.labels[:test_limit])
   return train, test, loader.preprocess('fashion_mnist', test.images)
+
+
+def held_out(train: loader.ArraySplit, used: np.ndarray, size: int, seed: int
+             ) -> Tuple[np.ndarray, np.ndarray]:
+  """``size`` preprocessed train images (and labels) outside the indices ``used`` (the
+  calibration set), drawn reproducibly from ``seed``: the validation split defaults are
+  chosen on, never the test split."""
+  rest = np.setdiff1d(np.arange(len(train)), used)
+  index = np.random.default_rng(seed).choice(rest, size, replace=False)
+  return loader.preprocess('fashion_mnist', train.images[index]), train.labels[index]
 
 
 def merge_records(out: str, name: str, records: List[Dict[str, Any]],

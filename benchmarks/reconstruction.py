@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from common import describe_device, fashion_mnist, merge_records, write_results
+from common import describe_device, fashion_mnist, held_out, merge_records, write_results
 import ptq_jax
 
 # Each method: how it reconstructs from the calibrated start.
@@ -62,10 +62,7 @@ def main(_):
   bits = [tuple(int(b) for b in pair.split('/')) for pair in FLAGS.bits]
   train, test, test_images = fashion_mnist()
   calib = ptq_jax.calibration_set('fashion_mnist', FLAGS.calib_size, FLAGS.seed, data=train)
-  rest = np.setdiff1d(np.arange(len(train)), calib.indices)
-  val_idx = np.random.default_rng(FLAGS.seed + 1).choice(rest, FLAGS.val_size, replace=False)
-  val_images = ptq_jax.preprocess('fashion_mnist', train.images[val_idx])
-  val_labels = train.labels[val_idx]
+  val_images, val_labels = held_out(train, calib.indices, FLAGS.val_size, FLAGS.seed + 1)
   records = []
   for name in FLAGS.models:
     model, variables, _ = ptq_jax.load_model(ptq_jax.bundled_checkpoints()[f'{name}_fashion_mnist'])
