@@ -51,24 +51,12 @@ def relative_stack(stack: str, root: str) -> str:
   return '/'.join(parts)
 
 
-def find_float_ops(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[bool],
-                   root: str, covered: Iterable[str], modules: Dict[str, str]) -> List[FloatOp]:
-  """The parameter x data contractions of ``closed`` outside the ``covered`` module paths.
-
-  ``param_mask`` / ``data_mask`` flag the jaxpr's inputs that are parameters / data.
-  """
-  covered = list(covered)
-  found: List[FloatOp] = []
-
-  def module_of(stack: str) -> str:
-    """The deepest known module whose path prefixes the (relative) name stack."""
-    parts = stack.split('/') if stack else []
-    for k in range(len(parts), 0, -1):
-      if '/'.join(parts[:k]) in modules:
-        return '/'.join(parts[:k])
-    return ''
-
-  def walk(jaxpr, params: List[bool], data: List[bool], prefix: str) -> None:
+def _linear_eqns(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[bool],
+                 root: str):
+  """Yields ``(eqn, stack, (param, data) flags of its operands)`` for every
+  ``dot_general`` / ``conv_general_dilated`` of ``closed``, recursing into sub-jaxprs.
+  An operand is 'param' if it depends on a flagged parameter, 'data' if on the data."""
+  def walk(jaxpr, params: List[bool], data: List[bool], prefix: str):
     flags: Dict[Any, tuple] = {v: (p, d) for v, p, d in zip(jaxpr.invars, params, data)}
 
     def flag(v):
@@ -78,25 +66,65 @@ def find_float_ops(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[
       ins = [flag(v) for v in eqn.invars]
       stack = relative_stack(prefix + str(eqn.source_info.name_stack), root)
       if eqn.primitive.name in LINEAR_PRIMITIVES and len(ins) >= 2:
-        (p0, d0), (p1, d1) = ins[0], ins[1]
-        weight = 1 if (p1 and not d1 and d0) else 0 if (p0 and not d0 and d1) else None
-        if weight is not None and not any(stack == c or stack.startswith(c + '/')
-                                          for c in covered):
-          path = module_of(stack)
-          found.append(FloatOp(path, modules.get(path, ''), eqn.primitive.name,
-                               int(np.prod(eqn.invars[weight].aval.shape)),
-                               _reason(modules.get(path, ''))))
+        yield eqn, stack, ins
       for sub in _sub_jaxprs(eqn):
         if len(sub.invars) == len(ins):
-          walk(sub, [p for p, _ in ins], [d for _, d in ins], stack + '/')
+          yield from walk(sub, [p for p, _ in ins], [d for _, d in ins], stack + '/')
         else:   # unknown calling convention: assume every input may be anything
-          walk(sub, [any(p for p, _ in ins)] * len(sub.invars),
-               [any(d for _, d in ins)] * len(sub.invars), stack + '/')
+          yield from walk(sub, [any(p for p, _ in ins)] * len(sub.invars),
+                          [any(d for _, d in ins)] * len(sub.invars), stack + '/')
       out = (any(p for p, _ in ins), any(d for _, d in ins))
       for v in eqn.outvars:
         flags[v] = out
 
-  walk(closed.jaxpr, list(param_mask), list(data_mask), '')
+  yield from walk(closed.jaxpr, list(param_mask), list(data_mask), '')
+
+
+def _module_of(stack: str, modules: Dict[str, str]) -> str:
+  """The deepest known module whose path prefixes the (relative) name stack."""
+  parts = stack.split('/') if stack else []
+  for k in range(len(parts), 0, -1):
+    if '/'.join(parts[:k]) in modules:
+      return '/'.join(parts[:k])
+  return ''
+
+
+def _inside(stack: str, covered: Sequence[str]) -> bool:
+  return any(stack == c or stack.startswith(c + '/') for c in covered)
+
+
+def find_float_ops(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[bool],
+                   root: str, covered: Iterable[str], modules: Dict[str, str]) -> List[FloatOp]:
+  """The parameter x data contractions of ``closed`` outside the ``covered`` module paths.
+
+  ``param_mask`` / ``data_mask`` flag the jaxpr's inputs that are parameters / data.
+  """
+  covered, found = list(covered), []
+  for eqn, stack, ins in _linear_eqns(closed, param_mask, data_mask, root):
+    (p0, d0), (p1, d1) = ins[0], ins[1]
+    weight = 1 if (p1 and not d1 and d0) else 0 if (p0 and not d0 and d1) else None
+    if weight is not None and not _inside(stack, covered):
+      path = _module_of(stack, modules)
+      found.append(FloatOp(path, modules.get(path, ''), eqn.primitive.name,
+                           int(np.prod(eqn.invars[weight].aval.shape)),
+                           _reason(modules.get(path, ''))))
+  return found
+
+
+def find_activation_matmuls(closed: Any, param_mask: Sequence[bool],
+                            data_mask: Sequence[bool], root: str, covered: Iterable[str],
+                            modules: Dict[str, str]) -> List[FloatOp]:
+  """The contractions of two data-dependent operands (activation x activation, as in
+  attention) outside the ``covered`` module paths: what ``quantize_matmuls`` would
+  leave in float."""
+  covered, found = list(covered), []
+  for eqn, stack, ins in _linear_eqns(closed, param_mask, data_mask, root):
+    if ins[0][1] and ins[1][1] and not _inside(stack, covered):
+      path = _module_of(stack, modules)
+      found.append(FloatOp(path, modules.get(path, ''), eqn.primitive.name, 0,
+                           'an activation x activation matmul outside a recognised attention '
+                           'module (nn.MultiHeadDotProductAttention / nnx.MultiHeadAttention '
+                           'with the default attention function)'))
   return found
 
 

@@ -8,7 +8,9 @@ call (``nnx.merge``, a fresh copy: nothing is mutated) and routes each of its
 ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` / ``nnx.BatchNorm`` calls through
 the equivalent Linen layer (``nn.Dense`` / ``nn.Conv`` / ``nn.DenseGeneral`` /
 ``nn.BatchNorm``) holding the same parameters, which the library's interceptor sees
-like any Linen layer. Layers are named by their NNX path (``layers.0``). Every other
+like any Linen layer; the default attention function of each ``nnx.MultiHeadAttention``
+is called through :class:`~ptq_jax.quant.attention.AttentionCore` (its matmuls can be
+quantized). Layers are named by their NNX path (``layers.0``). Every other
 parameter (norms, embeddings, ``nnx.Einsum``, a module's own ``nnx.Param``) stays in the
 NNX code, under ``params['nnx']``, where the float-operation check still finds any
 contraction of it (and names the NNX path: each such module runs in a name scope).
@@ -22,6 +24,8 @@ from typing import Any, Dict, Tuple
 import flax.linen as nn
 import jax
 from flax import nnx
+
+from ptq_jax.quant.attention import AttentionCore
 
 NNX_KEY = 'nnx'   # params['nnx']: the NNX parameters the converted layers do not hold
 
@@ -99,6 +103,8 @@ class NNXModel(nn.Module):
   layers: Tuple[Tuple[Tuple[Any, ...], str], ...]   # converted: (NNX path, name)
   scoped: Tuple[Tuple[Tuple[Any, ...], str, str], ...]   # others with parameters, + class
   other: Any = None                        # the rest of the NNX state (RNG streams)
+  # nnx.MultiHeadAttention modules with the default attention function: (NNX path, name)
+  attention: Tuple[Tuple[Tuple[Any, ...], str], ...] = ()
 
   @nn.compact
   def __call__(self, x):
@@ -116,6 +122,11 @@ class NNXModel(nn.Module):
       sub = _get(model, path)
       sub.__class__ = _scoped_class(type(sub))
       object.__setattr__(sub, '_ptq_name', name)
+    for path, name in self.attention:   # the interceptor sees them as AttentionCore calls
+      core = AttentionCore(name=name)
+      # (``module`` is for sowing attention weights, off in inference; Linen reserves it.)
+      object.__setattr__(_get(model, path), 'attention_fn',
+                         lambda *args, module=None, _core=core, **kwargs: _core(*args, **kwargs))
     return model(x)
 
 
@@ -148,7 +159,10 @@ def from_nnx(module: nnx.Module) -> Tuple[NNXModel, Dict[str, Any]]:
   scoped = tuple((p, _name(p), type(m).__name__) for p, m in modules
                  if p not in converted and callable(m)
                  and any(isinstance(v, nnx.Param) for v in vars(m).values()))
-  model = NNXModel(graphdef, treedef, tuple(leaves), tuple(converted.items()), scoped, other)
+  attention = tuple((p, _name(p)) for p, m in modules if isinstance(m, nnx.MultiHeadAttention)
+                    and m.attention_fn is nnx.dot_product_attention)
+  model = NNXModel(graphdef, treedef, tuple(leaves), tuple(converted.items()), scoped, other,
+                   attention)
   variables = {'params': params}
   if stats:
     variables['batch_stats'] = stats

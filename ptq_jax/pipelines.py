@@ -29,6 +29,7 @@ from ptq_jax.quantize import quantized_model
 from ptq_jax.quantized_model import QuantizedModel
 from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime, adaquant
 from ptq_jax.stages.allocation import Allocation
+from ptq_jax.stages.attention import attention_matmuls
 from ptq_jax.stages.bias_tuning import bias_tuning
 from ptq_jax.stages.bn_tuning import bn_tuning
 from ptq_jax.stages.prepare import Prepared, Stage, prepare, run_stages
@@ -100,7 +101,8 @@ def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
                     adaquant_config: Optional[AdaQuantConfig] = None,
                     runtime: Optional[AdaQuantRuntime] = None, bias_steps: int = 800,
                     cache_dir: Optional[str] = None, mixed: Optional[MixedPrecision] = None,
-                    bn_target: str = 'data', progress: bool = True) -> List[Stage]:
+                    bn_target: str = 'data', progress: bool = True,
+                    quantize_matmuls: bool = False) -> List[Stage]:
   """The ordered stages of ``pipeline`` (see :func:`run_pipeline` for the arguments).
   The mixed-precision stages record the allocation, table and per-option states they
   used in ``result``."""
@@ -153,6 +155,20 @@ def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
       'advanced': [fixed_ranges, Stage('adaquant', option_adaquant_stage)],
       'sequential': [fixed_ranges, adaquant('sequential', adaquant_config, runtime, progress)]}
   head = [Stage('mixed_precision', mixed_stage)] if budget else heads[pipeline]
+  if quantize_matmuls:
+    # Calibrated after the layers' ranges (the operands their quantized layers produce),
+    # and again, then optimised, after AdaQuant (which returns the layers' states only).
+    config = as_range_config(range_method)
+    optimised = adaquant_config or AdaQuantConfig()
+    with_matmuls = []
+    for stage in head:
+      with_matmuls.append(stage)
+      if stage.name in ('ranges', 'mixed_precision') and (pipeline == 'light'
+                                                          or stage.name == 'ranges'):
+        with_matmuls.append(attention_matmuls(a_bits, config, None, 'matmul_ranges'))
+      elif stage.name in ('adaquant', 'mixed_precision'):
+        with_matmuls.append(attention_matmuls(a_bits, config, optimised, 'matmul_adaquant'))
+    head = with_matmuls
   tail = [bn_tuning(bn_target, progress=progress)]
   if pipeline != 'light' and bias_steps:
     tail.append(bias_tuning(bias_steps, progress=progress))
@@ -178,7 +194,8 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
                  bias_steps: int = 800, key: Optional[jax.Array] = None,
                  cache_dir: Optional[str] = None, model_name: str = 'model',
                  mixed: Optional[MixedPrecision] = None, bn_target: str = 'data',
-                 unsupported: str = 'error', progress: bool = True) -> PipelineResult:
+                 unsupported: str = 'error', quantize_matmuls: bool = False,
+                 progress: bool = True) -> PipelineResult:
   """Runs one pipeline; see the module docstring.
 
   Args:
@@ -200,6 +217,8 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
       calibration data unlike the training data; see ptq_jax.stages.bn_tuning).
     unsupported: 'error' or 'keep_float' for operations ptq_jax cannot quantize
       (see :func:`ptq_jax.quantize`; fixed-bit pipelines only).
+    quantize_matmuls: also quantize the attention matmuls at ``a_bits`` (a stage after
+      the layers' bits are set; optimised in the advanced and sequential pipelines).
   """
   check_key(key)
   result = PipelineResult(pipeline, [])
@@ -208,8 +227,9 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
                            bops_pct=bops_pct, options=options, range_method=range_method,
                            adaquant_config=adaquant, runtime=runtime, bias_steps=bias_steps,
                            cache_dir=cache_dir, mixed=mixed, bn_target=bn_target,
-                           progress=progress)
-  prepared = prepare(model, variables, calib, model_name=model_name, unsupported=unsupported)
+                           progress=progress, quantize_matmuls=quantize_matmuls)
+  prepared = prepare(model, variables, calib, model_name=model_name, unsupported=unsupported,
+                     quantize_matmuls=quantize_matmuls)
   if mixed is not None and not np.array_equal(mixed.prepared.images, prepared.images):
     raise ValueError('mixed= was computed on other calibration images than this run\'s; pass '
                      'the same images (or leave mixed=None to compute the states).')
@@ -224,6 +244,7 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
     else:
       options = dict(result.stages[0].model.options if result.stages else base)
     options['stages'] = list(names)
+    options['quantize_matmuls'] = quantize_matmuls
     qm = quantized_model(prepared, state, options,
                          layer_reports=report if name == 'adaquant' else None)
     result.stages.append(StageResult(name, qm, seconds, report))

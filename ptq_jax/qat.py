@@ -20,6 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 from ptq_jax.data.augment import augment
+from ptq_jax.quant.attention import AttentionQuant
 from ptq_jax.quant.interceptor import LayerQuant, apply_quantized
 from ptq_jax.quantized_model import QuantizedModel
 
@@ -58,7 +59,9 @@ def qat_train(qm: QuantizedModel, images: np.ndarray, labels: np.ndarray,
   key = jax.random.key(0) if key is None else key
   steps_per_epoch = len(images) // batch_size
   steps = max(1, int(round(epochs * steps_per_epoch)))
-  groups = {path: LayerQuant('weights', 'weights', _ranges(lq.w_quant), _ranges(lq.a_quant))
+  groups = {path: jax.tree.map(lambda _: 'ranges', lq) if isinstance(lq, AttentionQuant)
+            else LayerQuant('weights', 'weights', _ranges(lq.w_quant), _ranges(lq.a_quant),
+                            None if lq.smooth is None else 'ranges')
             for path, lq in qm.qstate.items()}
   tx = optax.multi_transform(
       {'weights': optax.adam(optax.cosine_decay_schedule(learning_rate, steps)),

@@ -18,6 +18,7 @@ import jax
 from ptq_jax.quant.interceptor import QState
 from ptq_jax.quantized_model import QuantizedModel
 from ptq_jax.stages.adaquant import MODES, AdaQuantConfig, AdaQuantRuntime, run_adaquant
+from ptq_jax.stages.attention import attention_matmuls
 from ptq_jax.stages.prepare import Prepared, prepare
 from ptq_jax.stages.ranges import Bits, RangeConfig, assign_bits, calibrate_ranges
 from ptq_jax.validate import check_key
@@ -44,7 +45,8 @@ def quantize(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: A
              runtime: Optional[AdaQuantRuntime] = None, key: Optional[jax.Array] = None,
              devices: Optional[Sequence[Any]] = None, progress: bool = True,
              input_shape: Optional[Sequence[int]] = None,
-             model_name: Optional[str] = None, unsupported: str = 'error') -> QuantizedModel:
+             model_name: Optional[str] = None, unsupported: str = 'error',
+             quantize_matmuls: bool = False) -> QuantizedModel:
   """Post-training quantization: calibrated ranges (baseline PTQ), then optionally AdaQuant.
 
   Args:
@@ -73,6 +75,10 @@ def quantize(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: A
       ``nn.Conv`` / ``nn.Dense`` layer called once: 'error' (the default: raises
       ``UnsupportedLayerError`` naming it) or 'keep_float' (it stays float32, with a
       warning, counted at 32 bits in ``size_bits``).
+    quantize_matmuls: also quantize the two activation x activation matmuls of every
+      attention module (Q·Kᵀ and attention·V; per-tensor operand quantizers at
+      ``a_bits``, calibrated after the layers and, with AdaQuant, optimised; see
+      ``ptq_jax.stages.attention``).
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not one of {METHODS}.')
@@ -81,8 +87,12 @@ def quantize(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: A
   check_key(key)
   if not isinstance(ranges, RangeConfig):
     raise TypeError(f'ranges must be a ptq_jax.RangeConfig, got {type(ranges).__name__}.')
+  if quantize_matmuls and a_bits is None:
+    raise ValueError('quantize_matmuls=True quantizes attention operands at a_bits; a_bits=None '
+                     'leaves activations in float.')
   start = time.time()
-  prepared = prepare(model, variables, calib, input_shape, model_name, unsupported)
+  prepared = prepare(model, variables, calib, input_shape, model_name, unsupported,
+                     quantize_matmuls)
   bits = assign_bits(prepared.layers, w_bits, a_bits, first_last_bits, overrides)
   qstate = calibrate_ranges(prepared, bits, ranges)
   timings = {'calibrate_seconds': time.time() - start}
@@ -102,4 +112,12 @@ def quantize(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: A
                                    runtime or AdaQuantRuntime())
     timings['adaquant_seconds'] = time.time() - start
     options.update(mode=mode, adaquant=dataclasses.asdict(adaquant))
+  if quantize_matmuls:
+    start = time.time()
+    qstate, site_reports = attention_matmuls(
+        a_bits, ranges, adaquant if method == 'adaquant' else None).apply(
+        prepared, qstate, jax.random.key(0) if key is None else key)
+    reports = list(reports) + list(site_reports or [])
+    timings['attention_seconds'] = time.time() - start
+  options['quantize_matmuls'] = quantize_matmuls
   return quantized_model(prepared, qstate, options, timings, reports)

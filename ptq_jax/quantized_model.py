@@ -19,8 +19,9 @@ import numpy as np
 
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.evaluation import batched_predict
-from ptq_jax.quant.interceptor import (LayerQuant, QState, apply_quantized, quantized_weight,
-                                       smoothed_kernel)
+from ptq_jax.quant.attention import OPERANDS, AttentionQuant
+from ptq_jax.quant.interceptor import (LayerQuant, QState, apply_quantized, layer_states,
+                                       quantized_weight, smoothed_kernel)
 from ptq_jax.quant.quantizer import QuantizerState, check_bits
 from ptq_jax.float_ops import FloatOp
 from ptq_jax.nnx_bridge import from_nnx, is_nnx
@@ -82,7 +83,12 @@ class QuantizedModel:
   def bits(self) -> Dict[str, Tuple[Bits, Bits]]:
     """(w_bits, a_bits) per layer."""
     return {p: (lq.w_quant.bits if lq.w_quant else None, lq.a_quant.bits if lq.a_quant else None)
-            for p, lq in self.qstate.items()}
+            for p, lq in layer_states(self.qstate).items()}
+
+  def matmul_bits(self) -> Dict[str, int]:
+    """Operand bits of every attention site whose matmuls are quantized
+    (``quantize_matmuls=True``); empty otherwise."""
+    return {p: q.bits for p, q in self.qstate.items() if isinstance(q, AttentionQuant)}
 
   @property
   def report(self) -> List[Dict[str, Any]]:
@@ -99,6 +105,10 @@ class QuantizedModel:
                    'w_bits': w, 'a_bits': a, 'params': layer.params, 'macs': layer.macs,
                    'weight_bits_total': layer.params * (w or 32),
                    'weight_rel_mse': float(err)})
+    for p, b in self.matmul_bits().items():   # quantize_matmuls: no weights
+      rows.append({'path': p, 'kind': 'attention matmuls', 'kernel_shape': '', 'groups': '',
+                   'folded_bn': '', 'activation': '', 'w_bits': None, 'a_bits': b, 'params': 0,
+                   'macs': '', 'weight_bits_total': 0, 'weight_rel_mse': 0.0})
     for op in self.float_ops:   # kept in float32 (unsupported='keep_float')
       rows.append({'path': op.path, 'kind': f'float {op.module or op.primitive}',
                    'kernel_shape': '', 'groups': '', 'folded_bn': '', 'activation': '',
@@ -119,9 +129,13 @@ class QuantizedModel:
 
   def save(self, path: str) -> None:
     """Writes the original variables, the quantization state and the options atomically."""
-    qtree = {p: layer_to_tree(lq) for p, lq in self.qstate.items()}
+    qtree = {p: layer_to_tree(lq) for p, lq in layer_states(self.qstate).items()}
+    qtree.update({p: {n: {'range': getattr(q, n).range, 'low': getattr(q, n).low}
+                      for n in OPERANDS}
+                  for p, q in self.qstate.items() if isinstance(q, AttentionQuant)})
     meta = {'kind': 'quantized', 'options': self.options, 'input_shape': list(self.input_shape),
             'bits': {p: list(b) for p, b in self.bits().items()},
+            'matmul_bits': self.matmul_bits(),
             'symmetric': self.options.get('symmetric', False)}
     if 'model' in self.options:
       meta['model'] = self.options['model']
@@ -145,8 +159,10 @@ class QuantizedModel:
       variables, qtree = tree['variables'], tree['qstate']
       input_shape = tuple(int(d) for d in meta['input_shape'])
       bits, options, symmetric = meta['bits'], dict(meta['options']), meta['symmetric']
+      matmul_bits = meta.get('matmul_bits', {})
       if not (input_shape and min(input_shape) > 0 and isinstance(symmetric, bool)
-              and isinstance(bits, dict) and isinstance(qtree, dict)):
+              and isinstance(bits, dict) and isinstance(qtree, dict)
+              and isinstance(matmul_bits, dict)):
         raise ValueError('input_shape, bits, symmetric or qstate has the wrong form')
     except (KeyError, TypeError, ValueError) as e:
       raise ckpt.CheckpointError(f'{path} has malformed metadata ({type(e).__name__}: {e}); '
@@ -159,11 +175,16 @@ class QuantizedModel:
       raise ckpt.CheckpointError(f'{path} was saved from another model: {type(e).__name__}: '
                                  f'{str(e)[:200]}') from e
     paths = {l.path for l in layers}
-    if paths != set(qtree) or paths != set(bits):
+    sites = {s.path for s in traced.attention}
+    if (paths != set(bits) or not set(matmul_bits) <= sites
+        or set(qtree) != paths | set(matmul_bits)):
       raise ckpt.CheckpointError(f'{path} was saved from another model: its layers '
-                                 f'{sorted(set(qtree) ^ paths)[:5]} do not match.')
+                                 f'{sorted(set(qtree) ^ (paths | set(matmul_bits)))[:5]} do not '
+                                 'match.')
     qstate = {l.path: checked_layer(qtree[l.path], l, bits[l.path], symmetric, path, fix)
               for l in layers}
+    qstate.update({p: checked_attention(qtree[p], p, b, path, fix)
+                   for p, b in matmul_bits.items()})
     return cls(model, variables, layers, qstate, options, input_shape,
                float_ops=list(traced.float_ops))
 
@@ -211,6 +232,33 @@ def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: bool, path:
     if name == 'smooth' and np.any(value <= 0):
       raise ckpt.CheckpointError(f'{where}: smooth holds scales <= 0; {fix}.')
   return layer_from_tree(tree, w_bits, a_bits, symmetric)
+
+
+def checked_attention(tree: Any, site: str, bits: Any, path: str, fix: str) -> AttentionQuant:
+  """An attention site's operand quantizers read from a file, checked: bits 2..8,
+  per-tensor finite ranges >= 0; raises CheckpointError naming the field."""
+  where = f'{path}: attention site {site}'
+  try:
+    bits = check_bits(bits, 'matmul bits')
+    if bits is None:
+      raise ValueError('matmul bits must be an integer')
+  except (TypeError, ValueError) as e:
+    raise ckpt.CheckpointError(f'{where}: {e}; {fix}.') from e
+  quantizers = []
+  for name in OPERANDS:
+    fields = tree.get(name) if isinstance(tree, dict) else None
+    if not isinstance(fields, dict) or set(fields) != {'range', 'low'}:
+      raise ckpt.CheckpointError(f'{where}: the {name} quantizer is missing or malformed; {fix}.')
+    r, low = (np.asarray(fields[k]) for k in ('range', 'low'))
+    for field, value in (('range', r), ('low', low)):
+      if (not np.issubdtype(value.dtype, np.floating) or value.shape != ()
+          or not np.isfinite(value)):
+        raise ckpt.CheckpointError(f'{where}: {name}/{field} must be one finite float, got '
+                                   f'{value.dtype}{list(value.shape)}; {fix}.')
+    if r < 0:
+      raise ckpt.CheckpointError(f'{where}: {name}/range is negative; {fix}.')
+    quantizers.append(QuantizerState(jnp.asarray(r), jnp.asarray(low), bits, False))
+  return AttentionQuant(*quantizers)
 
 
 def layer_to_tree(lq: LayerQuant) -> Dict[str, Any]:

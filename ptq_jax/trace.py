@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax.calling import inference_kwargs
-from ptq_jax.float_ops import FloatOp, find_float_ops, relative_stack
+from ptq_jax.float_ops import FloatOp, find_activation_matmuls, find_float_ops, relative_stack
 from ptq_jax.linear import LayerGeometry, dense_general_view, geometry_of
 from ptq_jax.nnx_bridge import NNXModel
+from ptq_jax.quant.attention import AttentionCore, attention_fn_swapped, is_linen_site
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,12 +170,38 @@ def _graph_facts(jaxpr, root: str, layers: List[LayerInfo],
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionSite:
+  """An attention module whose two matmuls ``quantize_matmuls`` can quantize
+  (:mod:`ptq_jax.quant.attention`)."""
+  path: str
+  q_shape: Tuple[int, ...]     # per example: (length, heads, depth)
+  k_shape: Tuple[int, ...]
+  v_shape: Tuple[int, ...]
+  masked: bool                 # called with a mask, a bias or is_causal
+  macs: int                    # of Q·Kᵀ and attention·V, per example
+
+
+@dataclasses.dataclass(frozen=True)
 class Traced:
-  """What one traced forward pass tells: the quantizable layers, and every other
+  """What one traced forward pass tells: the quantizable layers, every other
   parameter-carrying linear operation (which would stay float; see
-  :mod:`ptq_jax.float_ops`)."""
+  :mod:`ptq_jax.float_ops`), the attention sites and the activation x activation
+  matmuls outside them."""
   layers: List[LayerInfo]
   float_ops: List[FloatOp]
+  attention: List[AttentionSite] = dataclasses.field(default_factory=list)
+  other_matmuls: List[FloatOp] = dataclasses.field(default_factory=list)
+
+
+def _site(path: str, args, kwargs) -> AttentionSite:
+  query, key, value = (np.shape(a) for a in args[:3])
+  masked = (any(a is not None for a in args[3:5])
+            or any(kwargs.get(k) is not None for k in ('bias', 'mask'))
+            or bool(kwargs.get('is_causal', False)))
+  heads, length_q, length_k = query[-2], query[-3], key[-3]
+  batch = int(np.prod(query[1:-3]))
+  macs = batch * heads * length_q * length_k * (query[-1] + value[-1])
+  return AttentionSite(path, tuple(query[1:]), tuple(key[1:]), tuple(value[1:]), masked, macs)
 
 
 def trace(model: nn.Module, variables: Dict[str, Any], x: Any,
@@ -198,13 +225,28 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
   outputs: Dict[int, str] = {}   # id(output array) -> path of the layer that made it
   bn_of: Dict[str, str] = {}     # layer path -> path of the BatchNorm fed by its output
   bn_eps: Dict[str, float] = {}
+  sites: Dict[str, AttentionSite] = {}
+  site_calls: Dict[str, int] = {}
 
   def interceptor(next_fun, args, kwargs, context):
-    y = next_fun(*args, **kwargs)
     module = context.module
+    path = '/'.join(module.path)
+    if context.method_name == '__call__' and isinstance(module, AttentionCore):
+      site_calls[path] = site_calls.get(path, 0) + 1
+      sites.setdefault(path, _site(path, args, kwargs))
+    elif context.method_name == '__call__' and is_linen_site(module):
+      def recorder(original):
+        def record(query, key, value, bias=None, mask=None, **kw):
+          site_calls[path] = site_calls.get(path, 0) + 1
+          sites.setdefault(path, _site(path, (query, key, value, bias, mask), kw))
+          return original(query, key, value, bias=bias, mask=mask, **kw)
+        return record
+      modules.setdefault(path, type(module).__name__)
+      with attention_fn_swapped(module, recorder):
+        return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
     if context.method_name != '__call__' or not args:
       return y
-    path = '/'.join(module.path)
     modules.setdefault(path, type(module).__name__)
     if isinstance(module, nn.BatchNorm):
       producer = outputs.get(id(args[0]))
@@ -248,7 +290,11 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
                        f'called {calls[l.path]} times (shared weights), which ptq_jax does not '
                        'quantize yet') for l in layers if l.path in shared]
   float_ops += find_float_ops(closed, is_param, is_data, root, calls, modules)
-  return Traced(kept, float_ops)
+  attention = [s for p, s in sites.items() if site_calls[p] == 1]
+  modules.update({p: 'attention' for p in sites if p not in modules})
+  other = find_activation_matmuls(closed, is_param, is_data, root,
+                                  list(calls) + [s.path for s in attention], modules)
+  return Traced(kept, float_ops, attention, other)
 
 
 def _normalises_last_axis(module: nn.BatchNorm, ndim: int) -> bool:

@@ -111,6 +111,10 @@ def record_geometry(record: Mapping[str, Any]) -> LayerGeometry:
 
 def export_integer(qmodel, path: str) -> Dict[str, Dict[str, Any]]:
   """Writes every layer's integer record to ``path`` (atomically) and returns them."""
+  if qmodel.matmul_bits():
+    raise ValueError('The integer export holds conv/dense layers only, and this model also '
+                     'quantizes its attention matmuls (quantize_matmuls=True): export a model '
+                     'quantized without quantize_matmuls.')
   records = {l.path: layer_export(l, qmodel.qstate[l.path]) for l in qmodel.layers}
   ckpt.save_checkpoint(path, records, {'kind': 'integer', 'layers': list(records)})
   return records

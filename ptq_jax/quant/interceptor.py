@@ -19,6 +19,8 @@ from flax import struct
 from ptq_jax.calling import inference_kwargs
 from ptq_jax.linear import (LayerGeometry, apply_linear, flatten_input, geometry_of,
                             unflatten_output)
+from ptq_jax.quant.attention import (AttentionCore, AttentionQuant,
+                                    attention_fn_swapped, is_linen_site, quantized_attention)
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant, reshape_for
 
 
@@ -35,7 +37,13 @@ class LayerQuant:
   smooth: Optional[jnp.ndarray] = None
 
 
-QState = Dict[str, LayerQuant]
+# Layer path -> LayerQuant; with quantize_matmuls also attention path -> AttentionQuant.
+QState = Dict[str, Any]
+
+
+def layer_states(qstate: Mapping[str, Any]) -> Dict[str, LayerQuant]:
+  """The layers' entries of a quantization state (its attention entries left out)."""
+  return {p: v for p, v in qstate.items() if isinstance(v, LayerQuant)}
 
 
 def smoothed_kernel(lq: LayerQuant) -> jnp.ndarray:
@@ -86,25 +94,47 @@ def quantized_layer_output(module: nn.Module, lq: LayerQuant, x: jnp.ndarray) ->
 def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
                      on_layer: Optional[Callable[[str, jnp.ndarray], None]] = None,
                      layer_output: Optional[Callable[[str, nn.Module, jnp.ndarray],
-                                                     jnp.ndarray]] = None):
+                                                     jnp.ndarray]] = None,
+                     on_operand: Optional[Callable[[str, str, jnp.ndarray], None]] = None):
   """An ``nn.intercept_methods`` interceptor applying ``qstate``.
 
   ``on_layer(path, x)``, if given, is called with each quantized layer's float
   input before quantization (used to capture calibration activations).
   ``layer_output(path, module, x)``, if given, replaces how a layer in ``qstate``
   computes its output (the sensitivity pass gates quantization per layer with it).
+  ``on_operand(path, name, x)``, if given, is called with every attention site's matmul
+  operands (:data:`~ptq_jax.quant.attention.OPERANDS`) before quantization; the sites
+  then compute their attention explicitly.
   """
   if layer_output is None:
     layer_output = lambda path, module, x: quantized_layer_output(module, qstate[path], x)
+
+  def attention(path: str):
+    """The attention function of site ``path``, or None to leave it untouched."""
+    quant = qstate.get(path)
+    if not isinstance(quant, AttentionQuant) and on_operand is None:
+      return None
+    hook = None if on_operand is None else (lambda name, x: on_operand(path, name, x))
+    return lambda *a, **k: quantized_attention(
+        *a, quant=quant if isinstance(quant, AttentionQuant) else None, on_operand=hook, **k)
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != '__call__' or not args or not module.path:
       return next_fun(*args, **kwargs)
     path = '/'.join(module.path)
+    if isinstance(module, AttentionCore) or is_linen_site(module):
+      fn = attention(path)
+      if fn is None:
+        return next_fun(*args, **kwargs)
+      if isinstance(module, AttentionCore):
+        return fn(*args, **kwargs)
+      with attention_fn_swapped(module, lambda original: fn):
+        return next_fun(*args, **kwargs)
     if isinstance(module, nn.BatchNorm) and path in folded_bns:
       return args[0]
-    if path in qstate and isinstance(module, (nn.Conv, nn.Dense, nn.DenseGeneral)):
+    if isinstance(qstate.get(path), LayerQuant) and isinstance(
+        module, (nn.Conv, nn.Dense, nn.DenseGeneral)):
       x = flatten_input(module, args[0])   # a DenseGeneral's contracted axes in one
       if on_layer is not None:
         on_layer(path, x)
@@ -117,8 +147,10 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
 
 def apply_quantized(model: nn.Module, variables: Mapping[str, Any],
                     qstate: Mapping[str, Any], folded_bns: frozenset,
-                    x: jnp.ndarray, on_layer=None, layer_output=None,
+                    x: jnp.ndarray, on_layer=None, layer_output=None, on_operand=None,
                     **apply_kwargs) -> jnp.ndarray:
-  """Runs ``model`` on ``x`` with every layer in ``qstate`` quantized."""
-  with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer, layer_output)):
+  """Runs ``model`` on ``x`` with every layer (and attention site) in ``qstate``
+  quantized."""
+  with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer, layer_output,
+                                             on_operand)):
     return model.apply(variables, x, **{**inference_kwargs(model), **apply_kwargs})

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ptq_jax.calling import inference_kwargs
 from ptq_jax.evaluation import batched_predict
+from ptq_jax.quant.attention import AttentionQuant
 from ptq_jax.quant.interceptor import LayerQuant, QState, apply_quantized
 from ptq_jax.stages.prepare import Prepared, Stage
 
@@ -44,8 +45,12 @@ def _labels(qstate: Mapping[str, LayerQuant], target: str, tune_quantizers: bool
   def quant(q):
     return None if q is None else q.replace(range='train' if tune_quantizers else 'freeze',
                                             low='train' if tune_quantizers else 'freeze')
-  return {p: LayerQuant('train' if target == 'all' else 'freeze', 'train', quant(lq.w_quant),
-                        quant(lq.a_quant)) for p, lq in qstate.items()}
+  def labels(lq):
+    if isinstance(lq, AttentionQuant):   # operand quantizers: ranges like the layers'
+      return jax.tree.map(lambda _: 'train' if tune_quantizers else 'freeze', lq)
+    return LayerQuant('train' if target == 'all' else 'freeze', 'train', quant(lq.w_quant),
+                      quant(lq.a_quant), None if lq.smooth is None else 'freeze')
+  return {p: labels(lq) for p, lq in qstate.items()}
 
 
 def kd_tune(model: nn.Module, variables: Mapping[str, Any], qstate: Mapping[str, LayerQuant],

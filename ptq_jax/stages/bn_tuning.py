@@ -37,7 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ptq_jax.quant.folding import fold_batchnorm, get_path
-from ptq_jax.quant.interceptor import LayerQuant, QState, apply_quantized, quantized_layer_output
+from ptq_jax.quant.interceptor import (LayerQuant, QState, apply_quantized, layer_states,
+                                       quantized_layer_output)
 from ptq_jax.quant.quantizer import QuantizerState
 from ptq_jax.stages.prepare import Prepared, Stage
 from ptq_jax.trace import LayerInfo
@@ -135,7 +136,7 @@ def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[Lay
   fp_moments = {}
   if target == 'fp' and todo:
     folded = fold_batchnorm(layers, variables)
-    fp_state = {p: LayerQuant(folded[p].kernel, folded[p].bias) for p in state}
+    fp_state = {p: LayerQuant(folded[p].kernel, folded[p].bias) for p in layer_states(state)}
     fp_moments = exact_moments(fp_state, [l.path for l in todo])
   reports = []
   bar = tqdm(total=len(todo), desc='BN tuning', disable=not progress, leave=False)

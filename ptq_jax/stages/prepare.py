@@ -22,7 +22,7 @@ from ptq_jax.quant.folding import fold_batchnorm
 from ptq_jax.quant.interceptor import LayerQuant, QState
 from ptq_jax.nnx_bridge import as_linen
 from ptq_jax.float_ops import UNSUPPORTED_POLICIES, FloatOp, check_unsupported
-from ptq_jax.trace import LayerInfo, trace_model
+from ptq_jax.trace import AttentionSite, LayerInfo, trace_model
 
 
 def check_calibration(images: Any, input_shape: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -59,6 +59,8 @@ class Prepared:
   model_name: Optional[str] = None
   # Parameter-carrying operations kept in float32 (only with unsupported='keep_float').
   float_ops: Tuple[FloatOp, ...] = ()
+  # Attention modules whose matmuls quantize_matmuls=True quantizes.
+  attention: Tuple[AttentionSite, ...] = ()
 
   @property
   def folded_bns(self) -> frozenset:
@@ -71,13 +73,16 @@ class Prepared:
 
 def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: Any = None,
             input_shape: Optional[Sequence[int]] = None,
-            model_name: Optional[str] = None, unsupported: str = 'error') -> Prepared:
+            model_name: Optional[str] = None, unsupported: str = 'error',
+            quantize_matmuls: bool = False) -> Prepared:
   """Checks ``calib`` (images or a ``CalibrationSet``), traces ``model`` on one image
   and folds every BatchNorm that directly follows a layer.
 
   Any other parameter-carrying linear operation (``ptq_jax.float_ops``) is an
   :class:`~ptq_jax.float_ops.UnsupportedLayerError`, or with
-  ``unsupported='keep_float'`` stays float32 with a warning."""
+  ``unsupported='keep_float'`` stays float32 with a warning. With
+  ``quantize_matmuls``, so is an activation x activation matmul outside the
+  recognised attention sites, and a model without any site is a ValueError."""
   if unsupported not in UNSUPPORTED_POLICIES:
     raise ValueError(f'unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}.')
   model, variables = as_linen(model, variables, calib)   # an NNX module: its Linen view
@@ -90,12 +95,21 @@ def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: An
                      f'shape {images.shape[1:]} (are they this model\'s variables and its input '
                      f'shape?): {type(e).__name__}: {str(e)[:300]}') from e
   check_unsupported(traced.float_ops, unsupported)
+  if not isinstance(quantize_matmuls, bool):
+    raise TypeError(f'quantize_matmuls must be True or False, got {quantize_matmuls!r}.')
+  if quantize_matmuls:
+    check_unsupported(traced.other_matmuls, unsupported)
+    if not traced.attention:
+      raise ValueError('quantize_matmuls=True, but the model has no attention module whose '
+                       'matmuls ptq_jax can quantize (nn.MultiHeadDotProductAttention or '
+                       'nnx.MultiHeadAttention with the default attention function).')
   if not layers:
     raise ValueError('The model has no nn.Conv or nn.Dense layer to quantize.')
   folded = fold_batchnorm(layers, variables)
   float_state = {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias) for l in layers}
   return Prepared(model, dict(variables), tuple(layers), float_state, images, model_name,
-                  tuple(traced.float_ops))
+                  tuple(traced.float_ops) + (tuple(traced.other_matmuls) if quantize_matmuls
+                                             else ()), tuple(traced.attention))
 
 
 StageFn = Callable[[Prepared, QState, jax.Array], Tuple[QState, Any]]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ptq_jax.distributed import allgather_owned, local_devices, map_over_devices, process_share
 from ptq_jax.quant.capture import InputCapture, capture_groups
-from ptq_jax.quant.interceptor import LayerQuant
+from ptq_jax.quant.interceptor import LayerQuant, layer_states
 from ptq_jax.stages.adaquant.config import MODES, AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.adaquant.layer import commit, float_targets, optimize_layer
 from ptq_jax.trace import LayerInfo
@@ -45,7 +45,7 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
   devices = local_devices(devices)
   key = jax.random.key(0) if key is None else key
   folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
-  float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in qstate.items()}
+  float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in layer_states(qstate).items()}
   quantized = [l for l in layers
                if qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None]
   todo = [l for l in quantized if l.geometry is not None]

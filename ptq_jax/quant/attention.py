@@ -1,0 +1,118 @@
+"""The activation-by-activation matmuls inside attention, quantized on request.
+
+An attention site is a ``nn.MultiHeadDotProductAttention`` (Linen) or an
+``nnx.MultiHeadAttention`` (NNX, through :mod:`ptq_jax.nnx_bridge`) whose attention
+function is Flax's default dot-product attention. With ``quantize_matmuls=True`` its two
+matmuls take fake-quantized operands, each with one per-tensor asymmetric quantizer:
+``softmax(Q(q) Q(k)^T / sqrt(d)) -> Q(p)``, then ``Q(p) Q(v)``. Softmax, masks and
+biases stay in float. A site not in the quantization state runs Flax's own function
+untouched, so the float model is exact.
+
+How the site is reached without editing the model: for Linen, the interceptor swaps the
+module's ``attention_fn`` field for the duration of its call; the NNX bridge calls each
+default attention function through :class:`AttentionCore`, a parameter-free Linen module
+named by the NNX path, which the interceptor sees like any layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax import struct
+
+from ptq_jax.quant.quantizer import QuantizerState, fake_quant
+
+OPERANDS = ('q', 'k', 'probs', 'v')   # Q·Kᵀ takes q and k, attention·V takes probs and v
+OperandHook = Callable[[str, jnp.ndarray], None]
+
+
+@struct.dataclass
+class AttentionQuant:
+  """The four per-tensor operand quantizers of one attention site (a pytree)."""
+
+  q: QuantizerState
+  k: QuantizerState
+  probs: QuantizerState
+  v: QuantizerState
+
+  @property
+  def bits(self) -> int:
+    return self.q.bits
+
+
+def is_attention_state(value) -> bool:
+  return isinstance(value, AttentionQuant)
+
+
+def quantized_attention(query, key, value, bias=None, mask=None, *,
+                        quant: Optional[AttentionQuant] = None,
+                        on_operand: Optional[OperandHook] = None, dtype=None, precision=None,
+                        is_causal: bool = False, **unused) -> jnp.ndarray:
+  """Dot-product attention (inference: no dropout) computed explicitly, each matmul
+  operand fake-quantized by ``quant`` (None: float) after ``on_operand(name, x)`` sees
+  it. Shapes as Flax's: ``[batch..., length, heads, depth]``."""
+  del unused   # dropout settings (inference), module (sowing), einsum overrides
+  if query.shape[-2] != key.shape[-2]:
+    raise ValueError(f'quantize_matmuls does not support grouped-query attention ({query.shape[-2]}'
+                     f' query heads, {key.shape[-2]} key heads).')
+
+  def operand(name, x):
+    if on_operand is not None:
+      on_operand(name, x)
+    return x if quant is None else fake_quant(x, getattr(quant, name))
+
+  query, key = operand('q', query), operand('k', key)
+  dtype = dtype or jnp.result_type(query.dtype, key.dtype)
+  query = query / jnp.sqrt(query.shape[-1]).astype(dtype)
+  weights = jnp.einsum('...qhd,...khd->...hqk', query, key, precision=precision)
+  if bias is not None:
+    weights = weights + bias
+  if is_causal:
+    causal = jnp.tril(jnp.ones(weights.shape[-2:], bool))
+    mask = causal if mask is None else jnp.logical_and(mask, causal)
+  if mask is not None:   # Flax's semantics: False masks out
+    weights = jnp.where(mask, weights, jnp.finfo(dtype).min)
+  weights = jax.nn.softmax(weights).astype(dtype)
+  weights, value = operand('probs', weights), operand('v', value)
+  return jnp.einsum('...hqk,...khd->...qhd', weights, value, precision=precision)
+
+
+DEFAULT_FUNCTIONS = (nn.dot_product_attention, nnx.dot_product_attention)
+
+
+def is_linen_site(module: nn.Module) -> bool:
+  """A Linen attention module whose matmuls this library can quantize."""
+  return (isinstance(module, nn.MultiHeadDotProductAttention)
+          and module.attention_fn in DEFAULT_FUNCTIONS
+          and getattr(module, 'qk_attn_weights_einsum_cls', None) is None
+          and getattr(module, 'attn_weights_value_einsum_cls', None) is None)
+
+
+@contextlib.contextmanager
+def attention_fn_swapped(module: nn.Module, make: Callable[[Callable], Callable]):
+  """Within the block, the Linen attention ``module`` calls ``make(original)`` as its
+  attention function (with the original's signature: Linen passes only the keyword
+  arguments the function declares)."""
+  original = module.attention_fn
+  replacement = functools.wraps(original)(make(original))
+  object.__setattr__(module, 'attention_fn', replacement)
+  try:
+    yield
+  finally:
+    object.__setattr__(module, 'attention_fn', original)
+
+
+class AttentionCore(nn.Module):
+  """An NNX module's default attention function, called as a parameter-free Linen
+  module (named by the NNX path) so that the library's interceptor sees it."""
+
+  function: Callable = nnx.dot_product_attention
+
+  def __call__(self, query, key, value, *args, **kwargs):
+    return self.function(query, key, value, *args, **kwargs)
