@@ -130,8 +130,10 @@ def find_activation_matmuls(closed: Any, param_mask: Sequence[bool],
 
 def _reason(module: str) -> str:
   if module and module != 'Module' and (hasattr(nn, module) or hasattr(nnx, module)):
-    return (f'{module} is not quantized by ptq_jax yet (Conv, Dense/Linear and '
-            'DenseGeneral/LinearGeneral over trailing axes without batch dims are)')
+    return (f'{module} is not quantized by ptq_jax in this form: Conv, Dense/Linear, '
+            'ConvTranspose (no mask, transpose_kernel or CIRCULAR padding), DenseGeneral/'
+            'LinearGeneral over trailing axes without batch dims, and Einsum with the batch '
+            'axis first and one kernel axis in the output, last in both, are')
   return (f'a parameter contracted in the code of {module or "the model"} itself (e.g. '
           'jnp.dot on self.param), not in an nn.Conv / nn.Dense')
 

@@ -1,4 +1,7 @@
-"""Geometry of conv / dense layers and the linear map computed from it.
+"""Geometry of conv / dense / einsum layers and the linear map computed from it.
+
+A transposed conv (``nn.ConvTranspose``) is the conv of its stride-dilated input, and a
+supported ``nn.Einsum`` (:func:`einsum_equation`) keeps its equation.
 
 ``geometry_of`` reads a Flax ``nn.Conv`` / ``nn.Dense`` (at a given input shape) into
 a hashable :class:`LayerGeometry`: strides, explicit padding, dilations, groups.
@@ -23,17 +26,81 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class LayerGeometry(NamedTuple):
   """Everything besides the kernel that fixes what a conv / dense layer computes."""
 
-  kind: str                                   # 'conv' or 'dense'
+  kind: str                                   # 'conv', 'dense' or 'einsum'
   strides: Tuple[int, ...] = ()
   padding: Tuple[Tuple[int, int], ...] = ()   # explicit (low, high) per spatial dim
   kernel_dilation: Tuple[int, ...] = ()
   input_dilation: Tuple[int, ...] = ()
   groups: int = 1
+  equation: str = ''                          # 'einsum': the equation, input first
+
+
+def einsum_equation(module: nn.Module, x_ndim: int) -> Optional[str]:
+  """The equation of an ``nn.Einsum`` this library quantizes, or None: set on the module
+  (not at call time), no ellipsis, the batch axis kept first, and one kernel axis in the
+  output, last in both (the output feature: per-channel weight scales and BatchNorm
+  folding apply to it); every other kernel axis is contracted with the input."""
+  equation = getattr(module, 'einsum_str', None)
+  if not isinstance(module, nn.Einsum) or not equation:
+    return None
+  equation = equation.replace(' ', '')
+  try:
+    lhs, rest = equation.split(',')
+    rhs, out = rest.split('->')
+  except ValueError:
+    return None
+  if ('.' in equation or len(lhs) != x_ndim or not out or not rhs
+      or len(set(lhs)) != len(lhs) or len(set(rhs)) != len(rhs)):
+    return None
+  feature = rhs[-1]
+  if (feature in lhs or out[-1] != feature or lhs[0] != out[0] or lhs[0] in rhs
+      or any(c not in lhs or c in out for c in rhs[:-1])):
+    return None
+  return equation
+
+
+def conv_transpose_pads(kernel: int, stride: int, padding: str) -> Tuple[int, int]:
+  """The (low, high) padding of the dilated-input conv that ``lax.conv_transpose``
+  computes for a 'SAME' / 'VALID' transposed conv (``kernel``: its dilated size)."""
+  if padding == 'SAME':
+    total = kernel + stride - 2
+    low = kernel - 1 if stride > kernel - 1 else int(np.ceil(total / 2))
+  else:
+    total = kernel + stride - 2 + max(kernel - stride, 0)
+    low = kernel - 1
+  return low, total - low
+
+
+def _conv_transpose_geometry(module: nn.ConvTranspose, x_shape: Sequence[int],
+                             kernel_shape: Sequence[int]) -> Optional[LayerGeometry]:
+  """A transposed conv as the conv of the stride-dilated input it is (kernel not
+  flipped); None for a mask, ``transpose_kernel`` or CIRCULAR padding."""
+  n = len(kernel_shape) - 2
+  if (module.mask is not None or module.transpose_kernel or len(x_shape) != n + 2
+      or module.padding == 'CIRCULAR'):
+    return None
+  strides = _as_tuple(module.strides, n)
+  kdil = _as_tuple(module.kernel_dilation, n)
+  padding = module.padding
+  if isinstance(padding, str):
+    if padding not in ('SAME', 'VALID'):
+      return None
+    pads = [conv_transpose_pads((k - 1) * d + 1, s, padding)
+            for k, d, s in zip(kernel_shape[:n], kdil, strides)]
+  elif isinstance(padding, int):
+    pads = [(padding, padding)] * n
+  else:
+    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    if len(pads) != n:
+      return None
+  return LayerGeometry('conv', (1,) * n, tuple((int(lo), int(hi)) for lo, hi in pads), kdil,
+                       strides, 1)
 
 
 def dense_general_view(module: nn.Module, x_ndim: int) -> Optional[Tuple[int, Tuple[int, ...]]]:
@@ -82,6 +149,11 @@ def geometry_of(module: nn.Module, x_shape: Sequence[int],
   unbatched input)."""
   if isinstance(module, nn.Dense) or dense_general_view(module, len(x_shape)) is not None:
     return LayerGeometry('dense')
+  if isinstance(module, nn.Einsum):
+    equation = einsum_equation(module, len(x_shape))
+    return None if equation is None else LayerGeometry('einsum', equation=equation)
+  if isinstance(module, nn.ConvTranspose):
+    return _conv_transpose_geometry(module, x_shape, kernel_shape)
   if not isinstance(module, nn.Conv) or module.mask is not None:
     return None
   n = len(kernel_shape) - 2
@@ -205,6 +277,8 @@ def apply_linear(geom: LayerGeometry, x: jnp.ndarray, kernel: jnp.ndarray,
   if geom.kind == 'dense':
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
                                preferred_element_type=preferred_element_type)
+  if geom.kind == 'einsum':
+    return jnp.einsum(geom.equation, x, kernel, preferred_element_type=preferred_element_type)
   if preferred_element_type is None and jax.default_backend() == 'cpu':
     if is_plain_depthwise(geom, x.shape, kernel.shape):
       return depthwise_conv2d(x, kernel, tuple(geom.strides), tuple(geom.padding))

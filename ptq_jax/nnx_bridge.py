@@ -5,13 +5,14 @@ the NNX module computes in inference mode, so every entry point (tracing, quanti
 AdaQuant, BN and bias tuning, mixed precision, save/load, export) works on it. The
 Linen module (:class:`NNXModel`) rebuilds the NNX module from its variables on every
 call (``nnx.merge``, a fresh copy: nothing is mutated) and routes each of its
-``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` / ``nnx.BatchNorm`` calls through
-the equivalent Linen layer (``nn.Dense`` / ``nn.Conv`` / ``nn.DenseGeneral`` /
+``nnx.Linear`` / ``nnx.Conv`` / ``nnx.ConvTranspose`` / ``nnx.LinearGeneral`` /
+``nnx.Einsum`` / ``nnx.BatchNorm`` calls through the equivalent Linen layer (``nn.Dense`` /
+``nn.Conv`` / ``nn.ConvTranspose`` / ``nn.DenseGeneral`` / ``nn.Einsum`` /
 ``nn.BatchNorm``) holding the same parameters, which the library's interceptor sees
 like any Linen layer; the default attention function of each ``nnx.MultiHeadAttention``
 is called through :class:`~ptq_jax.quant.attention.AttentionCore` (its matmuls can be
 quantized). Layers are named by their NNX path (``layers.0``). Every other
-parameter (norms, embeddings, ``nnx.Einsum``, a module's own ``nnx.Param``) stays in the
+parameter (norms, embeddings, a module's own ``nnx.Param``) stays in the
 NNX code, under ``params['nnx']``, where the float-operation check still finds any
 contraction of it (and names the NNX path: each such module runs in a name scope).
 """
@@ -46,7 +47,8 @@ def _iter_modules(module: nnx.Module):
 def _converted(module: nnx.Module) -> bool:
   if isinstance(module, nnx.LinearGeneral):
     return not tuple(getattr(module, 'batch_axis', {}) or {})
-  return isinstance(module, (nnx.Linear, nnx.Conv, nnx.BatchNorm))
+  return isinstance(module, (nnx.Linear, nnx.Conv, nnx.ConvTranspose, nnx.Einsum,
+                             nnx.BatchNorm))
 
 
 def _linen_layer(module: nnx.Module, name: str) -> nn.Module:
@@ -59,6 +61,14 @@ def _linen_layer(module: nnx.Module, name: str) -> nn.Module:
                    kernel_dilation=module.kernel_dilation,
                    feature_group_count=module.feature_group_count, use_bias=module.use_bias,
                    mask=module.mask, name=name)
+  if isinstance(module, nnx.ConvTranspose):
+    return nn.ConvTranspose(module.out_features, module.kernel_size, strides=module.strides,
+                            padding=module.padding, kernel_dilation=module.kernel_dilation,
+                            use_bias=module.use_bias, mask=module.mask,
+                            transpose_kernel=module.transpose_kernel, name=name)
+  if isinstance(module, nnx.Einsum):
+    return nn.Einsum(module.kernel_shape, module.einsum_str,
+                     use_bias=module.bias is not None, name=name)
   if isinstance(module, nnx.LinearGeneral):
     return nn.DenseGeneral(features=module.out_features, axis=module.axis,
                            use_bias=module.use_bias, name=name)

@@ -33,7 +33,7 @@ class LayerInfo:
   """One weight layer as seen in the traced forward pass."""
 
   path: str                        # module path, e.g. 'BasicBlock_0/Conv_1'
-  kind: str                        # 'conv' or 'dense'
+  kind: str                        # 'conv', 'dense' or 'einsum'
   kernel_shape: Tuple[int, ...]
   groups: int                      # feature_group_count (1 for dense)
   input_shape: Tuple[int, ...]     # per example, no batch dim
@@ -83,8 +83,36 @@ def _dense_general_info(module: nn.DenseGeneral, path: str, x, y, variables
                    rows * fan_in * fan_out, LayerGeometry('dense'))
 
 
+def _conv_transpose_info(module: nn.ConvTranspose, path: str, x, y, variables
+                        ) -> Optional[LayerInfo]:
+  """A transposed conv with a plain geometry as a conv layer (None otherwise)."""
+  kernel = variables['kernel']
+  geom = geometry_of(module, x.shape, kernel.shape)
+  if geom is None:
+    return None
+  # Every input pixel meets every kernel weight once.
+  macs = int(np.prod(x.shape[1:-1])) * int(np.prod(kernel.shape))
+  params = sum(int(np.size(v)) for v in variables.values())
+  return LayerInfo(path, 'conv', tuple(kernel.shape), 1, tuple(x.shape[1:]), tuple(y.shape[1:]),
+                   params, macs, geom)
+
+
+def _einsum_info(module: nn.Einsum, path: str, x, y, variables) -> Optional[LayerInfo]:
+  """An ``nn.Einsum`` with a supported equation (``einsum_equation``) as a layer."""
+  kernel = variables['kernel']
+  geom = geometry_of(module, x.shape, kernel.shape)
+  if geom is None:
+    return None
+  macs = int(np.prod(y.shape[1:])) * int(np.prod(kernel.shape[:-1]))
+  params = sum(int(np.size(v)) for v in variables.values())
+  return LayerInfo(path, 'einsum', tuple(kernel.shape), 1, tuple(x.shape[1:]),
+                   tuple(y.shape[1:]), params, macs, geom)
+
+
 _HANDLERS = ((nn.Conv, _conv_info), (nn.Dense, _dense_info),
-             (nn.DenseGeneral, _dense_general_info))
+             (nn.DenseGeneral, _dense_general_info), (nn.ConvTranspose, _conv_transpose_info),
+             (nn.Einsum, _einsum_info))
+LAYER_TYPES = tuple(cls for cls, _ in _HANDLERS)
 
 
 _PROBE = np.array([-7.0, -3.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 3.0, 5.5, 6.0, 6.5, 9.0],

@@ -228,6 +228,51 @@ def test_adaquant_says_which_layers_it_cannot_optimise():
   assert qm.bits()['circ'] == (8, 8)   # quantized (first layer), not left float
 
 
+class Decoder(nn.Module):
+  """Transposed convs (SAME with stride, VALID with dilation, explicit padding) and
+  an Einsum projection."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.ConvTranspose(6, (3, 3), strides=(2, 2), name='up')(x))
+    x = nn.relu(nn.ConvTranspose(5, (2, 3), strides=(1, 2), padding='VALID',
+                                 kernel_dilation=(2, 1), name='wide')(x))
+    x = nn.ConvTranspose(4, (3, 3), padding=((1, 2), (0, 1)), name='explicit')(x)
+    x = x.reshape(x.shape[0], -1, 4)
+    return nn.Einsum((4, 3), 'btd,do->bto', name='proj')(x).mean(axis=1)
+
+
+def test_transposed_convs_and_einsum_are_quantized_layers(tmp_path):
+  model, x = Decoder(), data((16, 5, 4, 3))
+  variables = model.init(jax.random.key(0), x)
+  fp = np.asarray(model.apply(variables, x))
+  layers = ['up', 'wide', 'explicit', 'proj']
+  exact = ptq_jax.quantize(model, variables, x, w_bits=None, a_bits=None,
+                           first_last_bits=None, progress=False)   # the geometry, in float
+  assert [l.path for l in exact.layers] == layers and not exact.float_ops
+  np.testing.assert_allclose(exact.apply(x), fp, rtol=1e-5, atol=1e-5)
+  qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, first_last_bits=None,
+                        method='adaquant', adaquant=ptq_jax.AdaQuantConfig(iterations=20),
+                        progress=False)
+  rows = {r['path']: r for r in qm.report}
+  assert all(rows[p]['w_bits'] == 4 and rows[p]['weight_rel_mse'] > 0 for p in layers)
+  reports = {r['path']: r for r in qm.layer_reports}
+  assert all(reports[p]['rel_error_after'] <= reports[p]['rel_error_before'] for p in layers)
+  assert np.abs(qm.apply(x) - fp).mean() < 0.1 * np.abs(fp).mean()
+  from ptq_jax.quant.capture import InputCapture
+  from ptq_jax.quant.export import integer_layer_output
+  from ptq_jax.quant.interceptor import quantized_layer_output
+  records = ptq_jax.load_integer(ptq_jax.export_integer(qm, str(tmp_path / 'i.msgpack'))
+                                 and str(tmp_path / 'i.msgpack'))
+  inputs = InputCapture(model, variables, qm.folded_bns)(qm.qstate, x, layers)
+  modules = {'up': nn.ConvTranspose(6, (3, 3), strides=(2, 2)),
+             'proj': nn.Einsum((4, 3), 'btd,do->bto')}
+  for path, module in modules.items():   # the integer kernels compute what fake-quant does
+    np.testing.assert_allclose(integer_layer_output(records[path], inputs[path]),
+                               quantized_layer_output(module, qm.qstate[path], inputs[path]),
+                               rtol=1e-4, atol=1e-4)
+
+
 class TorchStyleCNN(nn.Module):
   """conv -> flatten -> dense, written for NHWC data."""
 

@@ -53,7 +53,7 @@ class Tagger(nnx.Module):
     self.heads = nnx.LinearGeneral(6, (2, 3), rngs=rngs)
     self.norm = nnx.LayerNorm(6, rngs=rngs)
     self.drop = nnx.Dropout(0.5, rngs=rngs)
-    self.ein = nnx.Einsum('bi,io->bo', (6, 6), rngs=rngs) if einsum else None
+    self.ein = nnx.Einsum('bi,oi->bo', (6, 6), rngs=rngs) if einsum else None  # contracts its last axis
 
   def __call__(self, x):
     x = nnx.relu(self.bn(self.conv(x)))
@@ -133,3 +133,22 @@ def test_the_vit_trains_by_the_train_job_and_comes_back_as_nnx(tfds_dir, tmp_pat
                              ptq_jax.predict_logits(model, variables, x), rtol=1e-5, atol=1e-5)
   layers = ptq_jax.prepare(module, calib=x[:1]).layers   # attention projections are layers
   assert {'blocks.0.attn.query', 'blocks.0.attn.out'} <= {l.path for l in layers}
+
+
+class NNXDecoder(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.ConvTranspose(3, 6, (3, 3), strides=(2, 2), rngs=rngs)
+    self.proj = nnx.Einsum('btd,do->bto', (6, 4), (4,), rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.up(x))
+    return self.proj(x.reshape(x.shape[0], -1, 6)).mean(axis=1)
+
+
+def test_nnx_transposed_conv_and_einsum_are_layers():
+  module = NNXDecoder(nnx.Rngs(0))
+  x = np.random.default_rng(2).normal(size=(8, 4, 4, 3)).astype(np.float32)
+  exact = ptq_jax.quantize(module, calib=x, w_bits=None, a_bits=None, first_last_bits=None,
+                           progress=False)
+  assert [l.path for l in exact.layers] == ['up', 'proj'] and not exact.float_ops
+  np.testing.assert_allclose(exact.apply(x), module(jnp.asarray(x)), rtol=1e-5, atol=1e-5)

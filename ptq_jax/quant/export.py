@@ -92,6 +92,8 @@ def layer_export(layer, lq) -> Dict[str, Any]:
   if lq.smooth is not None:   # inputs are divided by it before quantizing (SmoothQuant)
     record['input_divisor'] = np.asarray(lq.smooth, np.float32)
   geom = layer.geometry
+  if geom.kind == 'einsum':
+    record['equation'] = geom.equation
   if geom.kind == 'conv':
     record.update(strides=np.asarray(geom.strides), padding=np.asarray(geom.padding),
                   kernel_dilation=np.asarray(geom.kernel_dilation),
@@ -103,6 +105,8 @@ def record_geometry(record: Mapping[str, Any]) -> LayerGeometry:
   """The :class:`LayerGeometry` stored in an export record."""
   if str(record['kind']) == 'dense':
     return LayerGeometry('dense')
+  if str(record['kind']) == 'einsum':
+    return LayerGeometry('einsum', equation=str(record['equation']))
   ints = lambda key: tuple(int(v) for v in np.asarray(record[key]))
   return LayerGeometry('conv', ints('strides'),
                        tuple(tuple(int(v) for v in p) for p in np.asarray(record['padding'])),
@@ -143,9 +147,10 @@ def _check_record(record: Any, where: str, fix: str) -> None:
     return ckpt.CheckpointError(f'{where}: {what}; {fix}.')
   if not isinstance(record, dict) or any(k not in record for k in _RECORD_KEYS):
     raise bad(f'a record needs the fields {list(_RECORD_KEYS)}')
-  if record['kind'] not in ('conv', 'dense') or (record['kind'] == 'conv' and any(
-      k not in record for k in ('strides', 'padding', 'kernel_dilation', 'input_dilation'))):
-    raise bad(f'kind {record["kind"]!r} is not conv/dense, or conv geometry is missing')
+  if record['kind'] not in ('conv', 'dense', 'einsum') or (record['kind'] == 'conv' and any(
+      k not in record for k in ('strides', 'padding', 'kernel_dilation', 'input_dilation'))
+      ) or (record['kind'] == 'einsum' and not isinstance(record.get('equation'), str)):
+    raise bad(f'kind {record["kind"]!r} is not conv/dense/einsum, or its geometry is missing')
   try:
     bits = [check_bits(int(record[k]), k) for k in ('w_bits', 'a_bits')]
   except (TypeError, ValueError) as e:

@@ -134,7 +134,7 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
     if isinstance(module, nn.BatchNorm) and path in folded_bns:
       return args[0]
     if isinstance(qstate.get(path), LayerQuant) and isinstance(
-        module, (nn.Conv, nn.Dense, nn.DenseGeneral)):
+        module, (nn.Conv, nn.Dense, nn.DenseGeneral, nn.ConvTranspose, nn.Einsum)):
       x = flatten_input(module, args[0])   # a DenseGeneral's contracted axes in one
       if on_layer is not None:
         on_layer(path, x)
