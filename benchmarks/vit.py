@@ -1,15 +1,19 @@
-"""The NNX ViT on Fashion-MNIST: FP32, then the advanced pipeline's stages per bit width.
+"""The NNX ViT on Fashion-MNIST: FP32, then baseline PTQ, AdaQuant and the advanced
+pipeline per bit width, each with and without quantized attention matmuls.
 
   python benchmarks/vit.py
   python benchmarks/vit.py --bits=W8A8,W4A8,W4A4 --iterations=1000
 
 The bundled ``vit_fmnist`` checkpoint (or ``--checkpoint``) is quantized as the NNX
 module it is (``ptq_jax.nnx_bridge.to_nnx``): its patch embedding, attention
-projections (query/key/value/out), MLP and head are layers; the attention matmuls
-themselves stay float (not an option yet). Stages of the advanced pipeline are
-cumulative: ``ranges`` is baseline PTQ, then AdaQuant (parallel), BN tuning (no BN in a
-ViT: a no-op) and KD bias tuning. Test top-1 on the 10,000 test images and top-1
-agreement with FP32. Rows merge into results/vit.{json,md} by (stage, bits, device).
+projections (query/key/value/out), MLP and head are layers (first and last 8-bit).
+One advanced-pipeline run per bit width gives the three methods as its cumulative
+stages: ``ranges`` = baseline PTQ, ``adaquant`` = + parallel AdaQuant, ``bias_tuning`` =
+the whole advanced pipeline (BN tuning is a no-op: no BatchNorm in a ViT). With
+``quantize_matmuls`` the run reuses the first run's AdaQuant states (``mixed=``) and its
+stages ``matmul_ranges`` / ``matmul_adaquant`` add the calibrated / optimised Q·Kᵀ and
+attention·V quantizers. Test top-1 on the 10,000 test images and top-1 agreement with
+FP32. Rows merge into results/vit.{json,md} by (stage, bits, matmuls, device).
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ flags.DEFINE_integer('seed', 0, 'Calibration sample and PRNG seed.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 
 NAME = 'vit'
-KEY_FIELDS = ('model', 'method', 'stage', 'w_bits', 'a_bits', 'iterations', 'device')
+KEY_FIELDS = ('model', 'method', 'stage', 'w_bits', 'a_bits', 'matmuls', 'iterations',
+              'device')
+# The stages of a run that give each method's row.
+METHODS = {'ranges': 'baseline PTQ', 'matmul_ranges': 'baseline PTQ', 'adaquant': 'AdaQuant',
+           'matmul_adaquant': 'AdaQuant', 'bias_tuning': 'advanced pipeline'}
 
 
 def main(_):
@@ -49,11 +57,11 @@ def main(_):
   fp32_pred = np.argmax(fp32_logits, -1)
   records = []
 
-  def record(method, stage, w_bits, a_bits, predict, seconds, size_pct):
+  def record(method, stage, w_bits, a_bits, matmuls, predict, seconds, size_pct):
     logits = predict(test_images)
     records.append({
         'model': meta['model'], 'method': method, 'stage': stage, 'w_bits': w_bits,
-        'a_bits': a_bits, 'calib_size': FLAGS.calib_size,
+        'a_bits': a_bits, 'matmuls': matmuls, 'calib_size': FLAGS.calib_size,
         'iterations': FLAGS.iterations if method != 'fp32' else 0,
         'top1_pct': round(ptq_jax.top1_accuracy_pct(logits, test.labels), 2),
         'top1_agreement_pct': round(100 * float(np.mean(np.argmax(logits, -1) == fp32_pred)), 2),
@@ -62,28 +70,39 @@ def main(_):
     print(records[-1], flush=True)
     write_results(FLAGS.out, NAME, merge_records(FLAGS.out, NAME, records, KEY_FIELDS),
                   'ViT (Flax NNX) on Fashion-MNIST',
-                  columns=['model', 'method', 'stage', 'w_bits', 'a_bits', 'calib_size',
+                  columns=['model', 'method', 'stage', 'w_bits', 'a_bits', 'matmuls', 'calib_size',
                            'iterations', 'top1_pct', 'top1_agreement_pct', 'size_pct_of_fp32',
                            'seconds', 'device', 'command'],
-                  notes='Stages are cumulative (advanced pipeline, fixed bits, first and last '
-                        'layer 8-bit): ranges = baseline PTQ, then parallel AdaQuant, BN '
-                        'tuning (no BatchNorm here), KD bias tuning. Attention matmuls (Q K^T, '
-                        'A V) stay float. `top1_agreement_pct`: test predictions equal to '
-                        'FP32\'s.')
+                  notes='One advanced-pipeline run per bit width and `matmuls` setting (first '
+                        'and last layer 8-bit; stages cumulative): baseline PTQ = its ranges '
+                        'stage, AdaQuant = + parallel AdaQuant, advanced pipeline = + BN '
+                        'tuning (no BatchNorm here) + KD bias tuning. `matmuls`: whether the '
+                        'attention matmuls (Q K^T, attention V) are quantized too, per-tensor '
+                        'at a_bits (stages matmul_ranges / matmul_adaquant); that run reuses '
+                        'the other\'s AdaQuant states, so its seconds leave that AdaQuant out. '
+                        '`top1_agreement_pct`: test predictions equal to FP32\'s.')
 
-  record('fp32', 'fp32', 32, 32, lambda x: fp32_logits, 0.0, 100.0)
+  record('fp32', 'fp32', 32, 32, 'float', lambda x: fp32_logits, 0.0, 100.0)
   config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations)
   for bits in FLAGS.bits:
     w_bits, a_bits = parse_option(bits)
-    result = ptq_jax.run_pipeline(module, calib=calib, pipeline='advanced', w_bits=w_bits,
-                                  a_bits=a_bits, adaquant=config, bias_steps=FLAGS.bias_steps,
-                                  key=jax.random.key(FLAGS.seed), model_name=meta['model'],
-                                  progress=False)
-    for stage in result.stages:
-      qm = stage.model
-      record('advanced', stage.name, w_bits, a_bits, qm.predict, stage.seconds,
-             round(100 * qm.size_bits() / qm.fp32_bits(), 2))
-
+    mixed = None
+    for matmuls in (False, True):
+      result = ptq_jax.run_pipeline(module, calib=calib, pipeline='advanced', w_bits=w_bits,
+                                    a_bits=a_bits, options=sorted({(w_bits, a_bits), (8, 8)}),
+                                    adaquant=config, bias_steps=FLAGS.bias_steps,
+                                    key=jax.random.key(FLAGS.seed), model_name=meta['model'],
+                                    mixed=mixed, quantize_matmuls=matmuls, progress=False)
+      mixed = result.mixed   # the layers' AdaQuant states, shared by both settings
+      seconds = 0.0
+      for stage in result.stages:
+        seconds += stage.seconds
+        if stage.name not in METHODS or (matmuls and stage.name in ('ranges', 'adaquant')):
+          continue   # (with matmuls, those stages' models have float matmuls)
+        qm = stage.model
+        record(METHODS[stage.name], stage.name, w_bits, a_bits,
+               'quantized' if matmuls else 'float', qm.predict, seconds,
+               round(100 * qm.size_bits() / qm.fp32_bits(), 2))
 
 
 if __name__ == '__main__':

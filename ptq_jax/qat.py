@@ -61,7 +61,8 @@ def qat_train(qm: QuantizedModel, images: np.ndarray, labels: np.ndarray,
   steps = max(1, int(round(epochs * steps_per_epoch)))
   groups = {path: jax.tree.map(lambda _: 'ranges', lq) if isinstance(lq, AttentionQuant)
             else LayerQuant('weights', 'weights', _ranges(lq.w_quant), _ranges(lq.a_quant),
-                            None if lq.smooth is None else 'ranges')
+                            None if lq.smooth is None else 'ranges',
+                            tuple(_ranges(q) for q in lq.site_a_quants))
             for path, lq in qm.qstate.items()}
   tx = optax.multi_transform(
       {'weights': optax.adam(optax.cosine_decay_schedule(learning_rate, steps)),

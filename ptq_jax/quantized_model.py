@@ -209,6 +209,14 @@ def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: bool, path:
   fields = {'kernel': tree['kernel'], 'bias': tree['bias']}
   if 'smooth' in tree:
     fields['smooth'] = tree['smooth']
+  extra = tree.get('site_a_quants', {})
+  want = [str(k) for k in range(1, layer.sites)] if a_bits is not None else []
+  if not isinstance(extra, dict) or sorted(extra) != sorted(want):
+    raise ckpt.CheckpointError(f'{where}: site_a_quants must hold the input quantizers of call '
+                               f'sites {want} (the layer has {layer.sites} call sites); {fix}.')
+  for k, q in extra.items():
+    fields.update({f'a_quant/{k}/{f}': q.get(f) if isinstance(q, dict) else None
+                   for f in ('range', 'low')})
   for name in ('w_quant', 'a_quant'):
     if name in tree:
       fields.update({f'{name}/{k}': tree[name].get(k) if isinstance(tree[name], dict) else None
@@ -231,7 +239,7 @@ def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: bool, path:
       raise ckpt.CheckpointError(f'{where}: {name} holds negative ranges; {fix}.')
     if name == 'smooth' and np.any(value <= 0):
       raise ckpt.CheckpointError(f'{where}: smooth holds scales <= 0; {fix}.')
-  return layer_from_tree(tree, w_bits, a_bits, symmetric)
+  return layer_from_tree(tree, w_bits, a_bits, symmetric, layer.sites)
 
 
 def checked_attention(tree: Any, site: str, bits: Any, path: str, fix: str) -> AttentionQuant:
@@ -269,11 +277,14 @@ def layer_to_tree(lq: LayerQuant) -> Dict[str, Any]:
       tree[name] = {'range': q.range, 'low': q.low}
   if lq.smooth is not None:
     tree['smooth'] = lq.smooth
+  if lq.site_a_quants and lq.a_quant is not None:   # a shared layer's further call sites
+    tree['site_a_quants'] = {str(k + 1): {'range': q.range, 'low': q.low}
+                             for k, q in enumerate(lq.site_a_quants)}
   return tree
 
 
 def layer_from_tree(tree: Mapping[str, Any], w_bits: Bits, a_bits: Bits,
-                     symmetric: bool) -> LayerQuant:
+                     symmetric: bool, sites_count: int = 1) -> LayerQuant:
   """The inverse of :func:`layer_to_tree`."""
   def quantizer(name, bits):
     if bits is None:
@@ -281,6 +292,11 @@ def layer_from_tree(tree: Mapping[str, Any], w_bits: Bits, a_bits: Bits,
     return QuantizerState(jnp.asarray(tree[name]['range']), jnp.asarray(tree[name]['low']),
                           int(bits), bool(symmetric))
   smooth = tree.get('smooth')
+  extra = tree.get('site_a_quants', {})
+  sites = [QuantizerState(jnp.asarray(extra[str(k)]['range']), jnp.asarray(extra[str(k)]['low']),
+                          int(a_bits), bool(symmetric)) for k in range(1, len(extra) + 1)]
+  if a_bits is None:
+    sites = [None] * (sites_count - 1)
   return LayerQuant(jnp.asarray(tree['kernel']), jnp.asarray(tree['bias']),
                     quantizer('w_quant', w_bits), quantizer('a_quant', a_bits),
-                    None if smooth is None else jnp.asarray(smooth))
+                    None if smooth is None else jnp.asarray(smooth), tuple(sites))

@@ -45,6 +45,7 @@ class LayerInfo:
   bn_path: Optional[str] = None    # the BatchNorm consuming the output directly, if any
   bn_epsilon: Optional[float] = None
   activation: str = 'none'         # 'relu' / 'relu6' if the (BN-)output feeds one directly
+  sites: int = 1                   # calls per forward pass (> 1: shared weights)
 
 
 def _conv_info(module: nn.Conv, path: str, x, y, variables) -> LayerInfo:
@@ -243,9 +244,10 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
                 **apply_kwargs) -> Traced:
   """The layer table and the float operations of ``model`` at input ``x``.
 
-  A ``nn.Conv`` / ``nn.Dense`` called more than once (shared weights) is not a layer:
-  it is listed among the float operations. A BatchNorm is folded only when it
-  normalises the last (output-feature) axis of the layer output it directly consumes.
+  A layer called more than once (shared weights) is one layer with ``sites`` > 1 if every
+  call has the same input shape, and a float operation otherwise. A BatchNorm is folded
+  only when it normalises the last (output-feature) axis of the layer output it directly
+  consumes (never into a shared layer: its sites may have different BatchNorms).
   """
   layers: List[LayerInfo] = []
   calls: Dict[str, int] = {}     # layer path -> number of calls
@@ -255,6 +257,7 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
   bn_eps: Dict[str, float] = {}
   sites: Dict[str, AttentionSite] = {}
   site_calls: Dict[str, int] = {}
+  shapes: Dict[str, set] = {}    # layer path -> {(input shape, geometry)} over its calls
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -289,6 +292,7 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
         if info is None:   # not a layer this library quantizes: found as a float op
           break
         calls[path] = calls.get(path, 0) + 1
+        shapes.setdefault(path, set()).add((info.input_shape, info.geometry))
         if calls[path] == 1:
           layers.append(info)
           if info.kernel_shape[-1] == np.shape(y)[-1]:   # features last: BN may fold
@@ -304,19 +308,26 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
   root = model.name or type(model).__name__
   if isinstance(model, NNXModel):   # NNX modules left in NNX code run in name scopes
     modules.update({name: cls for _, name, cls in model.scoped})
+  # A layer called at several sites with one input shape is one shared layer: one
+  # kernel and weight quantizer, an input quantizer per site, no BatchNorm folded, its
+  # loss before any activation. With different shapes at its sites it is not quantized.
   shared = {p for p, n in calls.items() if n > 1}
-  kept = [l for l in layers if l.path not in shared]
-  kept = _graph_facts(closed.jaxpr, root, kept, {p: b for p, b in bn_of.items()
-                                                  if p not in shared})
-  kept = [dataclasses.replace(l, bn_epsilon=bn_eps[l.bn_path]) if l.bn_path else l
-          for l in kept]
+  mismatched = {p for p in shared if len(shapes[p]) > 1}
+  single = _graph_facts(closed.jaxpr, root, [l for l in layers if l.path not in shared],
+                        {p: b for p, b in bn_of.items() if p not in shared})
+  single = {l.path: dataclasses.replace(l, bn_epsilon=bn_eps[l.bn_path]) if l.bn_path else l
+            for l in single}
+  kept = [single[l.path] if l.path not in shared
+          else dataclasses.replace(l, sites=calls[l.path], macs=l.macs * calls[l.path])
+          for l in layers if l.path not in mismatched]
   leaves = jax.tree_util.tree_flatten_with_path((variables, x))[0]
   is_param = [len(k) > 1 and getattr(k[0], 'idx', None) == 0
               and getattr(k[1], 'key', None) == 'params' for k, _ in leaves]
   is_data = [getattr(k[0], 'idx', None) == 1 for k, _ in leaves]
   float_ops = [FloatOp(l.path, modules.get(l.path, ''), 'module call', l.params,
-                       f'called {calls[l.path]} times (shared weights), which ptq_jax does not '
-                       'quantize yet') for l in layers if l.path in shared]
+                       f'called {calls[l.path]} times with different input shapes (shared '
+                       'weights are quantized when every call has the same input shape)')
+               for l in layers if l.path in mismatched]
   float_ops += find_float_ops(closed, is_param, is_data, root, calls, modules)
   attention = [s for p, s in sites.items() if site_calls[p] == 1]
   modules.update({p: 'attention' for p in sites if p not in modules})

@@ -40,9 +40,9 @@ class Mixed(nn.Module):
       x = nn.Einsum((12, 6), '...i,ij->...j', name='odd')(x)
     elif self.kind == 'custom':
       x = WithParam(name='odd')(x)
-    elif self.kind == 'shared':
+    elif self.kind == 'shared':   # shared weights, called with two input shapes
       odd = nn.Dense(12, name='odd')
-      x = odd(nn.relu(odd(x)))
+      x = odd(jnp.stack([x, nn.relu(odd(x))], axis=1)).mean(axis=1)
     return nn.Dense(4, name='last')(x)
 
 
@@ -72,6 +72,48 @@ def test_an_operation_ptq_jax_cannot_quantize_is_an_error_or_float_by_choice(kin
   # The float operation really is float: the output stays close to the FP32 model's.
   err = np.abs(np.asarray(qm.apply(x)) - np.asarray(model.apply(variables, x))).max()
   assert err < 0.2 * np.abs(np.asarray(model.apply(variables, x))).max()
+
+
+class Siamese(nn.Module):
+  """A Dense used at two sites (a BatchNorm after the first only), or two copies of it."""
+  shared: bool
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(16, name='first')(x))
+    odd = nn.Dense(16, name='odd')
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name='bn')(odd(x)))
+    x = nn.relu((odd if self.shared else nn.Dense(16, name='odd2'))(3.0 * x))
+    return nn.Dense(4, name='last')(x)
+
+
+def test_a_shared_layer_is_one_kernel_with_an_input_quantizer_per_site(tmp_path):
+  x = data((64, 10))
+  shared = Siamese(True)
+  variables = jax.tree.map(np.asarray, shared.init(jax.random.key(0), x))
+  rng = np.random.default_rng(3)
+  variables['batch_stats']['bn'] = {'mean': rng.normal(size=16).astype(np.float32),
+                                    'var': rng.uniform(0.2, 3, 16).astype(np.float32)}
+  copies = {'params': dict(variables['params'], odd2=variables['params']['odd']),
+            'batch_stats': variables['batch_stats']}
+  fp = np.asarray(shared.apply(variables, x))
+  np.testing.assert_allclose(Siamese(False).apply(copies, x), fp, rtol=1e-5)
+  kw = dict(w_bits=8, a_bits=8, first_last_bits=None, progress=False)
+  qm = ptq_jax.quantize(shared, variables, x, **kw)
+  twin = ptq_jax.quantize(Siamese(False), copies, x, **kw)
+  (odd,) = [l for l in qm.layers if l.path == 'odd']
+  assert odd.sites == 2 and odd.bn_path is None and not qm.float_ops   # BN not folded
+  assert len(qm.qstate['odd'].site_a_quants) == 1
+  err = lambda m: np.abs(np.asarray(m.apply(x)) - fp).mean()
+  assert err(qm) < 2 * err(twin)
+  ada = ptq_jax.quantize(shared, variables, x, method='adaquant', mode='sequential',
+                         adaquant=ptq_jax.AdaQuantConfig(iterations=20, batch_size=16),
+                         **dict(kw, w_bits=4))
+  (report,) = [r for r in ada.layer_reports if r['path'] == 'odd']
+  assert report['sites'] == 2 and report['rel_error_after'] < report['rel_error_before']
+  ada.save(str(tmp_path / 'q.msgpack'))
+  again = ptq_jax.QuantizedModel.load(str(tmp_path / 'q.msgpack'), shared)
+  np.testing.assert_array_equal(again.apply(x), ada.apply(x))
 
 
 def test_mixed_precision_refuses_float_operations():

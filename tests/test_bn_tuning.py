@@ -61,9 +61,9 @@ def test_quantized_outputs_get_the_bn_statistics(net):
   state, _ = bn_tune(model, variables, qm.layers, qm.qstate, x, progress=False)
   outputs = {}
 
-  def layer_output(path, module, inputs):
+  def layer_output(path, module, inputs, site):
     from ptq_jax.quant.interceptor import quantized_layer_output
-    y = quantized_layer_output(module, state[path], inputs)
+    y = quantized_layer_output(module, state[path].for_site(site), inputs)
     outputs[path] = y
     return y
   apply_quantized(model, variables, state, qm.folded_bns, jnp.asarray(x),
@@ -115,8 +115,8 @@ def test_fp_target_matches_the_float_networks_statistics(net):
     from ptq_jax.quant.interceptor import layer_forward, quantized_layer_output
     found = {}
 
-    def layer_output(path, module, inputs):
-      lq = qstate[path]
+    def layer_output(path, module, inputs, site):
+      lq = qstate[path].for_site(site)
       y = (quantized_layer_output(module, lq, inputs) if quantized
            else layer_forward(module, inputs, lq.kernel, lq.bias))
       found[path] = np.asarray(y).reshape(-1, y.shape[-1])

@@ -67,7 +67,7 @@ def capture_groups(layers: Sequence[LayerInfo], n_images: int, budget_mb: float
   """Consecutive groups of layers whose captured inputs fit in ``budget_mb``."""
   groups, current, size = [], [], 0.0
   for layer in layers:
-    mb = n_images * int(np.prod(layer.input_shape)) * 4 / 2**20
+    mb = n_images * int(np.prod(layer.input_shape)) * 4 * layer.sites / 2**20
     if current and size + mb > budget_mb:
       groups.append(current)
       current, size = [], 0.0

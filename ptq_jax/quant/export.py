@@ -73,6 +73,9 @@ def layer_export(layer, lq) -> Dict[str, Any]:
   if layer.geometry is None:
     raise ValueError(f'Layer {layer.path} (masked, or CIRCULAR/CAUSAL padding) has no plain '
                      'integer conv equivalent to export.')
+  if layer.sites > 1:
+    raise ValueError(f'Layer {layer.path} is called at {layer.sites} sites (shared weights), '
+                     'each with its own input quantizer, which one export record cannot hold.')
   w_q = reshape_for(lq.w_quant, lq.kernel.ndim)
   w_codes, w_scale, w_zp = unsigned_codes(smoothed_kernel(lq), w_q)
   a_scale, a_zp = (np.asarray(v) for v in scale_and_zero_point(lq.a_quant))

@@ -10,7 +10,7 @@ sequential AdaQuant, BN tuning and bias tuning.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -35,6 +35,22 @@ class LayerQuant:
   # Per-input-channel smoothing s (dense layers): the layer computes Q(x / s) Q(s W),
   # equal to x W in float; None: no smoothing. Set by RangeConfig(smooth_alpha=...).
   smooth: Optional[jnp.ndarray] = None
+  # A layer called at several sites (shared weights): the input quantizers of its 2nd,
+  # 3rd, ... call (``a_quant`` is the first's); empty for a layer called once.
+  site_a_quants: Tuple[Optional[QuantizerState], ...] = ()
+
+  def for_site(self, site: int) -> 'LayerQuant':
+    """The layer as its ``site``-th call (0-based) computes it: its own input quantizer,
+    the shared kernel and weight quantizer."""
+    if site == 0 or not self.site_a_quants:
+      return self
+    return self.replace(a_quant=self.site_a_quants[site - 1], site_a_quants=())
+
+
+def site_key(path: str, site: int) -> str:
+  """The name under which a layer's ``site``-th call reports its input (``on_layer``):
+  the path for the first call, ``path#k`` for the others."""
+  return path if site == 0 else f'{path}#{site}'
 
 
 # Layer path -> LayerQuant; with quantize_matmuls also attention path -> AttentionQuant.
@@ -93,21 +109,25 @@ def quantized_layer_output(module: nn.Module, lq: LayerQuant, x: jnp.ndarray) ->
 
 def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
                      on_layer: Optional[Callable[[str, jnp.ndarray], None]] = None,
-                     layer_output: Optional[Callable[[str, nn.Module, jnp.ndarray],
+                     layer_output: Optional[Callable[[str, nn.Module, jnp.ndarray, int],
                                                      jnp.ndarray]] = None,
                      on_operand: Optional[Callable[[str, str, jnp.ndarray], None]] = None):
   """An ``nn.intercept_methods`` interceptor applying ``qstate``.
 
-  ``on_layer(path, x)``, if given, is called with each quantized layer's float
-  input before quantization (used to capture calibration activations).
-  ``layer_output(path, module, x)``, if given, replaces how a layer in ``qstate``
-  computes its output (the sensitivity pass gates quantization per layer with it).
+  ``on_layer(key, x)``, if given, is called with each quantized layer's float
+  input before quantization (used to capture calibration activations); ``key`` is
+  :func:`site_key` (the path, or ``path#k`` for the k-th further call of a shared layer).
+  ``layer_output(path, module, x, site)``, if given, replaces how a layer in ``qstate``
+  computes its output at call ``site`` (the sensitivity pass gates quantization per
+  layer with it).
   ``on_operand(path, name, x)``, if given, is called with every attention site's matmul
   operands (:data:`~ptq_jax.quant.attention.OPERANDS`) before quantization; the sites
   then compute their attention explicitly.
   """
   if layer_output is None:
-    layer_output = lambda path, module, x: quantized_layer_output(module, qstate[path], x)
+    layer_output = lambda path, module, x, site: quantized_layer_output(
+        module, qstate[path].for_site(site), x)
+  calls: Dict[str, int] = {}   # per traced forward pass: a layer's calls so far
 
   def attention(path: str):
     """The attention function of site ``path``, or None to leave it untouched."""
@@ -135,10 +155,12 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
       return args[0]
     if isinstance(qstate.get(path), LayerQuant) and isinstance(
         module, (nn.Conv, nn.Dense, nn.DenseGeneral, nn.ConvTranspose, nn.Einsum)):
+      site = calls.get(path, 0)
+      calls[path] = site + 1
       x = flatten_input(module, args[0])   # a DenseGeneral's contracted axes in one
       if on_layer is not None:
-        on_layer(path, x)
-      out = unflatten_output(module, args[0].ndim, layer_output(path, module, x))
+        on_layer(site_key(path, site), x)
+      out = unflatten_output(module, args[0].ndim, layer_output(path, module, x, site))
       return out.astype(module.dtype) if module.dtype is not None else out
     return next_fun(*args, **kwargs)
 

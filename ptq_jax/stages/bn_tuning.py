@@ -108,8 +108,8 @@ def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[Lay
     """
     found = {}
 
-    def layer_output(p, module, inputs):
-      y = quantized_layer_output(module, state[p], inputs)
+    def layer_output(p, module, inputs, site):
+      y = quantized_layer_output(module, state[p].for_site(site), inputs)
       if p in tuned_paths and p not in found:
         flat = y.reshape(-1, y.shape[-1])
         mean = jnp.mean(flat, axis=0)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ptq_jax.quant import calibrate
 from ptq_jax.quant.folding import FoldedLayer
-from ptq_jax.quant.interceptor import LayerQuant, QState
+from ptq_jax.quant.interceptor import LayerQuant, QState, site_key
 from ptq_jax.quant.quantizer import RANGE_METHODS, check_bits
 from ptq_jax.stages.prepare import Prepared, Stage
 from ptq_jax.trace import LayerInfo
@@ -120,16 +120,19 @@ def calibrate_ranges(prepared: Prepared, bits: LayerBits,
   """The quantization state with every layer's quantizers at ``bits`` (None: float)."""
   folded = {p: FoldedLayer(lq.kernel, lq.bias) for p, lq in prepared.float_state.items()}
   smooth = smoothing_scales(prepared, bits, config, folded)
-  a_quants = calibrate.activation_quantizers(
+  sites = {l.path: l.sites for l in prepared.layers}
+  a_quants = calibrate.activation_quantizers(   # (each call site of a shared layer apart)
       prepared.model, prepared.variables, folded, prepared.folded_bns, prepared.images,
-      {p: b[1] for p, b in bits.items()}, config.method, config.symmetric, config.percentile,
-      config.batch_size, config.per_channel_inputs, divisors=smooth)
+      {site_key(p, s): b[1] for p, b in bits.items() for s in range(sites[p])},
+      config.method, config.symmetric, config.percentile, config.batch_size,
+      config.per_channel_inputs, divisors=smooth)
   weights = {p: FoldedLayer(f.kernel * smooth[p][:, None], f.bias) if p in smooth else f
              for p, f in folded.items()}
   w_quants = calibrate.weight_quantizers(weights, {p: b[0] for p, b in bits.items()},
                                          config.weights, config.symmetric, config.percentile)
   return {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias,
-                             w_quants.get(l.path), a_quants.get(l.path), smooth.get(l.path))
+                             w_quants.get(l.path), a_quants.get(l.path), smooth.get(l.path),
+                             tuple(a_quants.get(site_key(l.path, s)) for s in range(1, l.sites)))
           for l in prepared.layers}
 
 
@@ -139,7 +142,7 @@ def smoothing_scales(prepared: Prepared, bits: LayerBits, config: RangeConfig,
   inputs are both quantized (empty unless ``config.smooth_alpha``)."""
   if config.smooth_alpha is None:
     return {}
-  paths = [l.path for l in prepared.layers if l.kind == 'dense'
+  paths = [l.path for l in prepared.layers if l.kind == 'dense' and l.sites == 1
            and bits[l.path][0] is not None and bits[l.path][1] is not None]
   x_max = calibrate.input_channel_absmax(prepared.model, prepared.variables, folded,
                                          prepared.folded_bns, prepared.images, paths,

@@ -84,8 +84,8 @@ class SensitivityTable:
 def _gated_output(float_state, option_state, gates):
   """A ``layer_output`` hook: layer ``p`` computes ``float + g_p * (option - float)``
   for its input, weight and bias; ``g_p`` in {0, 1} is exact either way."""
-  def layer_output(path, module, x):
-    fp, q, g = float_state[path], option_state[path], gates[path]
+  def layer_output(path, module, x, site):
+    fp, q, g = float_state[path], option_state[path].for_site(site), gates[path]
     x_used = x + g * (quantized_input(q, x) - x)
     w_used = fp.kernel + g * (quantized_weight(q) - fp.kernel)
     b_used = fp.bias + g * (q.bias - fp.bias)

@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from ptq_jax.distributed import allgather_owned, local_devices, map_over_devices, process_share
 from ptq_jax.quant.capture import InputCapture, capture_groups
-from ptq_jax.quant.interceptor import LayerQuant, layer_states
+from ptq_jax.quant.interceptor import LayerQuant, layer_states, site_key
 from ptq_jax.stages.adaquant.config import MODES, AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.adaquant.layer import commit, float_targets, optimize_layer
+from ptq_jax.stages.adaquant.shared import optimize_shared_layer
 from ptq_jax.trace import LayerInfo
 
 
@@ -54,6 +55,11 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
     warnings.warn(f'AdaQuant leaves {skipped} at their calibrated ranges: a convolution with a '
                   'mask or CIRCULAR/CAUSAL padding has no plain lax form for the per-layer '
                   'optimiser (they are quantized, not optimised).', UserWarning, stacklevel=2)
+  shared = [l.path for l in todo if l.sites > 1]
+  if shared and (config.rounding == 'learned' or config.drop_prob > 0):
+    warnings.warn(f'AdaQuant optimises the shared layers {shared} with free weight updates and '
+                  'no QDrop (learned rounding and drop_prob apply to layers called once).',
+                  UserWarning, stacklevel=2)
   index = {l.path: i for i, l in enumerate(layers)}
   new_state = dict(qstate)
   reports: Dict[str, Dict[str, Any]] = {}
@@ -63,17 +69,25 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
   capture = InputCapture(model, variables, folded_bns, runtime.capture_batch_size, devices)
 
   def optimize(layer, x_fp, x=None, device=None):
+    """``x_fp`` / ``x``: the float / quantized-prefix inputs, one per call site."""
     # Layer-parallel over several devices: this layer is pinned to ``device``.
     pin = device if device is not None and len(devices) > 1 else None
-    y = None   # parallel mode: optimize_layer computes the float target from x_fp
+    ys = [None] * len(x_fp)   # parallel mode: the float target is computed from x_fp
     if x is not None:   # sequential mode: trained on x, the target from the float inputs
       float_lq = float_state[layer.path]
       if pin is not None:
         x_fp, float_lq = commit((x_fp, float_lq), pin)
-      y = float_targets(layer.geometry, layer.activation, float_lq, x_fp,
-                        runtime.eval_batches(len(x_fp), config))
-    lq, report = optimize_layer(layer, qstate[layer.path], x_fp if x is None else x, y, config,
-                                jax.random.fold_in(key, index[layer.path]), pin, runtime)
+      ys = [float_targets(layer.geometry, layer.activation, float_lq, xf,
+                          runtime.eval_batches(len(xf), config)) for xf in x_fp]
+    layer_key = jax.random.fold_in(key, index[layer.path])
+    if layer.sites > 1:
+      xs, lq = (x_fp if x is None else x), qstate[layer.path]
+      if pin is not None:
+        xs, lq = commit((xs, lq), pin)
+      lq, report = optimize_shared_layer(layer, lq, xs, ys, config, layer_key)
+    else:
+      lq, report = optimize_layer(layer, qstate[layer.path], (x_fp if x is None else x)[0],
+                                  ys[0], config, layer_key, pin, runtime)
     report['mode'] = mode
     if pin is not None:  # back to the host: later passes may run on any device
       lq, report['device'] = jax.device_get(lq), str(device)
@@ -88,20 +102,22 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
 
   try:
     for group in groups:
-      group_paths = [l.path for l in group]
+      group_paths = [k for l in group for k in site_keys(l)]
       if mode == 'sequential':
         fp_inputs = capture(float_state, images, group_paths)
         for layer in group:
           # Inputs from the quantized prefix: layers before this one already optimised.
-          x = capture(new_state, images, group_paths, keep=[layer.path])[layer.path]
-          done(layer, *optimize(layer, fp_inputs.pop(layer.path), x))
+          x = capture(new_state, images, group_paths, keep=site_keys(layer))
+          done(layer, *optimize(layer, [fp_inputs.pop(k) for k in site_keys(layer)],
+                                [x[k] for k in site_keys(layer)]))
           del x
         continue
       group = [l for l in group if l.path in mine]
       if not group:
         continue
-      fp_inputs = capture(float_state, images, group_paths, keep=[l.path for l in group])
-      items = [(layer, fp_inputs.pop(layer.path)) for layer in group]
+      fp_inputs = capture(float_state, images, group_paths,
+                          keep=[k for l in group for k in site_keys(l)])
+      items = [(layer, [fp_inputs.pop(k) for k in site_keys(layer)]) for layer in group]
       for i, (lq, report) in map_over_devices(lambda item, d: optimize(*item, device=d),
                                               items, devices):
         done(group[i], lq, report)
@@ -116,6 +132,11 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
           f'having risen by the last step: {guarded[:6]}{"..." if len(guarded) > 6 else ""}',
           flush=True)
   return new_state, [reports[l.path] for l in todo]
+
+
+def site_keys(layer: LayerInfo) -> List[str]:
+  """The capture keys of a layer's call sites (one unless it is shared)."""
+  return [site_key(layer.path, s) for s in range(layer.sites)]
 
 
 _NUMERIC_REPORT_FIELDS = ('mse_before', 'mse_after', 'rel_error_before', 'rel_error_after',

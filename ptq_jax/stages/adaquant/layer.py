@@ -41,7 +41,8 @@ def _labels(lq: LayerQuant) -> LayerQuant:
   def group(q, name):
     return None if q is None else q.replace(range=name, low=name)
   return LayerQuant('kernel', 'bias', group(lq.w_quant, 'w_quant'), group(lq.a_quant, 'a_quant'),
-                    None if lq.smooth is None else 'frozen')
+                    None if lq.smooth is None else 'frozen',
+                    tuple(group(q, 'a_quant') for q in lq.site_a_quants))
 
 
 def _optimizer(rates: jnp.ndarray, labels: LayerQuant, schedule: str
