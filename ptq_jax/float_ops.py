@@ -133,7 +133,7 @@ def _reason(module: str) -> str:
     return (f'{module} is not quantized by ptq_jax in this form: Conv, Dense/Linear, '
             'ConvTranspose (no mask, transpose_kernel or CIRCULAR padding), DenseGeneral/'
             'LinearGeneral over trailing axes without batch dims, and Einsum with the batch '
-            'axis first and one kernel axis in the output, last in both, are')
+            'axis first and the kernel\'s output axes trailing in kernel and output, are')
   return (f'a parameter contracted in the code of {module or "the model"} itself (e.g. '
           'jnp.dot on self.param), not in an nn.Conv / nn.Dense')
 

@@ -1,7 +1,7 @@
 """Geometry of conv / dense / einsum layers and the linear map computed from it.
 
 A transposed conv (``nn.ConvTranspose``) is the conv of its stride-dilated input, and a
-supported ``nn.Einsum`` (:func:`einsum_equation`) keeps its equation.
+supported ``nn.Einsum`` (:func:`einsum_view`) keeps its equation.
 
 ``geometry_of`` reads a Flax ``nn.Conv`` / ``nn.Dense`` (at a given input shape) into
 a hashable :class:`LayerGeometry`: strides, explicit padding, dilations, groups.
@@ -41,11 +41,14 @@ class LayerGeometry(NamedTuple):
   equation: str = ''                          # 'einsum': the equation, input first
 
 
-def einsum_equation(module: nn.Module, x_ndim: int) -> Optional[str]:
-  """The equation of an ``nn.Einsum`` this library quantizes, or None: set on the module
-  (not at call time), no ellipsis, the batch axis kept first, and one kernel axis in the
-  output, last in both (the output feature: per-channel weight scales and BatchNorm
-  folding apply to it); every other kernel axis is contracted with the input."""
+def einsum_view(module: nn.Module, x_ndim: int) -> Optional[Tuple[str, Tuple[int, ...]]]:
+  """``(equation, out_dims)`` if ``module`` is an ``nn.Einsum`` this library quantizes, else
+  None. Quantized: the equation set on the module (not at call time), no ellipsis, the
+  batch axis first in input and output, and the kernel's output axes trailing in both
+  kernel and output, in the same order (every other kernel axis contracted with the
+  input). Those axes are the output features: they are flattened into one, so the layer
+  is an einsum with one output-feature axis (``equation`` is rewritten so), per-feature
+  weight scales, and the output is reshaped back to ``out_dims`` after."""
   equation = getattr(module, 'einsum_str', None)
   if not isinstance(module, nn.Einsum) or not equation:
     return None
@@ -58,11 +61,14 @@ def einsum_equation(module: nn.Module, x_ndim: int) -> Optional[str]:
   if ('.' in equation or len(lhs) != x_ndim or not out or not rhs
       or len(set(lhs)) != len(lhs) or len(set(rhs)) != len(rhs)):
     return None
-  feature = rhs[-1]
-  if (feature in lhs or out[-1] != feature or lhs[0] != out[0] or lhs[0] in rhs
-      or any(c not in lhs or c in out for c in rhs[:-1])):
+  features = [c for c in rhs if c in out]
+  n = len(features)
+  if (not n or any(c in lhs for c in features) or list(rhs[len(rhs) - n:]) != features
+      or list(out[len(out) - n:]) != features or lhs[0] != out[0] or lhs[0] in rhs
+      or any(c not in lhs or c in out for c in rhs[:len(rhs) - n])):
     return None
-  return equation
+  flat = f'{lhs},{rhs[:len(rhs) - n]}{features[0]}->{out[:len(out) - n]}{features[0]}'
+  return flat, tuple(int(d) for d in tuple(module.shape)[len(rhs) - n:])
 
 
 def conv_transpose_pads(kernel: int, stride: int, padding: str) -> Tuple[int, int]:
@@ -129,7 +135,10 @@ def flatten_input(module: nn.Module, x: jnp.ndarray) -> jnp.ndarray:
 
 
 def unflatten_output(module: nn.Module, x_ndim: int, y: jnp.ndarray) -> jnp.ndarray:
-  """The inverse for the output: a DenseGeneral's features restored."""
+  """The inverse for the output: a DenseGeneral's or an Einsum's features restored."""
+  if isinstance(module, nn.Einsum):
+    view = einsum_view(module, x_ndim)
+    return y if view is None else y.reshape(y.shape[:-1] + view[1])
   view = dense_general_view(module, x_ndim)
   if view is None:
     return y
@@ -150,8 +159,8 @@ def geometry_of(module: nn.Module, x_shape: Sequence[int],
   if isinstance(module, nn.Dense) or dense_general_view(module, len(x_shape)) is not None:
     return LayerGeometry('dense')
   if isinstance(module, nn.Einsum):
-    equation = einsum_equation(module, len(x_shape))
-    return None if equation is None else LayerGeometry('einsum', equation=equation)
+    view = einsum_view(module, len(x_shape))
+    return None if view is None else LayerGeometry('einsum', equation=view[0])
   if isinstance(module, nn.ConvTranspose):
     return _conv_transpose_geometry(module, x_shape, kernel_shape)
   if not isinstance(module, nn.Conv) or module.mask is not None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ptq_jax.calling import inference_kwargs
 from ptq_jax.float_ops import FloatOp, find_activation_matmuls, find_float_ops, relative_stack
-from ptq_jax.linear import LayerGeometry, dense_general_view, geometry_of
+from ptq_jax.linear import LayerGeometry, dense_general_view, einsum_view, geometry_of
 from ptq_jax.nnx_bridge import NNXModel
 from ptq_jax.quant.attention import AttentionCore, attention_fn_swapped, is_linen_site
 
@@ -99,15 +99,18 @@ def _conv_transpose_info(module: nn.ConvTranspose, path: str, x, y, variables
 
 
 def _einsum_info(module: nn.Einsum, path: str, x, y, variables) -> Optional[LayerInfo]:
-  """An ``nn.Einsum`` with a supported equation (``einsum_equation``) as a layer."""
+  """An ``nn.Einsum`` of a supported form (``einsum_view``) as a layer, its output
+  features flattened into one axis."""
   kernel = variables['kernel']
-  geom = geometry_of(module, x.shape, kernel.shape)
-  if geom is None:
+  view = einsum_view(module, x.ndim)
+  if view is None:
     return None
-  macs = int(np.prod(y.shape[1:])) * int(np.prod(kernel.shape[:-1]))
+  n, fan_out = len(view[1]), int(np.prod(view[1]))
+  macs = int(np.prod(y.shape[1:])) * int(np.prod(kernel.shape[:-n]))
   params = sum(int(np.size(v)) for v in variables.values())
-  return LayerInfo(path, 'einsum', tuple(kernel.shape), 1, tuple(x.shape[1:]),
-                   tuple(y.shape[1:]), params, macs, geom)
+  return LayerInfo(path, 'einsum', tuple(kernel.shape[:-n]) + (fan_out,), 1,
+                   tuple(x.shape[1:]), tuple(y.shape[1:-n]) + (fan_out,), params, macs,
+                   LayerGeometry('einsum', equation=view[0]))
 
 
 _HANDLERS = ((nn.Conv, _conv_info), (nn.Dense, _dense_info),

@@ -272,7 +272,7 @@ def test_adaquant_says_which_layers_it_cannot_optimise():
 
 class Decoder(nn.Module):
   """Transposed convs (SAME with stride, VALID with dilation, explicit padding) and
-  an Einsum projection."""
+  Einsum projections (to two feature axes, and from them)."""
 
   @nn.compact
   def __call__(self, x):
@@ -281,14 +281,15 @@ class Decoder(nn.Module):
                                  kernel_dilation=(2, 1), name='wide')(x))
     x = nn.ConvTranspose(4, (3, 3), padding=((1, 2), (0, 1)), name='explicit')(x)
     x = x.reshape(x.shape[0], -1, 4)
-    return nn.Einsum((4, 3), 'btd,do->bto', name='proj')(x).mean(axis=1)
+    x = nn.Einsum((4, 2, 3), 'btd,dhk->bthk', name='heads')(x)   # output features (h, k)
+    return nn.Einsum((2, 3, 3), 'bthk,hko->bto', name='proj')(x).mean(axis=1)
 
 
 def test_transposed_convs_and_einsum_are_quantized_layers(tmp_path):
   model, x = Decoder(), data((16, 5, 4, 3))
   variables = model.init(jax.random.key(0), x)
   fp = np.asarray(model.apply(variables, x))
-  layers = ['up', 'wide', 'explicit', 'proj']
+  layers = ['up', 'wide', 'explicit', 'heads', 'proj']
   exact = ptq_jax.quantize(model, variables, x, w_bits=None, a_bits=None,
                            first_last_bits=None, progress=False)   # the geometry, in float
   assert [l.path for l in exact.layers] == layers and not exact.float_ops
@@ -298,6 +299,7 @@ def test_transposed_convs_and_einsum_are_quantized_layers(tmp_path):
                         progress=False)
   rows = {r['path']: r for r in qm.report}
   assert all(rows[p]['w_bits'] == 4 and rows[p]['weight_rel_mse'] > 0 for p in layers)
+  assert rows['heads']['kernel_shape'] == '4x6'   # output features (2, 3) as one axis
   reports = {r['path']: r for r in qm.layer_reports}
   assert all(reports[p]['rel_error_after'] <= reports[p]['rel_error_before'] for p in layers)
   assert np.abs(qm.apply(x) - fp).mean() < 0.1 * np.abs(fp).mean()
@@ -308,7 +310,7 @@ def test_transposed_convs_and_einsum_are_quantized_layers(tmp_path):
                                  and str(tmp_path / 'i.msgpack'))
   inputs = InputCapture(model, variables, qm.folded_bns)(qm.qstate, x, layers)
   modules = {'up': nn.ConvTranspose(6, (3, 3), strides=(2, 2)),
-             'proj': nn.Einsum((4, 3), 'btd,do->bto')}
+             'proj': nn.Einsum((2, 3, 3), 'bthk,hko->bto')}
   for path, module in modules.items():   # the integer kernels compute what fake-quant does
     np.testing.assert_allclose(integer_layer_output(records[path], inputs[path]),
                                quantized_layer_output(module, qm.qstate[path], inputs[path]),
