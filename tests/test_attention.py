@@ -68,17 +68,22 @@ def test_attention_matmuls_are_quantized_only_when_asked(tmp_path):
   np.testing.assert_array_equal(again.apply(x), on.apply(x))
   with pytest.raises(ValueError, match='quantize_matmuls'):
     ptq_jax.export_integer(on, str(tmp_path / 'int.msgpack'))
-  ada = ptq_jax.quantize(model, variables, x, quantize_matmuls=True, method='adaquant',
-                         adaquant=ptq_jax.AdaQuantConfig(iterations=40, batch_size=16), **kw)
-  (site,) = [r for r in ada.layer_reports if r['path'] == 'attn']
-  assert site['optimised'] and site['rel_error_after'] < site['rel_error_before']
-  result = ptq_jax.run_pipeline(model, variables, x, 'advanced', w_bits=8, a_bits=4,
-                                quantize_matmuls=True, options=('W8A4',), bias_steps=2, first_last_bits=None,
-                                adaquant=ptq_jax.AdaQuantConfig(iterations=4), progress=False)
+  result = ptq_jax.run_pipeline(model, variables, x, 'sequential', w_bits=8, a_bits=4,
+                                first_last_bits=None, quantize_matmuls=True, bias_steps=2,
+                                adaquant=ptq_jax.AdaQuantConfig(iterations=40, batch_size=16),
+                                progress=False)
   assert [s.name for s in result.stages] == ['ranges', 'matmul_ranges', 'adaquant',
                                              'matmul_adaquant', 'bn_tuning', 'bias_tuning']
-  assert [s.model.matmul_bits() for s in result.stages[:3]] == [{}, {'attn': 4}, {}]
-  assert result.model.matmul_bits() == {'attn': 4}
+  assert [s.model.matmul_bits() for s in result.stages] == [{}] + [{'attn': 4}] * 5
+  (site,) = result.stages[3].report   # the operand quantizers fitted, never made worse
+  assert site['optimised'] and site['rel_error_after'] < site['rel_error_before']
+  from ptq_jax.pipelines import PipelineResult, pipeline_stages
+  names = lambda **kw: [s.name for s in pipeline_stages(result=PipelineResult('p', []),
+                                                        quantize_matmuls=True, **kw)]
+  assert names(pipeline='advanced') == ['ranges', 'matmul_ranges', 'adaquant',
+                                        'matmul_adaquant', 'bn_tuning', 'bias_tuning']
+  assert names(pipeline='light', size_pct=13) == ['mixed_precision', 'matmul_ranges',
+                                                  'bn_tuning']
 
 
 def test_nnx_attention_matmuls_and_what_cannot_be_quantized():
