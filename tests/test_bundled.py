@@ -7,8 +7,9 @@ from ptq_jax.bundled import model_card
 from ptq_jax.data import loader
 
 # Floors on the first 1000 test images (the full-test figures are in each model card
-# and results/fp32.md; the issue targets are 93.0% and 92.0% on the full test split).
-FLOORS = {'resnet20_fashion_mnist': 92.0, 'mobilenet_v2_fmnist_fashion_mnist': 91.0}
+# and results/fp32.md; the issue targets are 93.0%, 92.0% and 90.0% on the full test split).
+FLOORS = {'resnet20_fashion_mnist': 92.0, 'mobilenet_v2_fmnist_fashion_mnist': 91.0,
+          'vit_fmnist_fashion_mnist': 90.0}
 
 
 def test_every_bundled_checkpoint_has_a_floor_and_a_card():

@@ -105,15 +105,14 @@ def test_pipeline_job(trained, tfds_dir, tmp_path):
   config.quant.iterations, config.quant.bias_steps = 3, 3
   config.quant.options = ('W8A8', 'W4A4')  # (six by default: slow to calibrate here)
   config.quant.cache_dir = str(tmp_path / 'cache')
-  config.pipelines = ('sequential', 'light@13')
+  # (AdaQuant through the job: the default-job test; the pipelines: test_pipelines.py)
+  config.pipelines = ('light', 'light@13')
   records = jobs.run(config, str(tmp_path / 'work'))
   assert [(r['pipeline'], r['stage']) for r in records] == [
-      ('-', 'fp32'), ('sequential', 'ranges'), ('sequential', 'adaquant'),
-      ('sequential', 'bn_tuning'), ('sequential', 'bias_tuning'),
+      ('-', 'fp32'), ('light', 'ranges'), ('light', 'bn_tuning'),
       ('light', 'mixed_precision'), ('light', 'bn_tuning')]
-  assert sorted(os.listdir(tmp_path / 'work')) == ['layers.png', 'manifest.json',
-                                                   'quantized.msgpack', 'results.json',
-                                                   'results.md', 'stages.png']
+  assert sorted(os.listdir(tmp_path / 'work')) == ['manifest.json', 'quantized.msgpack',
+                                                   'results.json', 'results.md', 'stages.png']
   assert verify_outputs(str(tmp_path / 'work'))['job'] == 'pipeline'
   assert records[-1]['size_pct_of_fp32'] <= 13.0
   for bad, message in [(('fast',), 'is not one of'), (('advanced@x',), 'must be a number'),
