@@ -2,15 +2,17 @@
 
   python benchmarks/reconstruction.py                     # ResNet-20, W4A4 and W2A4
   python benchmarks/reconstruction.py --models=resnet20,mobilenet_v2_fmnist --bits=4/4,2/4
+  python benchmarks/reconstruction.py --start=mse       # every method from MSE ranges
 
 For each model and bit width (first and last layer 8-bit): the starting point
-(calibrated min/max ranges), then each reconstruction method from it (METHODS below),
+(calibrated min/max or, with --start=mse, MSE ranges), then each reconstruction method
+from it (METHODS below),
 in one run on one machine. Accuracy is measured on 5000 train images outside the
 calibration set (``val_top1_pct``, what any choice of default would use) and on the test
 split (``top1_pct``); ``start_val_top1_pct`` repeats the starting point's, and
 ``layers_worse`` counts layers whose reconstruction error ended above where it started
 (``layers_guarded``: layers where the guard kept an earlier state). Rows merge into
-results/reconstruction.{json,md} by (model, method, bits, mode, iterations, device).
+results/reconstruction.{json,md} by (model, start, method, bits, mode, iterations, device).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ flags.DEFINE_list('models', ['resnet20'], 'Bundled models.')
 flags.DEFINE_list('bits', ['4/4', '2/4'], 'W/A bit widths (first and last layer 8-bit).')
 flags.DEFINE_list('methods', list(METHODS), f'From {list(METHODS)}.')
 flags.DEFINE_enum('mode', 'parallel', ['parallel', 'sequential'], 'AdaQuant mode.')
+flags.DEFINE_enum('start', 'minmax', ['minmax', 'mse'], 'Range initialisation every method '
+                  'starts from.')
 flags.DEFINE_integer('iterations', 1000, 'AdaQuant iterations per layer.')
 flags.DEFINE_integer('calib_size', 1000, 'Calibration images.')
 flags.DEFINE_integer('val_size', 5000, 'Held-out train images for validation.')
@@ -51,7 +55,7 @@ flags.DEFINE_integer('seed', 0, 'Calibration sample and AdaQuant seed.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 
 NAME = 'reconstruction'
-KEY_FIELDS = ('model', 'method', 'w_bits', 'a_bits', 'mode', 'iterations', 'device')
+KEY_FIELDS = ('model', 'start', 'method', 'w_bits', 'a_bits', 'mode', 'iterations', 'device')
 
 
 def main(_):
@@ -67,7 +71,8 @@ def main(_):
   for name in FLAGS.models:
     model, variables, _ = ptq_jax.load_model(ptq_jax.bundled_checkpoints()[f'{name}_fashion_mnist'])
     for w_bits, a_bits in bits:
-      common = dict(w_bits=w_bits, a_bits=a_bits, first_last_bits=8, progress=False)
+      common = dict(w_bits=w_bits, a_bits=a_bits, first_last_bits=8, progress=False,
+                    ranges=ptq_jax.RangeConfig(FLAGS.start))
       start = time.time()
       base = ptq_jax.quantize(model, variables, calib, **common)
       seconds = time.time() - start
@@ -75,10 +80,11 @@ def main(_):
       start_test = ptq_jax.top1_accuracy_pct(base.predict(test_images), test.labels)
 
       def record(method, val, test_top1, seconds, **extra):
+        start_row = method.startswith('ptq_')
         records.append({
-            'model': name, 'method': method, 'w_bits': w_bits, 'a_bits': a_bits,
-            'mode': FLAGS.mode if method != 'ptq_minmax' else '-',
-            'iterations': FLAGS.iterations if method != 'ptq_minmax' else 0,
+            'model': name, 'start': FLAGS.start, 'method': method, 'w_bits': w_bits,
+            'a_bits': a_bits, 'mode': FLAGS.mode if not start_row else '-',
+            'iterations': FLAGS.iterations if not start_row else 0,
             'calib_size': FLAGS.calib_size, 'start_val_top1_pct': round(start_val, 2),
             'val_top1_pct': round(val, 2), 'start_top1_pct': round(start_test, 2),
             'top1_pct': round(test_top1, 2), 'delta_val_pct': round(val - start_val, 2),
@@ -87,7 +93,7 @@ def main(_):
         print(records[-1], flush=True)
         save(records)
 
-      record('ptq_minmax', start_val, start_test, seconds)
+      record(f'ptq_{FLAGS.start}', start_val, start_test, seconds)
       for method in FLAGS.methods:
         config = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, **METHODS[method])
         start = time.time()
@@ -108,15 +114,19 @@ def main(_):
 
 
 def save(records) -> None:
-  write_results(FLAGS.out, NAME, merge_records(FLAGS.out, NAME, records, KEY_FIELDS),
+  rows = merge_records(FLAGS.out, NAME, records, KEY_FIELDS)
+  for row in rows:   # (rows measured before --start existed all started from min/max)
+    row.setdefault('start', 'minmax')
+  write_results(FLAGS.out, NAME, rows,
                 'Reconstruction methods from the same calibrated start',
-                columns=['model', 'method', 'w_bits', 'a_bits', 'mode', 'iterations',
+                columns=['model', 'start', 'method', 'w_bits', 'a_bits', 'mode', 'iterations',
                          'calib_size', 'start_val_top1_pct', 'val_top1_pct', 'delta_val_pct',
                          'start_top1_pct', 'top1_pct', 'layers', 'layers_worse',
                          'layers_worse_at_last_step', 'layers_guarded',
                          'mean_layer_error_ratio', 'seconds', 'device', 'command'],
-                notes='First and last layer 8-bit. `start_*`: the calibrated min/max start '
-                      'every method begins from. `val_top1_pct`: 5000 train images outside '
+                notes='First and last layer 8-bit. `start`: the range initialisation '
+                      '(min/max or MSE) every method of that row begins from; `start_*`: that '
+                      'calibrated start\'s accuracy. `val_top1_pct`: 5000 train images outside '
                       'the calibration set; `top1_pct`: the test split (reported, never used '
                       'to choose). `layers_worse`: layers whose relative reconstruction '
                       'error on the calibration set ended above its start; '
