@@ -99,14 +99,21 @@ def _conv_transpose_geometry(module: nn.ConvTranspose, x_shape: Sequence[int],
       return None
     pads = [conv_transpose_pads((k - 1) * d + 1, s, padding)
             for k, d, s in zip(kernel_shape[:n], kdil, strides)]
-  elif isinstance(padding, int):
-    pads = [(padding, padding)] * n
   else:
-    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-    if len(pads) != n:
-      return None
+    pads = _explicit_pads(padding, n)
+  if pads is None:
+    return None
   return LayerGeometry('conv', (1,) * n, tuple((int(lo), int(hi)) for lo, hi in pads), kdil,
                        strides, 1)
+
+
+def _explicit_pads(padding, n: int):
+  """``(low, high)`` per spatial dim from an int or a sequence of ints / pairs; None if
+  the sequence has the wrong length."""
+  if isinstance(padding, int):
+    return [(padding, padding)] * n
+  pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  return pads if len(pads) == n else None
 
 
 def dense_general_view(module: nn.Module, x_ndim: int) -> Optional[Tuple[int, Tuple[int, ...]]]:
@@ -178,12 +185,10 @@ def geometry_of(module: nn.Module, x_shape: Sequence[int],
     window = [(k - 1) * d + 1 for k, d in zip(kernel_shape[:n], kdil)]
     spatial = [(s - 1) * i + 1 for s, i in zip(x_shape[1:1 + n], idil)]
     pads = jax.lax.padtype_to_pads(spatial, window, strides, padding)
-  elif isinstance(padding, int):
-    pads = [(padding, padding)] * n
   else:
-    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-    if len(pads) != n:
-      return None
+    pads = _explicit_pads(padding, n)
+  if pads is None:
+    return None
   return LayerGeometry('conv', strides, tuple((int(lo), int(hi)) for lo, hi in pads), kdil,
                        idil, int(module.feature_group_count))
 
