@@ -127,8 +127,7 @@ def _fit(quant: AttentionQuant, q, k, v, config: AdaQuantConfig, key: jax.Array
   err, ref = _error_sum(quant, q, k, v, eval_batch)
   start_error = err / max(ref, 1e-30)
   best, best_error, best_iter = quant, start_error, 0
-  checks = sorted({round(steps * (c + 1) / config.guard_checks)
-                   for c in range(config.guard_checks)}) if config.guard else [steps]
+  checks = config.check_steps()
   state, opt_state, done = quant, tx.init(quant), 0
   for check in checks:
     for i in range(done, check):
