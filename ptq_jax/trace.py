@@ -116,7 +116,7 @@ def _einsum_info(module: nn.Einsum, path: str, x, y, variables) -> Optional[Laye
 _HANDLERS = ((nn.Conv, _conv_info), (nn.Dense, _dense_info),
              (nn.DenseGeneral, _dense_general_info), (nn.ConvTranspose, _conv_transpose_info),
              (nn.Einsum, _einsum_info))
-LAYER_TYPES = tuple(cls for cls, _ in _HANDLERS)
+LAYER_TYPES = tuple(cls for cls, _ in _HANDLERS)   # (what the interceptor swaps)
 
 
 _PROBE = np.array([-7.0, -3.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 3.0, 5.5, 6.0, 6.5, 9.0],

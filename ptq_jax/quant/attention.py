@@ -46,10 +46,6 @@ class AttentionQuant:
     return self.q.bits
 
 
-def is_attention_state(value) -> bool:
-  return isinstance(value, AttentionQuant)
-
-
 def quantized_attention(query, key, value, bias=None, mask=None, *,
                         quant: Optional[AttentionQuant] = None,
                         on_operand: Optional[OperandHook] = None, dtype=None, precision=None,

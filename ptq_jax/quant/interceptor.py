@@ -22,6 +22,7 @@ from ptq_jax.linear import (LayerGeometry, apply_linear, flatten_input, geometry
 from ptq_jax.quant.attention import (AttentionCore, AttentionQuant,
                                     attention_fn_swapped, is_linen_site, quantized_attention)
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant, reshape_for
+from ptq_jax.trace import LAYER_TYPES
 
 
 @struct.dataclass
@@ -153,8 +154,7 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
         return next_fun(*args, **kwargs)
     if isinstance(module, nn.BatchNorm) and path in folded_bns:
       return args[0]
-    if isinstance(qstate.get(path), LayerQuant) and isinstance(
-        module, (nn.Conv, nn.Dense, nn.DenseGeneral, nn.ConvTranspose, nn.Einsum)):
+    if isinstance(qstate.get(path), LayerQuant) and isinstance(module, LAYER_TYPES):
       site = calls.get(path, 0)
       calls[path] = site + 1
       x = flatten_input(module, args[0])   # a DenseGeneral's contracted axes in one
