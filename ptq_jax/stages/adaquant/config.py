@@ -19,6 +19,7 @@ MODES = ('parallel', 'sequential')
 LR_SCHEDULES = ('constant', 'cosine')
 RANGE_UPDATES = ('absolute', 'relative')
 ROUNDINGS = ('free', 'learned')
+UNITS = ('layer', 'block')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,11 @@ class AdaQuantConfig:
   rounding: str = 'free'
   lr_rounding: float = 1e-2
   rounding_reg: float = 1.0
+  # 'layer': each layer fitted to its own float output (the paper's); 'block': the
+  # layers of each block of the traced graph (a residual block, a transformer
+  # half-layer, else one layer) fitted jointly to the float block's output
+  # (ptq_jax.stages.adaquant.block).
+  unit: str = 'layer'
 
   def __post_init__(self):
     self.validate()
@@ -82,6 +88,8 @@ class AdaQuantConfig:
         or not isinstance(self.drop_prob, (int, float, np.floating, np.integer))
         or not 0.0 <= float(self.drop_prob) < 1.0):
       raise ValueError(f'AdaQuant drop_prob must be a number in [0, 1), got {self.drop_prob!r}.')
+    if self.unit not in UNITS:
+      raise ValueError(f'AdaQuant unit must be one of {UNITS}, got {self.unit!r}.')
     if self.rounding not in ROUNDINGS:
       raise ValueError(f'AdaQuant rounding must be one of {ROUNDINGS}, got {self.rounding!r}.')
     for name in ('lr_rounding', 'rounding_reg'):

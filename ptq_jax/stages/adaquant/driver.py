@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ptq_jax.distributed import allgather_owned, local_devices, map_over_devices, process_share
 from ptq_jax.quant.capture import InputCapture, capture_groups
 from ptq_jax.quant.interceptor import LayerQuant, layer_states, site_key
+from ptq_jax.stages.adaquant.block import run_blocks
 from ptq_jax.stages.adaquant.config import MODES, AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.adaquant.layer import commit, float_targets, optimize_layer
 from ptq_jax.stages.adaquant.shared import optimize_shared_layer
@@ -32,7 +33,8 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
                  progress: bool = True, devices: Optional[Sequence[Any]] = None,
                  runtime: AdaQuantRuntime = AdaQuantRuntime()
                  ) -> Tuple[Dict[str, LayerQuant], List[Dict[str, Any]]]:
-  """AdaQuant of every quantized layer; returns the new state and a per-layer report.
+  """AdaQuant of every quantized layer; returns the new state and a per-layer report
+  (per block with ``config.unit='block'``, :func:`~.block.run_blocks`).
 
   ``qstate`` holds the starting point (folded weights and calibrated quantizers);
   layers without quantizers, or without a plain geometry, are left as they are.
@@ -43,8 +45,11 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
   if mode not in MODES:
     raise ValueError(f'AdaQuant mode must be one of {MODES}, got {mode!r}.')
   config = config.validate()
-  devices = local_devices(devices)
   key = jax.random.key(0) if key is None else key
+  if config.unit == 'block':
+    return run_blocks(model, variables, layers, qstate, images, mode, config, key, progress,
+                      runtime)
+  devices = local_devices(devices)
   folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
   float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in layer_states(qstate).items()}
   quantized = [l for l in layers

@@ -1,0 +1,270 @@
+"""Block-wise reconstruction: AdaQuant with a block of layers as its unit.
+
+For each block of the traced program (:mod:`ptq_jax.quant.blocks`: a residual or
+inverted-residual block, a transformer half-layer, or a lone layer with its
+activation), minimise
+
+    mean || B(X_fp; float layers) - B(X; quantized layers) ||^2
+
+jointly over the states of every quantized layer in the block, where ``B`` is the
+block's own program (skip path, add and activations included), ``X_fp`` its input in
+the float model and ``X`` its input in the float model (parallel mode) or in the
+already-reconstructed quantized prefix (sequential mode). Each layer's state moves
+as in layer-wise AdaQuant: free weight updates (Adam per parameter group, the same
+rates and schedule) or learned rounding, with QDrop and the guard (the best of the
+checked states by the block's error over all calibration inputs) as configured.
+Unlike layer-wise reconstruction a layer can trade its own error for a smaller error
+at the block's output, e.g. against the error of the layer after it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ptq_jax.quant.attention import AttentionQuant
+from ptq_jax.quant.blocks import Block, BlockProgram
+from ptq_jax.quant.interceptor import (LayerQuant, layer_forward, layer_states, quantized_input,
+                                      quantized_weight)
+from ptq_jax.stages.adaquant import rounding
+from ptq_jax.stages.adaquant.config import AdaQuantConfig, AdaQuantRuntime
+from ptq_jax.stages.adaquant.layer import _labels, _optimizer, _scaled_ranges, weight_range_scale
+from ptq_jax.stages.adaquant.steps import run_loop
+from ptq_jax.trace import LayerInfo
+
+
+def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
+               qstate: Mapping[str, Any], images: np.ndarray, mode: str,
+               config: AdaQuantConfig, key: jax.Array, progress: bool = True,
+               runtime: AdaQuantRuntime = AdaQuantRuntime()
+               ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+  """Block-wise reconstruction of every block holding a quantized layer; returns the new
+  state and one report per optimised block. Runs on the default device (every process
+  of a multi-host run does the same work)."""
+  folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
+  float_state = {p: LayerQuant(lq.kernel, lq.bias, site_a_quants=tuple(
+      None for _ in lq.site_a_quants)) for p, lq in layer_states(qstate).items()}
+  example = np.asarray(images[:1], np.float32)
+  program = BlockProgram(model, variables, qstate, folded_bns, example)
+  # Quantized attention matmuls are part of the program it was traced with; the float
+  # targets come from a program traced without them (same blocks).
+  has_attention = any(isinstance(v, AttentionQuant) for v in qstate.values())
+  float_program = (BlockProgram(model, variables, float_state, folded_bns, example)
+                   if has_attention else program)
+  if [b.paths for b in float_program.blocks] != [b.paths for b in program.blocks]:
+    raise ValueError('The float and quantized programs cut into different blocks; use '
+                     'layer-wise reconstruction (AdaQuantConfig(unit="layer")).')
+  quantized = {l.path for l in layers
+               if qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None}
+  new_state = dict(qstate)
+  reports = []
+  batch = runtime.capture_batch_size
+  x_fp = jnp.asarray(images, jnp.float32)
+  x_q = x_fp
+  todo = [b for b in program.blocks if quantized & set(b.paths)]
+  bar = tqdm(total=len(todo), desc=f'Block reconstruction ({mode})', disable=not progress,
+             leave=False)
+  try:
+    for block in program.blocks:
+      last = block.index == len(program.blocks) - 1
+      y_fp = _BlockFns(float_program, block, batch).outputs(float_state, x_fp)
+      fns = _BlockFns(program, block, batch)
+      trained = [p for p in block.paths if p in quantized]
+      if trained:
+        x = x_fp if mode == 'parallel' else x_q
+        states, report = optimize_block(program, block, new_state, trained, x, y_fp, config,
+                                        jax.random.fold_in(key, block.index), fns)
+        new_state.update(states)
+        report['mode'] = mode
+        reports.append(report)
+        bar.set_postfix_str(f'{block.label[:40]}: rel err {report["rel_error_before"]:.3g} '
+                            f'-> {report["rel_error_after"]:.3g}')
+        bar.update()
+      if not last:
+        if mode == 'sequential':
+          x_q = fns.outputs(new_state, x_q)
+        x_fp = y_fp
+  finally:
+    bar.close()
+  guarded = [r['path'] for r in reports if r['guard_acted']]
+  if guarded and progress:
+    print(f'Block reconstruction guard: {len(guarded)} block(s) kept an earlier state, their '
+          f'error having risen by the last step.', flush=True)
+  return new_state, reports
+
+
+class _BlockFns:
+  """A block's compiled passes over a whole set: its output, and its error sums against
+  targets (batches of ``batch`` rows, the last padded to the same shape)."""
+
+  def __init__(self, program: BlockProgram, block: Block, batch: int):
+    self.paths, self.batch = block.paths, batch
+    self._out = jax.jit(lambda states, x: program.run(block, x, states))
+
+    def sums(states, x, y, n):
+      keep = (jnp.arange(x.shape[0]) < n).reshape((-1,) + (1,) * (y.ndim - 1))
+      err = program.run(block, x, states) - y
+      return jnp.sum(jnp.where(keep, err**2, 0.0)), jnp.sum(jnp.where(keep, y**2, 0.0))
+    self._sums = jax.jit(sums)
+
+  def outputs(self, states: Mapping[str, LayerQuant], xs: jnp.ndarray) -> jnp.ndarray:
+    states = {p: states[p] for p in self.paths}
+    return jnp.concatenate([self._out(states, part)[:n]
+                            for part, n in _padded(xs, self.batch)])
+
+  def error(self, states: Mapping[str, LayerQuant], xs: jnp.ndarray,
+            ys: jnp.ndarray) -> Tuple[float, float]:
+    """(MSE, MSE / mean(target^2)) of the block's output over the whole set."""
+    states = {p: states[p] for p in self.paths}
+    err = ref = 0.0
+    for (x, n), (y, _) in zip(_padded(xs, self.batch), _padded(ys, self.batch)):
+      e, r = self._sums(states, x, y, n)
+      err, ref = err + float(e), ref + float(r)
+    mse = err / ys.size
+    return mse, mse / max(ref / ys.size, 1e-30)
+
+
+def _padded(xs: jnp.ndarray, batch: int):
+  """``(part, n)`` over ``xs`` in pieces of ``batch`` rows, the last padded by repeating
+  its first row (one compiled shape)."""
+  batch = min(batch, xs.shape[0])
+  for start in range(0, xs.shape[0], batch):
+    part = xs[start:start + batch]
+    n = part.shape[0]
+    if n < batch:
+      part = jnp.concatenate([part, jnp.repeat(part[:1], batch - n, axis=0)])
+    yield part, n
+
+
+def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any],
+                   trained: Sequence[str], xs: jnp.ndarray, ys: jnp.ndarray,
+                   config: AdaQuantConfig, key: jax.Array, fns: Optional[_BlockFns] = None,
+                   runtime: AdaQuantRuntime = AdaQuantRuntime()
+                   ) -> Tuple[Dict[str, LayerQuant], Dict[str, Any]]:
+  """Reconstruction of one block on its inputs ``xs`` and float outputs ``ys``, jointly
+  over the states of the ``trained`` layers (the block's other layers stay fixed).
+  ``fns``: the block's compiled passes, if already built."""
+  fns = fns or _BlockFns(program, block, runtime.capture_batch_size)
+  start_time = time.time()
+  learned = config.rounding == 'learned'
+  start = {p: state[p] for p in block.paths}
+  fixed = {p: lq for p, lq in start.items() if p not in trained}
+  w_scale = {p: weight_range_scale(config, start[p]) for p in trained}
+  if learned:
+    params = {p: _rounding_params(start[p]) for p in trained}
+  else:
+    params = {p: _scaled_ranges(start[p], w_scale[p], -1) for p in trained}
+  rates = config.rates()
+  lr, reg = jnp.float32(config.lr_rounding), jnp.float32(config.rounding_reg)
+  tx = _block_optimizer(config, rates, lr, params, learned)
+  opt_state = tx.init(params)
+
+  def states_of(params, hard: bool) -> Dict[str, LayerQuant]:
+    if learned:
+      return {**fixed, **{p: _rounded_state(start[p], params[p], hard) for p in trained}}
+    return {**fixed, **{p: _scaled_ranges(params[p], w_scale[p], 1) for p in trained}}
+
+  def loss_fn(params, x, y, step):
+    layer_fn = None
+    if learned:   # the soft-rounded kernel, used as it is (not quantized again)
+      def layer_fn(path, site, module, x):
+        if path not in params:
+          lq = fixed[path].for_site(site)
+          return layer_forward(module, quantized_input(lq, x), quantized_weight(lq), lq.bias)
+        base, a = start[path], params[path]['a']
+        lq = base.replace(a_quant=a[0], site_a_quants=tuple(a[1:])).for_site(site)
+        kernel = (rounding.rounded_kernel(base, params[path]['v'], hard=False)
+                  if base.w_quant is not None else quantized_weight(lq))
+        return layer_forward(module, quantized_input(lq, x), kernel, lq.bias)
+    elif config.drop_prob > 0:   # QDrop: each layer's own mask, drawn anew every step
+      states = states_of(params, hard=False)
+      step_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+      count = [0]
+
+      def layer_fn(path, site, module, x):
+        lq = states[path].for_site(site)
+        count[0] += 1
+        drop = jax.random.bernoulli(jax.random.fold_in(step_key, count[0]), config.drop_prob,
+                                    x.shape)
+        unquantized = x if lq.smooth is None else x / lq.smooth
+        return layer_forward(module, jnp.where(drop, unquantized, quantized_input(lq, x)),
+                             quantized_weight(lq), lq.bias)
+    out = program.run(block, x, states_of(params, hard=False) if layer_fn is None else {},
+                      layer_fn)
+    loss = jnp.mean((out - y)**2)
+    if learned:
+      beta, on = rounding.beta_at(step.astype(jnp.float32), rates[4])
+      penalty = sum(rounding.regulariser(params[p]['v'], beta) / params[p]['v'].size
+                    for p in trained)
+      loss = loss + jnp.where(on, reg * penalty, 0.0)
+    return loss
+
+  batch = min(config.batch_size, xs.shape[0])
+
+  @functools.partial(jax.jit, static_argnames='steps')
+  def run_steps(params, opt_state, xs, ys, step0, steps):
+    return run_loop(loss_fn, tx, params, opt_state, xs, ys, key, step0, steps, batch)
+
+  before, rel_before = fns.error(start, xs, ys)
+  best, (after, rel_after), kept_at = start, (before, rel_before), -1
+  last, rel_last, done = before, rel_before, 0
+  for k, calls in enumerate(runtime.call_plan(config)):
+    for steps in calls:
+      params, opt_state, _ = run_steps(params, opt_state, xs, ys, np.int32(done), steps)
+      done += steps
+    candidate = states_of(params, hard=True)
+    last, rel_last = fns.error(candidate, xs, ys)
+    if last <= after or not config.guard:   # the best state so far (ties: the later)
+      best, (after, rel_after), kept_at = candidate, (last, rel_last), k
+  checks = config.check_steps()
+  bits = [start[p].w_quant.bits for p in trained if start[p].w_quant is not None]
+  a_bits = [start[p].a_quant.bits for p in trained if start[p].a_quant is not None]
+  report = {'path': block.label, 'block': block.index, 'paths': list(block.paths),
+            'layers': len(trained), 'activation': None,
+            'w_bits': min(bits) if bits else None, 'a_bits': min(a_bits) if a_bits else None,
+            'mse_before': before, 'mse_after': after, 'rel_error_before': rel_before,
+            'rel_error_after': rel_after, 'rel_error_last_step': rel_last,
+            'kept_iteration': 0 if kept_at < 0 else checks[kept_at],
+            'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
+            'unit': 'block', 'seconds': time.time() - start_time}
+  if learned:
+    report['rounding'] = 'learned'
+  return {p: best[p] for p in trained}, report
+
+
+def _rounding_params(lq: LayerQuant) -> Dict[str, Any]:
+  """What learned rounding trains for one layer: its rounding variables (none if its
+  weights are float) and its input quantizers (one per call site)."""
+  return {'v': rounding.initial_v(lq) if lq.w_quant is not None else jnp.zeros((0,)),
+          'a': (lq.a_quant,) + tuple(lq.site_a_quants)}
+
+
+def _rounded_state(lq: LayerQuant, params: Dict[str, Any], hard: bool) -> LayerQuant:
+  """The layer state with its kernel rounded by the rounding variables (soft, or hard:
+  on the grid, so quantizing it again gives the chosen codes)."""
+  a = params['a']
+  lq = lq.replace(a_quant=a[0], site_a_quants=tuple(a[1:]))
+  if lq.w_quant is None:
+    return lq
+  kernel = rounding.rounded_kernel(lq, params['v'], hard=hard)
+  if lq.smooth is not None:   # stored unsmoothed, as every layer state
+    kernel = kernel / lq.smooth[:, None]
+  return lq.replace(kernel=kernel)
+
+
+def _block_optimizer(config: AdaQuantConfig, rates, lr_rounding, params,
+                     learned: bool) -> optax.GradientTransformation:
+  if not learned:
+    return _optimizer(rates, {p: _labels(lq) for p, lq in params.items()}, config.lr_schedule)
+  labels = {p: {'v': 'v', 'a': tuple(None if q is None else q.replace(range='a', low='a')
+                                     for q in pr['a'])} for p, pr in params.items()}
+  return optax.multi_transform({'v': optax.adam(lr_rounding), 'a': optax.adam(rates[3])},
+                               labels)
