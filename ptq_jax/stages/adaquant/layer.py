@@ -116,7 +116,8 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
       return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
     drop_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
     keep_float = jax.random.bernoulli(drop_key, drop_prob, x.shape)
-    x_used = jnp.where(keep_float, x, quantized_input(lq, x))
+    unquantized = x if lq.smooth is None else x / lq.smooth   # (what the smoothed W sees)
+    x_used = jnp.where(keep_float, unquantized, quantized_input(lq, x))
     out = activation_fn(activation)(apply_linear(geom, x_used, quantized_weight(lq)) + lq.bias)
     return jnp.mean((out - y)**2)
 
