@@ -39,6 +39,11 @@ METHODS = {
     'adaquant_guard_qdrop': dict(guard=True, drop_prob=0.5),
     # learned rounding (AdaRound's idea) instead of free weight updates, + the guard
     'adaround_guard': dict(guard=True, rounding='learned'),
+    # block-wise: the layers of each block of the traced graph fitted jointly to the float
+    # block's output, + the guard; with free updates, learned rounding or QDrop
+    'block_guard': dict(guard=True, unit='block'),
+    'block_adaround_guard': dict(guard=True, unit='block', rounding='learned'),
+    'block_qdrop_guard': dict(guard=True, unit='block', drop_prob=0.5),
 }
 
 FLAGS = flags.FLAGS
@@ -48,14 +53,17 @@ flags.DEFINE_list('methods', list(METHODS), f'From {list(METHODS)}.')
 flags.DEFINE_enum('mode', 'parallel', ['parallel', 'sequential'], 'AdaQuant mode.')
 flags.DEFINE_enum('start', 'minmax', ['minmax', 'mse'], 'Range initialisation every method '
                   'starts from.')
-flags.DEFINE_integer('iterations', 1000, 'AdaQuant iterations per layer.')
+flags.DEFINE_integer('iterations', 1000, 'AdaQuant iterations per layer (or block).')
+flags.DEFINE_integer('first_last_bits', 8, 'Bits of the first and last layer; 0: the same as '
+                     'every other layer.')
 flags.DEFINE_integer('calib_size', 1000, 'Calibration images.')
 flags.DEFINE_integer('val_size', 5000, 'Held-out train images for validation.')
 flags.DEFINE_integer('seed', 0, 'Calibration sample and AdaQuant seed.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 
 NAME = 'reconstruction'
-KEY_FIELDS = ('model', 'start', 'method', 'w_bits', 'a_bits', 'mode', 'iterations', 'device')
+KEY_FIELDS = ('model', 'start', 'method', 'w_bits', 'a_bits', 'first_last_bits', 'mode',
+              'iterations', 'device')
 
 
 def main(_):
@@ -70,9 +78,11 @@ def main(_):
   records = []
   for name in FLAGS.models:
     model, variables, _ = ptq_jax.load_model(ptq_jax.bundled_checkpoints()[f'{name}_fashion_mnist'])
+    fp32_test = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables, test_images),
+                                          test.labels)
     for w_bits, a_bits in bits:
-      common = dict(w_bits=w_bits, a_bits=a_bits, first_last_bits=8, progress=False,
-                    ranges=ptq_jax.RangeConfig(FLAGS.start))
+      common = dict(w_bits=w_bits, a_bits=a_bits, first_last_bits=FLAGS.first_last_bits or None,
+                    progress=False, ranges=ptq_jax.RangeConfig(FLAGS.start))
       start = time.time()
       base = ptq_jax.quantize(model, variables, calib, **common)
       seconds = time.time() - start
@@ -83,11 +93,13 @@ def main(_):
         start_row = method.startswith('ptq_')
         records.append({
             'model': name, 'start': FLAGS.start, 'method': method, 'w_bits': w_bits,
-            'a_bits': a_bits, 'mode': FLAGS.mode if not start_row else '-',
+            'a_bits': a_bits, 'first_last_bits': FLAGS.first_last_bits or 'alike',
+            'mode': FLAGS.mode if not start_row else '-',
             'iterations': FLAGS.iterations if not start_row else 0,
             'calib_size': FLAGS.calib_size, 'start_val_top1_pct': round(start_val, 2),
             'val_top1_pct': round(val, 2), 'start_top1_pct': round(start_test, 2),
             'top1_pct': round(test_top1, 2), 'delta_val_pct': round(val - start_val, 2),
+            'fp32_top1_pct': round(fp32_test, 2), 'delta_fp32_pct': round(test_top1 - fp32_test, 2),
             **extra, 'seconds': round(seconds, 1), 'device': describe_device(),
             'command': command})
         print(records[-1], flush=True)
@@ -115,16 +127,22 @@ def main(_):
 
 def save(records) -> None:
   rows = merge_records(FLAGS.out, NAME, records, KEY_FIELDS)
-  for row in rows:   # (rows measured before --start existed all started from min/max)
+  for row in rows:   # (rows measured before --start / --first_last_bits: min/max, 8-bit)
     row.setdefault('start', 'minmax')
+    row.setdefault('first_last_bits', 8)
+  key = lambda r: tuple(r.get(k) for k in KEY_FIELDS)
+  latest = {key(r): r for r in rows}
+  rows = [r for r in rows if latest[key(r)] is r]
   write_results(FLAGS.out, NAME, rows,
                 'Reconstruction methods from the same calibrated start',
-                columns=['model', 'start', 'method', 'w_bits', 'a_bits', 'mode', 'iterations',
-                         'calib_size', 'start_val_top1_pct', 'val_top1_pct', 'delta_val_pct',
-                         'start_top1_pct', 'top1_pct', 'layers', 'layers_worse',
+                columns=['model', 'start', 'method', 'w_bits', 'a_bits', 'first_last_bits', 'mode',
+                         'iterations', 'calib_size', 'start_val_top1_pct', 'val_top1_pct',
+                         'delta_val_pct', 'start_top1_pct', 'top1_pct', 'fp32_top1_pct',
+                         'delta_fp32_pct', 'layers', 'layers_worse',
                          'layers_worse_at_last_step', 'layers_guarded',
                          'mean_layer_error_ratio', 'seconds', 'device', 'command'],
-                notes='First and last layer 8-bit. `start`: the range initialisation '
+                notes='`first_last_bits`: the bits of the first and last layer (`alike`: '
+                      'the same as the others). `start`: the range initialisation '
                       '(min/max or MSE) every method of that row begins from; `start_*`: that '
                       'calibrated start\'s accuracy. `val_top1_pct`: 5000 train images outside '
                       'the calibration set; `top1_pct`: the test split (reported, never used '
@@ -132,7 +150,8 @@ def save(records) -> None:
                       'error on the calibration set ended above its start; '
                       '`layers_worse_at_last_step`: the same for the last optimiser step '
                       '(what the paper\'s AdaQuant returns); `layers_guarded`: layers where '
-                      'the guard kept an earlier state.')
+                      'the guard kept an earlier state. Block-wise methods (`block_*`) count blocks '
+                      'in `layers`, `layers_worse`... (a block: a residual block, else a layer).')
 
 
 if __name__ == '__main__':

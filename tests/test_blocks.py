@@ -42,6 +42,18 @@ class SharedChain(nn.Module):
     return nn.Dense(3, name='head')(x)
 
 
+class Masked(nn.Module):
+  """Channel 1 of the input is a mask every block reads (as attention masks are): a
+  value recomputed from the model input, which must not keep blocks from forming."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    mask = (x[:, 1] > 0).astype(jnp.float32)
+    h = nn.relu(nn.Dense(8, name='first')(x[:, 0])) * mask
+    h = h + nn.Dense(8, name='branch')(nn.relu(nn.Dense(8, name='expand')(h))) * mask
+    return nn.Dense(3, name='head')(h * mask)
+
+
 @pytest.fixture(scope='module')
 def residual():
   model = Residual()
@@ -70,6 +82,22 @@ def test_blocks_come_from_the_graph_and_chain_to_the_model_output(residual):
       value = program.run(block, value, base.qstate)
     expected = apply_quantized(model, variables, base.qstate, base.folded_bns, x[:n])
     np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_recompute_values_of_the_model_input_they_read():
+  model = Masked()
+  x = np.asarray(jax.random.normal(jax.random.key(4), (16, 2, 8)))
+  variables = model.init(jax.random.key(5), x[:1])
+  qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, progress=False)
+  program = _program(qm, x)
+  assert [b.paths for b in program.blocks] == [('first',), ('expand', 'branch'), ('head',)]
+  assert [b.needs_input for b in program.blocks] == [False, True, False]
+  value = jnp.asarray(x)
+  for block in program.blocks:
+    value = program.run(block, value, qm.qstate, model_input=jnp.asarray(x))
+  np.testing.assert_allclose(value, qm.apply(jnp.asarray(x)), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='model input'):
+    program.run(program.blocks[1], value, qm.qstate)
 
 
 def test_a_shared_layer_joins_the_blocks_between_its_calls():

@@ -56,6 +56,9 @@ class Block:
   stop: int
   calls: Tuple[int, ...]       # indices into BlockProgram.calls, in program order
   paths: Tuple[str, ...]       # the layers called in the block, each once, in order
+  # Whether the block also reads the model input (values it recomputes from it, such as
+  # an attention mask), besides its input cut.
+  needs_input: bool = False
 
   @property
   def label(self) -> str:
@@ -90,10 +93,21 @@ class _Trace:
       name = str(eqn.params.get('name', ''))
       if name.startswith(_MARK):
         self.marks[i] = int(name[len(_MARK):])
-    self.data = data
+    # The prelude: values computed from the input without any layer (an attention mask
+    # from token ids, embeddings). Any block can recompute them from the model input.
+    pre = set(jaxpr.invars)
+    self.pre_eqn = []
+    for i, eqn in enumerate(jaxpr.eqns):
+      is_pre = self.data_eqn[i] and i not in self.marks and all(
+          v in pre for v in eqn.invars if _is_var(v) and v in data)
+      if is_pre:
+        pre.update(eqn.outvars)
+      self.pre_eqn.append(is_pre)
+    self.data, self.pre = data, pre
     self.n_calls = n_calls
-    self.inputs: Dict[int, Any] = {}   # block index -> its input variable
+    self.inputs: Dict[int, Any] = {}   # block index -> its input variable (None: block 0)
     self.ranges: List[Tuple[int, int]] = []   # block index -> its equations
+    self.preludes: List[List[int]] = []       # block index -> the prelude equations it reads
 
 
 def _is_var(v) -> bool:
@@ -165,11 +179,11 @@ class BlockProgram:
     blocks = self._find_blocks(trace)
     if not self.blocks:
       self.blocks = blocks
-    elif [(b.calls, b.paths) for b in blocks] != [(b.calls, b.paths) for b in self.blocks]:
+    elif ([(b.calls, b.paths, b.needs_input) for b in blocks] !=
+          [(b.calls, b.paths, b.needs_input) for b in self.blocks]):
       raise ValueError(f'The model\'s program cuts into other blocks at batch size {batch} '
                        'than at the first; use layer-wise reconstruction '
                        '(AdaQuantConfig(unit="layer")).')
-    trace.ranges = [(b.start, b.stop) for b in blocks]
     self._traces[batch] = trace
     return trace
 
@@ -182,16 +196,23 @@ class BlockProgram:
                        'program of the model (nn.scan, nn.remat, jax.jit ...), where '
                        'block-wise reconstruction cannot see them; use layer-wise '
                        'reconstruction (AdaQuantConfig(unit="layer")).')
+    # What a cut must carry: values computed from a layer's output, and prelude values a
+    # layer reads (the embeddings a first attention block starts from); other prelude
+    # values (a mask every block reads) are recomputed from the model input.
+    layer_inputs = {v for i in trace.marks for v in jaxpr.eqns[i].invars
+                    if _is_var(v) and v in trace.pre}
+    flow = lambda v: _is_var(v) and v in trace.data and (v not in trace.pre
+                                                          or v in layer_inputs)
     last_use: Dict[Any, int] = {}
     for i, eqn in enumerate(jaxpr.eqns):
       for v in eqn.invars:
-        if _is_var(v) and v in trace.data:
+        if flow(v):
           last_use[v] = i
     for v in jaxpr.outvars:
-      if _is_var(v) and v in trace.data:
+      if flow(v):
         last_use[v] = len(jaxpr.eqns)
-    live = {v for v in jaxpr.invars if v in last_use}
-    cuts, previous = [], jaxpr.invars[0]
+    live: set = set()
+    cuts, previous = [], None
     for i, eqn in enumerate(jaxpr.eqns):
       if not trace.data_eqn[i]:
         continue
@@ -230,30 +251,63 @@ class BlockProgram:
           merged = True
           break
     blocks = []
+    trace.ranges = [(start, stop) for start, stop, _ in groups]
     for g, (start, stop, _) in enumerate(groups):
       calls = tuple(k for i, k in sorted(trace.marks.items()) if start <= i < stop)
       paths = tuple(dict.fromkeys(self.calls[k].path for k in calls))
-      blocks.append(Block(g, start, stop, calls, paths))
+      trace.preludes.append(self._prelude(trace, g) if g else [])
+      blocks.append(Block(g, start, stop, calls, paths, bool(trace.preludes[-1])))
     return tuple(blocks)
+
+  def _prelude(self, trace: _Trace, index: int) -> List[int]:
+    """The prelude equations block ``index`` (> 0) reads, directly or not."""
+    jaxpr = trace.jaxpr
+    start, stop = trace.ranges[index]
+    wanted = {v for i in range(start, stop) if not trace.pre_eqn[i]
+              for v in jaxpr.eqns[i].invars if _is_var(v) and v in trace.pre}
+    if index == len(trace.ranges) - 1:
+      wanted |= {v for v in jaxpr.outvars if _is_var(v) and v in trace.pre}
+    needed = []
+    for i in range(stop - 1, -1, -1):
+      eqn = jaxpr.eqns[i]
+      if trace.pre_eqn[i] and any(v in wanted for v in eqn.outvars):
+        needed.append(i)
+        wanted |= {v for v in eqn.invars if _is_var(v) and v in trace.pre}
+    if wanted & set(jaxpr.invars) and not needed:
+      return [-1]   # the model input itself, read directly
+    return sorted(needed)
 
   # -- evaluation ----------------------------------------------------------------------
 
   def run(self, block: Block, x: jnp.ndarray, states: Mapping[str, LayerQuant],
-          layer_fn: Optional[LayerFn] = None) -> jnp.ndarray:
-    """The block's output for input ``x`` (a batch of its input cut's values): the next
-    cut's value, or for the last block the model's outputs, flattened per example and
-    concatenated. Layers compute with ``states`` (or ``layer_fn``)."""
+          layer_fn: Optional[LayerFn] = None,
+          model_input: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+    """The block's output for input ``x``: the next cut's value, or for the last block
+    the model's outputs, flattened per example and concatenated. ``x`` is a batch of the
+    block's input cut values (of model inputs for the first block); ``model_input``, the
+    same examples' model inputs, is needed when ``block.needs_input``. Layers compute
+    with ``states`` (or ``layer_fn``)."""
     if layer_fn is None:
       layer_fn = lambda path, site, module, x: quantized_layer_output(
           module, states[path].for_site(site), x)
+    if block.needs_input and model_input is None:
+      raise ValueError(f'{block.label} also reads the model input: pass model_input.')
     trace = self._trace(x.shape[0])
     jaxpr = trace.jaxpr
     env = dict(trace.static)
-    env[self._input_var(trace, block)] = x
     start, stop = trace.ranges[block.index]
+    if block.index == 0:
+      env[jaxpr.invars[0]] = x
+    else:
+      env[self._input_var(trace, block)] = x
+      if block.needs_input:
+        env[jaxpr.invars[0]] = model_input
+        for i in trace.preludes[block.index]:
+          if i >= 0:
+            _bind(jaxpr.eqns[i], env)
     for i in range(start, stop):
       eqn = jaxpr.eqns[i]
-      if not trace.data_eqn[i]:
+      if not trace.data_eqn[i] or (block.index and trace.pre_eqn[i]):
         continue
       if i in trace.marks:
         call = self.calls[trace.marks[i]]
@@ -269,14 +323,14 @@ class BlockProgram:
     return jnp.concatenate([jnp.reshape(v, (n, -1)).astype(jnp.float32) for v in values], 1)
 
   def _input_var(self, trace: _Trace, block: Block):
-    """The value that crosses into ``block``: the one data value produced before it and
-    used in it."""
+    """The value that crosses into ``block`` (> 0): the one value produced before it
+    from a layer's output and used in it."""
     if block.index not in trace.inputs:
       jaxpr = trace.jaxpr
       start, stop = trace.ranges[block.index]
-      produced = {v for i in range(start) for v in jaxpr.eqns[i].outvars} | set(jaxpr.invars)
+      produced = {v for i in range(start) for v in jaxpr.eqns[i].outvars}
       used = {v for i in range(start, stop) for v in jaxpr.eqns[i].invars
-              if _is_var(v) and v in trace.data and v in produced}
+              if _is_var(v) and v in trace.data and v not in trace.pre and v in produced}
       (trace.inputs[block.index],) = used
     return trace.inputs[block.index]
 

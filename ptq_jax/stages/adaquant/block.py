@@ -67,19 +67,20 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
   new_state = dict(qstate)
   reports = []
   batch = runtime.capture_batch_size
-  x_fp = jnp.asarray(images, jnp.float32)
-  x_q = x_fp
+  inputs = jnp.asarray(images, jnp.float32)   # (blocks that read the model input)
+  x_fp = x_q = inputs
   todo = [b for b in program.blocks if quantized & set(b.paths)]
   bar = tqdm(total=len(todo), desc=f'Block reconstruction ({mode})', disable=not progress,
              leave=False)
   try:
     for block in program.blocks:
       last = block.index == len(program.blocks) - 1
-      y_fp = _BlockFns(float_program, block, batch).outputs(float_state, x_fp)
+      model_input = inputs if block.needs_input else None
+      y_fp = _BlockFns(float_program, block, batch).outputs(float_state, (x_fp, model_input))
       fns = _BlockFns(program, block, batch)
       trained = [p for p in block.paths if p in quantized]
       if trained:
-        x = x_fp if mode == 'parallel' else x_q
+        x = (x_fp if mode == 'parallel' else x_q, inputs if block.needs_input else None)
         states, report = optimize_block(program, block, new_state, trained, x, y_fp, config,
                                         jax.random.fold_in(key, block.index), fns)
         new_state.update(states)
@@ -90,7 +91,7 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
         bar.update()
       if not last:
         if mode == 'sequential':
-          x_q = fns.outputs(new_state, x_q)
+          x_q = fns.outputs(new_state, (x_q, model_input))
         x_fp = y_fp
   finally:
     bar.close()
@@ -103,44 +104,53 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
 
 class _BlockFns:
   """A block's compiled passes over a whole set: its output, and its error sums against
-  targets (batches of ``batch`` rows, the last padded to the same shape)."""
+  targets (batches of ``batch`` rows, the last padded to the same shape). Inputs are
+  pairs ``(x, model_input)``, as :meth:`BlockProgram.run` takes them (``model_input``
+  None unless the block reads it)."""
 
   def __init__(self, program: BlockProgram, block: Block, batch: int):
     self.paths, self.batch = block.paths, batch
-    self._out = jax.jit(lambda states, x: program.run(block, x, states))
+    self._out = jax.jit(lambda states, xs: program.run(block, xs[0], states, model_input=xs[1]))
 
-    def sums(states, x, y, n):
-      keep = (jnp.arange(x.shape[0]) < n).reshape((-1,) + (1,) * (y.ndim - 1))
-      err = program.run(block, x, states) - y
+    def sums(states, xs, y, n):
+      keep = (jnp.arange(y.shape[0]) < n).reshape((-1,) + (1,) * (y.ndim - 1))
+      err = program.run(block, xs[0], states, model_input=xs[1]) - y
       return jnp.sum(jnp.where(keep, err**2, 0.0)), jnp.sum(jnp.where(keep, y**2, 0.0))
     self._sums = jax.jit(sums)
 
-  def outputs(self, states: Mapping[str, LayerQuant], xs: jnp.ndarray) -> jnp.ndarray:
+  def outputs(self, states: Mapping[str, LayerQuant], xs) -> jnp.ndarray:
     states = {p: states[p] for p in self.paths}
     return jnp.concatenate([self._out(states, part)[:n]
-                            for part, n in _padded(xs, self.batch)])
+                            for part, n in _padded(_pair(xs), self.batch)])
 
-  def error(self, states: Mapping[str, LayerQuant], xs: jnp.ndarray,
-            ys: jnp.ndarray) -> Tuple[float, float]:
+  def error(self, states: Mapping[str, LayerQuant], xs, ys: jnp.ndarray) -> Tuple[float, float]:
     """(MSE, MSE / mean(target^2)) of the block's output over the whole set."""
     states = {p: states[p] for p in self.paths}
     err = ref = 0.0
-    for (x, n), (y, _) in zip(_padded(xs, self.batch), _padded(ys, self.batch)):
+    for (x, n), (y, _) in zip(_padded(_pair(xs), self.batch), _padded(ys, self.batch)):
       e, r = self._sums(states, x, y, n)
       err, ref = err + float(e), ref + float(r)
     mse = err / ys.size
     return mse, mse / max(ref / ys.size, 1e-30)
 
 
-def _padded(xs: jnp.ndarray, batch: int):
-  """``(part, n)`` over ``xs`` in pieces of ``batch`` rows, the last padded by repeating
-  its first row (one compiled shape)."""
-  batch = min(batch, xs.shape[0])
-  for start in range(0, xs.shape[0], batch):
-    part = xs[start:start + batch]
-    n = part.shape[0]
+def _pair(xs):
+  """``(x, model_input)`` from a pair or a lone array."""
+  return xs if isinstance(xs, tuple) else (xs, None)
+
+
+def _padded(xs, batch: int):
+  """``(part, n)`` over ``xs`` (an array or a tuple of arrays with the examples first)
+  in pieces of ``batch`` rows, the last padded by repeating its first row (one compiled
+  shape)."""
+  total = jax.tree.leaves(xs)[0].shape[0]
+  batch = min(batch, total)
+  for start in range(0, total, batch):
+    part = jax.tree.map(lambda a: a[start:start + batch], xs)
+    n = min(batch, total - start)
     if n < batch:
-      part = jnp.concatenate([part, jnp.repeat(part[:1], batch - n, axis=0)])
+      part = jax.tree.map(
+          lambda a: jnp.concatenate([a, jnp.repeat(a[:1], batch - n, axis=0)]), part)
     yield part, n
 
 
@@ -153,6 +163,7 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
   over the states of the ``trained`` layers (the block's other layers stay fixed).
   ``fns``: the block's compiled passes, if already built."""
   fns = fns or _BlockFns(program, block, runtime.capture_batch_size)
+  xs = _pair(xs)
   start_time = time.time()
   learned = config.rounding == 'learned'
   start = {p: state[p] for p in block.paths}
@@ -197,8 +208,8 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
         unquantized = x if lq.smooth is None else x / lq.smooth
         return layer_forward(module, jnp.where(drop, unquantized, quantized_input(lq, x)),
                              quantized_weight(lq), lq.bias)
-    out = program.run(block, x, states_of(params, hard=False) if layer_fn is None else {},
-                      layer_fn)
+    out = program.run(block, x[0], states_of(params, hard=False) if layer_fn is None else {},
+                      layer_fn, model_input=x[1])
     loss = jnp.mean((out - y)**2)
     if learned:
       beta, on = rounding.beta_at(step.astype(jnp.float32), rates[4])
@@ -207,7 +218,7 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
       loss = loss + jnp.where(on, reg * penalty, 0.0)
     return loss
 
-  batch = min(config.batch_size, xs.shape[0])
+  batch = min(config.batch_size, xs[0].shape[0])
 
   @functools.partial(jax.jit, static_argnames='steps')
   def run_steps(params, opt_state, xs, ys, step0, steps):

@@ -22,13 +22,15 @@ def minibatch_indices(key: jax.Array, step0, steps: int, n: int, batch: int) -> 
 def run_loop(loss_fn: Callable[..., jnp.ndarray], tx: optax.GradientTransformation, params: Any,
              opt_state: Any, xs, ys, key: jax.Array, step0, steps: int, batch: int):
   """``steps`` updates of ``params`` with ``loss_fn(params, x, y, step)`` on each step's
-  minibatch; returns (params, opt_state, the last step's loss)."""
-  indices = minibatch_indices(key, step0, steps, xs.shape[0], batch)
+  minibatch; returns (params, opt_state, the last step's loss). ``xs`` may be a tuple of
+  arrays (examples on the leading axis of each)."""
+  indices = minibatch_indices(key, step0, steps, jax.tree.leaves(xs)[0].shape[0], batch)
 
   def body(i, carry):
     params, opt_state, _ = carry
     idx = indices[i]
-    loss, grads = jax.value_and_grad(loss_fn)(params, xs[idx], ys[idx], step0 + i)
+    x = jax.tree.map(lambda a: a[idx], xs)
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, ys[idx], step0 + i)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
