@@ -1,10 +1,14 @@
-"""Smoothing activation outliers (RangeConfig(smooth_alpha)) on MiniLM-L6, ranges only.
+"""Smoothing activation outliers (RangeConfig(smooth_alpha)) on MiniLM-L6.
 
   python benchmarks/smoothing.py
   python benchmarks/smoothing.py --bits=W4A8,W4A4 --alphas=none,0.5,0.8
+  python benchmarks/smoothing.py --bits=W4A8,W4A4 --alphas=none,0.85 --methods=adaquant,block
 
 MiniLM's sentence embeddings after baseline PTQ (calibrated min/max ranges, every layer
-at the bit width), with and without SmoothQuant-style smoothing of its dense layers.
+at the bit width), with and without SmoothQuant-style smoothing of its dense layers;
+with ``--methods``, also after reconstruction from those ranges: layer-wise AdaQuant
+(``adaquant``) or block-wise (``block``: each attention and MLP half of a transformer
+layer fitted jointly), both parallel with the guard.
 ``val_mean_cosine``: cosine to the FP32 embeddings on the probe's training sentences other
 than the calibration ones (what a choice of alpha would use); ``mean_cosine`` and
 ``probe_accuracy_pct``: the held-out test sentences, as in results/external_models.md.
@@ -31,10 +35,14 @@ flags.DEFINE_integer('probe_train_size', 2000, 'Sentences the probe is trained o
 flags.DEFINE_integer('probe_test_size', 1000, 'Held-out sentences the probe is scored on.')
 flags.DEFINE_integer('seq_length', 80, 'Tokens per calibration sentence.')
 flags.DEFINE_integer('seed', 0, 'Data splits.')
+flags.DEFINE_list('methods', ['ptq'], 'ptq (ranges only), adaquant (layer-wise), block.')
+flags.DEFINE_integer('iterations', 500, 'Reconstruction iterations per layer or block.')
+flags.DEFINE_integer('batch', 8, 'Reconstruction minibatch, in sentences.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 
 NAME = 'smoothing'
-KEY_FIELDS = ('model', 'w_bits', 'a_bits', 'smooth_alpha', 'device')
+KEY_FIELDS = ('model', 'method', 'w_bits', 'a_bits', 'smooth_alpha', 'iterations', 'device')
+METHODS = {'ptq': None, 'adaquant': 'layer', 'block': 'block'}
 
 
 def main(_):
@@ -42,6 +50,9 @@ def main(_):
   from ptq_jax.data.sentences import sentence_splits
   from ptq_jax.importers.minilm import load_minilm, tokenize
   command = 'python benchmarks/smoothing.py ' + ' '.join(sys.argv[1:])
+  unknown = set(FLAGS.methods) - set(METHODS)
+  if unknown:
+    raise app.UsageError(f'Unknown methods {sorted(unknown)}; choose from {list(METHODS)}.')
   alphas = [None if a == 'none' else float(a) for a in FLAGS.alphas]
   model, variables = load_minilm()
   calib_s, train_s, test_s = sentence_splits(FLAGS.calib_size, FLAGS.probe_train_size,
@@ -68,31 +79,42 @@ def main(_):
   records = []
   for bits in FLAGS.bits:
     w_bits, a_bits = parse_option(bits)
-    for alpha in alphas:
+    for alpha, method in [(a, m) for a in alphas for m in FLAGS.methods]:
+      unit = METHODS[method]
+      reconstruction = {} if unit is None else dict(
+          method='adaquant', adaquant=ptq_jax.AdaQuantConfig(
+              iterations=FLAGS.iterations, batch_size=FLAGS.batch, unit=unit))
       start = time.time()
       qm = ptq_jax.quantize(model, variables, calib, w_bits=w_bits, a_bits=a_bits,
                             first_last_bits=None, ranges=ptq_jax.RangeConfig(smooth_alpha=alpha),
-                            model_name='minilm_l6', progress=False)
+                            model_name='minilm_l6', progress=False, **reconstruction)
       seconds = time.time() - start
       predict = lambda x: qm.predict(x, batch_size=250)
       val, test = embed(predict, val_x), embed(predict, test_x)
       records.append({
-          'model': 'minilm_l6', 'method': 'ptq_minmax', 'w_bits': w_bits, 'a_bits': a_bits,
-          'smooth_alpha': 'none' if alpha is None else alpha, 'calib_size': len(calib),
+          'model': 'minilm_l6', 'method': 'ptq_minmax' if unit is None else method,
+          'w_bits': w_bits, 'a_bits': a_bits,
+          'smooth_alpha': 'none' if alpha is None else alpha,
+          'iterations': 0 if unit is None else FLAGS.iterations, 'calib_size': len(calib),
           'val_mean_cosine': cosine(val, fp_val), 'mean_cosine': cosine(test, fp_test),
           'probe_accuracy_pct': round(100 * float(probe.score(test, test_s.labels)), 2),
           'seconds': round(seconds, 1), 'device': describe_device(), 'command': command})
       print(records[-1], flush=True)
-      write_results(FLAGS.out, NAME, merge_records(FLAGS.out, NAME, records, KEY_FIELDS),
-                    'Smoothing activation outliers: MiniLM-L6, baseline PTQ',
+      rows = merge_records(FLAGS.out, NAME, records, KEY_FIELDS)
+      for row in rows:   # (rows from before --methods: ranges only)
+        row.setdefault('iterations', 0)
+      write_results(FLAGS.out, NAME, rows,
+                    'Smoothing activation outliers: MiniLM-L6',
                     columns=['model', 'method', 'w_bits', 'a_bits', 'smooth_alpha',
-                             'calib_size', 'val_mean_cosine', 'mean_cosine',
+                             'iterations', 'calib_size', 'val_mean_cosine', 'mean_cosine',
                              'probe_accuracy_pct', 'seconds', 'device', 'command'],
                     notes='Every dense layer at the bit width (no 8-bit first/last). '
                           '`val_mean_cosine`: cosine to FP32 on the probe\'s training '
                           'sentences other than the calibration ones; `mean_cosine`, '
                           '`probe_accuracy_pct`: held-out test sentences. `seconds`: '
-                          'calibration (and smoothing) only.')
+                          'calibration, smoothing and reconstruction. `adaquant` / `block`: '
+                          'layer-wise / block-wise reconstruction from the calibrated ranges '
+                          '(parallel, guard, minibatch of `--batch` sentences).')
 
 
 if __name__ == '__main__':

@@ -35,7 +35,11 @@ def get_config() -> ml_collections.ConfigDict:
   # The options mixed-precision runs choose from (a fixed-bit advanced run computes them
   # too, when they include its bit widths, so a following mixed run reuses them).
   config.quant.options = ('W8A8', 'W6A6', 'W4A8', 'W4A4', 'W3A3', 'W2A4')
-  config.quant.iterations = 1000     # AdaQuant iterations per layer
+  config.quant.iterations = 1000     # AdaQuant iterations per layer (or block)
+  # AdaQuant's unit: 'layer' (the paper's) or 'block' (each residual block of the traced
+  # graph fitted jointly); its weight updates: 'free' (the paper's) or 'learned' rounding.
+  config.quant.unit = 'layer'
+  config.quant.rounding = 'free'
   config.quant.bias_steps = 800      # KD bias-tuning steps
   # BN tuning: 'data' re-estimates the statistics on the calibration images (the paper's);
   # 'fp' matches the FP network's statistics on them (calibration data unlike training data).

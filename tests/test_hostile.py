@@ -664,6 +664,7 @@ CLI_CASES = [  # (name, flags given a scratch dir, what the one line must say)
     ('checkpoint a directory', lambda t: [f'--config.checkpoint={t}'], 'checkpoint'),
     ('dataset unknown', lambda t: ['--config.data.dataset=cifar99'], 'cifar99'),
     ('config pipeline unknown', lambda t: ['--config.pipelines=("turbo",)'], 'turbo'),
+    ('config AdaQuant unit unknown', lambda t: ['--config.quant.unit=blocks'], "'blocks'"),
     ('job unknown', lambda t: ['--config.job=fly'], 'fly'),
 ]
 

@@ -32,14 +32,15 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
     raise ValueError('config.pipelines is empty: name some of '
                      f'{PIPELINES}, e.g. ("advanced", "advanced@13").')
   runs = [parse_run(entry) for entry in config.pipelines]
+  q = config.quant
+  adaquant = AdaQuantConfig(iterations=q.iterations, unit=q.get('unit', 'layer'),
+                            rounding=q.get('rounding', 'free'))   # (checked before the work)
   inputs = load_job_inputs(config)
   model, variables, meta, calib = inputs.model, inputs.variables, inputs.meta, inputs.calib
   fp32 = inputs.fp32_top1()
   common = inputs.record_fields()
   records = [{**common, 'pipeline': '-', 'stage': 'fp32', 'w_bits': 32, 'a_bits': 32,
               'top1_pct': round(fp32, 2), 'size_pct_of_fp32': 100.0, 'seconds': 0.0}]
-  q = config.quant
-  adaquant = AdaQuantConfig(iterations=q.iterations)
   with RunOutputs(workdir, 'pipeline', {'model': meta['model']}) as out:
     result, shared = None, {}
     for pipeline, size_pct in runs:
