@@ -172,13 +172,20 @@ def test_sequential_blocks_train_on_the_quantized_prefix(residual):
                              reports[1]['rel_error_after'], rtol=1e-4)
 
 
-def test_the_guard_keeps_a_block_no_worse_than_it_started(residual):
-  model, variables, x, base = residual
+def _residual_block(residual):
+  """The program, its residual block, and that block's float inputs and outputs."""
+  _, _, x, base = residual
   program = _program(base, x)
-  block = program.blocks[1]
   float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in base.qstate.items()}
   xs = program.run(program.blocks[0], jnp.asarray(x), float_state)
-  ys = program.run(block, xs, float_state)
+  return program, program.blocks[1], xs, program.run(program.blocks[1], xs, float_state)
+
+
+def test_the_guard_keeps_a_block_no_worse_than_it_started(residual):
+  """An absurd weight rate wrecks the block by the last step: the guard keeps its best
+  checked state; without it the wrecked last state is returned."""
+  base = residual[3]
+  program, block, xs, ys = _residual_block(residual)
   absurd = ptq_jax.AdaQuantConfig(iterations=12, batch_size=16, lr_kernel=10.0,
                                   lr_w_quant=10.0, lr_schedule='constant', unit='block')
   key = jax.random.key(0)
@@ -194,12 +201,8 @@ def test_learned_rounding_and_qdrop_in_blocks(residual):
   """Learned rounding ends with every kernel of the block on its grid (quantizing it
   again changes nothing) and a lower block error; QDrop changes the fit and also lowers
   it. Catches a soft kernel quantized twice during training, or a state left soft."""
-  model, variables, x, base = residual
-  program = _program(base, x)
-  block = program.blocks[1]
-  float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in base.qstate.items()}
-  xs = program.run(program.blocks[0], jnp.asarray(x), float_state)
-  ys = program.run(block, xs, float_state)
+  base = residual[3]
+  program, block, xs, ys = _residual_block(residual)
   config = ptq_jax.AdaQuantConfig(iterations=100, batch_size=32, unit='block')
   key = jax.random.key(0)
   learned, report = optimize_block(program, block, base.qstate, ['b', 'c'], xs, ys,
