@@ -40,6 +40,8 @@ flags.DEFINE_list('options', ['W8A8', 'W6A6', 'W4A8', 'W4A4', 'W3A3', 'W2A4'],
                   'Bit options of the mixed runs.')
 flags.DEFINE_integer('calib_size', 1000, 'Calibration images.')
 flags.DEFINE_integer('iterations', None, 'AdaQuant iterations (default: the library\'s).')
+flags.DEFINE_enum('unit', 'layer', ['layer', 'block'], 'AdaQuant unit (AdaQuantConfig.unit).')
+flags.DEFINE_enum('rounding', 'free', ['free', 'learned'], 'AdaQuant weight updates.')
 flags.DEFINE_integer('bias_steps', 800, 'KD bias-tuning steps.')
 flags.DEFINE_float('qat_epochs', 2.0, 'QAT epochs over the 60,000 training images (0: skip).')
 flags.DEFINE_integer('qat_train_limit', 0, 'QAT on the first N training images (0: all).')
@@ -85,8 +87,13 @@ def main(_):
   runs = [parse_run(r) for r in FLAGS.runs]
   train, test, test_images = fashion_mnist(FLAGS.test_limit)
   records = []
-  adaquant = None if FLAGS.iterations is None else ptq_jax.AdaQuantConfig(
-      iterations=FLAGS.iterations)
+  settings = dict(unit=FLAGS.unit, rounding=FLAGS.rounding)
+  if FLAGS.iterations is not None:
+    settings['iterations'] = FLAGS.iterations
+  adaquant = ptq_jax.AdaQuantConfig(**settings)
+  # Runs with other than the paper's AdaQuant say so in their label (and row key).
+  variant = '' if (FLAGS.unit, FLAGS.rounding) == ('layer', 'free') else (
+      f', {FLAGS.unit}-wise' + (', learned rounding' if FLAGS.rounding == 'learned' else ''))
 
   for model_name in FLAGS.models:
     model, variables, _ = ptq_jax.load_model(
@@ -131,7 +138,7 @@ def main(_):
           mixed=shared.get(pipeline), progress=False)
       if result.mixed is not None:
         shared.setdefault(pipeline, result.mixed)
-      label = run_label(pipeline, size_pct, FLAGS.w_bits, FLAGS.a_bits)
+      label = run_label(pipeline, size_pct, FLAGS.w_bits, FLAGS.a_bits) + variant
       states = {}
       if result.mixed is not None:  # where the per-option states came from
         states = {'options': ' '.join(option_name(o) for o in result.mixed.table.options),
