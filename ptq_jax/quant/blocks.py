@@ -66,10 +66,11 @@ class Block:
 
 
 class _Trace:
-  """The program traced at one batch size: its equations, which are data (depend on
-  the input), the values of the others, and the cut after each equation."""
+  """The program traced at one batch size: its equations, which of them are data (depend
+  on the input) and which prelude (data computed without a layer), the values of the
+  others, where the layer calls are, and each block's equations."""
 
-  def __init__(self, closed: jex.ClosedJaxpr, n_calls: int):
+  def __init__(self, closed: jex.ClosedJaxpr):
     jaxpr = closed.jaxpr
     self.jaxpr = jaxpr
     if len(jaxpr.invars) != 1:
@@ -104,7 +105,6 @@ class _Trace:
         pre.update(eqn.outvars)
       self.pre_eqn.append(is_pre)
     self.data, self.pre = data, pre
-    self.n_calls = n_calls
     self.inputs: Dict[int, Any] = {}   # block index -> its input variable (None: block 0)
     self.ranges: List[Tuple[int, int]] = []   # block index -> its equations
     self.preludes: List[List[int]] = []       # block index -> the prelude equations it reads
@@ -173,7 +173,7 @@ class BlockProgram:
 
     x = jax.ShapeDtypeStruct((batch,) + self._example_shape, self._dtype)
     closed = jax.make_jaxpr(lambda x: self._forward(hook, x))(x)
-    trace = _Trace(closed, counter[0])
+    trace = _Trace(closed)
     if record:
       self.calls = tuple(calls)
     blocks = self._find_blocks(trace)
@@ -339,7 +339,3 @@ class BlockProgram:
     if block.index == len(self.blocks) - 1:
       return list(jaxpr.outvars)
     return [self._input_var(trace, self.blocks[block.index + 1])]
-
-  def output_is_cut(self, block: Block) -> bool:
-    """Whether the block's output is the next block's input (all but the last)."""
-    return block.index < len(self.blocks) - 1
