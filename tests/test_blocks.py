@@ -11,7 +11,7 @@ import pytest
 
 import ptq_jax
 from ptq_jax.quant.blocks import BlockProgram
-from ptq_jax.quant.interceptor import LayerQuant, apply_quantized, quantized_weight
+from ptq_jax.quant.interceptor import LayerQuant, apply_quantized, layer_states, quantized_weight
 from ptq_jax.stages.adaquant.block import _BlockFns, optimize_block
 
 
@@ -215,3 +215,31 @@ def test_learned_rounding_and_qdrop_in_blocks(residual):
                                            dataclasses.replace(config, drop_prob=0.5), key)
   assert not np.array_equal(free['b'].kernel, dropped['b'].kernel)
   assert dropped_report['rel_error_after'] < dropped_report['rel_error_before']
+
+
+def test_float_targets_leave_quantized_attention_matmuls_out():
+  """With attention matmuls quantized before reconstruction, the blocks' float targets
+  and parallel inputs come from the float program: the last block's starting error is
+  its quantized layer on the float model's features against the float model's logits.
+  Catches targets computed with the quantized matmuls."""
+  from test_attention import Block as AttentionBlock, data
+  from ptq_jax.stages.adaquant.block import run_blocks
+  model, x = AttentionBlock(), data()
+  variables = model.init(jax.random.key(0), x[:1])
+  on = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=4, first_last_bits=None,
+                        quantize_matmuls=True, progress=False)
+  config = ptq_jax.AdaQuantConfig(iterations=10, batch_size=16, unit='block')
+  _, reports = run_blocks(model, variables, on.layers, on.qstate, x, 'parallel', config,
+                          jax.random.key(0), progress=False)
+  float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in layer_states(on.qstate).items()}
+  program = BlockProgram(model, variables, float_state, on.folded_bns, x[:4])
+  value = jnp.asarray(x)
+  for block in program.blocks[:-1]:
+    value = program.run(block, value, float_state)
+  logits = model.apply(variables, x)
+  np.testing.assert_allclose(program.run(program.blocks[-1], value, float_state), logits,
+                             rtol=1e-5, atol=1e-5)
+  fns = _BlockFns(program, program.blocks[-1], 32)
+  np.testing.assert_allclose(reports[-1]['rel_error_before'],
+                             fns.error(on.qstate, value, logits)[1], rtol=1e-4)
+  assert all(r['rel_error_after'] <= r['rel_error_before'] for r in reports)

@@ -21,7 +21,7 @@ differentiated, for any states (block-wise reconstruction,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax

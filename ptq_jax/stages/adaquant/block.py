@@ -52,21 +52,22 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
   folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
   float_state = {p: LayerQuant(lq.kernel, lq.bias, site_a_quants=tuple(
       None for _ in lq.site_a_quants)) for p, lq in layer_states(qstate).items()}
-  example = np.asarray(images[:1], np.float32)
+  batch = runtime.capture_batch_size   # (the first trace at the passes' batch size)
+  example = np.asarray(images[:batch], np.float32)
   program = BlockProgram(model, variables, qstate, folded_bns, example)
   # Quantized attention matmuls are part of the program it was traced with; the float
   # targets come from a program traced without them (same blocks).
   has_attention = any(isinstance(v, AttentionQuant) for v in qstate.values())
   float_program = (BlockProgram(model, variables, float_state, folded_bns, example)
                    if has_attention else program)
-  if [b.paths for b in float_program.blocks] != [b.paths for b in program.blocks]:
+  if ([(b.paths, b.needs_input) for b in float_program.blocks] !=
+      [(b.paths, b.needs_input) for b in program.blocks]):
     raise ValueError('The float and quantized programs cut into different blocks; use '
                      'layer-wise reconstruction (AdaQuantConfig(unit="layer")).')
   quantized = {l.path for l in layers
                if qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None}
   new_state = dict(qstate)
   reports = []
-  batch = runtime.capture_batch_size
   inputs = jnp.asarray(images, jnp.float32)   # (blocks that read the model input)
   x_fp = x_q = inputs
   todo = [b for b in program.blocks if quantized & set(b.paths)]
@@ -80,7 +81,7 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
       fns = _BlockFns(program, block, batch)
       trained = [p for p in block.paths if p in quantized]
       if trained:
-        x = (x_fp if mode == 'parallel' else x_q, inputs if block.needs_input else None)
+        x = (x_fp if mode == 'parallel' else x_q, model_input)
         states, report = optimize_block(program, block, new_state, trained, x, y_fp, config,
                                         jax.random.fold_in(key, block.index), fns)
         new_state.update(states)
@@ -183,33 +184,43 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
       return {**fixed, **{p: _rounded_state(start[p], params[p], hard) for p in trained}}
     return {**fixed, **{p: _scaled_ranges(params[p], w_scale[p], 1) for p in trained}}
 
-  def loss_fn(params, x, y, step):
-    layer_fn = None
-    if learned:   # the soft-rounded kernel, used as it is (not quantized again)
-      def layer_fn(path, site, module, x):
-        if path not in params:
-          lq = fixed[path].for_site(site)
-          return layer_forward(module, quantized_input(lq, x), quantized_weight(lq), lq.bias)
-        base, a = start[path], params[path]['a']
-        lq = base.replace(a_quant=a[0], site_a_quants=tuple(a[1:])).for_site(site)
-        kernel = (rounding.rounded_kernel(base, params[path]['v'], hard=False)
-                  if base.w_quant is not None else quantized_weight(lq))
-        return layer_forward(module, quantized_input(lq, x), kernel, lq.bias)
-    elif config.drop_prob > 0:   # QDrop: each layer's own mask, drawn anew every step
-      states = states_of(params, hard=False)
-      step_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
-      count = [0]
+  def soft_rounded(params):
+    """Layer calls with the soft-rounded kernels, used as they are (not quantized again)."""
+    def layer_fn(path, site, module, x):
+      if path not in params:
+        lq = fixed[path].for_site(site)
+        return layer_forward(module, quantized_input(lq, x), quantized_weight(lq), lq.bias)
+      base, a = start[path], params[path]['a']
+      lq = base.replace(a_quant=a[0], site_a_quants=tuple(a[1:])).for_site(site)
+      kernel = (rounding.rounded_kernel(base, params[path]['v'], hard=False)
+                if base.w_quant is not None else quantized_weight(lq))
+      return layer_forward(module, quantized_input(lq, x), kernel, lq.bias)
+    return layer_fn
 
-      def layer_fn(path, site, module, x):
-        lq = states[path].for_site(site)
-        count[0] += 1
-        drop = jax.random.bernoulli(jax.random.fold_in(step_key, count[0]), config.drop_prob,
-                                    x.shape)
-        unquantized = x if lq.smooth is None else x / lq.smooth
-        return layer_forward(module, jnp.where(drop, unquantized, quantized_input(lq, x)),
-                             quantized_weight(lq), lq.bias)
-    out = program.run(block, x[0], states_of(params, hard=False) if layer_fn is None else {},
-                      layer_fn, model_input=x[1])
+  def dropped(params, step):
+    """Layer calls with QDrop: each call's own mask, drawn anew every step."""
+    states = states_of(params, hard=False)
+    step_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+    count = [0]
+
+    def layer_fn(path, site, module, x):
+      lq = states[path].for_site(site)
+      count[0] += 1
+      drop = jax.random.bernoulli(jax.random.fold_in(step_key, count[0]), config.drop_prob,
+                                  x.shape)
+      unquantized = x if lq.smooth is None else x / lq.smooth
+      return layer_forward(module, jnp.where(drop, unquantized, quantized_input(lq, x)),
+                           quantized_weight(lq), lq.bias)
+    return layer_fn
+
+  def loss_fn(params, x, y, step):
+    if learned:
+      states, layer_fn = {}, soft_rounded(params)
+    elif config.drop_prob > 0:
+      states, layer_fn = {}, dropped(params, step)
+    else:
+      states, layer_fn = states_of(params, hard=False), None
+    out = program.run(block, x[0], states, layer_fn, model_input=x[1])
     loss = jnp.mean((out - y)**2)
     if learned:
       beta, on = rounding.beta_at(step.astype(jnp.float32), rates[4])
