@@ -131,8 +131,8 @@ def test_block_reconstruction_beats_layer_wise_on_the_block_output(residual):
   the same steps. Catches a block loss that is not the block's output (or gradients
   that do not reach one of its layers)."""
   model, variables, x, base = residual
-  # (A weight rate high enough for the kernels, not only the ranges, to move in 150 steps.)
-  config = ptq_jax.AdaQuantConfig(iterations=150, batch_size=32, lr_kernel=1e-3)
+  # (A weight rate high enough for the kernels, not only the ranges, to move in 100 steps.)
+  config = ptq_jax.AdaQuantConfig(iterations=100, batch_size=32, lr_kernel=1e-3)
   fits = {}
   for unit in ('layer', 'block'):
     fits[unit] = ptq_jax.quantize(model, variables, x, w_bits=2, a_bits=8, first_last_bits=None,
@@ -154,7 +154,7 @@ def test_sequential_blocks_train_on_the_quantized_prefix(residual):
   model, variables, x, base = residual
   qm = ptq_jax.quantize(model, variables, x, w_bits=2, a_bits=8, first_last_bits=None,
                         method='adaquant', mode='sequential', progress=False,
-                        adaquant=ptq_jax.AdaQuantConfig(iterations=40, batch_size=32,
+                        adaquant=ptq_jax.AdaQuantConfig(iterations=15, batch_size=32,
                                                         unit='block'))
   reports = qm.layer_reports
   assert all(r['rel_error_after'] <= r['rel_error_before'] and r['mode'] == 'sequential'
@@ -171,48 +171,51 @@ def test_sequential_blocks_train_on_the_quantized_prefix(residual):
                              reports[1]['rel_error_after'], rtol=1e-4)
 
 
-def _residual_block(residual):
-  """The program, its residual block, and that block's float inputs and outputs."""
+@pytest.fixture(scope='module')
+def residual_block(residual):
+  """The program, its residual block, that block's float inputs and outputs, and its
+  compiled passes (shared by the tests, so compiled once)."""
   _, _, x, base = residual
   program = _program(base, x)
   float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in base.qstate.items()}
+  block = program.blocks[1]
   xs = program.run(program.blocks[0], jnp.asarray(x), float_state)
-  return program, program.blocks[1], xs, program.run(program.blocks[1], xs, float_state)
+  return program, block, xs, program.run(block, xs, float_state), _BlockFns(program, block, 100)
 
 
-def test_the_guard_keeps_a_block_no_worse_than_it_started(residual):
+def test_the_guard_keeps_a_block_no_worse_than_it_started(residual, residual_block):
   """An absurd weight rate wrecks the block by the last step: the guard keeps its best
   checked state; without it the wrecked last state is returned."""
   base = residual[3]
-  program, block, xs, ys = _residual_block(residual)
+  program, block, xs, ys, fns = residual_block
   absurd = ptq_jax.AdaQuantConfig(iterations=12, batch_size=16, lr_kernel=10.0,
                                   lr_w_quant=10.0, lr_schedule='constant', unit='block')
   key = jax.random.key(0)
-  _, report = optimize_block(program, block, base.qstate, ['b', 'c'], xs, ys, absurd, key)
+  _, report = optimize_block(program, block, base.qstate, ['b', 'c'], xs, ys, absurd, key, fns)
   assert report['rel_error_last_step'] > 2 * report['rel_error_before']   # it did drift
   assert report['guard_acted'] and report['rel_error_after'] <= report['rel_error_before']
   _, paper = optimize_block(program, block, base.qstate, ['b', 'c'], xs, ys,
-                            dataclasses.replace(absurd, guard=False), key)
+                            dataclasses.replace(absurd, guard=False), key, fns)
   assert not paper['guard_acted'] and paper['rel_error_after'] > 2 * paper['rel_error_before']
 
 
-def test_learned_rounding_and_qdrop_in_blocks(residual):
+def test_learned_rounding_and_qdrop_in_blocks(residual, residual_block):
   """Learned rounding ends with every kernel of the block on its grid (quantizing it
   again changes nothing) and a lower block error; QDrop changes the fit and also lowers
   it. Catches a soft kernel quantized twice during training, or a state left soft."""
   base = residual[3]
-  program, block, xs, ys = _residual_block(residual)
+  program, block, xs, ys, fns = residual_block
   config = ptq_jax.AdaQuantConfig(iterations=100, batch_size=32, unit='block')
   key = jax.random.key(0)
   learned, report = optimize_block(program, block, base.qstate, ['b', 'c'], xs, ys,
-                                   dataclasses.replace(config, rounding='learned'), key)
+                                   dataclasses.replace(config, rounding='learned'), key, fns)
   for path in ('b', 'c'):
     np.testing.assert_allclose(quantized_weight(learned[path]), learned[path].kernel,
                                atol=1e-6)
   assert report['rel_error_after'] < report['rel_error_before']
-  free, _ = optimize_block(program, block, base.qstate, ['b', 'c'], xs, ys, config, key)
+  free, _ = optimize_block(program, block, base.qstate, ['b', 'c'], xs, ys, config, key, fns)
   dropped, dropped_report = optimize_block(program, block, base.qstate, ['b', 'c'], xs, ys,
-                                           dataclasses.replace(config, drop_prob=0.5), key)
+                                           dataclasses.replace(config, drop_prob=0.5), key, fns)
   assert not np.array_equal(free['b'].kernel, dropped['b'].kernel)
   assert dropped_report['rel_error_after'] < dropped_report['rel_error_before']
 
@@ -228,7 +231,7 @@ def test_float_targets_leave_quantized_attention_matmuls_out():
   variables = model.init(jax.random.key(0), x[:1])
   on = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=4, first_last_bits=None,
                         quantize_matmuls=True, progress=False)
-  config = ptq_jax.AdaQuantConfig(iterations=10, batch_size=16, unit='block')
+  config = ptq_jax.AdaQuantConfig(iterations=3, batch_size=16, unit='block')
   _, reports = run_blocks(model, variables, on.layers, on.qstate, x, 'parallel', config,
                           jax.random.key(0), progress=False)
   float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in layer_states(on.qstate).items()}
