@@ -49,11 +49,9 @@ class LayerCall:
 @dataclasses.dataclass(frozen=True)
 class Block:
   """A stretch of the program from one cut (the first: the model input) to the next
-  (the last: the outputs). ``start``, ``stop``: its equations in the first trace."""
+  (the last: the outputs); its equations at each batch size are that trace's ``ranges``."""
 
   index: int
-  start: int
-  stop: int
   calls: Tuple[int, ...]       # indices into BlockProgram.calls, in program order
   paths: Tuple[str, ...]       # the layers called in the block, each once, in order
   # Whether the block also reads the model input (values it recomputes from it, such as
@@ -256,7 +254,7 @@ class BlockProgram:
       calls = tuple(k for i, k in sorted(trace.marks.items()) if start <= i < stop)
       paths = tuple(dict.fromkeys(self.calls[k].path for k in calls))
       trace.preludes.append(self._prelude(trace, g) if g else [])
-      blocks.append(Block(g, start, stop, calls, paths, bool(trace.preludes[-1])))
+      blocks.append(Block(g, calls, paths, bool(trace.preludes[-1])))
     return tuple(blocks)
 
   def _prelude(self, trace: _Trace, index: int) -> List[int]:
