@@ -5,6 +5,10 @@
       # a MobileNetV2 depthwise layer (3x3, one filter per channel; --stride=2 too)
   python benchmarks/adaquant_speed.py --model=mobilenet_v2_fmnist --steps_per_call=1 \
       --iterations=50    # every layer of a bundled model, summed (~5 min on 2 CPU cores)
+  python benchmarks/adaquant_speed.py --model=efficientnet_lite0 --steps_per_call=1 \
+      --iterations=20 --minibatch=32 --calib_size=64 --micro_batch=0,auto
+      # every layer of EfficientNet-Lite0 at 224x224, W4A8, with and without
+      # micro-batches (~15 min on 2 CPU cores)
 
 The default layer: a 3x3 conv 32->32 at 14x14, minibatch 50 out of 1000 cached
 calibration inputs, W4A4, weights + bias + both quantizers optimised. No PyTorch
@@ -43,7 +47,12 @@ flags.DEFINE_bool('depthwise', False, 'A depthwise 3x3 conv (one filter per chan
                   'of a dense one.')
 flags.DEFINE_integer('stride', 1, 'Stride of the conv.')
 flags.DEFINE_string('model', '', 'Time every layer of this bundled model instead (e.g. '
-                    'mobilenet_v2_fmnist): one row with the summed ms per iteration.')
+                    'mobilenet_v2_fmnist), or of efficientnet_lite0 (W4A8): one row with '
+                    'the summed ms per iteration.')
+flags.DEFINE_integer('minibatch', 50, 'AdaQuant minibatch.')
+flags.DEFINE_integer('calib_size', 1000, 'Cached inputs per layer.')
+flags.DEFINE_list('micro_batch', ['auto'], "Micro-batch settings to time: 'auto' "
+                  '(AdaQuantRuntime default) or a size (0: the whole minibatch at once).')
 flags.DEFINE_integer('iterations', 200, 'Timed iterations per driver.')
 flags.DEFINE_list('steps_per_call', ['1', '10', '50'], 'Drivers to time.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
@@ -51,9 +60,9 @@ flags.DEFINE_string('name', 'adaquant_speed', 'Results file name.')
 flags.DEFINE_bool('render_only', False, 'Rewrite results/NAME.md from NAME.json only.')
 
 
-def _timed(layer, lq, xs, ys, key, iterations, steps_per_call):
-  config = AdaQuantConfig(iterations=iterations, batch_size=50)
-  runtime = AdaQuantRuntime(steps_per_call=steps_per_call)
+def _timed(layer, lq, xs, ys, key, iterations, steps_per_call, micro):
+  config = AdaQuantConfig(iterations=iterations, batch_size=FLAGS.minibatch)
+  runtime = AdaQuantRuntime(steps_per_call=steps_per_call, micro_batch=micro)
   start = time.perf_counter()
   _, report = adaquant.optimize_layer(layer, lq, xs, ys, config, key, runtime=runtime)
   return time.perf_counter() - start, report
@@ -75,40 +84,49 @@ def synthetic_layer(key):
   name = (f'dwconv{c}_{s}x{s}' if FLAGS.depthwise else f'conv{c}x{c}_{s}x{s}') + (
       f'_stride{stride}' if stride > 1 else '')
   bias = 0.1 * jax.random.normal(k2, (c,))
-  xs = jax.nn.relu(jax.random.normal(k3, (1000, s, s, c)))
+  xs = jax.nn.relu(jax.random.normal(k3, (FLAGS.calib_size, s, s, c)))
   lq = LayerQuant(kernel, bias, init_range(kernel, 4, 'minmax', channel_axis=-1),
                   init_range(xs[:100], 4, 'minmax'))
-  return name, [(layer, lq, xs, adaquant.float_target(geom, 'relu', LayerQuant(kernel, bias),
-                                                      xs))]
+  return name, 1, [(layer, lq, xs, adaquant.float_target(geom, 'relu', LayerQuant(kernel, bias),
+                                                         xs))]
 
 
 def model_layers(key):
-  """Every AdaQuant layer of a bundled model at W4A4 (first and last layer 8-bit), each
-  with 1000 random non-negative inputs of its shape (the step's cost does not depend on
-  the values) and their float targets."""
-  model, variables, _ = ptq_jax.load_model(
-      ptq_jax.bundled_checkpoints()[f'{FLAGS.model}_fashion_mnist'])
-  images = np.asarray(jax.random.uniform(key, (100, 28, 28, 1)))
-  base = ptq_jax.quantize(model, variables, images, w_bits=4, a_bits=4, first_last_bits=8)
-  cases = []
-  for i, layer in enumerate(l for l in base.layers if l.geometry is not None):
-    lq = base.qstate[layer.path]
-    xs = jax.nn.relu(jax.random.normal(jax.random.fold_in(key, i),
-                                       (1000,) + tuple(layer.input_shape)))
-    cases.append((layer, lq, xs, adaquant.float_target(
-        layer.geometry, layer.activation, LayerQuant(lq.kernel, lq.bias), xs)))
-  return f'{FLAGS.model} (all {len(cases)} layers)', cases
+  """Every AdaQuant layer of a bundled model at W4A4 (or EfficientNet-Lite0 at W4A8),
+  first and last layer 8-bit, each with ``calib_size`` random non-negative inputs of its
+  shape (the step's cost does not depend on the values) and their float targets, made
+  one layer at a time (a generator: EfficientNet's inputs do not fit in memory at once)."""
+  if FLAGS.model == 'efficientnet_lite0':
+    from ptq_jax.importers.efficientnet import INPUT_SHAPE, load_efficientnet_lite0
+    model, variables = load_efficientnet_lite0()
+    shape, a_bits = INPUT_SHAPE, 8
+  else:
+    model, variables, _ = ptq_jax.load_model(
+        ptq_jax.bundled_checkpoints()[f'{FLAGS.model}_fashion_mnist'])
+    shape, a_bits = (28, 28, 1), 4
+  images = np.asarray(jax.random.uniform(key, (16,) + shape))
+  base = ptq_jax.quantize(model, variables, images, w_bits=4, a_bits=a_bits, first_last_bits=8)
+  layers = [l for l in base.layers if l.geometry is not None]
+
+  def cases():
+    for i, layer in enumerate(layers):
+      lq = base.qstate[layer.path]
+      xs = jax.nn.relu(jax.random.normal(jax.random.fold_in(key, i),
+                                         (FLAGS.calib_size,) + tuple(layer.input_shape)))
+      yield layer, lq, xs, adaquant.float_target(
+          layer.geometry, layer.activation, LayerQuant(lq.kernel, lq.bias), xs)
+  return f'{FLAGS.model} (all {len(layers)} layers)', len(layers), cases()
 
 
-def ms_per_iteration(layer, lq, xs, ys, key, steps) -> Tuple[float, dict]:
+def ms_per_iteration(layer, lq, xs, ys, key, steps, micro) -> Tuple[float, dict]:
   """One layer's ms per iteration with ``steps`` steps per call, after compilation."""
-  config = AdaQuantConfig(iterations=steps, batch_size=50)
-  adaquant.optimize_layer(layer, lq, xs, ys, config, key,
-                          runtime=AdaQuantRuntime(steps_per_call=steps))   # compile
+  config = AdaQuantConfig(iterations=steps, batch_size=FLAGS.minibatch)
+  adaquant.optimize_layer(layer, lq, xs, ys, config, key, runtime=AdaQuantRuntime(
+      steps_per_call=steps, micro_batch=micro))   # compile
   # optimize_layer also measures the reconstruction error before and after; time
   # that alone (0 iterations) and subtract it, so only the steps are counted.
-  overhead = min(_timed(layer, lq, xs, ys, key, 0, steps)[0] for _ in range(3))
-  seconds, report = _timed(layer, lq, xs, ys, key, FLAGS.iterations, steps)
+  overhead = min(_timed(layer, lq, xs, ys, key, 0, steps, micro)[0] for _ in range(3))
+  seconds, report = _timed(layer, lq, xs, ys, key, FLAGS.iterations, steps, micro)
   return 1000 * (seconds - overhead) / FLAGS.iterations, report
 
 
@@ -116,25 +134,35 @@ def main(_):
   if FLAGS.render_only:
     return write(read_results(FLAGS.out, FLAGS.name))
   key = jax.random.key(0)
-  name, cases = model_layers(key) if FLAGS.model else synthetic_layer(key)
+  name, count, cases = model_layers(key) if FLAGS.model else synthetic_layer(key)
+  settings = [(int(v), m) for v in FLAGS.steps_per_call for m in FLAGS.micro_batch]
+  micro_of = {m: None if m == 'auto' else int(m) for m in FLAGS.micro_batch}
+  ms = {s: 0.0 for s in settings}
+  reports = {s: [] for s in settings}
+  for layer, lq, xs, ys in cases:   # each layer's cases once, every setting on them
+    for steps, m in settings:
+      layer_ms, report = ms_per_iteration(layer, lq, xs, ys, key, steps, micro_of[m])
+      ms[steps, m] += layer_ms
+      reports[steps, m].append(report)
+    print(layer.path, {f'{s}/{m}': round(v, 1) for (s, m), v in ms.items()}, flush=True)
   records = []
   command = 'python benchmarks/adaquant_speed.py ' + ' '.join(sys.argv[1:])
-  for steps in (int(v) for v in FLAGS.steps_per_call):
-    ms, reports = 0.0, []
-    for layer, lq, xs, ys in cases:
-      layer_ms, report = ms_per_iteration(layer, lq, xs, ys, key, steps)
-      ms += layer_ms
-      reports.append(report)
-    errors = ({'rel_error_before': round(reports[0]['rel_error_before'], 5),
-               'rel_error_after': round(reports[0]['rel_error_after'], 5)}
-              if len(cases) == 1 else {'layers': len(cases)})
+  for steps, m in settings:
+    first = reports[steps, m][0]
+    errors = ({'rel_error_before': round(first['rel_error_before'], 5),
+               'rel_error_after': round(first['rel_error_after'], 5)}
+              if count == 1 else {'layers': count})
     records.append({'model': name, 'method': 'adaquant_layer',
                     'driver': 'python loop' if steps == 1 else f'fori_loop x{steps}',
-                    'steps_per_call': steps, 'w_bits': 4, 'a_bits': 4, 'calib_size': 1000,
-                    'minibatch': 50, 'iterations': FLAGS.iterations, 'ms_per_iteration': round(ms, 2),
+                    'steps_per_call': steps, 'micro_batch': 'off' if m == '0' else m,
+                    'w_bits': 4, 'a_bits': 8 if FLAGS.model == 'efficientnet_lite0' else 4,
+                    'calib_size': FLAGS.calib_size, 'minibatch': FLAGS.minibatch,
+                    'iterations': FLAGS.iterations,
+                    'ms_per_iteration': round(ms[steps, m], 2),
                     **errors, 'device': describe_device(), 'command': command})
-    print(name, records[-1]['driver'], f'{ms:.2f} ms/iteration')
-  write(merge_records(FLAGS.out, FLAGS.name, records, ('model', 'driver', 'device')))
+    print(name, records[-1]['driver'], m, f'{ms[steps, m]:.2f} ms/iteration')
+  write(merge_records(FLAGS.out, FLAGS.name, records,
+                      ('model', 'driver', 'micro_batch', 'minibatch', 'device')))
 
 
 def write(records):
@@ -144,8 +172,11 @@ def write(records):
                   if k == 'command' else v) for k, v in r.items()
               if k not in ('reference_ms_per_iteration', 'speedup_vs_reference')}
              for r in records]
+  # Rows from before micro-batches existed ran every minibatch at once.
+  records = [{**r, 'micro_batch': r.get('micro_batch', 'off')} for r in records]
   write_results(FLAGS.out, FLAGS.name, records, 'AdaQuant per-layer step speed',
-                columns=['model', 'driver', 'w_bits', 'a_bits', 'minibatch', 'iterations',
+                columns=['model', 'driver', 'micro_batch', 'w_bits', 'a_bits', 'minibatch',
+                         'iterations',
                          'layers', 'ms_per_iteration',
                          'rel_error_before', 'rel_error_after', 'device', 'command'],
                 notes='One AdaQuant step = minibatch sampling, forward/backward through the '
@@ -156,7 +187,9 @@ def write(records):
                       'rows: a depthwise 3x3 conv as in MobileNetV2. '
                       '`(all N layers)` rows: one step of every AdaQuant layer of a bundled '
                       'model at W4A4 (first and last layer 8-bit), summed: the cost of one '
-                      'iteration of the whole model.')
+                      'iteration of the whole model. `micro_batch`: examples per gradient '
+                      'pass inside a step (AdaQuantRuntime.micro_batch; auto: its default '
+                      'choice per layer; off: the whole minibatch at once).')
 
 
 if __name__ == '__main__':

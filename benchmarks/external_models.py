@@ -23,10 +23,18 @@ their data from Debian packages and the vaderSentiment sdist (./scripts/setup.sh
 
 For each bit width (first and last layer 8-bit) the rows are the advanced
 pipeline's stages: ``ranges`` (baseline PTQ), ``+ adaquant`` (parallel),
-``+ bn_tuning``, ``+ bias_tuning``; then mixed precision at ``--size_pct`` of the
-FP32 weight size, light (baseline states) and advanced (AdaQuant states shared
-with the fixed-bit runs). Writes results/external_models.{json,md}; rows merge by
-(model, run, stage, device).
+``+ bn_tuning``, ``+ bias_tuning`` (``--pipeline=sequential``: sequential AdaQuant;
+``--unit`` and ``--rounding`` choose the reconstruction, named in the run's label);
+then mixed precision at ``--size_pct`` of the FP32 weight size, light (baseline
+states) and advanced (AdaQuant states shared with the fixed-bit runs). Writes
+results/external_models.{json,md}; rows merge by (model, run, stage, device).
+
+EfficientNet-Lite0 at full settings, one bit width per call (each call's rows are
+saved as it goes, so a chain of calls resumes where it stopped):
+
+  python benchmarks/external_models.py --models=efficientnet_lite0 --bits=W4A8 \
+      --pipeline=sequential --unit=block --rounding=learned --photo_calib_size=256 \
+      --iterations=1000 --photo_batch=32 --size_pct=0 --bn_targets=fp
 """
 
 from __future__ import annotations
@@ -47,7 +55,12 @@ from ptq_jax.quant.quantizer import option_name, parse_option
 FLAGS = flags.FLAGS
 flags.DEFINE_list('models', ['minilm_l6', 'efficientnet_lite0'], 'Models to quantize.')
 flags.DEFINE_list('bits', ['W8A8', 'W4A8', 'W4A4'], 'Fixed bit widths (advanced pipeline).')
-flags.DEFINE_float('size_pct', 15.0, 'Mixed-precision budget, % of the FP32 weight size.')
+flags.DEFINE_float('size_pct', 15.0, 'Mixed-precision budget, % of the FP32 weight size '
+                   '(0: no mixed-precision runs).')
+flags.DEFINE_enum('pipeline', 'advanced', ['advanced', 'sequential'], 'Pipeline of the '
+                  'fixed-bit runs: advanced (parallel AdaQuant) or sequential.')
+flags.DEFINE_enum('unit', 'layer', ['layer', 'block'], 'AdaQuant unit (AdaQuantConfig.unit).')
+flags.DEFINE_enum('rounding', 'free', ['free', 'learned'], 'AdaQuant weight updates.')
 flags.DEFINE_integer('photo_calib_size', 128, 'EfficientNet calibration photos.')
 flags.DEFINE_integer('sentence_calib_size', 128, 'MiniLM calibration sentences.')
 flags.DEFINE_integer('probe_train_size', 4000, 'Sentences the probe is trained on.')
@@ -80,8 +93,10 @@ def save(records):
                'size_pct_of_fp32', 'top1_agreement_pct', 'top5_overlap_pct', 'mean_kl_nats',
                'labelled_size', 'labelled_top1_pct', 'labelled_top5_pct', 'probe_accuracy_pct',
                'mean_cosine', 'bn_target', 'seconds', 'device', 'command'],
-      notes='Rows are cumulative stages of a run (ranges = baseline PTQ, then parallel '
-            'AdaQuant, BN tuning, KD bias tuning; mixed runs start from mixed_precision). '
+      notes='Rows are cumulative stages of a run (ranges = baseline PTQ, then AdaQuant '
+            '(parallel in advanced runs, sequential in sequential runs; block-wise or with '
+            'learned rounding where the label says), BN tuning, KD bias tuning; mixed runs '
+            'start from mixed_precision). '
             'EfficientNet-Lite0: metrics on held-out photos against the FP32 model; '
             '`labelled_*`: accuracy on the held-out photos named after an ImageNet class '
             '(count in `labelled_size`). MiniLM-L6: `probe_accuracy_pct` is a sentiment '
@@ -179,14 +194,19 @@ def main(_):
     records.append({**base, 'run': 'fp32', 'stage': 'fp32', 'w_bits': 32, 'a_bits': 32,
                     'size_pct_of_fp32': 100.0, **fp32_metrics, 'seconds': 0.0})
     save(records)
-    adaquant = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=batch)
+    adaquant = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=batch,
+                                      unit=FLAGS.unit, rounding=FLAGS.rounding)
+    # Runs with other than the paper's AdaQuant say so in their label (and row key).
+    variant = '' if (FLAGS.unit, FLAGS.rounding) == ('layer', 'free') else (
+        f', {FLAGS.unit}-wise' + (', learned rounding' if FLAGS.rounding == 'learned' else ''))
     shared = {}
     first_target = FLAGS.bn_targets[0]
-    runs = [('advanced', o, None, first_target) for o in options] + [
-        ('advanced', options[-1], FLAGS.size_pct, first_target),
-        ('light', options[-1], FLAGS.size_pct, first_target)]
+    runs = [(FLAGS.pipeline, o, None, first_target) for o in options]
+    if FLAGS.size_pct:
+      runs += [('advanced', options[-1], FLAGS.size_pct, first_target),
+               ('light', options[-1], FLAGS.size_pct, first_target)]
     if has_batchnorm:
-      runs += [('advanced', options[-1], None, t) for t in FLAGS.bn_targets[1:]]
+      runs += [(FLAGS.pipeline, options[-1], None, t) for t in FLAGS.bn_targets[1:]]
     for pipeline, (w_bits, a_bits), size_pct, bn_target in runs:
       result = ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=w_bits, a_bits=a_bits, size_pct=size_pct,
@@ -195,7 +215,7 @@ def main(_):
           bn_target=bn_target, cache_dir=FLAGS.cache_dir or None, progress=False)
       if result.mixed is not None:
         shared.setdefault(pipeline, result.mixed)
-      label = run_label(pipeline, size_pct, w_bits, a_bits)
+      label = run_label(pipeline, size_pct, w_bits, a_bits) + variant
       if bn_target != first_target:
         label += f' (BN tuning: {bn_target})'
       if not has_batchnorm:

@@ -411,3 +411,74 @@ def test_objective_includes_the_activation_after_the_layer(toy_w3a3):
   without = float(jnp.mean((pre_q - pre_fp)**2))
   np.testing.assert_allclose(float(loss), with_relu, rtol=1e-5)
   assert abs(without - with_relu) > 0.05 * with_relu
+
+
+def test_micro_batches_give_the_minibatch_gradient():
+  """A step's loss and gradient over micro-batches are the minibatch's: catches summing
+  the micro-batches instead of averaging, counting a data-free term (learned rounding's
+  regulariser) once per micro-batch, mis-aligned inputs and targets, and one QDrop mask
+  repeated in every micro-batch (``part`` must differ)."""
+  from ptq_jax.stages.adaquant import steps
+  params = {'w': jax.random.normal(jax.random.key(0), (6, 3)), 'none': None}
+  x = jax.random.normal(jax.random.key(1), (8, 6))
+  y = jax.random.normal(jax.random.key(2), (8, 3)) * jnp.arange(8.0)[:, None]
+  parts = []
+
+  def loss(p, x, y, step, part):
+    parts.append(part)
+    return jnp.mean((x @ p['w'] - y)**2) + 0.1 * jnp.sum(p['w']**2)
+  whole = steps.value_and_grad(loss, 8)(params, x, y, 0)
+  micro = steps.value_and_grad(loss, 8, 2)(params, x, y, 0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), whole, micro)
+  assert parts[0] is None and parts[1] is not None
+  seen = steps.value_and_grad(lambda p, x, y, s, part: jnp.sum(p['w']) * 0 + part, 8, 2)(
+      params, x, y, 0)[0]
+  assert float(seen) == 1.5   # parts 0..3, averaged
+  with pytest.raises(ValueError, match='does not divide'):
+    steps.value_and_grad(loss, 8, 3)
+
+
+def test_micro_batches_only_where_they_pay():
+  """Automatic micro-batches: on CPU for large depthwise / pointwise maps only; never
+  for a general conv (slow inside a loop), a weight-heavy layer or small maps; a given
+  size must divide the minibatch."""
+  from ptq_jax.linear import LayerGeometry
+  from ptq_jax.trace import LayerInfo
+
+  def conv(k, c_in, c_out, size, groups=1):
+    pads = ((k // 2, k // 2),) * 2
+    geom = LayerGeometry('conv', (1, 1), pads, (1, 1), (1, 1), groups)
+    return LayerInfo('c', 'conv', (k, k, c_in // groups, c_out), groups, (size, size, c_in),
+                     (size, size, c_out), 0, 0, geom)
+  auto = ptq_jax.AdaQuantRuntime()
+  depthwise, pointwise = conv(3, 96, 96, 56, groups=96), conv(1, 96, 24, 56)
+  assert auto.micro_batch_for(32, [depthwise]) == 2
+  assert auto.micro_batch_for(31, [depthwise, pointwise]) == 1
+  assert auto.micro_batch_for(32, [conv(3, 96, 96, 56)]) == 0          # general conv
+  assert auto.micro_batch_for(32, [conv(1, 1152, 1152, 7)]) == 0        # weights dominate
+  assert auto.micro_batch_for(32, [conv(3, 16, 16, 14, groups=16)]) == 0  # small map
+  assert ptq_jax.AdaQuantRuntime(micro_batch=0).micro_batch_for(32, [depthwise]) == 0
+  assert ptq_jax.AdaQuantRuntime(micro_batch=4).micro_batch_for(32, [conv(3, 8, 8, 4)]) == 4
+  with pytest.raises(ValueError, match='does not divide'):
+    ptq_jax.AdaQuantRuntime(micro_batch=5).micro_batch_for(32, [depthwise])
+  with pytest.raises(ValueError, match='micro_batch'):
+    ptq_jax.AdaQuantRuntime(micro_batch=-1)
+
+
+def test_micro_batched_steps_fit_the_same_minibatches(toy_w3a3):
+  """The layer step with micro-batches sees the same minibatch (loss equal) and lands
+  where the whole-minibatch step does (Adam's first step: up to float rounding)."""
+  model, variables, x, base = toy_w3a3
+  layer = base.layers[1]
+  xs = InputCapture(model, variables, base.folded_bns)(
+      base.qstate, x, [layer.path])[layer.path]
+  lq = base.qstate[layer.path]
+  ys = adaquant.float_target(layer.geometry, layer.activation,
+                             adaquant.LayerQuant(lq.kernel, lq.bias), xs)
+  config = ptq_jax.AdaQuantConfig(iterations=1, batch_size=16)
+  opt_state = adaquant._init_optimizer(config.lr_schedule, config.rates(), lq)
+  out = [adaquant._run_steps(layer.geometry, layer.activation, 1, 16, config.lr_schedule, lq,
+                             opt_state, xs, ys, jax.random.key(3), np.int32(0), config.rates(),
+                             micro_batch=m) for m in (0, 4)]
+  np.testing.assert_allclose(float(out[0][2]), float(out[1][2]), rtol=1e-5)
+  np.testing.assert_allclose(out[0][0].bias, out[1][0].bias, atol=1e-6)

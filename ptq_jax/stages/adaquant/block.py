@@ -66,6 +66,7 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
                      'layer-wise reconstruction (AdaQuantConfig(unit="layer")).')
   quantized = {l.path for l in layers
                if qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None}
+  by_path = {l.path: l for l in layers}
   new_state = dict(qstate)
   reports = []
   inputs = jnp.asarray(images, jnp.float32)   # (blocks that read the model input)
@@ -82,8 +83,11 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
       trained = [p for p in block.paths if p in quantized]
       if trained:
         x = (x_fp if mode == 'parallel' else x_q, model_input)
+        micro = runtime.micro_batch_for(min(config.batch_size, len(images)),
+                                        [by_path[p] for p in block.paths])
         states, report = optimize_block(program, block, new_state, trained, x, y_fp, config,
-                                        jax.random.fold_in(key, block.index), fns)
+                                        jax.random.fold_in(key, block.index), fns, runtime,
+                                        micro)
         new_state.update(states)
         report['mode'] = mode
         reports.append(report)
@@ -158,11 +162,12 @@ def _padded(xs, batch: int):
 def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any],
                    trained: Sequence[str], xs: jnp.ndarray, ys: jnp.ndarray,
                    config: AdaQuantConfig, key: jax.Array, fns: Optional[_BlockFns] = None,
-                   runtime: AdaQuantRuntime = AdaQuantRuntime()
+                   runtime: AdaQuantRuntime = AdaQuantRuntime(), micro_batch: int = 0
                    ) -> Tuple[Dict[str, LayerQuant], Dict[str, Any]]:
   """Reconstruction of one block on its inputs ``xs`` and float outputs ``ys``, jointly
   over the states of the ``trained`` layers (the block's other layers stay fixed).
-  ``fns``: the block's compiled passes, if already built."""
+  ``fns``: the block's compiled passes, if already built; ``micro_batch``: see
+  :func:`~.steps.value_and_grad`."""
   fns = fns or _BlockFns(program, block, runtime.capture_batch_size)
   xs = _pair(xs)
   start_time = time.time()
@@ -197,10 +202,13 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
       return layer_forward(module, quantized_input(lq, x), kernel, lq.bias)
     return layer_fn
 
-  def dropped(params, step):
-    """Layer calls with QDrop: each call's own mask, drawn anew every step."""
+  def dropped(params, step, part):
+    """Layer calls with QDrop: each call's own mask, drawn anew every step (and
+    micro-batch)."""
     states = states_of(params, hard=False)
     step_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+    if part is not None:
+      step_key = jax.random.fold_in(step_key, part)
     count = [0]
 
     def layer_fn(path, site, module, x):
@@ -213,11 +221,11 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
                            quantized_weight(lq), lq.bias)
     return layer_fn
 
-  def loss_fn(params, x, y, step):
+  def loss_fn(params, x, y, step, part):
     if learned:
       states, layer_fn = {}, soft_rounded(params)
     elif config.drop_prob > 0:
-      states, layer_fn = {}, dropped(params, step)
+      states, layer_fn = {}, dropped(params, step, part)
     else:
       states, layer_fn = states_of(params, hard=False), None
     out = program.run(block, x[0], states, layer_fn, model_input=x[1])
@@ -233,7 +241,8 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
 
   @functools.partial(jax.jit, static_argnames='steps')
   def run_steps(params, opt_state, xs, ys, step0, steps):
-    return run_loop(loss_fn, tx, params, opt_state, xs, ys, key, step0, steps, batch)
+    return run_loop(loss_fn, tx, params, opt_state, xs, ys, key, step0, steps, batch,
+                    micro_batch)
 
   before, rel_before = fns.error(start, xs, ys)
   best, (after, rel_after), kept_at = start, (before, rel_before), -1

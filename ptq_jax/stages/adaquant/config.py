@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
+from ptq_jax.linear import is_plain_depthwise, is_pointwise
+from ptq_jax.trace import LayerInfo
+
 MODES = ('parallel', 'sequential')
+MICRO_MIN_BYTES = 256 * 1024   # one example's activations, below which no micro-batches
 LR_SCHEDULES = ('constant', 'cosine')
 RANGE_UPDATES = ('absolute', 'relative')
 ROUNDINGS = ('free', 'learned')
@@ -136,12 +140,18 @@ class AdaQuantRuntime:
   * ``eval_batch_size``: batch of the float-target and error passes; None: the CPU
     way (one call for the target, host-side batches of ERROR_BATCH for the error)
     on CPU and the minibatch size elsewhere, so a GPU autotunes each conv shape once.
+  * ``micro_batch``: examples per gradient pass inside a step (the minibatch's
+    gradient as the mean over micro-batches, :func:`~.steps.value_and_grad`), so a
+    large feature map stays in cache; the same gradient up to float rounding, except
+    that QDrop draws each micro-batch's masks from a key of its own. None: automatic
+    (:meth:`micro_batch_for`); 0: never split.
   """
 
   steps_per_call: Optional[int] = None
   capture_budget_mb: float = 1024.0
   capture_batch_size: int = 100
   eval_batch_size: Optional[int] = None
+  micro_batch: Optional[int] = None
 
   def __post_init__(self):
     if self.steps_per_call is not None and self.steps_per_call < 1:
@@ -151,6 +161,32 @@ class AdaQuantRuntime:
                        f'{self.capture_budget_mb} and {self.capture_batch_size}.')
     if self.eval_batch_size is not None and self.eval_batch_size < 1:
       raise ValueError(f'eval_batch_size must be >= 1 or None, got {self.eval_batch_size}.')
+    if self.micro_batch is not None and self.micro_batch < 0:
+      raise ValueError(f'micro_batch must be >= 0 or None, got {self.micro_batch}.')
+
+  def micro_batch_for(self, batch: int, layers: Sequence[LayerInfo]) -> int:
+    """Examples per gradient pass when a step's program holds ``layers`` (one layer, or
+    a block's) at minibatch ``batch``; 0: the whole minibatch at once.
+
+    Automatic: on CPU, 2 (1 for an odd minibatch) when every layer's linear map runs
+    without a general convolution (dense, pointwise, depthwise: XLA's CPU backend runs
+    convolutions inside loops far slower) and the activations of one example take at
+    least ``MICRO_MIN_BYTES`` and twice the weights (each micro-batch reads every
+    weight again); elsewhere never (results/adaquant_speed.md, ``micro`` rows). A
+    given size must divide the minibatch."""
+    if self.micro_batch is not None:
+      if self.micro_batch and self.micro_batch < batch and batch % self.micro_batch:
+        raise ValueError(f'AdaQuantRuntime micro_batch={self.micro_batch} does not divide the '
+                         f'minibatch of {batch}; choose a divisor, or 0 to not split.')
+      return self.micro_batch if self.micro_batch < batch else 0
+    if jax.default_backend() != 'cpu' or batch < 2 or not layers:
+      return 0
+    example = sum(4 * (math.prod(l.input_shape) + math.prod(l.output_shape)) for l in layers)
+    weights = sum(4 * math.prod(l.kernel_shape) for l in layers if l.kernel_shape)
+    if (not all(_loop_friendly(l) for l in layers) or example < MICRO_MIN_BYTES
+        or example < 2 * weights):
+      return 0
+    return 2 if batch % 2 == 0 else 1
 
   def eval_batches(self, n: int, config: AdaQuantConfig) -> Optional[int]:
     """The batch of a layer's float-target and error passes over ``n`` inputs (inside
@@ -187,3 +223,13 @@ class AdaQuantRuntime:
   def step_counts(self, config: AdaQuantConfig) -> Tuple[int, ...]:
     """The distinct ``steps`` values the step loop is called with."""
     return tuple(sorted({s for calls in self.call_plan(config) for s in calls}))
+
+
+def _loop_friendly(layer: LayerInfo) -> bool:
+  """Whether the layer's linear map runs on CPU without a general convolution."""
+  geom = layer.geometry
+  if geom is None or not layer.kernel_shape:
+    return False
+  return (geom.kind in ('dense', 'einsum')
+          or is_plain_depthwise(geom, (1,) + tuple(layer.input_shape), layer.kernel_shape)
+          or is_pointwise(geom, layer.kernel_shape))

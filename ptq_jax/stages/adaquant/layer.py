@@ -97,24 +97,28 @@ def weight_range_scale(config: AdaQuantConfig, lq: LayerQuant) -> Optional[jnp.n
   return jnp.maximum(lq.w_quant.range, 1e-8)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), static_argnames=('drop_prob',))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
+                   static_argnames=('drop_prob', 'micro_batch'))
 def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
                lq: LayerQuant, opt_state, xs, ys, key, step0, rates, w_scale=None,
-               drop_prob: float = 0.0):
+               drop_prob: float = 0.0, micro_batch: int = 0):
   """``steps`` Adam steps on one layer. The module is not an argument of this or the
   programs below, only its geometry, so ``jax.jit`` compiles each once per geometry,
   shapes and bit widths. With ``w_scale`` the optimiser sees the weight quantizer's
   range and low end in units of ``w_scale`` (per output channel), so its learning rate
   is relative to each channel's range. With ``drop_prob`` > 0 (QDrop), each element of
   the layer's input skips input quantization with that probability, drawn anew every
-  step; 0 is AdaQuant exactly (the same program)."""
+  step; 0 is AdaQuant exactly (the same program). ``micro_batch``: see
+  :func:`~.steps.value_and_grad`."""
   tx = _optimizer(rates, _labels(lq), schedule)
 
-  def loss_fn(lq, x, y, step):
+  def loss_fn(lq, x, y, step, part):
     lq = _scaled_ranges(lq, w_scale, 1)
     if drop_prob == 0.0:
       return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
     drop_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+    if part is not None:   # (each micro-batch its own masks)
+      drop_key = jax.random.fold_in(drop_key, part)
     keep_float = jax.random.bernoulli(drop_key, drop_prob, x.shape)
     unquantized = x if lq.smooth is None else x / lq.smooth   # (what the smoothed W sees)
     x_used = jnp.where(keep_float, unquantized, quantized_input(lq, x))
@@ -122,7 +126,7 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
     return jnp.mean((out - y)**2)
 
   lq, opt_state, loss = run_loop(loss_fn, tx, _scaled_ranges(lq, w_scale, -1), opt_state, xs,
-                                 ys, key, step0, steps, batch)
+                                 ys, key, step0, steps, batch, micro_batch)
   return _scaled_ranges(lq, w_scale, 1), opt_state, loss
 
 
@@ -172,10 +176,10 @@ def _batched_error_sums(geom: LayerGeometry, activation: str, batch: int, lq: La
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6),
-                   static_argnames=('drop_prob',))
+                   static_argnames=('drop_prob', 'micro_batch'))
 def _fit_layer(geom: LayerGeometry, activation: str, checks: Tuple[int, ...], guard: bool,
                batch: int, schedule: str, eval_batch: int, lq: LayerQuant, xs, ys, key, rates,
-               w_scale=None, drop_prob: float = 0.0):
+               w_scale=None, drop_prob: float = 0.0, micro_batch: int = 0):
   """A layer's whole AdaQuant in one program: the float target (``ys=None``: the float
   layer's own outputs on ``xs``, as in parallel mode), the error before, the optimiser
   state, the steps up to each of ``checks`` (iteration counts; the last is the total)
@@ -195,7 +199,7 @@ def _fit_layer(geom: LayerGeometry, activation: str, checks: Tuple[int, ...], gu
   for k, end in enumerate(checks):
     lq, opt_state, _ = _run_steps(geom, activation, end - done, batch, schedule, lq, opt_state,
                                   xs, ys, key, np.int32(done), rates, w_scale,
-                                  drop_prob=drop_prob)
+                                  drop_prob=drop_prob, micro_batch=micro_batch)
     done = end
     sums = _batched_error_sums(geom, activation, eval_batch, lq, xs, ys)
     better = (sums[0] <= best_sums[0]) | (not guard)   # ties go to the later state
@@ -258,13 +262,14 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
   n = xs.shape[0]
   eval_batch = runtime.eval_batches(n, config)
   batch = min(config.batch_size, n)
+  micro = runtime.micro_batch_for(batch, [layer])
   checks = config.check_steps()
   if config.rounding == 'learned' and lq.w_quant is not None:
     lq, report = _learn_rounding(layer, lq, xs, ys, config, key, pin, runtime, rates)
   elif runtime.single_program(n, config):
     lq, before, last, kept, kept_at = _fit_layer(
         geom, layer.activation, checks, config.guard, batch, config.lr_schedule, eval_batch,
-        lq, xs, ys, key, rates, w_scale, drop_prob=config.drop_prob)
+        lq, xs, ys, key, rates, w_scale, drop_prob=config.drop_prob, micro_batch=micro)
     count = n * int(np.prod(layer.output_shape))   # target elements
     (before, rel_before), (last, rel_last), (after, rel_after) = (
         _relative_error(s, count) for s in (before, last, kept))
@@ -284,7 +289,7 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
         lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch,
                                       config.lr_schedule, lq, opt_state, xs, ys, key,
                                       np.int32(done), rates, w_scale,
-                                      drop_prob=config.drop_prob)
+                                      drop_prob=config.drop_prob, micro_batch=micro)
         done += steps
       last, rel_last = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
       if last <= after or not config.guard:   # the best state so far (ties: the later)
@@ -311,6 +316,7 @@ def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, config: AdaQuantCo
   geom, act = layer.geometry, layer.activation
   eval_batch = runtime.eval_batches(xs.shape[0], config)
   batch = min(config.batch_size, xs.shape[0])
+  micro = runtime.micro_batch_for(batch, [layer])
   if ys is None:
     ys = float_targets(geom, act, LayerQuant(lq.kernel, lq.bias), xs, eval_batch)
   before, rel_before = reconstruction_error(geom, act, lq, xs, ys, eval_batch)
@@ -322,7 +328,8 @@ def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, config: AdaQuantCo
   for k, calls in enumerate(runtime.call_plan(config)):
     for steps in calls:
       params, opt_state, _ = rounding.run_steps(geom, act, steps, batch, lq, params, opt_state,
-                                                xs, ys, key, np.int32(done), rates, lr, reg)
+                                                xs, ys, key, np.int32(done), rates, lr, reg,
+                                                micro_batch=micro)
       done += steps
     hard = rounding.finish(lq, params)
     last, rel_last = reconstruction_error(geom, act, hard, xs, ys, eval_batch)

@@ -107,14 +107,17 @@ def init_optimizer(rates, lr_rounding, params):
   return _optimizer(rates, lr_rounding, params).init(params)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=('micro_batch',))
 def run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: LayerQuant,
-              params, opt_state, xs, ys, key, step0, rates, lr_rounding, reg):
+              params, opt_state, xs, ys, key, step0, rates, lr_rounding, reg,
+              micro_batch: int = 0):
   """``steps`` Adam steps of learned rounding on one layer (minibatches drawn as in
-  AdaQuant's steps, from ``key`` and the step number)."""
+  AdaQuant's steps, from ``key`` and the step number; ``micro_batch``: see
+  :func:`~.steps.value_and_grad`; the regulariser is the same in every micro-batch,
+  so their mean holds it once)."""
   tx = _optimizer(rates, lr_rounding, params)
 
-  def loss_fn(params, x, y, step):
+  def loss_fn(params, x, y, step, part):
     w = rounded_kernel(lq, params['v'], hard=False)
     used = lq.replace(a_quant=params['a_quant'])
     out = activation_fn(activation)(apply_linear(geom, quantized_input(used, x), w) + lq.bias)
@@ -122,7 +125,8 @@ def run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: 
     return jnp.mean((out - y)**2) + jnp.where(on, reg * regulariser(params['v'], beta) /
                                              params['v'].size, 0.0)
 
-  return run_loop(loss_fn, tx, params, opt_state, xs, ys, key, step0, steps, batch)
+  return run_loop(loss_fn, tx, params, opt_state, xs, ys, key, step0, steps, batch,
+                  micro_batch)
 
 
 def hard_fraction(lq: LayerQuant, params: Dict[str, Any]) -> float:
