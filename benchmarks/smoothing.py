@@ -8,7 +8,8 @@ MiniLM's sentence embeddings after baseline PTQ (calibrated min/max ranges, ever
 at the bit width), with and without SmoothQuant-style smoothing of its dense layers;
 with ``--methods``, also after reconstruction from those ranges: layer-wise AdaQuant
 (``adaquant``) or block-wise (``block``: each attention and MLP half of a transformer
-layer fitted jointly), both parallel with the guard.
+layer fitted jointly), both parallel with the guard; ``block_learned`` and
+``block_learned_seq``: block-wise with learned rounding, parallel or sequential.
 ``val_mean_cosine``: cosine to the FP32 embeddings on the probe's training sentences other
 than the calibration ones (what a choice of alpha would use); ``mean_cosine`` and
 ``probe_accuracy_pct``: the held-out test sentences, as in results/external_models.md.
@@ -35,14 +36,20 @@ flags.DEFINE_integer('probe_train_size', 2000, 'Sentences the probe is trained o
 flags.DEFINE_integer('probe_test_size', 1000, 'Held-out sentences the probe is scored on.')
 flags.DEFINE_integer('seq_length', 80, 'Tokens per calibration sentence.')
 flags.DEFINE_integer('seed', 0, 'Data splits.')
-flags.DEFINE_list('methods', ['ptq'], 'ptq (ranges only), adaquant (layer-wise), block.')
+flags.DEFINE_list('methods', ['ptq'], 'ptq (ranges only), adaquant (layer-wise), block, '
+                  'block_learned (block-wise, learned rounding), block_learned_seq (the same, '
+                  'sequential).')
 flags.DEFINE_integer('iterations', 500, 'Reconstruction iterations per layer or block.')
 flags.DEFINE_integer('batch', 8, 'Reconstruction minibatch, in sentences.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 
 NAME = 'smoothing'
 KEY_FIELDS = ('model', 'method', 'w_bits', 'a_bits', 'smooth_alpha', 'iterations', 'device')
-METHODS = {'ptq': None, 'adaquant': 'layer', 'block': 'block'}
+# method: (unit, rounding, mode), None: ranges only.
+METHODS = {'ptq': None, 'adaquant': ('layer', 'free', 'parallel'),
+           'block': ('block', 'free', 'parallel'),
+           'block_learned': ('block', 'learned', 'parallel'),
+           'block_learned_seq': ('block', 'learned', 'sequential')}
 
 
 def main(_):
@@ -80,10 +87,12 @@ def main(_):
   for bits in FLAGS.bits:
     w_bits, a_bits = parse_option(bits)
     for alpha, method in [(a, m) for a in alphas for m in FLAGS.methods]:
-      unit = METHODS[method]
-      reconstruction = {} if unit is None else dict(
-          method='adaquant', adaquant=ptq_jax.AdaQuantConfig(
-              iterations=FLAGS.iterations, batch_size=FLAGS.batch, unit=unit))
+      setting = METHODS[method]
+      unit = None if setting is None else setting[0]
+      reconstruction = {} if setting is None else dict(
+          method='adaquant', mode=setting[2], adaquant=ptq_jax.AdaQuantConfig(
+              iterations=FLAGS.iterations, batch_size=FLAGS.batch, unit=unit,
+              rounding=setting[1]))
       start = time.time()
       qm = ptq_jax.quantize(model, variables, calib, w_bits=w_bits, a_bits=a_bits,
                             first_last_bits=None, ranges=ptq_jax.RangeConfig(smooth_alpha=alpha),
@@ -114,7 +123,9 @@ def main(_):
                           '`probe_accuracy_pct`: held-out test sentences. `seconds`: '
                           'calibration, smoothing and reconstruction. `adaquant` / `block`: '
                           'layer-wise / block-wise reconstruction from the calibrated ranges '
-                          '(parallel, guard, minibatch of `--batch` sentences).')
+                          '(parallel, guard, minibatch of `--batch` sentences); '
+                          '`block_learned`: block-wise with learned rounding; `_seq`: '
+                          'sequential.')
 
 
 if __name__ == '__main__':

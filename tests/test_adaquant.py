@@ -282,6 +282,36 @@ def test_qdrop(toy_w3a3):
     ptq_jax.AdaQuantConfig(drop_prob=1.0)
 
 
+def test_qdrop_with_learned_rounding(toy_w3a3):
+  """QDrop composes with learned rounding: one step's loss is the soft-rounded layer's
+  error with the step's mask (the same draw as free updates use). Catches the mask
+  ignored, or applied to the quantized input instead of the float one."""
+  from ptq_jax.stages.adaquant import rounding
+  model, variables, x, base = toy_w3a3
+  layer = base.layers[1]
+  xs = InputCapture(model, variables, base.folded_bns)(
+      base.qstate, x, [layer.path])[layer.path]
+  lq, key = base.qstate[layer.path], jax.random.key(3)
+  ys = adaquant.float_target(layer.geometry, layer.activation,
+                             adaquant.LayerQuant(lq.kernel, lq.bias), xs)
+  config = ptq_jax.AdaQuantConfig(iterations=1, batch_size=16, rounding='learned',
+                                  drop_prob=0.5)
+  params = rounding.start(lq)
+  lr, reg = jnp.float32(config.lr_rounding), jnp.float32(config.rounding_reg)
+  opt_state = rounding.init_optimizer(config.rates(), lr, params)
+  losses = [rounding.run_steps(layer.geometry, layer.activation, 1, 16, lq, params, opt_state,
+                               xs, ys, key, np.int32(0), config.rates(), lr, reg,
+                               drop_prob=p)[2] for p in (0.0, 0.5)]
+  idx = jax.random.choice(jax.random.fold_in(key, 0), xs.shape[0], (16,), replace=False)
+  mask = rounding.drop_mask(key, 0, None, 0.5, xs[idx].shape)
+  x_used = jnp.where(mask, xs[idx], adaquant.quantized_input(lq, xs[idx]))
+  w = rounding.rounded_kernel(lq, params['v'], hard=False)
+  out = adaquant.activation_fn(layer.activation)(adaquant.apply_linear(
+      layer.geometry, x_used, w) + lq.bias)
+  np.testing.assert_allclose(float(losses[1]), float(jnp.mean((out - ys[idx])**2)), rtol=1e-5)
+  assert abs(float(losses[1]) - float(losses[0])) > 1e-3 * float(losses[0])
+
+
 def test_learned_rounding_ends_hard_and_on_the_grid(toy_w3a3):
   """rounding='learned': every weight ends rounded down or up from where it was (never
   further), the kernel lies on the quantization grid, the rounding variables are (nearly

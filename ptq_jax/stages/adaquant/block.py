@@ -189,43 +189,38 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
       return {**fixed, **{p: _rounded_state(start[p], params[p], hard) for p in trained}}
     return {**fixed, **{p: _scaled_ranges(params[p], w_scale[p], 1) for p in trained}}
 
-  def soft_rounded(params):
-    """Layer calls with the soft-rounded kernels, used as they are (not quantized again)."""
-    def layer_fn(path, site, module, x):
-      if path not in params:
-        lq = fixed[path].for_site(site)
-        return layer_forward(module, quantized_input(lq, x), quantized_weight(lq), lq.bias)
-      base, a = start[path], params[path]['a']
-      lq = base.replace(a_quant=a[0], site_a_quants=tuple(a[1:])).for_site(site)
-      kernel = (rounding.rounded_kernel(base, params[path]['v'], hard=False)
-                if base.w_quant is not None else quantized_weight(lq))
-      return layer_forward(module, quantized_input(lq, x), kernel, lq.bias)
-    return layer_fn
-
-  def dropped(params, step, part):
-    """Layer calls with QDrop: each call's own mask, drawn anew every step (and
-    micro-batch)."""
-    states = states_of(params, hard=False)
-    step_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
-    if part is not None:
-      step_key = jax.random.fold_in(step_key, part)
+  def layer_calls(params, step, part):
+    """The layer calls of a training step: soft-rounded kernels (learned rounding, used
+    as they are, not quantized again) or the trained states; with QDrop, each call's
+    input with its own mask, drawn anew every step (and micro-batch)."""
+    states = {} if learned else states_of(params, hard=False)
+    if config.drop_prob > 0:
+      step_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+      if part is not None:
+        step_key = jax.random.fold_in(step_key, part)
     count = [0]
 
     def layer_fn(path, site, module, x):
-      lq = states[path].for_site(site)
-      count[0] += 1
-      drop = jax.random.bernoulli(jax.random.fold_in(step_key, count[0]), config.drop_prob,
-                                  x.shape)
-      unquantized = x if lq.smooth is None else x / lq.smooth
-      return layer_forward(module, jnp.where(drop, unquantized, quantized_input(lq, x)),
-                           quantized_weight(lq), lq.bias)
+      if learned and path in params:
+        base, a = start[path], params[path]['a']
+        lq = base.replace(a_quant=a[0], site_a_quants=tuple(a[1:])).for_site(site)
+        kernel = (rounding.rounded_kernel(base, params[path]['v'], hard=False)
+                  if base.w_quant is not None else quantized_weight(lq))
+      else:
+        lq = (fixed if learned else states)[path].for_site(site)
+        kernel = quantized_weight(lq)
+      x_used = quantized_input(lq, x)
+      if config.drop_prob > 0:
+        count[0] += 1
+        drop = jax.random.bernoulli(jax.random.fold_in(step_key, count[0]), config.drop_prob,
+                                    x.shape)
+        x_used = jnp.where(drop, x if lq.smooth is None else x / lq.smooth, x_used)
+      return layer_forward(module, x_used, kernel, lq.bias)
     return layer_fn
 
   def loss_fn(params, x, y, step, part):
-    if learned:
-      states, layer_fn = {}, soft_rounded(params)
-    elif config.drop_prob > 0:
-      states, layer_fn = {}, dropped(params, step, part)
+    if learned or config.drop_prob > 0:
+      states, layer_fn = {}, layer_calls(params, step, part)
     else:
       states, layer_fn = states_of(params, hard=False), None
     out = program.run(block, x[0], states, layer_fn, model_input=x[1])

@@ -101,8 +101,6 @@ class AdaQuantConfig:
       if isinstance(value, bool) or not isinstance(
           value, (int, float, np.floating, np.integer)) or not math.isfinite(value) or value < 0:
         raise ValueError(f'AdaQuant {name} must be a finite number >= 0, got {value!r}.')
-    if self.rounding == 'learned' and self.drop_prob:
-      raise ValueError("AdaQuant drop_prob (QDrop) applies to rounding='free' only.")
     if self.weight_range_updates not in RANGE_UPDATES:
       raise ValueError(f'AdaQuant weight_range_updates must be one of {RANGE_UPDATES}, got '
                        f'{self.weight_range_updates!r}.')

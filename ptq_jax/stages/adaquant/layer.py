@@ -116,10 +116,7 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
     lq = _scaled_ranges(lq, w_scale, 1)
     if drop_prob == 0.0:
       return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
-    drop_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
-    if part is not None:   # (each micro-batch its own masks)
-      drop_key = jax.random.fold_in(drop_key, part)
-    keep_float = jax.random.bernoulli(drop_key, drop_prob, x.shape)
+    keep_float = rounding.drop_mask(key, step, part, drop_prob, x.shape)
     unquantized = x if lq.smooth is None else x / lq.smooth   # (what the smoothed W sees)
     x_used = jnp.where(keep_float, unquantized, quantized_input(lq, x))
     out = activation_fn(activation)(apply_linear(geom, x_used, quantized_weight(lq)) + lq.bias)
@@ -329,7 +326,7 @@ def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, config: AdaQuantCo
     for steps in calls:
       params, opt_state, _ = rounding.run_steps(geom, act, steps, batch, lq, params, opt_state,
                                                 xs, ys, key, np.int32(done), rates, lr, reg,
-                                                micro_batch=micro)
+                                                micro_batch=micro, drop_prob=config.drop_prob)
       done += steps
     hard = rounding.finish(lq, params)
     last, rel_last = reconstruction_error(geom, act, hard, xs, ys, eval_batch)

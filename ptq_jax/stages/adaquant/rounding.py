@@ -107,26 +107,41 @@ def init_optimizer(rates, lr_rounding, params):
   return _optimizer(rates, lr_rounding, params).init(params)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=('micro_batch',))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3),
+                   static_argnames=('micro_batch', 'drop_prob'))
 def run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: LayerQuant,
               params, opt_state, xs, ys, key, step0, rates, lr_rounding, reg,
-              micro_batch: int = 0):
+              micro_batch: int = 0, drop_prob: float = 0.0):
   """``steps`` Adam steps of learned rounding on one layer (minibatches drawn as in
   AdaQuant's steps, from ``key`` and the step number; ``micro_batch``: see
   :func:`~.steps.value_and_grad`; the regulariser is the same in every micro-batch,
-  so their mean holds it once)."""
+  so their mean holds it once). ``drop_prob``: QDrop's masks, drawn as in AdaQuant's
+  steps."""
   tx = _optimizer(rates, lr_rounding, params)
 
   def loss_fn(params, x, y, step, part):
     w = rounded_kernel(lq, params['v'], hard=False)
     used = lq.replace(a_quant=params['a_quant'])
-    out = activation_fn(activation)(apply_linear(geom, quantized_input(used, x), w) + lq.bias)
+    x_used = quantized_input(used, x)
+    if drop_prob > 0.0:
+      x_used = jnp.where(drop_mask(key, step, part, drop_prob, x.shape),
+                         x if lq.smooth is None else x / lq.smooth, x_used)
+    out = activation_fn(activation)(apply_linear(geom, x_used, w) + lq.bias)
     beta, on = beta_at(step.astype(jnp.float32), rates[4])
     return jnp.mean((out - y)**2) + jnp.where(on, reg * regulariser(params['v'], beta) /
                                              params['v'].size, 0.0)
 
   return run_loop(loss_fn, tx, params, opt_state, xs, ys, key, step0, steps, batch,
                   micro_batch)
+
+
+def drop_mask(key: jax.Array, step, part, drop_prob: float, shape) -> jnp.ndarray:
+  """QDrop's mask (True: the element skips input quantization) for a step, and for a
+  micro-batch (``part``, None without)."""
+  drop_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+  if part is not None:
+    drop_key = jax.random.fold_in(drop_key, part)
+  return jax.random.bernoulli(drop_key, drop_prob, shape)
 
 
 def hard_fraction(lq: LayerQuant, params: Dict[str, Any]) -> float:
