@@ -44,6 +44,9 @@ METHODS = {
     'block_guard': dict(guard=True, unit='block'),
     'block_adaround_guard': dict(guard=True, unit='block', rounding='learned'),
     'block_qdrop_guard': dict(guard=True, unit='block', drop_prob=0.5),
+    # block-wise, learned rounding and QDrop together (QDrop's own setting)
+    'block_adaround_qdrop_guard': dict(guard=True, unit='block', rounding='learned',
+                                       drop_prob=0.5),
 }
 
 FLAGS = flags.FLAGS
