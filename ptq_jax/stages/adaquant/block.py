@@ -194,10 +194,7 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
     as they are, not quantized again) or the trained states; with QDrop, each call's
     input with its own mask, drawn anew every step (and micro-batch)."""
     states = {} if learned else states_of(params, hard=False)
-    if config.drop_prob > 0:
-      step_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
-      if part is not None:
-        step_key = jax.random.fold_in(step_key, part)
+    step_key = rounding.drop_key(key, step, part)
     count = [0]
 
     def layer_fn(path, site, module, x):

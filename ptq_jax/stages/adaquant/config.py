@@ -170,7 +170,7 @@ class AdaQuantRuntime:
     without a general convolution (dense, pointwise, depthwise: XLA's CPU backend runs
     convolutions inside loops far slower) and the activations of one example take at
     least ``MICRO_MIN_BYTES`` and twice the weights (each micro-batch reads every
-    weight again); elsewhere never (results/adaquant_speed.md, ``micro`` rows). A
+    weight again); elsewhere never (results/adaquant_speed.md, ``micro_batch``). A
     given size must divide the minibatch."""
     if self.micro_batch is not None:
       if self.micro_batch and self.micro_batch < batch and batch % self.micro_batch:

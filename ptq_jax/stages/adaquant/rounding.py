@@ -135,13 +135,17 @@ def run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: 
                   micro_batch)
 
 
+def drop_key(key: jax.Array, step, part) -> jax.Array:
+  """The key of QDrop's masks for a step, and for a micro-batch (``part``, None
+  without)."""
+  step_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
+  return step_key if part is None else jax.random.fold_in(step_key, part)
+
+
 def drop_mask(key: jax.Array, step, part, drop_prob: float, shape) -> jnp.ndarray:
-  """QDrop's mask (True: the element skips input quantization) for a step, and for a
-  micro-batch (``part``, None without)."""
-  drop_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)
-  if part is not None:
-    drop_key = jax.random.fold_in(drop_key, part)
-  return jax.random.bernoulli(drop_key, drop_prob, shape)
+  """QDrop's mask (True: the element skips input quantization) for a step and
+  micro-batch."""
+  return jax.random.bernoulli(drop_key(key, step, part), drop_prob, shape)
 
 
 def hard_fraction(lq: LayerQuant, params: Dict[str, Any]) -> float:
