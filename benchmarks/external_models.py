@@ -61,6 +61,8 @@ flags.DEFINE_enum('pipeline', 'advanced', ['advanced', 'sequential'], 'Pipeline 
                   'fixed-bit runs: advanced (parallel AdaQuant) or sequential.')
 flags.DEFINE_enum('unit', 'layer', ['layer', 'block'], 'AdaQuant unit (AdaQuantConfig.unit).')
 flags.DEFINE_enum('rounding', 'free', ['free', 'learned'], 'AdaQuant weight updates.')
+flags.DEFINE_bool('stage_guard', False, 'Keep each stage after the first only if it lowers '
+                  'the KL to FP32 on the calibration images (run_pipeline(stage_guard=True)).')
 flags.DEFINE_integer('photo_calib_size', 128, 'EfficientNet calibration photos.')
 flags.DEFINE_integer('sentence_calib_size', 128, 'MiniLM calibration sentences.')
 flags.DEFINE_integer('probe_train_size', 4000, 'Sentences the probe is trained on.')
@@ -199,6 +201,8 @@ def main(_):
     # Runs with other than the paper's AdaQuant say so in their label (and row key).
     variant = '' if (FLAGS.unit, FLAGS.rounding) == ('layer', 'free') else (
         f', {FLAGS.unit}-wise' + (', learned rounding' if FLAGS.rounding == 'learned' else ''))
+    variant += ', stage guard' if FLAGS.stage_guard else ''
+
     shared = {}
     first_target = FLAGS.bn_targets[0]
     runs = [(FLAGS.pipeline, o, None, first_target) for o in options]
@@ -212,7 +216,8 @@ def main(_):
           model, variables, calib, pipeline, w_bits=w_bits, a_bits=a_bits, size_pct=size_pct,
           options=options, adaquant=adaquant, bias_steps=FLAGS.bias_steps,
           key=jax.random.key(FLAGS.seed), model_name=model_name, mixed=shared.get(pipeline),
-          bn_target=bn_target, cache_dir=FLAGS.cache_dir or None, progress=False)
+          bn_target=bn_target, cache_dir=FLAGS.cache_dir or None,
+          stage_guard=FLAGS.stage_guard, progress=False)
       if result.mixed is not None:
         shared.setdefault(pipeline, result.mixed)
       label = run_label(pipeline, size_pct, w_bits, a_bits) + variant
@@ -230,6 +235,9 @@ def main(_):
                         'size_pct_of_fp32': round(100 * qm.size_bits() / fp32_bits, 2),
                         **evaluate(qm), 'seconds': round(stage.seconds, 1),
                         'bn_target': bn_target})
+        if stage.guard is not None:
+          records[-1].update(stage_kept=stage.kept, guard_kl_before=stage.guard.kl_before,
+                             guard_kl_after=stage.guard.kl_after)
         if stage.name in ('adaquant', 'mixed_precision') and result.mixed is not None:
           records[-1]['options'] = ' '.join(option_name(o) for o in result.mixed.table.options)
         print({k: records[-1].get(k) for k in ('model', 'run', 'stage', 'top1_agreement_pct',

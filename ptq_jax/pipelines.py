@@ -36,6 +36,7 @@ from ptq_jax.stages.prepare import Prepared, Stage, prepare, run_stages
 from ptq_jax.stages.ranges import (RangeConfig, as_range_config, assign_bits, range_options,
                                    ranges)
 from ptq_jax.stages.sensitivity import DEFAULT_OPTIONS, SensitivityTable
+from ptq_jax.stages.stage_guard import GuardReport, guarded
 from ptq_jax.validate import check_int, check_key
 
 PIPELINES = ('light', 'advanced', 'sequential')
@@ -75,6 +76,13 @@ class StageResult:
   model: QuantizedModel
   seconds: float
   report: Any = None
+  guard: Optional[GuardReport] = None   # with stage_guard=True (its .report is None here)
+
+  @property
+  def kept(self) -> bool:
+    """False when the stage guard dropped this stage's state (``model`` is then the
+    previous stage's)."""
+    return self.guard is None or self.guard.kept
 
 
 @dataclasses.dataclass
@@ -102,7 +110,7 @@ def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
                     runtime: Optional[AdaQuantRuntime] = None, bias_steps: int = 800,
                     cache_dir: Optional[str] = None, mixed: Optional[MixedPrecision] = None,
                     bn_target: str = 'data', progress: bool = True,
-                    quantize_matmuls: bool = False) -> List[Stage]:
+                    quantize_matmuls: bool = False, stage_guard: bool = False) -> List[Stage]:
   """The ordered stages of ``pipeline`` (see :func:`run_pipeline` for the arguments).
   The mixed-precision stages record the allocation, table and per-option states they
   used in ``result``."""
@@ -113,6 +121,8 @@ def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
     raise ValueError('The sequential pipeline has fixed bit widths (w_bits, a_bits); budgets '
                      'belong to the light and advanced pipelines.')
   check_int(bias_steps, 'bias_steps')
+  if not isinstance(stage_guard, bool):
+    raise TypeError(f'stage_guard must be True or False, got {stage_guard!r}.')
   method = 'adaquant' if pipeline == 'advanced' else 'ptq'
   fixed = [parse_option((w_bits, a_bits))]
   if first_last_bits is not None:
@@ -172,7 +182,10 @@ def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
   tail = [bn_tuning(bn_target, progress=progress)]
   if pipeline != 'light' and bias_steps:
     tail.append(bias_tuning(bias_steps, progress=progress))
-  return head + tail
+  stages = head + tail
+  if stage_guard:   # every stage after the one that makes the first quantized state
+    stages = stages[:1] + [guarded(s) for s in stages[1:]]
+  return stages
 
 
 def _fixed_ranges(w_bits, a_bits, first_last_bits, config: RangeConfig) -> Stage:
@@ -195,7 +208,7 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
                  cache_dir: Optional[str] = None, model_name: str = 'model',
                  mixed: Optional[MixedPrecision] = None, bn_target: str = 'data',
                  unsupported: str = 'error', quantize_matmuls: bool = False,
-                 progress: bool = True) -> PipelineResult:
+                 stage_guard: bool = False, progress: bool = True) -> PipelineResult:
   """Runs one pipeline; see the module docstring.
 
   Args:
@@ -219,6 +232,10 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
       (see :func:`ptq_jax.quantize`; fixed-bit pipelines only).
     quantize_matmuls: also quantize the attention matmuls at ``a_bits`` (a stage after
       the layers' bits are set; optimised in the advanced and sequential pipelines).
+    stage_guard: keep every stage after the first only if it lowers the KL divergence
+      of the network's outputs to FP32's on the calibration images, otherwise go on
+      from the state before it (:mod:`ptq_jax.stages.stage_guard`; each stage's
+      ``guard`` says what it measured).
   """
   check_key(key)
   result = PipelineResult(pipeline, [])
@@ -227,7 +244,8 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
                            bops_pct=bops_pct, options=options, range_method=range_method,
                            adaquant_config=adaquant, runtime=runtime, bias_steps=bias_steps,
                            cache_dir=cache_dir, mixed=mixed, bn_target=bn_target,
-                           progress=progress, quantize_matmuls=quantize_matmuls)
+                           progress=progress, quantize_matmuls=quantize_matmuls,
+                           stage_guard=stage_guard)
   prepared = prepare(model, variables, calib, model_name=model_name, unsupported=unsupported,
                      quantize_matmuls=quantize_matmuls)
   if mixed is not None and not np.array_equal(mixed.prepared.images, prepared.images):
@@ -238,7 +256,12 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
                        len(prepared.images))
   names: List[str] = []
   for name, state, report, seconds in run_stages(prepared, stages, key):
-    names.append(name)
+    guard = None
+    if isinstance(report, GuardReport):
+      guard, report = report._replace(report=None), report.report
+    kept = guard is None or guard.kept
+    if kept:
+      names.append(name)
     if name == 'mixed_precision':
       options = result.mixed.options(result.allocation)
     else:
@@ -246,8 +269,8 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
     options['stages'] = list(names)
     options['quantize_matmuls'] = quantize_matmuls
     qm = quantized_model(prepared, state, options,
-                         layer_reports=report if name == 'adaquant' else None)
-    result.stages.append(StageResult(name, qm, seconds, report))
+                         layer_reports=report if name == 'adaquant' and kept else None)
+    result.stages.append(StageResult(name, qm, seconds, report, guard))
   for stage in result.stages:
     stage.model.timings.update(result.timings())
     if stage.name != 'adaquant':  # later stages keep the AdaQuant reports they started from
@@ -257,7 +280,7 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
 
 def _adaquant_reports(stages: List[StageResult], stage: StageResult) -> list:
   for s in stages[:stages.index(stage)]:
-    if s.name == 'adaquant':
+    if s.name == 'adaquant' and s.kept:
       return s.report or []
   return []
 

@@ -160,7 +160,7 @@ def test_wrong_data_dir_is_an_error(tmp_path, trained):
 
 def test_default_job_on_the_bundled_checkpoint(tmp_path, tfds_dir):
   """`python run.py` (here with small settings): the advanced pipeline's table."""
-  proc = run_cli('--config.eval_limit=1000', '--config.calib_size=100',
+  proc = run_cli('--config.eval_limit=1000', '--config.calib_size=64',
                  '--config.quant.iterations=5', '--config.quant.bias_steps=5',
                  f'--config.data.data_dir={tfds_dir}', f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-2000:]

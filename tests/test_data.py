@@ -55,6 +55,27 @@ def test_tfds_content_matches_the_idx_files(fmnist_test):
   assert key(images, labels) == key(fmnist_test.images, fmnist_test.labels)
 
 
+def test_a_split_is_decoded_once_and_read_back(tmp_path):
+  """The first load writes the decoded arrays beside the prepared dataset, later loads
+  read them; a copy that is corrupt or of the wrong length is decoded again."""
+  kwargs = dict(data_dir=str(tmp_path / 'tfds'), idx_dir=make_idx_dir(tmp_path / 'idx'))
+  first = loader.load_split('fashion_mnist', 'test', **kwargs)
+  path = tmp_path / 'tfds' / 'fashion_mnist_idx' / '1.0.0' / 'decoded-test.npz'
+  assert path.is_file() and len(first) == 16
+  marked = loader.ArraySplit(first.images, (first.labels + 1) % 10)
+  np.savez(path, images=marked.images, labels=marked.labels)
+  np.testing.assert_array_equal(loader.load_split('fashion_mnist', 'test', **kwargs).labels,
+                                marked.labels)   # read back, not decoded again
+  for bad in (b'garbage', None):
+    if bad is None:
+      np.savez(path, images=first.images[:3], labels=first.labels[:3])   # wrong length
+    else:
+      path.write_bytes(bad)
+    again = loader.load_split('fashion_mnist', 'test', **kwargs)
+    np.testing.assert_array_equal(again.images, first.images)
+    np.testing.assert_array_equal(again.labels, first.labels)
+
+
 def test_read_idx_rejects_corrupt_files(tmp_path):
   good = tmp_path / 'good.gz'
   write_idx(good, np.arange(12, dtype=np.uint8).reshape(3, 4))

@@ -17,9 +17,9 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, 'notebooks', '*.ipynb')))
 
 # Smaller settings per notebook: names must exist in its parameters cell.
 SMALL = {
-    '01_quickstart.ipynb': dict(CALIB_SIZE=100, TEST_LIMIT=500, ADAQUANT_ITERATIONS=10,
-                                BIAS_STEPS=20),
-    '02_mixed_precision.ipynb': dict(CALIB_SIZE=100, TEST_LIMIT=500),
+    '01_quickstart.ipynb': dict(CALIB_SIZE=64, TEST_LIMIT=300, ADAQUANT_ITERATIONS=5,
+                                BIAS_STEPS=10, BIT_WIDTHS=[(4, 4)]),
+    '02_mixed_precision.ipynb': dict(CALIB_SIZE=64, TEST_LIMIT=300, OPTIONS=('W8A8', 'W4A4')),
 }
 
 

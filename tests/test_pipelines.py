@@ -7,6 +7,8 @@ import pytest
 import ptq_jax
 from ptq_jax.qat import qat_train
 from ptq_jax.stages.bias_tuning import kl_to_teacher
+from ptq_jax.stages.prepare import Stage
+from ptq_jax.stages.stage_guard import guarded, output_kl
 from tests.test_quant import ToyNet, random_variables
 
 FAST = ptq_jax.AdaQuantConfig(iterations=20, batch_size=8)
@@ -146,3 +148,51 @@ def test_a_hand_made_stage_list_is_the_sequential_pipeline(toy):
   assert [s[0] for s in by_hand] == [s.name for s in result.stages]
   for (_, state, _, _), stage in zip(by_hand, result.stages):
     jax.tree.map(np.testing.assert_array_equal, state, stage.model.qstate)
+
+
+def test_the_stage_guard_keeps_a_stage_only_if_it_lowers_the_output_kl(toy):
+  """A stage that shifts every bias is dropped (its input state comes back, its own
+  report kept beside the guard's); a stage that raises the bit widths is kept. The
+  measured loss is KL(FP32 || quantized) over the calibration images."""
+  model, variables, x = toy
+  prepared = ptq_jax.prepare(model, variables, x)
+  w4 = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=4, progress=False)
+  w8 = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False)
+  fp = ptq_jax.predict_logits(model, variables, x)
+  np.testing.assert_allclose(output_kl(prepared, w4.qstate),
+                             float(kl_to_teacher(fp, w4.predict(x))), rtol=1e-4)
+  harm = Stage('harm', lambda p, s, k: ({q: lq.replace(bias=lq.bias + 3.0)
+                                         for q, lq in s.items()}, 'own report'))
+  state, report = guarded(harm).apply(prepared, w4.qstate, jax.random.key(0))
+  assert not report.kept and report.kl_after > report.kl_before and report.report == 'own report'
+  for q, lq in state.items():
+    np.testing.assert_array_equal(lq.bias, w4.qstate[q].bias)
+  better = Stage('better', lambda p, s, k: (w8.qstate, None))
+  state, report = guarded(better).apply(prepared, w4.qstate, jax.random.key(0))
+  assert report.kept and report.kl_after < report.kl_before and state is w8.qstate
+
+
+def test_a_guarded_pipeline_goes_on_from_the_state_before_a_dropped_stage(toy):
+  """AdaQuant without its own guard at an absurd learning rate wrecks the model: with
+  stage_guard=True the pipeline drops it, records why, and BN tuning starts from the
+  ranges' state; the end is no worse than the start on the calibration images."""
+  model, variables, x = toy
+  absurd = ptq_jax.AdaQuantConfig(iterations=12, batch_size=8, lr_kernel=10.0, lr_bias=10.0,
+                                  lr_schedule='constant', guard=False)
+  kwargs = dict(w_bits=4, a_bits=4, adaquant=absurd, bias_steps=0, progress=False)
+  plain = ptq_jax.run_pipeline(model, variables, x, 'sequential', **kwargs)
+  safe = ptq_jax.run_pipeline(model, variables, x, 'sequential', stage_guard=True, **kwargs)
+  assert [s.name for s in safe.stages] == ['ranges', 'adaquant', 'bn_tuning']
+  assert safe.stages[0].guard is None and all(s.guard is not None for s in safe.stages[1:])
+  ranges, dropped, bn = safe.stages
+  assert not dropped.kept and dropped.guard.kl_after > dropped.guard.kl_before
+  assert dropped.model.layer_reports == [] and dropped.report   # reports of the attempt
+  prepared = ptq_jax.prepare(model, variables, x)
+  for path, lq in dropped.model.qstate.items():
+    np.testing.assert_array_equal(lq.kernel, ranges.model.qstate[path].kernel)
+  assert output_kl(prepared, plain.stages[1].model.qstate) == pytest.approx(
+      dropped.guard.kl_after, rel=1e-4)   # the unguarded run kept the wreck
+  assert 'adaquant' not in safe.model.options['stages']
+  assert output_kl(prepared, safe.model.qstate) <= output_kl(prepared, ranges.model.qstate)
+  with pytest.raises(TypeError, match='stage_guard'):
+    ptq_jax.run_pipeline(model, variables, x, 'light', stage_guard='yes', progress=False)

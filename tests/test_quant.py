@@ -127,8 +127,8 @@ def test_folding_equivalence(name):
   folded = fold_batchnorm(layers, variables)
   state = {p: LayerQuant(f.kernel, f.bias) for p, f in folded.items()}
   bns = frozenset(l.bn_path for l in layers if l.bn_path)
-  expected = model.apply(variables, x)
-  actual = apply_quantized(model, variables, state, bns, x)
+  expected = jax.jit(model.apply)(variables, x)   # (compiled: MobileNetV2 op by op is slow)
+  actual = jax.jit(lambda v, s, x: apply_quantized(model, v, s, bns, x))(variables, state, x)
   np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5 * float(jnp.abs(expected).max()))
 
 

@@ -45,11 +45,13 @@ def arrays_path(arrays_dir: str, dataset: str, split: str) -> str:
   return os.path.join(arrays_dir, f'{dataset}-{split}.npz')
 
 
-def save_split(path: str, data: ArraySplit) -> None:
-  """Writes ``data`` to ``path`` (compressed ``.npz``), atomically."""
+def save_split(path: str, data: ArraySplit, compressed: bool = True) -> None:
+  """Writes ``data`` to ``path`` (``.npz``, compressed unless asked not to: uncompressed
+  reads back several times faster), atomically."""
   buffer = io.BytesIO()
-  np.savez_compressed(buffer, images=np.asarray(data.images, np.uint8),
-                      labels=np.asarray(data.labels, np.int32))
+  save = np.savez_compressed if compressed else np.savez
+  save(buffer, images=np.asarray(data.images, np.uint8),
+       labels=np.asarray(data.labels, np.int32))
   atomic_write_bytes(path, buffer.getvalue())
 
 

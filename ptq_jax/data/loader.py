@@ -8,19 +8,25 @@
   batches, without holding it in memory.
 * ``calibration_set`` draws a seeded, unlabelled calibration sample from the
   *train* split only.
+
+TFDS decodes a split one example at a time (seconds for Fashion-MNIST's 70,000), so
+``load_split`` keeps the decoded arrays beside the prepared dataset (``decoded-SPLIT.npz``
+in its versioned directory) and later loads read them back; a directory it cannot
+write just goes without.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ptq_jax.data import fashion_mnist as fmnist
 from ptq_jax.data.arrays import (ArraySplit, DatasetNotFoundError, default_arrays_dir,
-                                 load_saved_split)
+                                 load_saved_split, save_split)
 
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
@@ -114,10 +120,34 @@ def load_split(dataset: str, split: str, data_dir: Optional[str] = None,
     source = _fashion_mnist_source(split, data_dir, idx_dir, download)
   else:
     source = _tfds_source(dataset, split, data_dir, download)
+  return _decoded(source, split)
+
+
+def _decoded(source, split: str) -> ArraySplit:
+  """Every example of a TFDS data source as arrays, from the decoded copy beside the
+  prepared dataset when there is one of the right length, else decoded (and saved)."""
+  try:
+    path = os.path.join(source.dataset_info.data_dir,
+                        'decoded-' + re.sub(r'[^A-Za-z0-9_.-]', '_', split) + '.npz')
+  except AttributeError:   # a source without a directory of its own
+    path = None
+  if path and os.path.isfile(path):
+    try:
+      with np.load(path) as f:
+        images, labels = f['images'], f['labels']
+      if len(labels) == len(source) == len(images) and images.dtype == np.uint8:
+        return ArraySplit(images, labels.astype(np.int32))
+    except (OSError, ValueError, KeyError):
+      pass   # unreadable: decode again and replace it
   examples = source.__getitems__(range(len(source)))
-  images = np.stack([np.asarray(e['image']) for e in examples]).astype(np.uint8)
-  labels = np.asarray([e['label'] for e in examples], np.int32)
-  return ArraySplit(images, labels)
+  data = ArraySplit(np.stack([np.asarray(e['image']) for e in examples]).astype(np.uint8),
+                    np.asarray([e['label'] for e in examples], np.int32))
+  if path:
+    try:
+      save_split(path, data, compressed=False)
+    except OSError:
+      pass   # a read-only dataset directory: the next load decodes again
+  return data
 
 
 def _tfds_source(name: str, split: str, data_dir: Optional[str], download: bool):
@@ -178,15 +208,21 @@ class ImageClassificationSource:
 
 def sample_indices(num_examples: int, n: int, seed: int) -> np.ndarray:
   """``n`` distinct indices in ``[0, num_examples)``, a pure function of ``seed``."""
+  check_sample_request(n, seed)
+  if n > num_examples:
+    raise ValueError(f'Cannot draw {n} calibration images from a split of {num_examples}.')
+  return np.random.default_rng(seed).choice(num_examples, size=n, replace=False)
+
+
+def check_sample_request(n: int, seed: int) -> None:
+  """A clear error unless ``n`` is a positive integer and ``seed`` an integer >= 0
+  (checked before any data is read)."""
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f'seed must be an integer >= 0, got {seed!r}.')
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
     raise TypeError(f'n (the calibration set size) must be an integer, got {n!r}.')
   if n <= 0:
     raise ValueError(f'The calibration set must hold at least one image; got n={n}.')
-  if n > num_examples:
-    raise ValueError(f'Cannot draw {n} calibration images from a split of {num_examples}.')
-  return np.random.default_rng(seed).choice(num_examples, size=n, replace=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,12 +46,14 @@ class JobInputs:
 def load_job_inputs(config: ml_collections.ConfigDict) -> JobInputs:
   """``config.checkpoint``, the test split (``config.eval_limit``) and
   ``config.calib_size`` calibration images drawn with ``config.seed``."""
+  limit = check_int(config.eval_limit, 'config.eval_limit')   # (before reading anything)
+  loader.check_sample_request(config.calib_size, config.seed)
   model, variables, meta = load_model(resolve_checkpoint(config.checkpoint))
   data_kwargs = dict(data_dir=config.data.data_dir, idx_dir=config.data.idx_dir,
                      download=config.data.download)
   train = loader.load_split(config.data.dataset, 'train', **data_kwargs)
   test = loader.load_split(config.data.dataset, 'test', **data_kwargs)
-  limit = check_int(config.eval_limit, 'config.eval_limit') or len(test)
+  limit = limit or len(test)
   calib = loader.calibration_set(config.data.dataset, config.calib_size, config.seed, data=train)
   return JobInputs(model, variables, meta, calib,
                    loader.preprocess(config.data.dataset, test.images[:limit]),

@@ -24,6 +24,7 @@ from ptq_jax.jobs.inputs import load_job_inputs
 from ptq_jax.jobs.plots import STAGE_LABELS, plot_layers, plot_stages
 from ptq_jax.jobs.results import render_markdown
 from ptq_jax.pipelines import PIPELINES, parse_run, run_label, run_pipeline
+from ptq_jax.quant.quantizer import parse_option
 from ptq_jax.stages.adaquant import AdaQuantConfig
 
 
@@ -35,6 +36,8 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
   q = config.quant
   adaquant = AdaQuantConfig(iterations=q.iterations, unit=q.get('unit', 'layer'),
                             rounding=q.get('rounding', 'free'))   # (checked before the work)
+  for bits in [(q.w_bits, q.a_bits)] + ([(q.first_last_bits,) * 2] if q.first_last_bits else []):
+    parse_option(bits)
   inputs = load_job_inputs(config)
   model, variables, meta, calib = inputs.model, inputs.variables, inputs.meta, inputs.calib
   fp32 = inputs.fp32_top1()
@@ -53,7 +56,8 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
           adaquant=adaquant, bias_steps=q.bias_steps, key=jax.random.key(config.seed),
           cache_dir=os.path.expanduser(q.cache_dir) if q.cache_dir else None,
           model_name=meta['model'], mixed=shared.get(pipeline),
-          bn_target=q.get('bn_target', 'data'), progress=True)
+          bn_target=q.get('bn_target', 'data'), stage_guard=q.get('stage_guard', False),
+          progress=True)
       if result.mixed is not None:
         shared.setdefault(pipeline, result.mixed)
       mixed = size_pct is not None
@@ -65,8 +69,13 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
                         'a_bits': 'mixed' if mixed else q.a_bits, 'top1_pct': round(top1, 2),
                         'size_pct_of_fp32': round(100 * stage.model.size_bits() / fp32_bits, 2),
                         'seconds': round(stage.seconds, 1)})
-        print(f'  {STAGE_LABELS[stage.name]:16s} top-1 {top1:6.2f}%  ({stage.seconds:.1f}s)',
-              flush=True)
+        if stage.guard is not None:
+          records[-1]['stage_kept'] = stage.kept
+        dropped = '' if stage.kept else (
+            f'  [dropped by the stage guard: KL {stage.guard.kl_before:.4g} -> '
+            f'{stage.guard.kl_after:.4g}; went on from the state before it]')
+        print(f'  {STAGE_LABELS[stage.name]:16s} top-1 {top1:6.2f}%  ({stage.seconds:.1f}s)'
+              f'{dropped}', flush=True)
       adaquant_stage = [s for s in result.stages if s.name == 'adaquant' and s.report]
       if adaquant_stage:
         plot_layers(adaquant_stage[0].report, out.path('layers.png'))
