@@ -94,7 +94,7 @@ def save(records):
       columns=['model', 'run', 'stage', 'w_bits', 'a_bits', 'calib_size', 'eval_size',
                'size_pct_of_fp32', 'top1_agreement_pct', 'top5_overlap_pct', 'mean_kl_nats',
                'labelled_size', 'labelled_top1_pct', 'labelled_top5_pct', 'probe_accuracy_pct',
-               'mean_cosine', 'bn_target', 'seconds', 'device', 'command'],
+               'mean_cosine', 'bn_target', 'stage_kept', 'seconds', 'device', 'command'],
       notes='Rows are cumulative stages of a run (ranges = baseline PTQ, then AdaQuant '
             '(parallel in advanced runs, sequential in sequential runs; block-wise or with '
             'learned rounding where the label says), BN tuning, KD bias tuning; mixed runs '
@@ -107,7 +107,10 @@ def save(records):
             'its BN-tuning stage changes nothing. `bn_target`: BN tuning matches the FP '
             "network's statistics on the calibration data (fp) or re-estimates them from it "
             "(data, the paper's); the photos are not ImageNet's distribution (cut-outs on "
-            'white), which is where the two differ. `seconds`: that stage on the device named.')
+            'white), which is where the two differ. `stage_kept` (runs labelled "stage guard"): '
+            'false where the stage raised the KL to FP32 on the calibration photos and the run '
+            "went on from the state before it (the row then shows that state). "
+            '`seconds`: that stage on the device named.')
 
 
 def efficientnet_task():

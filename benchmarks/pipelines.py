@@ -43,6 +43,8 @@ flags.DEFINE_integer('iterations', None, 'AdaQuant iterations (default: the libr
 flags.DEFINE_enum('unit', 'layer', ['layer', 'block'], 'AdaQuant unit (AdaQuantConfig.unit).')
 flags.DEFINE_enum('rounding', 'free', ['free', 'learned'], 'AdaQuant weight updates.')
 flags.DEFINE_integer('bias_steps', 800, 'KD bias-tuning steps.')
+flags.DEFINE_bool('stage_guard', False, 'Keep each stage after the first only if it lowers '
+                  'the KL to FP32 on the calibration images (run_pipeline(stage_guard=True)).')
 flags.DEFINE_float('qat_epochs', 2.0, 'QAT epochs over the 60,000 training images (0: skip).')
 flags.DEFINE_integer('qat_train_limit', 0, 'QAT on the first N training images (0: all).')
 flags.DEFINE_integer('seed', 0, 'Calibration sample and PRNG seed.')
@@ -61,7 +63,7 @@ def save(new_records):
                 'Pipelines, stage by stage, and QAT',
                 columns=['model', 'run', 'stage', 'w_bits', 'a_bits', 'calib_size',
                          'size_pct_of_fp32', 'top1_pct', 'calib_top1_pct', 'fp32_top1_pct',
-                         'delta_pct', 'seconds', 'options', 'states_from',
+                         'delta_pct', 'seconds', 'options', 'states_from', 'stage_kept',
                          'qat_epochs', 'concurrent_processes',
                          'device', 'command'],
                 notes='Each row is the model after that stage (stages are cumulative within '
@@ -94,6 +96,7 @@ def main(_):
   # Runs with other than the paper's AdaQuant say so in their label (and row key).
   variant = '' if (FLAGS.unit, FLAGS.rounding) == ('layer', 'free') else (
       f', {FLAGS.unit}-wise' + (', learned rounding' if FLAGS.rounding == 'learned' else ''))
+  variant += ', stage guard' if FLAGS.stage_guard else ''
 
   for model_name in FLAGS.models:
     model, variables, _ = ptq_jax.load_model(
@@ -135,7 +138,7 @@ def main(_):
           size_pct=size_pct, options=FLAGS.options, adaquant=adaquant,
           bias_steps=FLAGS.bias_steps, key=jax.random.key(FLAGS.seed),
           cache_dir=FLAGS.cache_dir or None, model_name=model_name,
-          mixed=shared.get(pipeline), progress=False)
+          mixed=shared.get(pipeline), stage_guard=FLAGS.stage_guard, progress=False)
       if result.mixed is not None:
         shared.setdefault(pipeline, result.mixed)
       label = run_label(pipeline, size_pct, FLAGS.w_bits, FLAGS.a_bits) + variant
@@ -145,7 +148,10 @@ def main(_):
                   'states_from': ('earlier run' if reused else
                                   'cache' if result.mixed.from_cache else 'this run')}
       for stage in result.stages:
-        extra = states if stage.name in ('adaquant', 'mixed_precision') else {}
+        extra = dict(states) if stage.name in ('adaquant', 'mixed_precision') else {}
+        if stage.guard is not None:
+          extra.update(stage_kept=stage.kept, guard_kl_before=stage.guard.kl_before,
+                       guard_kl_after=stage.guard.kl_after)
         record(label, stage.name, stage.model, stage.seconds, size_pct is not None, **extra)
 
     if FLAGS.qat_epochs > 0:
