@@ -91,6 +91,12 @@ def synthetic_layer(key):
                                                          xs))]
 
 
+def a_bits_of(model_name: str) -> int:
+  """Activation bits of the measured model: 8 for EfficientNet-Lite0 (its target W4A8),
+  4 for everything else."""
+  return 8 if model_name == 'efficientnet_lite0' else 4
+
+
 def model_layers(key):
   """Every AdaQuant layer of a bundled model at W4A4 (or EfficientNet-Lite0 at W4A8),
   first and last layer 8-bit, each with ``calib_size`` random non-negative inputs of its
@@ -99,13 +105,14 @@ def model_layers(key):
   if FLAGS.model == 'efficientnet_lite0':
     from ptq_jax.importers.efficientnet import INPUT_SHAPE, load_efficientnet_lite0
     model, variables = load_efficientnet_lite0()
-    shape, a_bits = INPUT_SHAPE, 8
+    shape = INPUT_SHAPE
   else:
     model, variables, _ = ptq_jax.load_model(
         ptq_jax.bundled_checkpoints()[f'{FLAGS.model}_fashion_mnist'])
-    shape, a_bits = (28, 28, 1), 4
+    shape = (28, 28, 1)
   images = np.asarray(jax.random.uniform(key, (16,) + shape))
-  base = ptq_jax.quantize(model, variables, images, w_bits=4, a_bits=a_bits, first_last_bits=8)
+  base = ptq_jax.quantize(model, variables, images, w_bits=4, a_bits=a_bits_of(FLAGS.model),
+                          first_last_bits=8)
   layers = [l for l in base.layers if l.geometry is not None]
 
   def cases():
@@ -155,7 +162,7 @@ def main(_):
     records.append({'model': name, 'method': 'adaquant_layer',
                     'driver': 'python loop' if steps == 1 else f'fori_loop x{steps}',
                     'steps_per_call': steps, 'micro_batch': 'off' if m == '0' else m,
-                    'w_bits': 4, 'a_bits': 8 if FLAGS.model == 'efficientnet_lite0' else 4,
+                    'w_bits': 4, 'a_bits': a_bits_of(FLAGS.model),
                     'calib_size': FLAGS.calib_size, 'minibatch': FLAGS.minibatch,
                     'iterations': FLAGS.iterations,
                     'ms_per_iteration': round(ms[steps, m], 2),
