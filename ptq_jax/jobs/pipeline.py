@@ -87,6 +87,7 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
   print(f'\n{"stage":36s} {"bits":7s} {"top-1":>7s} {"size":>8s} {"seconds":>8s}')
   for r in records:
     name = 'FP32' if r['stage'] == 'fp32' else f'{r["run"]}: {STAGE_LABELS[r["stage"]]}'
+    name += ' (dropped)' if r.get('stage_kept') is False else ''
     bits = f'W{r["w_bits"]}A{r["a_bits"]}' if r['w_bits'] != 'mixed' else 'mixed'
     print(f'{name:36s} {bits:7s} {r["top1_pct"]:6.2f}% {r["size_pct_of_fp32"]:7.2f}% '
           f'{r["seconds"]:8.1f}')
