@@ -107,10 +107,14 @@ def test_pipeline_job(trained, tfds_dir, tmp_path):
   config.quant.cache_dir = str(tmp_path / 'cache')
   # (AdaQuant through the job: the default-job test; the pipelines: test_pipelines.py)
   config.pipelines = ('light', 'light@13')
+  config.quant.stage_guard = True
   records = jobs.run(config, str(tmp_path / 'work'))
   assert [(r['pipeline'], r['stage']) for r in records] == [
       ('-', 'fp32'), ('light', 'ranges'), ('light', 'bn_tuning'),
       ('light', 'mixed_precision'), ('light', 'bn_tuning')]
+  # The guard ran around every stage after a run's first, and only there.
+  assert [type(r.get('stage_kept')) for r in records] == [type(None), type(None), bool,
+                                                          type(None), bool]
   assert sorted(os.listdir(tmp_path / 'work')) == ['manifest.json', 'quantized.msgpack',
                                                    'results.json', 'results.md', 'stages.png']
   assert verify_outputs(str(tmp_path / 'work'))['job'] == 'pipeline'

@@ -180,7 +180,6 @@ def test_a_guarded_pipeline_goes_on_from_the_state_before_a_dropped_stage(toy):
   absurd = ptq_jax.AdaQuantConfig(iterations=12, batch_size=8, lr_kernel=10.0, lr_bias=10.0,
                                   lr_schedule='constant', guard=False)
   kwargs = dict(w_bits=4, a_bits=4, adaquant=absurd, bias_steps=0, progress=False)
-  plain = ptq_jax.run_pipeline(model, variables, x, 'sequential', **kwargs)
   safe = ptq_jax.run_pipeline(model, variables, x, 'sequential', stage_guard=True, **kwargs)
   assert [s.name for s in safe.stages] == ['ranges', 'adaquant', 'bn_tuning']
   assert safe.stages[0].guard is None and all(s.guard is not None for s in safe.stages[1:])
@@ -190,8 +189,6 @@ def test_a_guarded_pipeline_goes_on_from_the_state_before_a_dropped_stage(toy):
   prepared = ptq_jax.prepare(model, variables, x)
   for path, lq in dropped.model.qstate.items():
     np.testing.assert_array_equal(lq.kernel, ranges.model.qstate[path].kernel)
-  assert output_kl(prepared, plain.stages[1].model.qstate) == pytest.approx(
-      dropped.guard.kl_after, rel=1e-4)   # the unguarded run kept the wreck
   assert 'adaquant' not in safe.model.options['stages']
   assert output_kl(prepared, safe.model.qstate) <= output_kl(prepared, ranges.model.qstate)
   with pytest.raises(TypeError, match='stage_guard'):
