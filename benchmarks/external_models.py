@@ -61,7 +61,7 @@ flags.DEFINE_enum('pipeline', 'advanced', ['advanced', 'sequential'], 'Pipeline 
                   'fixed-bit runs: advanced (parallel AdaQuant) or sequential.')
 flags.DEFINE_enum('unit', 'layer', ['layer', 'block'], 'AdaQuant unit (AdaQuantConfig.unit).')
 flags.DEFINE_enum('rounding', 'free', ['free', 'learned'], 'AdaQuant weight updates.')
-flags.DEFINE_bool('stage_guard', False, 'Keep each stage after the first only if it lowers '
+flags.DEFINE_bool('stage_guard', False, 'Keep AdaQuant, BN and bias tuning only if they lower '
                   'the KL to FP32 on the calibration images (run_pipeline(stage_guard=True)).')
 flags.DEFINE_integer('photo_calib_size', 128, 'EfficientNet calibration photos.')
 flags.DEFINE_integer('sentence_calib_size', 128, 'MiniLM calibration sentences.')

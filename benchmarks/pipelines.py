@@ -43,7 +43,7 @@ flags.DEFINE_integer('iterations', None, 'AdaQuant iterations (default: the libr
 flags.DEFINE_enum('unit', 'layer', ['layer', 'block'], 'AdaQuant unit (AdaQuantConfig.unit).')
 flags.DEFINE_enum('rounding', 'free', ['free', 'learned'], 'AdaQuant weight updates.')
 flags.DEFINE_integer('bias_steps', 800, 'KD bias-tuning steps.')
-flags.DEFINE_bool('stage_guard', False, 'Keep each stage after the first only if it lowers '
+flags.DEFINE_bool('stage_guard', False, 'Keep AdaQuant, BN and bias tuning only if they lower '
                   'the KL to FP32 on the calibration images (run_pipeline(stage_guard=True)).')
 flags.DEFINE_float('qat_epochs', 2.0, 'QAT epochs over the 60,000 training images (0: skip).')
 flags.DEFINE_integer('qat_train_limit', 0, 'QAT on the first N training images (0: all).')

@@ -44,8 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   # BN tuning: 'data' re-estimates the statistics on the calibration images (the paper's);
   # 'fp' matches the FP network's statistics on them (calibration data unlike training data).
   config.quant.bn_target = 'data'
-  # True: a stage after the first is kept only if it lowers the KL of the outputs to FP32
-  # on the calibration images (otherwise the run goes on from the state before it).
+  # True: AdaQuant, BN tuning and bias tuning are kept only if they lower the KL of the
+  # outputs to FP32 on the calibration images (else the run goes on from the state before).
   config.quant.stage_guard = False
   config.quant.cache_dir = './workdir/sensitivity_cache'
   return config

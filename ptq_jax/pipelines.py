@@ -40,6 +40,10 @@ from ptq_jax.stages.stage_guard import GuardReport, guarded
 from ptq_jax.validate import check_int, check_key
 
 PIPELINES = ('light', 'advanced', 'sequential')
+# The stages stage_guard=True may drop: each only refines a quantized state. Stages that
+# choose the bits or calibrate new quantizers (ranges, mixed_precision, the attention
+# matmuls' stages) always stand: dropping one would leave operations float.
+GUARDED_STAGES = ('adaquant', 'bn_tuning', 'bias_tuning')
 
 
 def parse_run(entry: str) -> Tuple[str, Optional[float]]:
@@ -183,8 +187,8 @@ def pipeline_stages(pipeline: str, result: PipelineResult, *, w_bits: int = 4,
   if pipeline != 'light' and bias_steps:
     tail.append(bias_tuning(bias_steps, progress=progress))
   stages = head + tail
-  if stage_guard:   # every stage after the one that makes the first quantized state
-    stages = stages[:1] + [guarded(s) for s in stages[1:]]
+  if stage_guard:   # never around a stage that quantizes more (the matmuls' ranges)
+    stages = [guarded(s) if s.name in GUARDED_STAGES else s for s in stages]
   return stages
 
 
@@ -232,10 +236,10 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
       (see :func:`ptq_jax.quantize`; fixed-bit pipelines only).
     quantize_matmuls: also quantize the attention matmuls at ``a_bits`` (a stage after
       the layers' bits are set; optimised in the advanced and sequential pipelines).
-    stage_guard: keep every stage after the first only if it lowers the KL divergence
-      of the network's outputs to FP32's on the calibration images, otherwise go on
-      from the state before it (:mod:`ptq_jax.stages.stage_guard`; each stage's
-      ``guard`` says what it measured).
+    stage_guard: keep AdaQuant, BN tuning and bias tuning (``GUARDED_STAGES``) only
+      where they lower the KL divergence of the network's outputs to FP32's on the
+      calibration images, otherwise go on from the state before the stage
+      (:mod:`ptq_jax.stages.stage_guard`; each stage's ``guard`` says what it measured).
   """
   check_key(key)
   result = PipelineResult(pipeline, [])

@@ -71,9 +71,13 @@ def test_attention_matmuls_are_quantized_only_when_asked(tmp_path):
   result = ptq_jax.run_pipeline(model, variables, x, 'sequential', w_bits=8, a_bits=4,
                                 first_last_bits=None, quantize_matmuls=True, bias_steps=2,
                                 adaquant=ptq_jax.AdaQuantConfig(iterations=40, batch_size=16),
-                                progress=False)
+                                stage_guard=True, progress=False)
   assert [s.name for s in result.stages] == ['ranges', 'matmul_ranges', 'adaquant',
                                              'matmul_adaquant', 'bn_tuning', 'bias_tuning']
+  # The stage guard never wraps a stage that quantizes the matmuls: dropping one could
+  # leave them float.
+  assert [s.guard is not None for s in result.stages] == [False, False, True, False, True,
+                                                          True]
   assert [s.model.matmul_bits() for s in result.stages] == [{}] + [{'attn': 4}] * 5
   (site,) = result.stages[3].report   # the operand quantizers fitted, never made worse
   assert site['optimised'] and site['rel_error_after'] < site['rel_error_before']
