@@ -7,8 +7,9 @@ from a handful of images, and on a network whose calibration photos differ from 
 training data it can cost more than it restores. :func:`guarded` wraps any stage; it
 measures :func:`output_kl` (the loss bias tuning minimises, so it needs no labels)
 before and after the stage, and returns the stage's state only if the loss did not
-rise, otherwise the state it was given. Bias tuning is trained on this very loss, so
-the guard rarely drops it; it matters for the stages that are not (AdaQuant, BN tuning).
+rise, otherwise the state it was given. AdaQuant and BN tuning do not minimise this
+loss; bias tuning does, but with fixed-rate minibatch steps, which from an already good
+state can end above where they started.
 """
 
 from __future__ import annotations
