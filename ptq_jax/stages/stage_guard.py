@@ -19,8 +19,7 @@ from typing import Any, NamedTuple, Tuple
 import jax
 import numpy as np
 
-from ptq_jax.calling import inference_kwargs
-from ptq_jax.evaluation import batched_predict
+from ptq_jax.evaluation import batched_predict, predict_logits
 from ptq_jax.quant.interceptor import QState, apply_quantized
 from ptq_jax.stages.bias_tuning import kl_per_row
 from ptq_jax.stages.prepare import Prepared, Stage
@@ -45,13 +44,12 @@ def _kl_measure(prepared: Prepared, batch_size: int):
   """``qstate -> output_kl``, with the FP32 outputs computed once and the quantized
   forward compiled once for every state of the same structure."""
   model, variables, images = prepared.model, prepared.variables, prepared.images
-  teacher = batched_predict(
-      jax.jit(lambda x: model.apply(variables, x, **inference_kwargs(model))), images, batch_size)
-  forward = jax.jit(lambda state, x: apply_quantized(model, variables, state,
-                                                     prepared.folded_bns, x))
+  teacher = predict_logits(model, variables, images, batch_size)
+  forward = jax.jit(lambda v, state, x: apply_quantized(model, v, state, prepared.folded_bns,
+                                                        x))
 
   def measure(qstate: QState) -> float:
-    student = batched_predict(lambda x: forward(qstate, x), images, batch_size)
+    student = batched_predict(lambda x: forward(variables, qstate, x), images, batch_size)
     return float(np.mean(np.asarray(kl_per_row(teacher, student), np.float64)))
   return measure
 
