@@ -94,7 +94,8 @@ def save(records):
       columns=['model', 'run', 'stage', 'w_bits', 'a_bits', 'calib_size', 'eval_size',
                'size_pct_of_fp32', 'top1_agreement_pct', 'top5_overlap_pct', 'mean_kl_nats',
                'labelled_size', 'labelled_top1_pct', 'labelled_top5_pct', 'probe_accuracy_pct',
-               'mean_cosine', 'bn_target', 'stage_kept', 'seconds', 'device', 'command'],
+               'mean_cosine', 'bn_target', 'stage_kept', 'seconds', 'concurrent_processes',
+               'device', 'command'],
       notes='Rows are cumulative stages of a run (ranges = baseline PTQ, then AdaQuant '
             '(parallel in advanced runs, sequential in sequential runs; block-wise or with '
             'learned rounding where the label says), BN tuning, KD bias tuning; mixed runs '
@@ -110,7 +111,8 @@ def save(records):
             'white), which is where the two differ. `stage_kept` (runs labelled "stage guard"): '
             'false where the stage raised the KL to FP32 on the calibration photos and the run '
             "went on from the state before it (the row then shows that state). "
-            '`seconds`: that stage on the device named.')
+            '`seconds`: that stage on the device named (with `concurrent_processes`, that '
+            'many processes shared it: not a solo timing).')
 
 
 def efficientnet_task():
