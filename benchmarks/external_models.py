@@ -35,6 +35,9 @@ saved as it goes, so a chain of calls resumes where it stopped):
   python benchmarks/external_models.py --models=efficientnet_lite0 --bits=W4A8 \
       --pipeline=sequential --unit=block --rounding=learned --photo_calib_size=256 \
       --iterations=1000 --photo_batch=32 --size_pct=0 --bn_targets=fp
+
+``--stage_guard``, ``--drop_prob`` (QDrop) and ``--photo_calib_flips`` (the calibration
+photos plus their mirror images) are named in the run's label when set.
 """
 
 from __future__ import annotations
@@ -61,9 +64,13 @@ flags.DEFINE_enum('pipeline', 'advanced', ['advanced', 'sequential'], 'Pipeline 
                   'fixed-bit runs: advanced (parallel AdaQuant) or sequential.')
 flags.DEFINE_enum('unit', 'layer', ['layer', 'block'], 'AdaQuant unit (AdaQuantConfig.unit).')
 flags.DEFINE_enum('rounding', 'free', ['free', 'learned'], 'AdaQuant weight updates.')
+flags.DEFINE_float('drop_prob', 0.0, 'QDrop: probability that an input element skips '
+                   'activation quantization in an AdaQuant step (AdaQuantConfig.drop_prob).')
 flags.DEFINE_bool('stage_guard', False, 'Keep AdaQuant, BN and bias tuning only if they lower '
                   'the KL to FP32 on the calibration images (run_pipeline(stage_guard=True)).')
 flags.DEFINE_integer('photo_calib_size', 128, 'EfficientNet calibration photos.')
+flags.DEFINE_bool('photo_calib_flips', False, 'Calibrate EfficientNet on the calibration photos '
+                  'and their mirror images (twice as many inputs, no new photos).')
 flags.DEFINE_integer('sentence_calib_size', 128, 'MiniLM calibration sentences.')
 flags.DEFINE_integer('probe_train_size', 4000, 'Sentences the probe is trained on.')
 flags.DEFINE_integer('probe_test_size', 3000, 'Held-out sentences the probe is scored on.')
@@ -120,7 +127,10 @@ def efficientnet_task():
   from ptq_jax.importers.efficientnet import load_efficientnet_lite0, preprocess_images
   model, variables = load_efficientnet_lite0()
   calib_photos, eval_photos = photo_data.photo_splits(FLAGS.photo_calib_size, FLAGS.seed)
-  calib = preprocess_images(photo_data.load_photos(calib_photos))
+  calib_pixels = photo_data.load_photos(calib_photos)
+  if FLAGS.photo_calib_flips:
+    calib_pixels = np.concatenate([calib_pixels, calib_pixels[:, :, ::-1]])
+  calib = preprocess_images(calib_pixels)
   evaluation = preprocess_images(photo_data.load_photos(eval_photos))
   labels = np.array([p.label for p in eval_photos])
   labelled = labels >= 0
@@ -202,10 +212,14 @@ def main(_):
                     'size_pct_of_fp32': 100.0, **fp32_metrics, 'seconds': 0.0})
     save(records)
     adaquant = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=batch,
-                                      unit=FLAGS.unit, rounding=FLAGS.rounding)
+                                      unit=FLAGS.unit, rounding=FLAGS.rounding,
+                                      drop_prob=FLAGS.drop_prob)
     # Runs with other than the paper's AdaQuant say so in their label (and row key).
     variant = '' if (FLAGS.unit, FLAGS.rounding) == ('layer', 'free') else (
         f', {FLAGS.unit}-wise' + (', learned rounding' if FLAGS.rounding == 'learned' else ''))
+    variant += f', QDrop {FLAGS.drop_prob:g}' if FLAGS.drop_prob else ''
+    if FLAGS.photo_calib_flips and model_name == 'efficientnet_lite0':
+      variant += ', calibration photos + mirror images'
     variant += ', stage guard' if FLAGS.stage_guard else ''
 
     shared = {}

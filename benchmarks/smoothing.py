@@ -3,6 +3,7 @@
   python benchmarks/smoothing.py
   python benchmarks/smoothing.py --bits=W4A8,W4A4 --alphas=none,0.5,0.8
   python benchmarks/smoothing.py --bits=W4A8,W4A4 --alphas=none,0.85 --methods=adaquant,block
+  python benchmarks/smoothing.py --bits=W4A8 --weight_ranges=mse   # MSE weight ranges
 
 MiniLM's sentence embeddings after baseline PTQ (calibrated min/max ranges, every layer
 at the bit width), with and without SmoothQuant-style smoothing of its dense layers;
@@ -13,7 +14,9 @@ layer fitted jointly), both parallel with the guard; ``block_learned`` and
 ``val_mean_cosine``: cosine to the FP32 embeddings on the probe's training sentences other
 than the calibration ones (what a choice of alpha would use); ``mean_cosine`` and
 ``probe_accuracy_pct``: the held-out test sentences, as in results/external_models.md.
-Rows merge into results/smoothing.{json,md} by (model, bits, alpha, device).
+``--act_ranges`` / ``--weight_ranges`` choose the range initialisation (RangeConfig).
+Rows merge into results/smoothing.{json,md} by (model, method, bits, alpha, ranges,
+iterations, device).
 """
 
 from __future__ import annotations
@@ -40,11 +43,16 @@ flags.DEFINE_list('methods', ['ptq'], 'ptq (ranges only), adaquant (layer-wise),
                   'block_learned (block-wise, learned rounding), block_learned_seq (the same, '
                   'sequential).')
 flags.DEFINE_integer('iterations', 500, 'Reconstruction iterations per layer or block.')
+flags.DEFINE_enum('act_ranges', 'minmax', ['minmax', 'mse', 'percentile'],
+                  'Activation range initialisation (RangeConfig.method).')
+flags.DEFINE_enum('weight_ranges', 'minmax', ['minmax', 'mse', 'percentile'],
+                  'Weight range initialisation (RangeConfig.weight_method).')
 flags.DEFINE_integer('batch', 8, 'Reconstruction minibatch, in sentences.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 
 NAME = 'smoothing'
-KEY_FIELDS = ('model', 'method', 'w_bits', 'a_bits', 'smooth_alpha', 'iterations', 'device')
+KEY_FIELDS = ('model', 'method', 'w_bits', 'a_bits', 'smooth_alpha', 'act_ranges',
+              'weight_ranges', 'iterations', 'device')
 # method: (unit, rounding, mode), None: ranges only.
 METHODS = {'ptq': None, 'adaquant': ('layer', 'free', 'parallel'),
            'block': ('block', 'free', 'parallel'),
@@ -83,6 +91,8 @@ def main(_):
   fp_val, fp_test = fp(val_x), fp(test_x)
   probe = LogisticRegression(C=10.0, max_iter=2000).fit(fp(train_x), train_s.labels)
   cosine = lambda a, b: round(float(np.mean(np.sum(a * b, axis=1))), 4)
+  ranges = lambda alpha: ptq_jax.RangeConfig(FLAGS.act_ranges, weight_method=FLAGS.weight_ranges,
+                                             smooth_alpha=alpha)
   records = []
   for bits in FLAGS.bits:
     w_bits, a_bits = parse_option(bits)
@@ -95,27 +105,30 @@ def main(_):
               rounding=setting[1]))
       start = time.time()
       qm = ptq_jax.quantize(model, variables, calib, w_bits=w_bits, a_bits=a_bits,
-                            first_last_bits=None, ranges=ptq_jax.RangeConfig(smooth_alpha=alpha),
+                            first_last_bits=None, ranges=ranges(alpha),
                             model_name='minilm_l6', progress=False, **reconstruction)
       seconds = time.time() - start
       predict = lambda x: qm.predict(x, batch_size=250)
       val, test = embed(predict, val_x), embed(predict, test_x)
       records.append({
-          'model': 'minilm_l6', 'method': 'ptq_minmax' if unit is None else method,
+          'model': 'minilm_l6', 'method': f'ptq_{FLAGS.act_ranges}' if unit is None else method,
           'w_bits': w_bits, 'a_bits': a_bits,
           'smooth_alpha': 'none' if alpha is None else alpha,
+          'act_ranges': FLAGS.act_ranges, 'weight_ranges': FLAGS.weight_ranges,
           'iterations': 0 if unit is None else FLAGS.iterations, 'calib_size': len(calib),
           'val_mean_cosine': cosine(val, fp_val), 'mean_cosine': cosine(test, fp_test),
           'probe_accuracy_pct': round(100 * float(probe.score(test, test_s.labels)), 2),
           'seconds': round(seconds, 1), 'device': describe_device(), 'command': command})
       print(records[-1], flush=True)
       rows = merge_records(FLAGS.out, NAME, records, KEY_FIELDS)
-      for row in rows:   # (rows from before --methods: ranges only)
+      for row in rows:   # (rows from before --methods: ranges only; before --*_ranges: min/max)
         row.setdefault('iterations', 0)
+        row.setdefault('act_ranges', 'minmax')
+        row.setdefault('weight_ranges', 'minmax')
       write_results(FLAGS.out, NAME, rows,
                     'Smoothing activation outliers: MiniLM-L6',
                     columns=['model', 'method', 'w_bits', 'a_bits', 'smooth_alpha',
-                             'iterations', 'calib_size', 'val_mean_cosine', 'mean_cosine',
+                             'act_ranges', 'weight_ranges', 'iterations', 'calib_size', 'val_mean_cosine', 'mean_cosine',
                              'probe_accuracy_pct', 'seconds', 'device', 'command'],
                     notes='Every dense layer at the bit width (no 8-bit first/last). '
                           '`val_mean_cosine`: cosine to FP32 on the probe\'s training '
@@ -125,7 +138,8 @@ def main(_):
                           'layer-wise / block-wise reconstruction from the calibrated ranges '
                           '(parallel, guard, minibatch of `--batch` sentences); '
                           '`block_learned`: block-wise with learned rounding; `_seq`: '
-                          'sequential.')
+                          'sequential. `act_ranges` / `weight_ranges`: the range '
+                          'initialisation of activations and weights.')
 
 
 if __name__ == '__main__':
