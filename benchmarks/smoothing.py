@@ -27,7 +27,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from common import describe_device, length_buckets, merge_records, write_results
+from common import concurrency_fields, describe_device, length_buckets, merge_records, write_results
 import ptq_jax
 from ptq_jax.quant.quantizer import parse_option
 
@@ -118,7 +118,8 @@ def main(_):
           'iterations': 0 if unit is None else FLAGS.iterations, 'calib_size': len(calib),
           'val_mean_cosine': cosine(val, fp_val), 'mean_cosine': cosine(test, fp_test),
           'probe_accuracy_pct': round(100 * float(probe.score(test, test_s.labels)), 2),
-          'seconds': round(seconds, 1), 'device': describe_device(), 'command': command})
+          'seconds': round(seconds, 1), **concurrency_fields(), 'device': describe_device(),
+          'command': command})
       print(records[-1], flush=True)
       rows = merge_records(FLAGS.out, NAME, records, KEY_FIELDS)
       for row in rows:   # (rows from before --methods: ranges only; before --*_ranges: min/max)
@@ -129,7 +130,8 @@ def main(_):
                     'Smoothing activation outliers: MiniLM-L6',
                     columns=['model', 'method', 'w_bits', 'a_bits', 'smooth_alpha',
                              'act_ranges', 'weight_ranges', 'iterations', 'calib_size', 'val_mean_cosine', 'mean_cosine',
-                             'probe_accuracy_pct', 'seconds', 'device', 'command'],
+                             'probe_accuracy_pct', 'seconds', 'concurrent_processes', 'device',
+                             'command'],
                     notes='Every dense layer at the bit width (no 8-bit first/last). '
                           '`val_mean_cosine`: cosine to FP32 on the probe\'s training '
                           'sentences other than the calibration ones; `mean_cosine`, '
@@ -139,7 +141,9 @@ def main(_):
                           '(parallel, guard, minibatch of `--batch` sentences); '
                           '`block_learned`: block-wise with learned rounding; `_seq`: '
                           'sequential. `act_ranges` / `weight_ranges`: the range '
-                          'initialisation of activations and weights.')
+                          'initialisation of activations and weights. '
+                          '`concurrent_processes`: that many benchmark processes shared the '
+                          'CPU (not a solo timing).')
 
 
 if __name__ == '__main__':
