@@ -129,8 +129,8 @@ def main(_):
       write_results(FLAGS.out, NAME, rows,
                     'Smoothing activation outliers: MiniLM-L6',
                     columns=['model', 'method', 'w_bits', 'a_bits', 'smooth_alpha',
-                             'act_ranges', 'weight_ranges', 'iterations', 'calib_size', 'val_mean_cosine', 'mean_cosine',
-                             'probe_accuracy_pct', 'seconds', 'concurrent_processes', 'device',
+                             'act_ranges', 'weight_ranges', 'iterations', 'calib_size',
+                             'val_mean_cosine', 'mean_cosine', 'probe_accuracy_pct', 'seconds', 'concurrent_processes', 'device',
                              'command'],
                     notes='Every dense layer at the bit width (no 8-bit first/last). '
                           '`val_mean_cosine`: cosine to FP32 on the probe\'s training '
