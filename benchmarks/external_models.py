@@ -36,8 +36,9 @@ saved as it goes, so a chain of calls resumes where it stopped):
       --pipeline=sequential --unit=block --rounding=learned --photo_calib_size=256 \
       --iterations=1000 --photo_batch=32 --size_pct=0 --bn_targets=fp
 
-``--stage_guard``, ``--drop_prob`` (QDrop) and ``--photo_calib_flips`` (the calibration
-photos plus their mirror images) are named in the run's label when set.
+``--stage_guard``, ``--drop_prob`` (QDrop), ``--photo_calib_flips`` (the calibration
+photos plus their mirror images) and ``--act_ranges`` / ``--weight_ranges`` other than
+min/max (the range initialisation) are named in the run's label when set.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ flags.DEFINE_enum('unit', 'layer', ['layer', 'block'], 'AdaQuant unit (AdaQuantC
 flags.DEFINE_enum('rounding', 'free', ['free', 'learned'], 'AdaQuant weight updates.')
 flags.DEFINE_float('drop_prob', 0.0, 'QDrop: probability that an input element skips '
                    'activation quantization in an AdaQuant step (AdaQuantConfig.drop_prob).')
+flags.DEFINE_enum('act_ranges', 'minmax', ['minmax', 'mse', 'percentile'],
+                  'Activation range initialisation (RangeConfig.method).')
+flags.DEFINE_enum('weight_ranges', 'minmax', ['minmax', 'mse', 'percentile'],
+                  'Weight range initialisation (RangeConfig.weight_method).')
 flags.DEFINE_bool('stage_guard', False, 'Keep AdaQuant, BN and bias tuning only if they lower '
                   'the KL to FP32 on the calibration images (run_pipeline(stage_guard=True)).')
 flags.DEFINE_integer('photo_calib_size', 128, 'EfficientNet calibration photos.')
@@ -218,6 +223,8 @@ def main(_):
     variant = '' if (FLAGS.unit, FLAGS.rounding) == ('layer', 'free') else (
         f', {FLAGS.unit}-wise' + (', learned rounding' if FLAGS.rounding == 'learned' else ''))
     variant += f', QDrop {FLAGS.drop_prob:g}' if FLAGS.drop_prob else ''
+    for what, method in (('activation', FLAGS.act_ranges), ('weight', FLAGS.weight_ranges)):
+      variant += f', {method.upper()} {what} ranges' if method != 'minmax' else ''
     if FLAGS.photo_calib_flips and model_name == 'efficientnet_lite0':
       variant += ', calibration photos + mirror images'
     variant += ', stage guard' if FLAGS.stage_guard else ''
@@ -234,6 +241,7 @@ def main(_):
       result = ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=w_bits, a_bits=a_bits, size_pct=size_pct,
           options=options, adaquant=adaquant, bias_steps=FLAGS.bias_steps,
+          range_method=ptq_jax.RangeConfig(FLAGS.act_ranges, weight_method=FLAGS.weight_ranges),
           key=jax.random.key(FLAGS.seed), model_name=model_name, mixed=shared.get(pipeline),
           bn_target=bn_target, cache_dir=FLAGS.cache_dir or None,
           stage_guard=FLAGS.stage_guard, progress=False)

@@ -22,7 +22,7 @@ import time
 import jax
 from absl import app, flags
 
-from common import (concurrency_fields, describe_device, fashion_mnist, merge_records,
+from common import (concurrency_fields, describe_device, fashion_mnist, held_out, merge_records,
                     new_rows_from, write_results)
 import ptq_jax
 from ptq_jax.data import loader
@@ -47,6 +47,8 @@ flags.DEFINE_bool('stage_guard', False, 'Keep AdaQuant, BN and bias tuning only 
                   'the KL to FP32 on the calibration images (run_pipeline(stage_guard=True)).')
 flags.DEFINE_float('qat_epochs', 2.0, 'QAT epochs over the 60,000 training images (0: skip).')
 flags.DEFINE_integer('qat_train_limit', 0, 'QAT on the first N training images (0: all).')
+flags.DEFINE_integer('val_size', 5000, 'Held-out train images (outside the calibration set) '
+                     'each stage is also scored on: the split a default is chosen on.')
 flags.DEFINE_integer('seed', 0, 'Calibration sample and PRNG seed.')
 flags.DEFINE_integer('test_limit', 0, 'Evaluate on the first N test images (0: all).')
 flags.DEFINE_string('cache_dir', './workdir/sensitivity_cache', 'Mixed-precision cache.')
@@ -62,12 +64,16 @@ def save(new_records):
   write_results(FLAGS.out, NAME, merge_records(FLAGS.out, NAME, new_records, KEY_FIELDS),
                 'Pipelines, stage by stage, and QAT',
                 columns=['model', 'run', 'stage', 'w_bits', 'a_bits', 'calib_size',
-                         'size_pct_of_fp32', 'top1_pct', 'calib_top1_pct', 'fp32_top1_pct',
+                         'size_pct_of_fp32', 'top1_pct', 'val_top1_pct', 'calib_top1_pct',
+                         'fp32_top1_pct', 'fp32_val_top1_pct',
                          'delta_pct', 'seconds', 'options', 'states_from', 'stage_kept',
                          'qat_epochs', 'concurrent_processes',
                          'device', 'command'],
                 notes='Each row is the model after that stage (stages are cumulative within '
-                      'a run). `seconds`: that stage\'s wall time on the device named. Fixed-'
+                      'a run). `val_top1_pct`: on held-out train images outside the '
+                      'calibration set (5000 unless the command sets --val_size; where '
+                      'defaults are chosen), `top1_pct` on the test '
+                      'split. `seconds`: that stage\'s wall time on the device named. Fixed-'
                       'bit runs: W4A4, first and last layer 8-bit (sequential: sequential '
                       'AdaQuant; advanced: parallel AdaQuant, the W4A4 and W8A8 option '
                       'states). NAME N%: mixed precision at N% of the FP32 weight size (the '
@@ -103,9 +109,13 @@ def main(_):
         ptq_jax.bundled_checkpoints()[f'{model_name}_fashion_mnist'])
     calib = ptq_jax.calibration_set('fashion_mnist', FLAGS.calib_size, FLAGS.seed, data=train)
     calib_labels = train.labels[calib.indices]
+    val_images, val_labels = held_out(train, calib.indices, FLAGS.val_size, FLAGS.seed + 1)
+    val_top1 = lambda logits: round(ptq_jax.top1_accuracy_pct(logits, val_labels), 2)
     fp32 = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables, test_images),
                                      test.labels)
+    fp32_val = val_top1(ptq_jax.predict_logits(model, variables, val_images))
     base = {'model': model_name, 'calib_size': len(calib), 'fp32_top1_pct': round(fp32, 2),
+            'fp32_val_top1_pct': fp32_val,
             **concurrency_fields(), 'device': describe_device(), 'command': command}
 
     def record(run, stage, qm, seconds, mixed, **extra):
@@ -116,7 +126,7 @@ def main(_):
           'w_bits': 'mixed' if mixed else FLAGS.w_bits,
           'a_bits': 'mixed' if mixed else FLAGS.a_bits,
           'size_pct_of_fp32': round(100 * qm.size_bits() / fp32_bits, 2),
-          'top1_pct': round(top1, 2),
+          'top1_pct': round(top1, 2), 'val_top1_pct': val_top1(qm.predict(val_images)),
           'calib_top1_pct': round(ptq_jax.top1_accuracy_pct(qm.predict(calib.images),
                                                             calib_labels), 2),
           'delta_pct': round(top1 - fp32, 2), 'seconds': round(seconds, 1), **extra})
@@ -128,6 +138,7 @@ def main(_):
                                                                   calib.images), calib_labels)
     records.append({**base, 'run': 'fp32', 'stage': 'fp32', 'w_bits': 32, 'a_bits': 32,
                     'size_pct_of_fp32': 100.0, 'top1_pct': round(fp32, 2),
+                    'val_top1_pct': fp32_val,
                     'calib_top1_pct': round(fp32_calib, 2), 'delta_pct': 0.0, 'seconds': 0.0})
     save(records)
     shared = {}
