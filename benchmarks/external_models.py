@@ -36,9 +36,10 @@ saved as it goes, so a chain of calls resumes where it stopped):
       --pipeline=sequential --unit=block --rounding=learned --photo_calib_size=256 \
       --iterations=1000 --photo_batch=32 --size_pct=0 --bn_targets=fp
 
-``--stage_guard``, ``--drop_prob`` (QDrop), ``--photo_calib_flips`` (the calibration
-photos plus their mirror images) and ``--act_ranges`` / ``--weight_ranges`` other than
-min/max (the range initialisation) are named in the run's label when set.
+``--stage_guard``, ``--drop_prob`` (QDrop), ``--guard_holdout``, ``--photo_calib_flips``
+(the calibration photos plus their mirror images) and ``--act_ranges`` /
+``--weight_ranges`` other than min/max (the range initialisation) are named in the run's
+label when set.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ flags.DEFINE_enum('act_ranges', 'minmax', ['minmax', 'mse', 'percentile'],
                   'Activation range initialisation (RangeConfig.method).')
 flags.DEFINE_enum('weight_ranges', 'minmax', ['minmax', 'mse', 'percentile'],
                   'Weight range initialisation (RangeConfig.weight_method).')
+flags.DEFINE_float('guard_holdout', 0.0, 'Fraction of the calibration examples AdaQuant '
+                   'holds out for its guard (AdaQuantConfig.guard_holdout).')
 flags.DEFINE_bool('stage_guard', False, 'Keep AdaQuant, BN and bias tuning only if they lower '
                   'the KL to FP32 on the calibration images (run_pipeline(stage_guard=True)).')
 flags.DEFINE_integer('photo_calib_size', 128, 'EfficientNet calibration photos.')
@@ -204,6 +207,9 @@ def main(_):
   unknown = set(FLAGS.models) - set(TASKS)
   if unknown:
     raise app.UsageError(f'Unknown models {sorted(unknown)}; choose from {sorted(TASKS)}.')
+  if FLAGS.guard_holdout and FLAGS.photo_calib_flips:
+    raise app.UsageError('--guard_holdout with --photo_calib_flips would hold out mirror '
+                         'images of training photos (not unseen ones); use one of them.')
   records = []
   options = [parse_option(b) for b in FLAGS.bits]
   for model_name in FLAGS.models:
@@ -218,11 +224,13 @@ def main(_):
     save(records)
     adaquant = ptq_jax.AdaQuantConfig(iterations=FLAGS.iterations, batch_size=batch,
                                       unit=FLAGS.unit, rounding=FLAGS.rounding,
-                                      drop_prob=FLAGS.drop_prob)
+                                      drop_prob=FLAGS.drop_prob,
+                                      guard_holdout=FLAGS.guard_holdout)
     # Runs with other than the paper's AdaQuant say so in their label (and row key).
     variant = '' if (FLAGS.unit, FLAGS.rounding) == ('layer', 'free') else (
         f', {FLAGS.unit}-wise' + (', learned rounding' if FLAGS.rounding == 'learned' else ''))
     variant += f', QDrop {FLAGS.drop_prob:g}' if FLAGS.drop_prob else ''
+    variant += f', guard holdout {FLAGS.guard_holdout:g}' if FLAGS.guard_holdout else ''
     for what, method in (('activation', FLAGS.act_ranges), ('weight', FLAGS.weight_ranges)):
       variant += f', {method.upper()} {what} ranges' if method != 'minmax' else ''
     if FLAGS.photo_calib_flips and model_name == 'efficientnet_lite0':

@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   # graph fitted jointly); its weight updates: 'free' (the paper's) or 'learned' rounding.
   config.quant.unit = 'layer'
   config.quant.rounding = 'free'
+  config.quant.drop_prob = 0.0       # QDrop: probability an input element skips quantization
+  # Fraction of the calibration images held out of AdaQuant for its guard (0: none).
+  config.quant.guard_holdout = 0.0
   config.quant.bias_steps = 800      # KD bias-tuning steps
   # BN tuning: 'data' re-estimates the statistics on the calibration images (the paper's);
   # 'fp' matches the FP network's statistics on them (calibration data unlike training data).

@@ -255,6 +255,8 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
   if mixed is not None and not np.array_equal(mixed.prepared.images, prepared.images):
     raise ValueError('mixed= was computed on other calibration images than this run\'s; pass '
                      'the same images (or leave mixed=None to compute the states).')
+  if adaquant is not None and pipeline != 'light':
+    adaquant.holdout_size(len(prepared.images))   # (a bad holdout fails before the work)
   key = jax.random.key(0) if key is None else key
   base = _base_options(pipeline, w_bits, a_bits, first_last_bits, range_method,
                        len(prepared.images))

@@ -93,6 +93,8 @@ def quantize(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: A
   start = time.time()
   prepared = prepare(model, variables, calib, input_shape, model_name, unsupported,
                      quantize_matmuls)
+  if method == 'adaquant' and adaquant is not None:
+    adaquant.holdout_size(len(prepared.images))   # (a bad holdout fails before the work)
   bits = assign_bits(prepared.layers, w_bits, a_bits, first_last_bits, overrides)
   qstate = calibrate_ranges(prepared, bits, ranges)
   timings = {'calibrate_seconds': time.time() - start}

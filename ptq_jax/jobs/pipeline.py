@@ -35,7 +35,9 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
   runs = [parse_run(entry) for entry in config.pipelines]
   q = config.quant
   adaquant = AdaQuantConfig(iterations=q.iterations, unit=q.get('unit', 'layer'),
-                            rounding=q.get('rounding', 'free'))   # (checked before the work)
+                            rounding=q.get('rounding', 'free'),
+                            drop_prob=q.get('drop_prob', 0.0),
+                            guard_holdout=q.get('guard_holdout', 0.0))   # (checked before the work)
   for bits in [(q.w_bits, q.a_bits)] + ([(q.first_last_bits,) * 2] if q.first_last_bits else []):
     parse_option(bits)
   inputs = load_job_inputs(config)

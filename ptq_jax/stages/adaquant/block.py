@@ -37,7 +37,7 @@ from ptq_jax.quant.interceptor import (LayerQuant, layer_forward, layer_states, 
 from ptq_jax.stages.adaquant import rounding
 from ptq_jax.stages.adaquant.config import AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.adaquant.layer import _labels, _optimizer, _scaled_ranges, weight_range_scale
-from ptq_jax.stages.adaquant.steps import run_loop
+from ptq_jax.stages.adaquant.steps import run_loop, split_examples
 from ptq_jax.trace import LayerInfo
 
 
@@ -69,6 +69,8 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
   by_path = {l.path: l for l in layers}
   new_state = dict(qstate)
   reports = []
+  holdout = config.holdout_split(len(images), key)
+  n_train = len(images) if holdout is None else len(holdout[0])
   inputs = jnp.asarray(images, jnp.float32)   # (blocks that read the model input)
   x_fp = x_q = inputs
   todo = [b for b in program.blocks if quantized & set(b.paths)]
@@ -83,11 +85,11 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
       trained = [p for p in block.paths if p in quantized]
       if trained:
         x = (x_fp if mode == 'parallel' else x_q, model_input)
-        micro = runtime.micro_batch_for(min(config.batch_size, len(images)),
+        micro = runtime.micro_batch_for(min(config.batch_size, n_train),
                                         [by_path[p] for p in block.paths])
         states, report = optimize_block(program, block, new_state, trained, x, y_fp, config,
                                         jax.random.fold_in(key, block.index), fns, runtime,
-                                        micro)
+                                        micro, holdout)
         new_state.update(states)
         report['mode'] = mode
         reports.append(report)
@@ -162,14 +164,17 @@ def _padded(xs, batch: int):
 def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any],
                    trained: Sequence[str], xs: jnp.ndarray, ys: jnp.ndarray,
                    config: AdaQuantConfig, key: jax.Array, fns: Optional[_BlockFns] = None,
-                   runtime: AdaQuantRuntime = AdaQuantRuntime(), micro_batch: int = 0
+                   runtime: AdaQuantRuntime = AdaQuantRuntime(), micro_batch: int = 0,
+                   holdout: Optional[Tuple[np.ndarray, np.ndarray]] = None
                    ) -> Tuple[Dict[str, LayerQuant], Dict[str, Any]]:
   """Reconstruction of one block on its inputs ``xs`` and float outputs ``ys``, jointly
   over the states of the ``trained`` layers (the block's other layers stay fixed).
   ``fns``: the block's compiled passes, if already built; ``micro_batch``: see
-  :func:`~.steps.value_and_grad`."""
+  :func:`~.steps.value_and_grad`; ``holdout``: (train, check) example indices
+  (:meth:`AdaQuantConfig.holdout_split`), the guard measuring on the check ones."""
   fns = fns or _BlockFns(program, block, runtime.capture_batch_size)
   xs = _pair(xs)
+  (xs, ys), (check_xs, check_ys) = split_examples((xs, ys), holdout)
   start_time = time.time()
   learned = config.rounding == 'learned'
   start = {p: state[p] for p in block.paths}
@@ -236,7 +241,7 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
     return run_loop(loss_fn, tx, params, opt_state, xs, ys, key, step0, steps, batch,
                     micro_batch)
 
-  before, rel_before = fns.error(start, xs, ys)
+  before, rel_before = fns.error(start, check_xs, check_ys)
   best, (after, rel_after), kept_at = start, (before, rel_before), -1
   last, rel_last, done = before, rel_before, 0
   for k, calls in enumerate(runtime.call_plan(config)):
@@ -244,7 +249,7 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
       params, opt_state, _ = run_steps(params, opt_state, xs, ys, np.int32(done), steps)
       done += steps
     candidate = states_of(params, hard=True)
-    last, rel_last = fns.error(candidate, xs, ys)
+    last, rel_last = fns.error(candidate, check_xs, check_ys)
     if last <= after or not config.guard:   # the best state so far (ties: the later)
       best, (after, rel_after), kept_at = candidate, (last, rel_last), k
   checks = config.check_steps()
@@ -257,7 +262,8 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
             'rel_error_after': rel_after, 'rel_error_last_step': rel_last,
             'kept_iteration': 0 if kept_at < 0 else checks[kept_at],
             'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
-            'unit': 'block', 'seconds': time.time() - start_time}
+            'guard_examples': int(check_ys.shape[0]), 'unit': 'block',
+            'seconds': time.time() - start_time}
   if learned:
     report['rounding'] = 'learned'
   return {p: best[p] for p in trained}, report

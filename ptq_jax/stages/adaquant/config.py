@@ -24,6 +24,7 @@ LR_SCHEDULES = ('constant', 'cosine')
 RANGE_UPDATES = ('absolute', 'relative')
 ROUNDINGS = ('free', 'learned')
 UNITS = ('layer', 'block')
+HOLDOUT_SALT = 0x7FFFFFFF   # folded into the stage key for the holdout (layers use 0, 1, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,13 @@ class AdaQuantConfig:
   # AdaQuant exactly (the last state, whatever its error).
   guard: bool = True
   guard_checks: int = 4
+  # A fraction of the calibration examples held out of the optimisation, on which the
+  # guard measures the start and each checked state (the same examples for every
+  # layer / block): the kept state is then the one that generalises best, not the one
+  # that fits the examples it was trained on best (with a few hundred examples a unit
+  # can fit them and do worse on others). 0: the guard measures on the whole set,
+  # which the optimiser also trains on.
+  guard_holdout: float = 0.0
   # 'absolute': the weight quantizer's range and low end move by about lr_w_quant per
   # step (the paper's), large for a layer whose weights are small; 'relative': in units
   # of each channel's starting range.
@@ -92,6 +100,14 @@ class AdaQuantConfig:
         or not isinstance(self.drop_prob, (int, float, np.floating, np.integer))
         or not 0.0 <= float(self.drop_prob) < 1.0):
       raise ValueError(f'AdaQuant drop_prob must be a number in [0, 1), got {self.drop_prob!r}.')
+    if (isinstance(self.guard_holdout, bool)
+        or not isinstance(self.guard_holdout, (int, float, np.floating, np.integer))
+        or not 0.0 <= float(self.guard_holdout) <= 0.5):
+      raise ValueError(f'AdaQuant guard_holdout must be a fraction in [0, 0.5], got '
+                       f'{self.guard_holdout!r}.')
+    if self.guard_holdout and not self.guard:
+      raise ValueError('AdaQuant guard_holdout holds examples out for the guard; set '
+                       'guard=True, or guard_holdout=0 to train on every example.')
     if self.unit not in UNITS:
       raise ValueError(f'AdaQuant unit must be one of {UNITS}, got {self.unit!r}.')
     if self.rounding not in ROUNDINGS:
@@ -108,6 +124,30 @@ class AdaQuantConfig:
       raise ValueError(f'AdaQuant lr_schedule must be one of {LR_SCHEDULES}, got '
                        f'{self.lr_schedule!r}.')
     return self
+
+  def holdout_size(self, n: int) -> int:
+    """How many of ``n`` calibration examples ``guard_holdout`` holds out (0: none);
+    raises if that leaves none held out or none to train on."""
+    if not self.guard_holdout or self.iterations == 0:
+      return 0
+    held = int(round(n * float(self.guard_holdout)))
+    if held < 1 or n - held < 1:
+      raise ValueError(f'AdaQuant guard_holdout={self.guard_holdout} of {n} calibration '
+                       f'examples holds out {held}; it needs at least one held out and one '
+                       'to train on: use more calibration examples or a larger fraction '
+                       '(or guard_holdout=0).')
+    return held
+
+  def holdout_split(self, n: int, key: jax.Array
+                    ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(train, check) example indices of a set of ``n`` for ``guard_holdout``, drawn
+    from the stage's ``key`` (the same split for every layer or block); None without a
+    holdout (train and check on all ``n``)."""
+    held = self.holdout_size(n)
+    if not held:
+      return None
+    order = np.asarray(jax.random.permutation(jax.random.fold_in(key, HOLDOUT_SALT), n))
+    return np.sort(order[held:]), np.sort(order[:held])
 
   def check_steps(self) -> Tuple[int, ...]:
     """The iteration counts after which the guard measures the error (the last is

@@ -66,6 +66,7 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
                   'no QDrop (learned rounding and drop_prob apply to layers called once).',
                   UserWarning, stacklevel=2)
   index = {l.path: i for i, l in enumerate(layers)}
+  holdout = config.holdout_split(len(images), key)   # the same examples for every layer
   new_state = dict(qstate)
   reports: Dict[str, Dict[str, Any]] = {}
   mine = {todo[k].path for k in process_share(len(todo))}  # this process's layers
@@ -89,10 +90,10 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
       xs, lq = (x_fp if x is None else x), qstate[layer.path]
       if pin is not None:
         xs, lq = commit((xs, lq), pin)
-      lq, report = optimize_shared_layer(layer, lq, xs, ys, config, layer_key)
+      lq, report = optimize_shared_layer(layer, lq, xs, ys, config, layer_key, holdout)
     else:
       lq, report = optimize_layer(layer, qstate[layer.path], (x_fp if x is None else x)[0],
-                                  ys[0], config, layer_key, pin, runtime)
+                                  ys[0], config, layer_key, pin, runtime, holdout)
     report['mode'] = mode
     if pin is not None:  # back to the host: later passes may run on any device
       lq, report['device'] = jax.device_get(lq), str(device)

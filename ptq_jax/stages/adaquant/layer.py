@@ -32,7 +32,7 @@ from ptq_jax.linear import LayerGeometry, apply_linear
 from ptq_jax.quant.interceptor import LayerQuant, quantized_input, quantized_weight
 from ptq_jax.stages.adaquant import rounding
 from ptq_jax.stages.adaquant.config import AdaQuantConfig, AdaQuantRuntime
-from ptq_jax.stages.adaquant.steps import run_loop
+from ptq_jax.stages.adaquant.steps import run_loop, split_examples
 from ptq_jax.trace import LayerInfo, activation_fn
 
 
@@ -176,7 +176,7 @@ def _batched_error_sums(geom: LayerGeometry, activation: str, batch: int, lq: La
                    static_argnames=('drop_prob', 'micro_batch'))
 def _fit_layer(geom: LayerGeometry, activation: str, checks: Tuple[int, ...], guard: bool,
                batch: int, schedule: str, eval_batch: int, lq: LayerQuant, xs, ys, key, rates,
-               w_scale=None, drop_prob: float = 0.0, micro_batch: int = 0):
+               w_scale=None, drop_prob: float = 0.0, micro_batch: int = 0, check=None):
   """A layer's whole AdaQuant in one program: the float target (``ys=None``: the float
   layer's own outputs on ``xs``, as in parallel mode), the error before, the optimiser
   state, the steps up to each of ``checks`` (iteration counts; the last is the total)
@@ -185,11 +185,13 @@ def _fit_layer(geom: LayerGeometry, activation: str, checks: Tuple[int, ...], gu
   the passes' convs all have the minibatch's shapes (``eval_batch``). Returns the
   kept state, the (error, target) sums of squares before, after the last step and of
   the kept state, and the index of the kept check (-1: the start). Without the
-  ``guard`` the last state is kept, whatever its error."""
+  ``guard`` the last state is kept, whatever its error. ``check``: the (inputs,
+  targets) the errors are measured on, if not ``(xs, ys)`` (a guard holdout)."""
   # (The jitted helpers called here are traced into this one program, not compiled apart.)
   if ys is None:
     ys = _batched_float_target(geom, activation, eval_batch, LayerQuant(lq.kernel, lq.bias), xs)
-  before = _batched_error_sums(geom, activation, eval_batch, lq, xs, ys)
+  cxs, cys = (xs, ys) if check is None else check
+  before = _batched_error_sums(geom, activation, eval_batch, lq, cxs, cys)
   opt_state = _init_optimizer(schedule, rates, lq)
   best, best_sums, best_at = lq, before, jnp.int32(-1)
   done = 0
@@ -198,7 +200,7 @@ def _fit_layer(geom: LayerGeometry, activation: str, checks: Tuple[int, ...], gu
                                   xs, ys, key, np.int32(done), rates, w_scale,
                                   drop_prob=drop_prob, micro_batch=micro_batch)
     done = end
-    sums = _batched_error_sums(geom, activation, eval_batch, lq, xs, ys)
+    sums = _batched_error_sums(geom, activation, eval_batch, lq, cxs, cys)
     better = (sums[0] <= best_sums[0]) | (not guard)   # ties go to the later state
     best = jax.tree.map(lambda new, old: jnp.where(better, new, old), lq, best)
     best_sums = jax.tree.map(lambda new, old: jnp.where(better, new, old), sums, best_sums)
@@ -240,11 +242,13 @@ def _relative_error(sums, count: int) -> Tuple[float, float]:
 def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
                    ys: Optional[jnp.ndarray], config: AdaQuantConfig, key: jax.Array,
                    device: Optional[Any] = None,
-                   runtime: AdaQuantRuntime = AdaQuantRuntime()
+                   runtime: AdaQuantRuntime = AdaQuantRuntime(),
+                   holdout: Optional[Tuple[np.ndarray, np.ndarray]] = None
                    ) -> Tuple[LayerQuant, Dict[str, Any]]:
   """AdaQuant of one layer on captured inputs ``xs`` and float targets ``ys`` (None:
   the float layer's own outputs on ``xs``, i.e. ``lq``'s kernel and bias unquantized,
-  as in parallel mode).
+  as in parallel mode). ``holdout``: (train, check) example indices
+  (:meth:`AdaQuantConfig.holdout_split`); the guard measures on the check ones.
 
   Off CPU (batched passes, every step in one call) this is one compiled program per
   layer geometry (:func:`_fit_layer`); otherwise the target, errors and step loop are
@@ -258,16 +262,24 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
   lq, xs, ys, key, rates, w_scale = pin((lq, xs, ys, key, rates, w_scale))
   n = xs.shape[0]
   eval_batch = runtime.eval_batches(n, config)
+  check = None
+  if holdout is not None:   # the targets of every example first, then the split
+    if ys is None:
+      ys = float_targets(geom, layer.activation, LayerQuant(lq.kernel, lq.bias), xs, eval_batch)
+    (xs, ys), check = split_examples((xs, ys), holdout)
+    n = xs.shape[0]
   batch = min(config.batch_size, n)
   micro = runtime.micro_batch_for(batch, [layer])
   checks = config.check_steps()
   if config.rounding == 'learned' and lq.w_quant is not None:
-    lq, report = _learn_rounding(layer, lq, xs, ys, config, key, pin, runtime, rates)
+    lq, report = _learn_rounding(layer, lq, xs, ys, config, key, pin, runtime, rates, check)
   elif runtime.single_program(n, config):
     lq, before, last, kept, kept_at = _fit_layer(
         geom, layer.activation, checks, config.guard, batch, config.lr_schedule, eval_batch,
-        lq, xs, ys, key, rates, w_scale, drop_prob=config.drop_prob, micro_batch=micro)
-    count = n * int(np.prod(layer.output_shape))   # target elements
+        lq, xs, ys, key, rates, w_scale, drop_prob=config.drop_prob, micro_batch=micro,
+        check=check)
+    # target elements the errors were summed over
+    count = (n if check is None else check[1].shape[0]) * int(np.prod(layer.output_shape))
     (before, rel_before), (last, rel_last), (after, rel_after) = (
         _relative_error(s, count) for s in (before, last, kept))
     kept_at = int(kept_at)
@@ -275,7 +287,8 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
     if ys is None:
       ys = float_targets(geom, layer.activation, LayerQuant(lq.kernel, lq.bias), xs,
                          eval_batch)
-    before, rel_before = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
+    cxs, cys = (xs, ys) if check is None else check
+    before, rel_before = reconstruction_error(geom, layer.activation, lq, cxs, cys, eval_batch)
     best, (after, rel_after), kept_at = lq, (before, rel_before), -1
     # (Committed again: outputs that do not depend on an input come back uncommitted.)
     opt_state = pin(_init_optimizer(config.lr_schedule, rates, lq))
@@ -288,12 +301,13 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
                                       np.int32(done), rates, w_scale,
                                       drop_prob=config.drop_prob, micro_batch=micro)
         done += steps
-      last, rel_last = reconstruction_error(geom, layer.activation, lq, xs, ys, eval_batch)
+      last, rel_last = reconstruction_error(geom, layer.activation, lq, cxs, cys, eval_batch)
       if last <= after or not config.guard:   # the best state so far (ties: the later)
         best, (after, rel_after), kept_at = lq, (last, rel_last), k
     lq = best
+  guard_examples = n if check is None else int(check[1].shape[0])
   if config.rounding == 'learned' and lq.w_quant is not None:
-    report['seconds'] = time.time() - start
+    report.update(seconds=time.time() - start, guard_examples=guard_examples)
     return lq, report
   report = {'path': layer.path, 'activation': layer.activation,
             'w_bits': lq.w_quant.bits if lq.w_quant else None,
@@ -302,21 +316,24 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
             'rel_error_after': rel_after, 'rel_error_last_step': rel_last,
             'kept_iteration': 0 if kept_at < 0 else checks[kept_at],
             'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
-            'seconds': time.time() - start}
+            'guard_examples': guard_examples, 'seconds': time.time() - start}
   return lq, report
 
 
 def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, config: AdaQuantConfig,
-                    key, pin, runtime: AdaQuantRuntime, rates) -> Tuple[LayerQuant, Dict[str, Any]]:
+                    key, pin, runtime: AdaQuantRuntime, rates, check=None
+                    ) -> Tuple[LayerQuant, Dict[str, Any]]:
   """Learned rounding of one layer (``config.rounding='learned'``), step calls and guard
-  checks as in :func:`optimize_layer`; the kept state is always hard-rounded."""
+  checks as in :func:`optimize_layer` (errors on ``check``, the held-out inputs and
+  targets, if given); the kept state is always hard-rounded."""
   geom, act = layer.geometry, layer.activation
   eval_batch = runtime.eval_batches(xs.shape[0], config)
   batch = min(config.batch_size, xs.shape[0])
   micro = runtime.micro_batch_for(batch, [layer])
   if ys is None:
     ys = float_targets(geom, act, LayerQuant(lq.kernel, lq.bias), xs, eval_batch)
-  before, rel_before = reconstruction_error(geom, act, lq, xs, ys, eval_batch)
+  cxs, cys = (xs, ys) if check is None else check
+  before, rel_before = reconstruction_error(geom, act, lq, cxs, cys, eval_batch)
   lr, reg = pin((jnp.float32(config.lr_rounding), jnp.float32(config.rounding_reg)))
   params = pin(rounding.start(lq))
   opt_state = pin(rounding.init_optimizer(rates, lr, params))
@@ -329,7 +346,7 @@ def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, config: AdaQuantCo
                                                 micro_batch=micro, drop_prob=config.drop_prob)
       done += steps
     hard = rounding.finish(lq, params)
-    last, rel_last = reconstruction_error(geom, act, hard, xs, ys, eval_batch)
+    last, rel_last = reconstruction_error(geom, act, hard, cxs, cys, eval_batch)
     if last <= after or not config.guard:
       best, (after, rel_after), kept_at = hard, (last, rel_last), k
   checks = config.check_steps()

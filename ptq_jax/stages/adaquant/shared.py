@@ -16,11 +16,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ptq_jax.linear import LayerGeometry
 from ptq_jax.quant.interceptor import LayerQuant
 from ptq_jax.stages.adaquant.config import AdaQuantConfig
+from ptq_jax.stages.adaquant.steps import split_examples
 from ptq_jax.stages.adaquant.layer import (ERROR_BATCH, _error_sums, _labels, _optimizer,
                                            _scaled_ranges, float_targets, layer_output,
                                            weight_range_scale)
@@ -67,17 +69,20 @@ def _sums(geom: LayerGeometry, activation: str, lq: LayerQuant, xs, ys) -> Tuple
 
 def optimize_shared_layer(layer: LayerInfo, lq: LayerQuant, xs: Sequence[jnp.ndarray],
                           ys: Sequence[Optional[jnp.ndarray]], config: AdaQuantConfig,
-                          key: jax.Array) -> Tuple[LayerQuant, Dict[str, Any]]:
+                          key: jax.Array,
+                          holdout: Optional[Tuple[np.ndarray, np.ndarray]] = None
+                          ) -> Tuple[LayerQuant, Dict[str, Any]]:
   """AdaQuant of shared ``layer`` on its sites' captured inputs ``xs`` and float targets
-  ``ys`` (None: the float layer's own outputs on that site's inputs)."""
+  ``ys`` (None: the float layer's own outputs on that site's inputs); ``holdout``:
+  (train, check) example indices, the guard measuring on the check ones."""
   start = time.time()
   geom, act = layer.geometry, layer.activation
   ys = tuple(float_targets(geom, act, LayerQuant(lq.kernel, lq.bias), x) if y is None else y
              for x, y in zip(xs, ys))
-  xs = tuple(xs)
+  (xs, ys), (check_xs, check_ys) = split_examples((tuple(xs), ys), holdout)
   rates, w_scale = config.rates(), weight_range_scale(config, lq)
-  count = sum(int(y.size) for y in ys)
-  before_err, ref = _sums(geom, act, lq, xs, ys)
+  count = sum(int(y.size) for y in check_ys)
+  before_err, ref = _sums(geom, act, lq, check_xs, check_ys)
   best, best_err, kept_at = lq, before_err, -1
   opt_state = _optimizer(rates, _labels(lq), config.lr_schedule).init(
       _scaled_ranges(lq, w_scale, -1))
@@ -87,7 +92,7 @@ def optimize_shared_layer(layer: LayerInfo, lq: LayerQuant, xs: Sequence[jnp.nda
     lq, opt_state, _ = _shared_steps(geom, act, end - done, batch, config.lr_schedule, lq,
                                      opt_state, xs, ys, key, jnp.int32(done), rates, w_scale)
     done = end
-    last_err, _ = _sums(geom, act, lq, xs, ys)
+    last_err, _ = _sums(geom, act, lq, check_xs, check_ys)
     if last_err <= best_err or not config.guard:
       best, best_err, kept_at = lq, last_err, k
   rel = lambda err: err / max(ref, 1e-30)
@@ -100,4 +105,4 @@ def optimize_shared_layer(layer: LayerInfo, lq: LayerQuant, xs: Sequence[jnp.nda
       'rel_error_last_step': rel(last_err),
       'kept_iteration': 0 if kept_at < 0 else checks[kept_at],
       'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
-      'seconds': time.time() - start}
+      'guard_examples': int(check_ys[0].shape[0]), 'seconds': time.time() - start}

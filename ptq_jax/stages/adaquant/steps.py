@@ -3,11 +3,23 @@ each step's minibatch, drawn from the key and the step number, then one update."
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+
+def split_examples(tree: Any, holdout: Optional[Tuple[np.ndarray, np.ndarray]]
+                   ) -> Tuple[Any, Any]:
+  """(train, check) parts of ``tree`` (arrays with the examples first; None leaves
+  stay None) by the index pair ``holdout``; without one, the whole tree twice (the
+  guard then measures on the examples it trains on)."""
+  if holdout is None:
+    return tree, tree
+  train, check = holdout
+  return tuple(jax.tree.map(lambda a: a[index], tree) for index in (train, check))
 
 
 def minibatch_indices(key: jax.Array, step0, steps: int, n: int, batch: int) -> jnp.ndarray:
