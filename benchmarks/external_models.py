@@ -273,6 +273,13 @@ def main(_):
         if stage.guard is not None:
           records[-1].update(stage_kept=stage.kept, guard_kl_before=stage.guard.kl_before,
                              guard_kl_after=stage.guard.kl_after)
+        reports = qm.layer_reports if stage.name == 'adaquant' else []
+        if reports:   # the AdaQuant guard: units that kept an earlier state (JSON only)
+          records[-1].update(
+              units=len(reports), units_guarded=sum(bool(r['guard_acted']) for r in reports),
+              guarded_units=' '.join(r['path'] for r in reports if r['guard_acted']),
+              units_worse_at_last_step=sum(r['rel_error_last_step'] > r['rel_error_before']
+                                           for r in reports))
         if stage.name in ('adaquant', 'mixed_precision') and result.mixed is not None:
           records[-1]['options'] = ' '.join(option_name(o) for o in result.mixed.table.options)
         print({k: records[-1].get(k) for k in ('model', 'run', 'stage', 'top1_agreement_pct',
