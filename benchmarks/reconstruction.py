@@ -47,6 +47,10 @@ METHODS = {
     # block-wise, learned rounding and QDrop together (QDrop's own setting)
     'block_adaround_qdrop_guard': dict(guard=True, unit='block', rounding='learned',
                                        drop_prob=0.5),
+    # block-wise learned rounding, the guard measuring on 20% of the calibration images
+    # held out of the optimisation
+    'block_adaround_holdout': dict(guard=True, unit='block', rounding='learned',
+                                   guard_holdout=0.2),
 }
 
 FLAGS = flags.FLAGS
