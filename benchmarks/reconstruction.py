@@ -70,7 +70,7 @@ flags.DEFINE_string('out', 'results', 'Output directory.')
 
 NAME = 'reconstruction'
 KEY_FIELDS = ('model', 'start', 'method', 'w_bits', 'a_bits', 'first_last_bits', 'mode',
-              'iterations', 'device')
+              'iterations', 'calib_size', 'device')
 
 
 def main(_):
