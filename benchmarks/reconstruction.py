@@ -158,7 +158,10 @@ def save(records) -> None:
                       '`layers_worse_at_last_step`: the same for the last optimiser step '
                       '(what the paper\'s AdaQuant returns); `layers_guarded`: layers where '
                       'the guard kept an earlier state. Block-wise methods (`block_*`) count blocks '
-                      'in `layers`, `layers_worse`... (a block: a residual block, else a layer).')
+                      'in `layers`, `layers_worse`... (a block: a residual block, else a layer). '
+                      '`*_holdout`: the guard measures on 20% of the calibration images held '
+                      'out of the optimisation, and the layer counts and '
+                      '`mean_layer_error_ratio` are on those images.')
 
 
 if __name__ == '__main__':
