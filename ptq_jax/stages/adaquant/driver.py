@@ -146,7 +146,7 @@ def site_keys(layer: LayerInfo) -> List[str]:
 
 
 _NUMERIC_REPORT_FIELDS = ('mse_before', 'mse_after', 'rel_error_before', 'rel_error_after',
-                          'rel_error_last_step', 'kept_iteration', 'seconds')
+                          'rel_error_last_step', 'kept_iteration', 'guard_examples', 'seconds')
 
 
 def _exchange_between_processes(todo, qstate, new_state, reports, mine, iterations) -> None:
@@ -166,5 +166,6 @@ def _exchange_between_processes(todo, qstate, new_state, reports, mine, iteratio
                              'w_bits': w.bits if w else None, 'a_bits': a.bits if a else None,
                              **dict(zip(_NUMERIC_REPORT_FIELDS, map(float, numbers))),
                              'iterations': iterations, 'mode': 'parallel', 'process': o}
-      reports[layer.path]['kept_iteration'] = int(reports[layer.path]['kept_iteration'])
+      for field in ('kept_iteration', 'guard_examples'):
+        reports[layer.path][field] = int(reports[layer.path][field])
       reports[layer.path]['guard_acted'] = reports[layer.path]['kept_iteration'] != iterations
