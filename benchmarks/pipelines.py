@@ -3,7 +3,8 @@
   python benchmarks/pipelines.py                                   # both models
   python benchmarks/pipelines.py --models=resnet20 --runs=sequential --qat_epochs=0
 
-Rows: FP32; at W4A4 (first and last layer 8-bit) each stage of the fixed-bit runs in
+Rows: FP32; at W4A4 (first and last layer 8-bit unless --first_last_bits says otherwise;
+min/max ranges unless --range_method) each stage of the fixed-bit runs in
 turn (ranges = baseline PTQ, + AdaQuant (sequential or parallel), + BN tuning, + bias
 tuning); at 13% of the FP32 weight size each stage of `light@13` and `advanced@13`
 (mixed precision; the advanced runs share one set of parallel-AdaQuant option states);
@@ -38,6 +39,10 @@ flags.DEFINE_integer('w_bits', 4, 'Weight bits of the fixed-bit runs and QAT.')
 flags.DEFINE_integer('a_bits', 4, 'Activation bits of the fixed-bit runs and QAT.')
 flags.DEFINE_list('options', ['W8A8', 'W6A6', 'W4A8', 'W4A4', 'W3A3', 'W2A4'],
                   'Bit options of the mixed runs.')
+flags.DEFINE_integer('first_last_bits', 8, 'Bits of the first and last layer of the fixed-bit '
+                     'runs; 0: the same as the others ("alike").')
+flags.DEFINE_enum('range_method', 'minmax', ['minmax', 'mse', 'percentile'],
+                  'Range initialisation (run_pipeline(range_method=)).')
 flags.DEFINE_integer('calib_size', 1000, 'Calibration images.')
 flags.DEFINE_integer('iterations', None, 'AdaQuant iterations (default: the library\'s).')
 flags.DEFINE_enum('unit', 'layer', ['layer', 'block'], 'AdaQuant unit (AdaQuantConfig.unit).')
@@ -74,9 +79,11 @@ def save(new_records):
                       'calibration set (5000 unless the command sets --val_size; where '
                       'defaults are chosen), `top1_pct` on the test '
                       'split. `seconds`: that stage\'s wall time on the device named. Fixed-'
-                      'bit runs: W4A4, first and last layer 8-bit (sequential: sequential '
-                      'AdaQuant; advanced: parallel AdaQuant, the W4A4 and W8A8 option '
-                      'states). NAME N%: mixed precision at N% of the FP32 weight size (the '
+                      'bit runs: W4A4, first and last layer 8-bit, min/max ranges (sequential: '
+                      'sequential AdaQuant; advanced: parallel AdaQuant, the W4A4 and W8A8 '
+                      'option states), unless the run label says otherwise ("first/last '
+                      'alike": those layers at the same bits; "mse ranges"; "N iterations" '
+                      'of AdaQuant per layer or block). NAME N%: mixed precision at N% of the FP32 weight size (the '
                       'mixed_precision stage includes computing every option\'s states and '
                       'the sensitivity table unless they came from the cache or an earlier '
                       'run; see results/mixed_precision.md): `options` lists them, '
@@ -103,6 +110,11 @@ def main(_):
   variant = '' if (FLAGS.unit, FLAGS.rounding) == ('layer', 'free') else (
       f', {FLAGS.unit}-wise' + (', learned rounding' if FLAGS.rounding == 'learned' else ''))
   variant += ', stage guard' if FLAGS.stage_guard else ''
+  variant += ', first/last alike' if FLAGS.first_last_bits == 0 else (
+      f', first/last {FLAGS.first_last_bits}-bit' if FLAGS.first_last_bits != 8 else '')
+  variant += f', {FLAGS.range_method} ranges' if FLAGS.range_method != 'minmax' else ''
+  variant += f', {FLAGS.iterations} iterations' if FLAGS.iterations is not None else ''
+  first_last = FLAGS.first_last_bits or None
 
   for model_name in FLAGS.models:
     model, variables, _ = ptq_jax.load_model(
@@ -146,6 +158,7 @@ def main(_):
       reused = pipeline in shared
       result = ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
+          first_last_bits=first_last, range_method=FLAGS.range_method,
           size_pct=size_pct, options=FLAGS.options, adaquant=adaquant,
           bias_steps=FLAGS.bias_steps, key=jax.random.key(FLAGS.seed),
           cache_dir=FLAGS.cache_dir or None, model_name=model_name,
@@ -168,7 +181,9 @@ def main(_):
     if FLAGS.qat_epochs > 0:
       start = time.time()
       qm = ptq_jax.quantize(model, variables, calib, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
-                            first_last_bits=8, progress=False, model_name=model_name)
+                            first_last_bits=first_last,
+                            ranges=ptq_jax.RangeConfig(method=FLAGS.range_method),
+                            progress=False, model_name=model_name)
       limit = FLAGS.qat_train_limit or len(train)
       normalize = lambda x: (x / 255.0 - loader.FASHION_MNIST_MEAN) / loader.FASHION_MNIST_STD
       qat, report = qat_train(qm, train.images[:limit], train.labels[:limit],

@@ -161,7 +161,9 @@ def save(records) -> None:
                       'in `layers`, `layers_worse`... (a block: a residual block, else a layer). '
                       '`*_holdout`: the guard measures on 20% of the calibration images held '
                       'out of the optimisation, and the layer counts and '
-                      '`mean_layer_error_ratio` are on those images.')
+                      '`mean_layer_error_ratio` are on those images. The same options on '
+                      'models trained elsewhere (EfficientNet-Lite0 on photos, MiniLM on '
+                      'sentences, full settings): results/external_models.md.')
 
 
 if __name__ == '__main__':

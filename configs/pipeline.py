@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.quant.w_bits = 4            # fixed-bit runs
   config.quant.a_bits = 4
   config.quant.first_last_bits = 8   # 0: first and last layers like the others
+  config.quant.range_method = 'minmax'  # range initialisation: 'minmax' | 'mse' | 'percentile'
   # The options mixed-precision runs choose from (a fixed-bit advanced run computes them
   # too, when they include its bit widths, so a following mixed run reuses them).
   config.quant.options = ('W8A8', 'W6A6', 'W4A8', 'W4A4', 'W3A3', 'W2A4')

@@ -108,7 +108,9 @@ def test_pipeline_job(trained, tfds_dir, tmp_path):
   # (AdaQuant through the job: the default-job test; the pipelines: test_pipelines.py)
   config.pipelines = ('light', 'light@13')
   config.quant.stage_guard = True
+  config.quant.range_method = 'mse'
   records = jobs.run(config, str(tmp_path / 'work'))
+  assert {r.get('range_method') for r in records[1:]} == {'mse'}
   assert [(r['pipeline'], r['stage']) for r in records] == [
       ('-', 'fp32'), ('light', 'ranges'), ('light', 'bn_tuning'),
       ('light', 'mixed_precision'), ('light', 'bn_tuning')]
@@ -124,6 +126,10 @@ def test_pipeline_job(trained, tfds_dir, tmp_path):
     config.pipelines = bad
     with pytest.raises(ValueError, match=message):
       jobs.run(config, str(tmp_path / 'work2'))
+  config.pipelines, config.quant.range_method = ('light',), 'median'
+  with pytest.raises(ValueError, match="config.quant.range_method: .*'median' is not one of"):
+    jobs.run(config, str(tmp_path / 'work2'))
+  assert not os.path.exists(tmp_path / 'work2')
 
 
 def run_cli(*args):

@@ -26,6 +26,7 @@ from ptq_jax.jobs.results import render_markdown
 from ptq_jax.pipelines import PIPELINES, parse_run, run_label, run_pipeline
 from ptq_jax.quant.quantizer import parse_option
 from ptq_jax.stages.adaquant import AdaQuantConfig
+from ptq_jax.stages.ranges import RangeConfig
 
 
 def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[str, Any]]:
@@ -38,6 +39,10 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
                             rounding=q.get('rounding', 'free'),
                             drop_prob=q.get('drop_prob', 0.0),
                             guard_holdout=q.get('guard_holdout', 0.0))   # (checked before the work)
+  try:
+    ranges = RangeConfig(q.get('range_method', 'minmax'))
+  except ValueError as e:
+    raise ValueError(f'config.quant.range_method: {e}') from None
   for bits in [(q.w_bits, q.a_bits)] + ([(q.first_last_bits,) * 2] if q.first_last_bits else []):
     parse_option(bits)
   inputs = load_job_inputs(config)
@@ -55,6 +60,7 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
       result = run_pipeline(
           model, variables, calib, pipeline, w_bits=q.w_bits, a_bits=q.a_bits,
           first_last_bits=q.first_last_bits or None, size_pct=size_pct, options=q.options,
+          range_method=ranges,
           adaquant=adaquant, bias_steps=q.bias_steps, key=jax.random.key(config.seed),
           cache_dir=os.path.expanduser(q.cache_dir) if q.cache_dir else None,
           model_name=meta['model'], mixed=shared.get(pipeline),
@@ -68,7 +74,9 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
         top1 = inputs.top1(stage.model.predict)
         records.append({**common, 'pipeline': pipeline, 'run': label, 'stage': stage.name,
                         'w_bits': 'mixed' if mixed else q.w_bits,
-                        'a_bits': 'mixed' if mixed else q.a_bits, 'top1_pct': round(top1, 2),
+                        'a_bits': 'mixed' if mixed else q.a_bits,
+                        'range_method': stage.model.options.get('range_method'),
+                        'top1_pct': round(top1, 2),
                         'size_pct_of_fp32': round(100 * stage.model.size_bits() / fp32_bits, 2),
                         'seconds': round(stage.seconds, 1)})
         if stage.guard is not None:
