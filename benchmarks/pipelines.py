@@ -83,7 +83,9 @@ def save(new_records):
                       'sequential AdaQuant; advanced: parallel AdaQuant, the W4A4 and W8A8 '
                       'option states), unless the run label says otherwise ("first/last '
                       'alike": those layers at the same bits; "mse ranges"; "N iterations" '
-                      'of AdaQuant per layer or block). NAME N%: mixed precision at N% of the FP32 weight size (the '
+                      'of AdaQuant per layer or block; "N bias steps" of KD bias tuning '
+                      'instead of 800). NAME N%: mixed precision at N% of the FP32 weight '
+                      'size (the '
                       'mixed_precision stage includes computing every option\'s states and '
                       'the sensitivity table unless they came from the cache or an earlier '
                       'run; see results/mixed_precision.md): `options` lists them, '
@@ -114,6 +116,7 @@ def main(_):
       f', first/last {FLAGS.first_last_bits}-bit' if FLAGS.first_last_bits != 8 else '')
   variant += f', {FLAGS.range_method} ranges' if FLAGS.range_method != 'minmax' else ''
   variant += f', {FLAGS.iterations} iterations' if FLAGS.iterations is not None else ''
+  variant += f', {FLAGS.bias_steps} bias steps' if FLAGS.bias_steps != 800 else ''
   first_last = FLAGS.first_last_bits or None
 
   for model_name in FLAGS.models:
