@@ -118,6 +118,7 @@ def main(_):
   variant += f', {FLAGS.iterations} iterations' if FLAGS.iterations is not None else ''
   variant += f', {FLAGS.bias_steps} bias steps' if FLAGS.bias_steps != 800 else ''
   first_last = FLAGS.first_last_bits or None
+  ranges = ptq_jax.RangeConfig(FLAGS.range_method)
 
   for model_name in FLAGS.models:
     model, variables, _ = ptq_jax.load_model(
@@ -161,7 +162,7 @@ def main(_):
       reused = pipeline in shared
       result = ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
-          first_last_bits=first_last, range_method=FLAGS.range_method,
+          first_last_bits=first_last, range_method=ranges,
           size_pct=size_pct, options=FLAGS.options, adaquant=adaquant,
           bias_steps=FLAGS.bias_steps, key=jax.random.key(FLAGS.seed),
           cache_dir=FLAGS.cache_dir or None, model_name=model_name,
@@ -184,9 +185,8 @@ def main(_):
     if FLAGS.qat_epochs > 0:
       start = time.time()
       qm = ptq_jax.quantize(model, variables, calib, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
-                            first_last_bits=first_last,
-                            ranges=ptq_jax.RangeConfig(method=FLAGS.range_method),
-                            progress=False, model_name=model_name)
+                            first_last_bits=first_last, ranges=ranges, progress=False,
+                            model_name=model_name)
       limit = FLAGS.qat_train_limit or len(train)
       normalize = lambda x: (x / 255.0 - loader.FASHION_MNIST_MEAN) / loader.FASHION_MNIST_STD
       qat, report = qat_train(qm, train.images[:limit], train.labels[:limit],
