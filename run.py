@@ -8,6 +8,7 @@ Every config field can be overridden with --config.KEY=VALUE; an unknown key is 
 error. This file stays thin: it parses flags and calls ptq_jax.jobs.registry.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -57,6 +58,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # TFDS and JAX log a lot at INFO; --verbosity=0 shows it.
     logging.set_verbosity(logging.WARNING)
+  _show_library_progress()
   try:
     config = FLAGS.config   # a config file that failed to load raises on first use:
     config.job              # here, before any work
@@ -73,6 +75,17 @@ def main(argv):
       raise
     message = e.args[0] if isinstance(e, KeyError) and e.args else e
     sys.exit(f'run.py: error: {_one_line(message)} (--traceback shows where it was raised)')
+
+
+def _show_library_progress() -> None:
+  """ptq_jax's own progress messages (the library logs them at INFO, never prints) go to
+  stdout as plain lines, whatever the verbosity of TFDS and JAX."""
+  handler = std_logging.StreamHandler(sys.stdout)
+  handler.setFormatter(std_logging.Formatter('%(message)s'))
+  library = std_logging.getLogger('ptq_jax')
+  library.addHandler(handler)
+  library.setLevel(std_logging.INFO)
+  library.propagate = False
 
 
 def _one_line(message) -> str:

@@ -119,8 +119,8 @@ def main(_):
                    mean_layer_error_ratio=round(sum(rel) / len(rel), 4))
           if FLAGS.finetune_steps:
             start = time.time()
-            state, _ = kd_tune(model, variables, base.qstate, base.folded_bns, calib.images,
-                               target='all', steps=FLAGS.finetune_steps,
+            state, _ = kd_tune(ptq_jax.stages.prepare(model, variables, calib.images),
+                               base.qstate, target='all', steps=FLAGS.finetune_steps,
                                key=jax.random.key(FLAGS.seed))
             tuned = ptq_jax.QuantizedModel(model, base.variables, base.layers, state,
                                            base.options, base.input_shape)

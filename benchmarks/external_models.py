@@ -249,7 +249,7 @@ def main(_):
       result = ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=w_bits, a_bits=a_bits, size_pct=size_pct,
           options=options, adaquant=adaquant, bias_steps=FLAGS.bias_steps,
-          range_method=ptq_jax.RangeConfig(FLAGS.act_ranges, weight_method=FLAGS.weight_ranges),
+          ranges=ptq_jax.RangeConfig(FLAGS.act_ranges, weight_method=FLAGS.weight_ranges),
           key=jax.random.key(FLAGS.seed), model_name=model_name, mixed=shared.get(pipeline),
           bn_target=bn_target, cache_dir=FLAGS.cache_dir or None,
           stage_guard=FLAGS.stage_guard, progress=False)

@@ -42,7 +42,7 @@ flags.DEFINE_list('options', ['W8A8', 'W6A6', 'W4A8', 'W4A4', 'W3A3', 'W2A4'],
 flags.DEFINE_integer('first_last_bits', 8, 'Bits of the first and last layer of the fixed-bit '
                      'runs; 0: the same as the others ("alike").')
 flags.DEFINE_enum('range_method', 'minmax', ['minmax', 'mse', 'percentile'],
-                  'Range initialisation (run_pipeline(range_method=)).')
+                  'Range initialisation (run_pipeline(ranges=)).')
 flags.DEFINE_integer('calib_size', 1000, 'Calibration images.')
 flags.DEFINE_integer('iterations', None, 'AdaQuant iterations (default: the library\'s).')
 flags.DEFINE_enum('unit', 'layer', ['layer', 'block'], 'AdaQuant unit (AdaQuantConfig.unit).')
@@ -162,7 +162,7 @@ def main(_):
       reused = pipeline in shared
       result = ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=FLAGS.w_bits, a_bits=FLAGS.a_bits,
-          first_last_bits=first_last, range_method=ranges,
+          first_last_bits=first_last, ranges=ranges,
           size_pct=size_pct, options=FLAGS.options, adaquant=adaquant,
           bias_steps=FLAGS.bias_steps, key=jax.random.key(FLAGS.seed),
           cache_dir=FLAGS.cache_dir or None, model_name=model_name,

@@ -71,10 +71,9 @@ def child() -> None:
     start = time.time()
     w8a8 = ptq_jax.quantize(model, variables, calib, w_bits=8, a_bits=8, first_last_bits=None,
                             progress=False)
-    float_state = ptq_jax.prepare(model, variables, calib.images[:1]).float_state
-    table = sensitivity_table(model, variables, qm.layers, float_state,
-                                      {(8, 8): w8a8.qstate, (4, 4): qm.qstate}, calib.images,
-                                      progress=False, devices=devices)
+    prepared = ptq_jax.stages.prepare(model, variables, calib.images, progress=False)
+    table = sensitivity_table(prepared, {(8, 8): w8a8.qstate, (4, 4): qm.qstate},
+                              devices=devices)
     table_s = time.time() - start
     print(json.dumps({
         'model': model_name, 'devices': len(devices), 'device': describe_device(),

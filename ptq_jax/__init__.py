@@ -13,13 +13,14 @@ from ptq_jax.trace import trace
 # Quantizing: one call, its settings and its result.
 from ptq_jax.quantize import quantize
 from ptq_jax.quantized_model import QuantizedModel
+from ptq_jax.spec import QuantSpec
 from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.ranges import RangeConfig
-# Stages and the paper's pipelines.
+# Stages (every constructor, from one place), recipes and the paper's pipelines.
+from ptq_jax import recipes, stages
 from ptq_jax.pipelines import run_pipeline
 from ptq_jax.stages.bias_tuning import kd_tune
 from ptq_jax.stages.bn_tuning import bn_tune
-from ptq_jax.stages.prepare import Stage, prepare
 # Mixed precision.
 from ptq_jax.mixed_precision import MixedPrecision, mixed_precision
 from ptq_jax.stages.allocation import InfeasibleBudgetError
@@ -37,9 +38,10 @@ __all__ = [
     'bundled_checkpoints', 'load_model', 'CheckpointError', 'calibration_set', 'load_split',
     'preprocess', 'DatasetNotFoundError', 'predict_logits', 'top1_accuracy_pct', 'trace',
     # Quantizing.
-    'quantize', 'QuantizedModel', 'RangeConfig', 'AdaQuantConfig', 'AdaQuantRuntime',
-    # Stages and pipelines.
-    'prepare', 'Stage', 'run_pipeline', 'bn_tune', 'kd_tune',
+    'quantize', 'QuantizedModel', 'QuantSpec', 'RangeConfig', 'AdaQuantConfig',
+    'AdaQuantRuntime',
+    # Stages, recipes and pipelines.
+    'stages', 'recipes', 'run_pipeline', 'bn_tune', 'kd_tune',
     # Mixed precision.
     'mixed_precision', 'MixedPrecision', 'InfeasibleBudgetError',
     # Integer export.

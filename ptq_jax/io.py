@@ -1,7 +1,7 @@
 """Atomic file writes: a file is either its old content or its whole new content, never half.
 
 Every output of the library and the command line (checkpoints, caches, results,
-figures) is written through here: a temporary file in the same directory, fsync,
+figures) is written through here, its location checked first: a temporary file in the same directory, fsync,
 then ``os.replace``. A killed writer's temporary file is removed by the next run
 (:func:`clean_stale_temps`).
 """
@@ -20,7 +20,9 @@ _TEMP = re.compile(r'^\..+\.tmp(\d+)\.[A-Za-z0-9_]+$')
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-  """Writes ``data`` to ``path`` via a temporary file and rename: never half-written."""
+  """Writes ``data`` to ``path`` via a temporary file and rename: never half-written.
+  A path that cannot be a file is a ValueError naming it (:func:`check_output_file`)."""
+  check_output_file(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.tmp{os.getpid()}.',
@@ -70,3 +72,33 @@ def clean_stale_temps(directory: str) -> List[str]:
       except OSError:
         pass
   return removed
+
+
+def check_output_dir(path: str, what: str = 'output directory') -> None:
+  """Raises ValueError unless ``path`` is (or can be created as) a writable directory.
+
+  Nothing is created: the deepest existing ancestor must be a writable directory."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f'{what} {path} is a file, not a directory: pass another path.')
+  probe = path
+  while not os.path.exists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if not os.path.isdir(probe):
+    raise ValueError(f'{what} {path} lies under {probe}, which is a file: pass another path.')
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f'{what} {path} cannot be written ({probe} is not writable): pass a '
+                     'writable path.')
+
+
+def check_output_file(path: str, what: str = 'output file') -> None:
+  """Raises ValueError unless ``path`` can be written as a file: not a directory, and
+  its directory exists or can be created and written (nothing is created)."""
+  full = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(full):
+    raise ValueError(f'{what} {path} is a directory: pass a file path inside it, e.g. '
+                     f'{os.path.join(path, "quantized.msgpack")}.')
+  check_output_dir(os.path.dirname(full), f'the directory of {what} {path}:')

@@ -1,44 +1,45 @@
-"""Mixed precision end to end: per-option states, sensitivity table, IP, mixed model.
+"""Mixed precision: every layer's state at every bit option, their sensitivity table,
+and the integer program that mixes them (docs/method.md, "Bit allocation").
 
     mp = ptq_jax.mixed_precision(model, variables, calib, method='adaquant')
     qm, allocation = mp.quantize(size_pct=13)      # solved in well under a second
     qm, allocation = mp.quantize(bops_pct=2, size_pct=16)
 
-Each option's state is computed once for every layer (baseline ranges for the light
-pipeline, parallel AdaQuant for the advanced one). With ``cache_dir`` the states and
-the table are cached on disk in one checksummed file, keyed by the model's traced
-program, the weights, calibration images, options and settings, so a later run with a
-new budget costs only the integer program; a cache file is verified before it is used.
+Each option's states come from the same stages as a fixed-bit run (calibrated ranges
+for the light pipeline, then parallel AdaQuant for the advanced one), every layer at
+that option. With ``cache_dir`` the states and the table are kept on disk
+(:mod:`ptq_jax.option_cache`). In a pipeline, :func:`mixed_precision_stage` solves the
+budget and :func:`uniform_option_stage` takes the fixed bits from the same states; both
+return a :class:`MixedReport`, from which a later run can reuse the states.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import logging
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
-from ptq_jax import checkpoint as ckpt
 from ptq_jax.calling import inference_kwargs
-from ptq_jax.quant.interceptor import LayerQuant
-from ptq_jax.quant.quantizer import Option, option_name, parse_option
-from ptq_jax.quantize import quantized_model
 from ptq_jax.float_ops import UnsupportedLayerError
-from ptq_jax.io import clean_stale_temps
-from ptq_jax.quantized_model import QuantizedModel, checked_layer, layer_to_tree
+from ptq_jax.option_cache import load_option_states, save_option_states
+from ptq_jax.quant.interceptor import LayerQuant, QState
+from ptq_jax.quant.quantizer import Option, option_name, parse_option
+from ptq_jax.quantized_model import QuantizedModel, quantized_model
+from ptq_jax.spec import QuantSpec
 from ptq_jax.stages import allocation as alloc
-from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime, run_adaquant
-from ptq_jax.stages.prepare import Prepared, prepare
-from ptq_jax.stages.ranges import (RangeConfig, as_range_config, assign_bits, calibrate_ranges,
-                                   range_options)
-from ptq_jax.validate import check_key
+from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime, adaquant_stage
+from ptq_jax.stages.prepare import Prepared, Stage, prepare, run_stages
+from ptq_jax.stages.ranges import RangeConfig, ranges_stage
 from ptq_jax.stages.sensitivity import (DEFAULT_OPTIONS, SensitivityTable, cache_key,
                                         program_text, sensitivity_table)
+from ptq_jax.validate import check_key
 
 OPTION_METHODS = ('ptq', 'adaquant')
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -48,12 +49,12 @@ class MixedPrecision:
   prepared: Prepared                          # the traced, folded model and its images
   option_states: Dict[Option, Dict[str, LayerQuant]]
   table: SensitivityTable
-  method: str
+  method: str                                 # how each option's states were made
   timings: Dict[str, float]
   from_cache: bool = False                    # states and table read from cache_dir
   # Per-layer AdaQuant reports of each option, when computed in this process (not cached).
   option_reports: Dict[Option, list] = dataclasses.field(default_factory=dict)
-  range_method: RangeConfig = RangeConfig()
+  spec: QuantSpec = QuantSpec()               # the settings the states were made with
 
   def solve(self, size_pct: Optional[float] = None, bops_pct: Optional[float] = None,
             size_bits: Optional[float] = None, bops: Optional[float] = None,
@@ -92,12 +93,9 @@ class MixedPrecision:
     return {p: self.option_states[allocation.choice[p]][p] for p in self.table.paths}
 
   def options(self, allocation: alloc.Allocation) -> Dict[str, Any]:
-    """The options a mixed model of ``allocation`` records."""
-    return {'w_bits': None, 'a_bits': None, **range_options(self.range_method),
-            'first_last_bits': None, 'overrides': allocation.overrides(),
-            'calib_size': len(self.prepared.images),
-            'method': 'mixed_precision', 'option_method': self.method,
-            'allocation': allocation.counts(), 'budgets': allocation.budgets}
+    """The settings a mixed model of ``allocation`` records."""
+    return self.spec.metadata(len(self.prepared.images), allocation=allocation,
+                              option_method=self.method)
 
   def build(self, allocation: alloc.Allocation) -> QuantizedModel:
     """The mixed model: each layer's state from its chosen option."""
@@ -110,35 +108,99 @@ class MixedPrecision:
     return self.build(allocation), allocation
 
 
-def mixed_precision(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: Any = None, *,
-                    model_name: str = 'model', **kwargs: Any) -> MixedPrecision:
-  """Computes every option's state and the sensitivity table (or loads it from cache)
-  for ``model`` on the calibration images ``calib``; see :func:`mixed_precision_of`
-  for the options."""
-  return mixed_precision_of(prepare(model, variables, calib, model_name=model_name), **kwargs)
+class MixedReport(NamedTuple):
+  """The report of a stage that picks layers' states from the per-option states."""
+
+  mixed: MixedPrecision            # the states and table (reusable by a later run)
+  allocation: alloc.Allocation     # what each layer got
+  layer_reports: list              # AdaQuant's report of each layer at its pick ([]: none)
+
+  @property
+  def table(self) -> SensitivityTable:
+    return self.mixed.table
 
 
-def mixed_precision_of(prepared: Prepared, *,
-                       options: Sequence[Any] = DEFAULT_OPTIONS, method: str = 'ptq',
-                       range_method: Union[str, RangeConfig] = 'minmax',
-                       adaquant: Optional[AdaQuantConfig] = None,
-                       labels: Optional[np.ndarray] = None, key: Optional[jax.Array] = None,
-                       cache_dir: Optional[str] = None,
-                       batch_size: int = 250, progress: bool = True,
-                       runtime: Optional[AdaQuantRuntime] = None) -> MixedPrecision:
-  """Every option's state and the sensitivity table of a prepared model (or both
-  from the cache).
+def mixed_precision(model: Any, variables: Optional[Mapping[str, Any]] = None,
+                    calib: Any = None, *, options: Sequence[Any] = DEFAULT_OPTIONS,
+                    method: str = 'ptq', ranges: Any = 'minmax',
+                    adaquant: Optional[AdaQuantConfig] = None,
+                    runtime: Optional[AdaQuantRuntime] = None,
+                    labels: Optional[np.ndarray] = None, key: Optional[jax.Array] = None,
+                    cache_dir: Optional[str] = None, batch_size: int = 250,
+                    model_name: str = 'model', progress: bool = True) -> MixedPrecision:
+  """Every option's state and the sensitivity table (or both from the cache) for
+  ``model`` on the calibration images ``calib``.
 
   Args:
     options: (w_bits, a_bits) pairs, or names such as 'W4A4'.
     method: 'ptq' (calibrated ranges: the light pipeline) or 'adaquant' (parallel
       AdaQuant per option: the advanced pipeline).
+    ranges: a :class:`RangeConfig` or a range method name; adaquant, runtime: as for
+      :func:`ptq_jax.quantize`.
     labels: calibration labels, only to use the cross-entropy loss instead of the
       label-free KL divergence from the FP outputs.
     cache_dir: where to keep the states and the table (keyed by weights, images,
       options and settings).
   """
+  if method not in OPTION_METHODS:
+    raise ValueError(f'method={method!r} is not one of {OPTION_METHODS}.')
+  spec = QuantSpec(ranges=ranges, runtime=runtime or AdaQuantRuntime(),
+                   adaquant=(adaquant or AdaQuantConfig()) if method == 'adaquant' else None)
   check_key(key)
+  prepared = prepare(model, variables, calib, model_name=model_name, progress=progress)
+  return option_states(prepared, spec, options, method, key, cache_dir, labels, batch_size)
+
+
+def option_states(prepared: Prepared, spec: QuantSpec, options: Sequence[Any] = DEFAULT_OPTIONS,
+                  method: str = 'ptq', key: Optional[jax.Array] = None,
+                  cache_dir: Optional[str] = None, labels: Optional[np.ndarray] = None,
+                  batch_size: int = 250) -> MixedPrecision:
+  """Every option's state (``spec``'s ranges, then with ``method='adaquant'`` its
+  AdaQuant in parallel mode) and the sensitivity table of a prepared model, or both
+  from ``cache_dir``."""
+  check_key(key)
+  _check_mixable(prepared, method)
+  options = tuple(dict.fromkeys(parse_option(o) for o in options))
+  if not options:
+    raise ValueError('Give at least one bit option, e.g. options=("W8A8", "W4A4").')
+  labels = _checked_labels(prepared, labels)
+  adaquant = spec.adaquant or AdaQuantConfig()
+  digest = _digest(prepared, spec, options, method, adaquant, labels, key) if cache_dir else None
+  cached = load_option_states(cache_dir, digest, prepared, options) if cache_dir else None
+  start, timings, reports = time.time(), {}, {}
+  if cached is not None:
+    states, table = cached
+  else:
+    states = {}
+    for option in options:
+      states[option], reports[option] = _one_option(prepared, spec, option, method, adaquant,
+                                                    key)
+      log.info('%s states ready (%.0fs)', option_name(option), time.time() - start)
+  timings['option_states_seconds'] = time.time() - start
+  start = time.time()
+  if cached is None:
+    table = sensitivity_table(prepared, states, labels, batch_size=batch_size)
+    if cache_dir:
+      save_option_states(cache_dir, digest, states, table)
+  timings['sensitivity_seconds'] = time.time() - start
+  return MixedPrecision(prepared, states, table, method, timings, from_cache=cached is not None,
+                        option_reports={o: r for o, r in reports.items() if r},
+                        spec=spec.replace(adaquant=adaquant if method == 'adaquant' else None))
+
+
+def _one_option(prepared: Prepared, spec: QuantSpec, option: Option, method: str,
+                adaquant: AdaQuantConfig, key: Optional[jax.Array]) -> Tuple[QState, list]:
+  """Every layer at ``option`` (first and last included, so any mix is valid)."""
+  stages = [ranges_stage(spec.replace(w_bits=option[0], a_bits=option[1], first_last_bits=None,
+                                      overrides=None).bits, spec.ranges)]
+  if method == 'adaquant':
+    stages.append(adaquant_stage('parallel', adaquant, spec.runtime))
+  *_, (_, state, report, _) = run_stages(prepared, stages,
+                                         jax.random.key(0) if key is None else key)
+  return state, (report or [])
+
+
+def _check_mixable(prepared: Prepared, method: str) -> None:
   if prepared.float_ops:
     raise UnsupportedLayerError(
         f'Mixed precision cannot yet budget operations kept in float32 '
@@ -147,106 +209,96 @@ def mixed_precision_of(prepared: Prepared, *,
         "(ptq_jax.quantize(..., unsupported='keep_float')) instead.")
   if method not in OPTION_METHODS:
     raise ValueError(f'method={method!r} is not one of {OPTION_METHODS}.')
-  options = tuple(dict.fromkeys(parse_option(o) for o in options))
-  if not options:
-    raise ValueError('Give at least one bit option, e.g. options=("W8A8", "W4A4").')
-  range_config = as_range_config(range_method)
-  images, model, variables = prepared.images, prepared.model, prepared.variables
-  model_name = prepared.model_name or 'model'
-  if labels is not None:
-    labels = np.asarray(labels)
-    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f'labels must be {len(images)} integer class indices (one per '
-                       f'calibration image), got {labels.dtype} of shape {labels.shape}.')
-    if labels.min() < 0:
-      raise ValueError(f'labels must be class indices >= 0, got {int(labels.min())}.')
-    classes = jax.eval_shape(
-        lambda x: model.apply(variables, x, **inference_kwargs(model)), images[:1]).shape[-1]
-    if labels.max() >= classes:   # (checked abstractly, before any state is computed)
-      raise ValueError(f'labels hold class {int(labels.max())}, but the model has {classes} '
-                       'outputs: pass class indices below that.')
-  adaquant = adaquant or AdaQuantConfig()
-  timings: Dict[str, float] = {}
-  extra = {'ranges': dataclasses.asdict(range_config), 'loss': 'kl' if labels is None else 'ce',
-           'labels': None if labels is None else np.asarray(labels).tolist(),
+
+
+def _checked_labels(prepared: Prepared, labels: Optional[np.ndarray]) -> Optional[np.ndarray]:
+  """``labels`` as class indices, one per calibration image, or a clear error (checked
+  abstractly against the model's output count, before any state is computed)."""
+  if labels is None:
+    return None
+  labels, n = np.asarray(labels), len(prepared.images)
+  if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'labels must be {n} integer class indices (one per calibration image), '
+                     f'got {labels.dtype} of shape {labels.shape}.')
+  if labels.min() < 0:
+    raise ValueError(f'labels must be class indices >= 0, got {int(labels.min())}.')
+  model, variables = prepared.model, prepared.variables
+  classes = jax.eval_shape(lambda x: model.apply(variables, x, **inference_kwargs(model)),
+                           prepared.images[:1]).shape[-1]
+  if labels.max() >= classes:
+    raise ValueError(f'labels hold class {int(labels.max())}, but the model has {classes} '
+                     'outputs: pass class indices below that.')
+  return labels
+
+
+def _digest(prepared: Prepared, spec: QuantSpec, options, method: str,
+            adaquant: AdaQuantConfig, labels, key) -> str:
+  """The cache file's key: the traced program, weights, images, options and settings."""
+  extra = {'ranges': dataclasses.asdict(spec.ranges), 'loss': 'kl' if labels is None else 'ce',
+           'labels': None if labels is None else labels.tolist(),
            'adaquant': dataclasses.asdict(adaquant) if method == 'adaquant' else None,
            'key': None if key is None else np.asarray(jax.random.key_data(key)).tolist()}
-  digest = (cache_key(model_name, variables, images, options, method, extra,
-                       program=program_text(model, variables, images[:1]))
-            if cache_dir else None)
-  cached = _load_cache(cache_dir, digest, prepared, options) if cache_dir else None
-  start = time.time()
-  hit = cached is not None
-  reports = {}   # per option, AdaQuant's layer reports (only when computed here)
-  table = None
-  if hit:
-    states, table = cached
-  else:
-    states = {}
-    for option in options:
-      # Every layer at this option, first and last included: any mix is then valid.
-      bits = assign_bits(prepared.layers, option[0], option[1], None, None)
-      state = calibrate_ranges(prepared, bits, range_config)
-      if method == 'adaquant':
-        state, reports[option] = run_adaquant(
-            prepared.model, prepared.variables, prepared.layers, state, images, 'parallel',
-            adaquant, key, progress, None, runtime or AdaQuantRuntime())
-      states[option] = state
-      if progress:
-        print(f'  {option_name(option)} states ready ({time.time() - start:.0f}s)', flush=True)
-  timings['option_states_seconds'] = time.time() - start
-  start = time.time()
-  if table is None:
-    table = sensitivity_table(model, variables, prepared.layers, prepared.float_state, states,
-                              images, labels, batch_size=batch_size, progress=progress)
-    if cache_dir:
-      _save_cache(cache_dir, digest, states, table)
-  timings['sensitivity_seconds'] = time.time() - start
-  return MixedPrecision(prepared, states, table, method, timings, from_cache=hit,
-                        option_reports=reports, range_method=range_config)
+  return cache_key(prepared.model_name or 'model', prepared.variables, prepared.images, options,
+                   method, extra, program=program_text(prepared.model, prepared.variables,
+                                                       prepared.images[:1]))
 
 
-def _states_path(cache_dir: str, digest: str) -> str:
-  return os.path.join(cache_dir, f'mixed-{digest}.msgpack')
+def _states_for(prepared: Prepared, spec: QuantSpec, options: Sequence[Option],
+                needed: Sequence[Option], method: str, reuse: Optional[MixedPrecision],
+                cache_dir: Optional[str], key: jax.Array) -> MixedPrecision:
+  """``reuse`` if given (checked to hold ``needed``), else the states of ``options``
+  (or of ``needed`` alone, when ``options`` lack them)."""
+  if reuse is not None:
+    if reuse.method != method or any(o not in reuse.option_states for o in needed):
+      pipeline = 'advanced' if method == 'adaquant' else 'light'
+      raise ValueError(f'mixed= holds {reuse.method} states for '
+                       f'{[option_name(o) for o in reuse.table.options]}; the {pipeline} '
+                       f'pipeline needs {method} states for '
+                       f'{[option_name(o) for o in needed]}.')
+    return reuse
+  computed = options if all(o in options for o in needed) else needed
+  return option_states(prepared, spec, computed, method, key, cache_dir)
 
 
-def _save_cache(cache_dir: str, digest: str, states: Mapping[Option, Mapping[str, LayerQuant]],
-                table: SensitivityTable) -> None:
-  """The option states and the table in one checksummed file: they can never disagree."""
-  tree = {option_name(o): {p: layer_to_tree(lq) for p, lq in s.items()}
-          for o, s in states.items()}
-  ckpt.save_checkpoint(_states_path(cache_dir, digest), tree,
-                       {'kind': 'mixed_states', 'table': table.to_json()})
+def mixed_precision_stage(spec: QuantSpec, options: Sequence[Any], method: str,
+                          size_pct: Optional[float] = None, bops_pct: Optional[float] = None,
+                          reuse: Optional[MixedPrecision] = None,
+                          cache_dir: Optional[str] = None) -> Stage:
+  """The 'mixed_precision' stage: per-option states (``method`` 'ptq' or 'adaquant';
+  ``reuse``: a previous run's), then the integer program at the budgets; its report is
+  a :class:`MixedReport`."""
+  options = [parse_option(o) for o in options]
+
+  def apply(prepared: Prepared, qstate: QState, key: jax.Array):
+    del qstate   # every layer's state comes from its option
+    mp = _states_for(prepared, spec, options, [], method, reuse, cache_dir, key)
+    allocation = mp.solve(size_pct=size_pct, bops_pct=bops_pct)
+    return mp.state(allocation), MixedReport(mp, allocation, mp.layer_reports(allocation))
+  return Stage('mixed_precision', apply)
 
 
-def _load_cache(cache_dir: str, digest: str, prepared: Prepared, options: Sequence[Option]
-                ) -> Optional[Tuple[Dict[Option, Dict[str, LayerQuant]], SensitivityTable]]:
-  """The cached states and table, or None; a damaged or foreign file is a CheckpointError."""
-  clean_stale_temps(cache_dir)   # temporary files of killed writers
-  path = _states_path(cache_dir, digest)
-  if not os.path.isfile(path):
-    return None
-  fix = 'delete it to recompute'
-  tree, meta = ckpt.load_checkpoint(path, fix=fix)
-  names = [option_name(o) for o in options]
-  if meta.get('kind') != 'mixed_states' or set(tree) != set(names):
-    raise ckpt.CheckpointError(f'{path} is not a mixed-precision cache for options {names}; '
-                               f'{fix}.')
-  try:
-    table = SensitivityTable.from_json(meta['table'])
-  except (KeyError, TypeError, ValueError) as e:
-    raise ckpt.CheckpointError(f'{path} has a malformed sensitivity table ({e}); {fix}.') from e
-  layers = {l.path: l for l in prepared.layers}
-  if (table.paths != tuple(layers) or table.options != tuple(options)
-      or table.delta.shape != (len(layers), len(options))
-      or not np.all(np.isfinite(table.delta)) or not np.isfinite(table.base_loss)):
-    raise ckpt.CheckpointError(f'{path} holds a sensitivity table that does not fit this model '
-                               f'and these options, or non-finite entries; {fix}.')
-  states = {}
-  for o in options:
-    layer_trees = tree[option_name(o)]
-    if set(layer_trees) != set(layers):
-      raise ckpt.CheckpointError(f'{path}: the {option_name(o)} states do not cover this '
-                                 f'model\'s layers; {fix}.')
-    states[o] = {p: checked_layer(layer_trees[p], layers[p], o, False, path, fix) for p in layers}
-  return states, table
+def uniform_option_stage(spec: QuantSpec, options: Sequence[Any],
+                         reuse: Optional[MixedPrecision] = None,
+                         cache_dir: Optional[str] = None) -> Stage:
+  """The advanced pipeline's 'adaquant' stage at fixed bits: parallel AdaQuant at
+  ``spec``'s bits (the first and last layer at ``first_last_bits``), taken from the
+  per-option states, which also cover ``options`` when they include those bits (so a
+  later mixed run can reuse them); its report is a :class:`MixedReport`."""
+  fixed = [parse_option((spec.w_bits, spec.a_bits))]
+  if spec.first_last_bits is not None:
+    fixed.append(parse_option((spec.first_last_bits, spec.first_last_bits)))
+  options = [parse_option(o) for o in options]
+
+  def apply(prepared: Prepared, qstate: QState, key: jax.Array):
+    del qstate
+    mp = _states_for(prepared, spec, options, fixed, 'adaquant', reuse, cache_dir, key)
+    allocation = mp.uniform(fixed[0], fixed[1] if len(fixed) > 1 else None)
+    return mp.state(allocation), MixedReport(mp, allocation, mp.layer_reports(allocation))
+  return Stage('adaquant', apply)
+
+
+def reports_of(report: Any) -> List[Any]:
+  """The per-layer (or per-site) reports a stage's report holds ([] if none)."""
+  if isinstance(report, MixedReport):
+    return list(report.layer_reports)
+  return list(report) if isinstance(report, list) else []

@@ -10,7 +10,7 @@ call (``nnx.merge``, a fresh copy: nothing is mutated) and routes each of its
 ``nn.Conv`` / ``nn.ConvTranspose`` / ``nn.DenseGeneral`` / ``nn.Einsum`` /
 ``nn.BatchNorm``) holding the same parameters, which the library's interceptor sees
 like any Linen layer; the default attention function of each ``nnx.MultiHeadAttention``
-is called through :class:`~ptq_jax.quant.attention.AttentionCore` (its matmuls can be
+is called through :class:`~ptq_jax.attention_sites.AttentionCore` (its matmuls can be
 quantized). Layers are named by their NNX path (``layers.0``). Every other
 parameter (norms, embeddings, a module's own ``nnx.Param``) stays in the
 NNX code, under ``params['nnx']``, where the float-operation check still finds any
@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 from flax import nnx
 
-from ptq_jax.quant.attention import AttentionCore
+from ptq_jax.attention_sites import AttentionCore
 
 NNX_KEY = 'nnx'   # params['nnx']: the NNX parameters the converted layers do not hold
 

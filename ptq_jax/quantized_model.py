@@ -189,6 +189,18 @@ class QuantizedModel:
                float_ops=list(traced.float_ops))
 
 
+def quantized_model(prepared: Any, qstate: QState, options: Dict[str, Any],
+                    timings: Optional[Dict[str, float]] = None,
+                    layer_reports: Optional[List[Any]] = None) -> QuantizedModel:
+  """A :class:`QuantizedModel` of a prepared model (``ptq_jax.stages.prepare.Prepared``)
+  computing with ``qstate``; ``options``: the settings it records (``QuantSpec.metadata``)."""
+  if prepared.model_name and 'model' not in options:
+    options = dict(options, model=prepared.model_name)
+  return QuantizedModel(prepared.model, dict(prepared.variables), list(prepared.layers),
+                        dict(qstate), options, prepared.input_shape, dict(timings or {}),
+                        list(layer_reports or []), list(prepared.float_ops))
+
+
 def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: bool, path: str,
                   fix: str) -> LayerQuant:
   """:func:`layer_from_tree` for a tree read from a file: bits, shapes and values

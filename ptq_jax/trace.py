@@ -25,7 +25,7 @@ from ptq_jax.calling import inference_kwargs
 from ptq_jax.float_ops import FloatOp, find_activation_matmuls, find_float_ops, relative_stack
 from ptq_jax.linear import LayerGeometry, dense_general_view, einsum_view, geometry_of
 from ptq_jax.nnx_bridge import NNXModel
-from ptq_jax.quant.attention import AttentionCore, attention_fn_swapped, is_linen_site
+from ptq_jax.attention_sites import AttentionCore, attention_fn_swapped, is_linen_site
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 \
   | grep -v -e "^WARNING: Location" -e "is ignored" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 \
+# ptq_jax itself with the runner's and the data's extras (all pinned above, so nothing
+# more is fetched); the library alone needs only pyproject.toml's core dependencies.
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[run,data]' 2>&1 \
   | grep -v -e "^WARNING: Location" -e "is ignored" || true
 # Rotten Tomatoes sentences: only vaderSentiment's source distribution holds them.
 if [ ! -f .external/vaderSentiment-3.3.2.tar.gz ]; then

@@ -36,10 +36,8 @@ def main():
     qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=4, first_last_bits=None,
                           method='adaquant', mode='parallel', adaquant=config,
                           key=jax.random.key(3), progress=False, devices=devs)
-    float_state = ptq_jax.prepare(model, variables, x[:1]).float_state
-    table = sensitivity_table(model, variables, qm.layers, float_state,
-                                      {(4, 4): qm.qstate}, x, batch_size=10, progress=False,
-                                      devices=devs)
+    prepared = ptq_jax.stages.prepare(model, variables, x, progress=False)
+    table = sensitivity_table(prepared, {(4, 4): qm.qstate}, batch_size=10, devices=devs)
     runs[name] = dict(qm=qm, table=table, logits=qm.predict(x, batch_size=10, devices=devs),
                       fp=ptq_jax.predict_logits(model, variables, x, batch_size=10,
                                                 devices=devs))

@@ -13,6 +13,7 @@ from ptq_jax.quant.capture import InputCapture
 from ptq_jax.stages.adaquant import driver as adaquant_driver
 from ptq_jax.stages.adaquant import layer as adaquant
 from ptq_jax.stages.adaquant.driver import run_adaquant
+from ptq_jax.stages.prepare import prepare
 from ptq_jax.quant.interceptor import apply_quantized
 from test_quant import ToyNet, random_variables
 
@@ -32,8 +33,8 @@ def toy_w3a3():
 @pytest.mark.parametrize('mode', ['parallel', 'sequential'])
 def test_adaquant_lowers_every_layers_error(toy_w3a3, mode):
   model, variables, x, base = toy_w3a3
-  state, reports = run_adaquant(model, variables, base.layers, base.qstate, x, mode,
-                                         CONFIG, jax.random.key(0), progress=False)
+  state, reports = run_adaquant(prepare(model, variables, x, progress=False), base.qstate, mode,
+                                         CONFIG, jax.random.key(0))
   assert [r['path'] for r in reports] == [l.path for l in base.layers]
   for r in reports:
     assert r['mse_after'] < r['mse_before'], r
@@ -46,7 +47,7 @@ def test_adaquant_lowers_every_layers_error(toy_w3a3, mode):
 def test_quantize_entry_point(toy_w3a3):
   model, variables, x, base = toy_w3a3
   qm = ptq_jax.quantize(model, variables, x, w_bits=3, a_bits=3, first_last_bits=None,
-                        method='adaquant', mode='sequential', adaquant=CONFIG, progress=False)
+                        method='adaquant', mode='sequential', adaquant=CONFIG)
   assert qm.options['method'] == 'adaquant' and qm.options['mode'] == 'sequential'
   assert qm.options['adaquant']['iterations'] == 120
   assert len(qm.layer_reports) == len(qm.layers) and 'adaquant_seconds' in qm.timings
@@ -67,8 +68,8 @@ def test_sequential_inputs_come_from_the_quantized_prefix(toy_w3a3, monkeypatch)
 
   monkeypatch.setattr(adaquant_driver, 'optimize_layer', recording)
   config = ptq_jax.AdaQuantConfig(iterations=20, batch_size=16)
-  state, _ = run_adaquant(model, variables, base.layers, base.qstate, x, 'sequential',
-                                   config, jax.random.key(0), progress=False)
+  state, _ = run_adaquant(prepare(model, variables, x, progress=False), base.qstate, 'sequential',
+                                   config, jax.random.key(0))
   float_state = {p: adaquant.LayerQuant(lq.kernel, lq.bias) for p, lq in base.qstate.items()}
   for i, layer in enumerate(base.layers):
     # Expected input: the network with the final (optimised) state for the layers before
@@ -93,9 +94,8 @@ def test_sequential_inputs_come_from_the_quantized_prefix(toy_w3a3, monkeypatch)
 def test_deterministic_for_a_seed(toy_w3a3):
   model, variables, x, base = toy_w3a3
   config = ptq_jax.AdaQuantConfig(iterations=15, batch_size=8)
-  run = lambda seed: run_adaquant(model, variables, base.layers, base.qstate, x,
-                                           'parallel', config, jax.random.key(seed),
-                                           progress=False)[0]
+  run = lambda seed: run_adaquant(prepare(model, variables, x, progress=False), base.qstate,
+                                  'parallel', config, jax.random.key(seed))[0]
   a, b, c = run(1), run(1), run(2)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   diffs = jax.tree.map(lambda u, v: bool(jnp.any(u != v)), a, c)
@@ -383,9 +383,9 @@ def test_minibatches_do_not_depend_on_steps_per_call(toy_w3a3):
   difference is well below what a change of minibatches does."""
   model, variables, x, base = toy_w3a3
   run = lambda spc, seed=3: run_adaquant(
-      model, variables, base.layers, base.qstate, x, 'parallel',
+      prepare(model, variables, x, progress=False), base.qstate, 'parallel',
       ptq_jax.AdaQuantConfig(iterations=9, batch_size=8), jax.random.key(seed),
-      progress=False, runtime=ptq_jax.AdaQuantRuntime(steps_per_call=spc))[0]
+      runtime=ptq_jax.AdaQuantRuntime(steps_per_call=spc))[0]
   one, four, other_seed = run(1), run(4), run(1, seed=4)
   largest = lambda a, b, field: max(float(jnp.max(jnp.abs(field(a[p]) - field(b[p]))))
                                     for p in a)

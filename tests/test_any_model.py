@@ -392,14 +392,14 @@ def test_a_subclass_calling_super_traces_like_its_base():
 
 
 def test_pipelines_and_mixed_precision_take_a_range_config():
-  """range_method=RangeConfig(smooth_alpha=...) reaches every option state and the
+  """ranges=RangeConfig(smooth_alpha=...) reaches every option state and the
   options the models record."""
   model, x = AttentionBlock(), data((16, 6, 8))
   variables = model.init(jax.random.key(0), x)
   config = ptq_jax.RangeConfig(smooth_alpha=0.5)
   result = ptq_jax.run_pipeline(model, variables, x, 'light', size_pct=40,
-                                options=('W8A8', 'W4A8'), range_method=config, progress=False)
+                                options=('W8A8', 'W4A8'), ranges=config, progress=False)
   assert result.model.options['smooth_alpha'] == 0.5
   assert all(lq.smooth is not None for lq in result.model.qstate.values())
   with pytest.raises(TypeError, match='RangeConfig'):
-    ptq_jax.run_pipeline(model, variables, x, 'light', range_method=3, progress=False)
+    ptq_jax.run_pipeline(model, variables, x, 'light', ranges=3, progress=False)

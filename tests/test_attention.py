@@ -81,13 +81,13 @@ def test_attention_matmuls_are_quantized_only_when_asked(tmp_path):
   assert [s.model.matmul_bits() for s in result.stages] == [{}] + [{'attn': 4}] * 5
   (site,) = result.stages[3].report   # the operand quantizers fitted, never made worse
   assert site['optimised'] and site['rel_error_after'] < site['rel_error_before']
-  from ptq_jax.pipelines import PipelineResult, pipeline_stages
-  names = lambda **kw: [s.name for s in pipeline_stages(result=PipelineResult('p', []),
-                                                        quantize_matmuls=True, **kw)]
-  assert names(pipeline='advanced') == ['ranges', 'matmul_ranges', 'adaquant',
-                                        'matmul_adaquant', 'bn_tuning', 'bias_tuning']
-  assert names(pipeline='light', size_pct=13) == ['mixed_precision', 'matmul_ranges',
-                                                  'bn_tuning']
+  spec = ptq_jax.QuantSpec(adaquant=ptq_jax.AdaQuantConfig(), quantize_matmuls=True)
+  names = lambda name, **kw: [s.name for s in ptq_jax.recipes.pipeline(name, spec, **kw)]
+  assert names('advanced') == ['ranges', 'matmul_ranges', 'adaquant', 'matmul_adaquant',
+                               'bn_tuning', 'bias_tuning']
+  assert names('light', size_pct=13) == ['mixed_precision', 'matmul_ranges', 'bn_tuning']
+  assert names('advanced', size_pct=13) == ['mixed_precision', 'matmul_adaquant', 'bn_tuning',
+                                            'bias_tuning']
 
 
 def test_nnx_attention_matmuls_and_what_cannot_be_quantized():

@@ -8,6 +8,7 @@ import pytest
 
 import ptq_jax
 from ptq_jax.stages.bn_tuning import bn_tune, refold
+from ptq_jax.stages.prepare import prepare
 from ptq_jax.quant.interceptor import LayerQuant, apply_quantized, quantized_weight
 from ptq_jax.quant.quantizer import init_range
 
@@ -44,8 +45,7 @@ def test_float_bn_tuning_equals_exact_batch_statistics(net):
   model, variables, x = net
   fp = ptq_jax.quantize(model, variables, x, w_bits=None, a_bits=None, first_last_bits=None,
                         progress=False)
-  state, reports = bn_tune(model, variables, fp.layers, fp.qstate, x, batch_size=24,
-                           progress=False)
+  state, reports = bn_tune(prepare(model, variables, x, progress=False), fp.qstate, batch_size=24)
   assert len(reports) == 3 and state is not fp.qstate
   tuned = apply_quantized(model, variables, state, fp.folded_bns, jnp.asarray(x))
   exact, _ = model.apply(variables, jnp.asarray(x), train=True, mutable=['batch_stats'])
@@ -58,7 +58,7 @@ def test_quantized_outputs_get_the_bn_statistics(net):
   model, variables, x = net
   qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=4, first_last_bits=None,
                         progress=False)
-  state, _ = bn_tune(model, variables, qm.layers, qm.qstate, x, progress=False)
+  state, _ = bn_tune(prepare(model, variables, x, progress=False), qm.qstate)
   outputs = {}
 
   def layer_output(path, module, inputs, site):
@@ -96,7 +96,7 @@ def test_empty_calibration_set(net):
   model, variables, x = net
   qm = ptq_jax.quantize(model, variables, x, progress=False)
   with pytest.raises(ValueError, match='empty'):
-    bn_tune(model, variables, qm.layers, qm.qstate, x[:0], progress=False)
+    bn_tune(prepare(model, variables, x[:0], progress=False), qm.qstate)
 
 
 def test_fp_target_matches_the_float_networks_statistics(net):
@@ -104,12 +104,12 @@ def test_fp_target_matches_the_float_networks_statistics(net):
   fp = ptq_jax.quantize(model, variables, x, w_bits=None, a_bits=None, first_last_bits=None,
                         progress=False)
   # On the float network there is nothing to correct, whatever the data.
-  state, _ = bn_tune(model, variables, fp.layers, fp.qstate, x, progress=False, target='fp')
+  state, _ = bn_tune(prepare(model, variables, x, progress=False), fp.qstate, 'fp')
   np.testing.assert_allclose(apply_quantized(model, variables, state, fp.folded_bns, x),
                              fp.apply(x), rtol=1e-4, atol=1e-4)
   qm = ptq_jax.quantize(model, variables, x, w_bits=3, a_bits=3, first_last_bits=None,
                         progress=False)
-  state, _ = bn_tune(model, variables, qm.layers, qm.qstate, x, progress=False, target='fp')
+  state, _ = bn_tune(prepare(model, variables, x, progress=False), qm.qstate, 'fp')
 
   def outputs_of(qstate, quantized):
     from ptq_jax.quant.interceptor import layer_forward, quantized_layer_output
@@ -132,4 +132,4 @@ def test_fp_target_matches_the_float_networks_statistics(net):
       np.testing.assert_allclose(tuned[layer.path].std(0), float_out[layer.path].std(0),
                                  rtol=2e-3)
   with pytest.raises(ValueError, match='target'):
-    bn_tune(model, variables, qm.layers, qm.qstate, x, progress=False, target='ema')
+    bn_tune(prepare(model, variables, x, progress=False), qm.qstate, 'ema')

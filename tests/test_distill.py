@@ -7,6 +7,7 @@ import pytest
 
 import ptq_jax
 from ptq_jax.stages.bias_tuning import kd_tune, kl_to_teacher
+from ptq_jax.stages.prepare import prepare
 from test_quant import ToyNet, random_variables
 
 
@@ -28,8 +29,8 @@ def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
 @pytest.mark.parametrize('target', ['bias', 'all'])
 def test_kd_tuning_lowers_the_loss_and_touches_only_its_target(toy_w3a3, target):
   model, variables, x, base = toy_w3a3
-  state, report = kd_tune(model, variables, base.qstate, base.folded_bns, x, target=target,
-                          steps=60, batch_size=16, progress=False)
+  state, report = kd_tune(prepare(model, variables, x, progress=False), base.qstate, target=target,
+                          steps=60, batch_size=16)
   assert report['kd_loss_after'] < report['kd_loss_before']
   for path, lq in state.items():
     old = base.qstate[path]
@@ -42,4 +43,4 @@ def test_kd_tuning_lowers_the_loss_and_touches_only_its_target(toy_w3a3, target)
 def test_bad_target(toy_w3a3):
   model, variables, x, base = toy_w3a3
   with pytest.raises(ValueError, match="target must be one of"):
-    kd_tune(model, variables, base.qstate, base.folded_bns, x, target='kernels')
+    kd_tune(prepare(model, variables, x), base.qstate, target='kernels')

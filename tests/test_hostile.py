@@ -399,7 +399,8 @@ CASES: List[Case] = [
     api('layout rule unknown', lambda c: LayoutRule('nchw_upside_down'), ValueError,
         'nchw_upside_down'),
     api('BN tuning on 4 images warns', lambda c: bn_tune(
-        c.model, c.variables, *_layers_and_state(c), c.x[:4], progress=False),
+        ptq_jax.stages.prepare(c.model, c.variables, c.x[:4], progress=False),
+        _layers_and_state(c)[1]),
         warning=UserWarning, words='BN tuning on 4 calibration image'),
     # Files the project writes and reads back.
     files('checkpoint missing', lambda c: ckpt.load_model(os.path.join(c.tmp, 'none.msgpack')),

@@ -86,6 +86,57 @@ def test_no_import_cycle_and_no_function_level_imports_inside_the_package():
   assert len(modules) > 40 and 'ptq_jax.stages.adaquant.driver' in graph  # the walk saw it all
 
 
+def _folder(name, modules):
+  """The node of ``name`` in the folder-level graph: a subpackage (``ptq_jax.quant``)
+  for its modules, the module itself at the package's top level."""
+  parts = name.split('.')
+  return '.'.join(parts[:2]) if len(parts) > 2 or modules[name].endswith('__init__.py') else name
+
+
+def _folder_cycles(modules):
+  """Cycles of the module graph with every subpackage collapsed to one node."""
+  graph = {}
+  for name, path in modules.items():
+    package = name if path.endswith('__init__.py') else name.rsplit('.', 1)[0]
+    node = _folder(name, modules)
+    for target in _imports(path, modules, package)[0]:
+      if _folder(target, modules) != node:
+        graph.setdefault(node, set()).add(_folder(target, modules))
+  state, cycles = {}, []
+
+  def visit(node, stack):
+    state[node] = 'open'
+    for nxt in sorted(graph.get(node, ())):
+      if state.get(nxt) == 'open':
+        cycles.append(stack[stack.index(nxt):] + [nxt])
+      elif nxt not in state:
+        visit(nxt, stack + [nxt])
+    state[node] = 'done'
+
+  for node in sorted(graph):
+    if node not in state:
+      visit(node, [node])
+  return cycles
+
+
+def test_no_folder_imports_a_folder_that_imports_it_back():
+  """Floors: a subpackage (quant/, stages/, models/, ...) never imports a module that
+  imports back into it, directly or around a loop."""
+  assert _folder_cycles(_modules()) == []
+
+
+def test_the_folder_check_finds_a_loop_through_a_top_level_module(tmp_path):
+  """The checker itself: pkg.sub.a -> pkg.top -> pkg.sub.b is a loop at folder level,
+  though no module imports itself back."""
+  (tmp_path / 'a.py').write_text('from pkg import top\n')
+  (tmp_path / 'top.py').write_text('from pkg.sub import b\n')
+  (tmp_path / 'b.py').write_text('x = 1\n')
+  (tmp_path / 'init.py').write_text('')
+  modules = {'pkg': str(tmp_path / 'init.py'), 'pkg.sub.a': str(tmp_path / 'a.py'),
+             'pkg.top': str(tmp_path / 'top.py'), 'pkg.sub.b': str(tmp_path / 'b.py')}
+  assert _folder_cycles(modules) == [['pkg.sub', 'pkg.top', 'pkg.sub']]
+
+
 def test_the_cycle_check_finds_a_cycle(tmp_path):
   """The checker itself: two modules importing each other are a cycle."""
   (tmp_path / 'a.py').write_text('from pkg import b\n')
@@ -135,3 +186,43 @@ def test_docs_stay_inside_the_repository():
         text = open(os.path.join(folder, f)).read()
         for outside in OUTSIDE:
           assert outside not in text, (f, outside)
+
+
+BLOCKED = ('tensorflow_datasets', 'matplotlib', 'ml_collections', 'PIL', 'array_record',
+           'importlib_resources')
+LIBRARY_ONLY = '''
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in %r:
+      raise ImportError(f'{name} is blocked: the library must not need it')
+sys.meta_path.insert(0, Block())
+import flax.linen as nn, jax, numpy as np
+import ptq_jax
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Conv(4, (3, 3))(x)).mean(axis=(1, 2)))
+x = np.random.default_rng(0).normal(size=(16, 6, 6, 2)).astype(np.float32)
+model = Net(); variables = model.init(jax.random.key(0), x)
+qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, progress=False)
+assert qm.predict(x).shape == (16, 3)
+print('ok', sorted(m for m in sys.modules if m.split('.')[0] in %r))
+''' % (BLOCKED, BLOCKED)
+
+
+def test_the_library_runs_without_the_runners_and_datas_dependencies():
+  """pyproject's core dependencies suffice for ``ptq_jax.quantize`` on a user's own model:
+  with TFDS, matplotlib, ml_collections and Pillow unimportable, it still runs."""
+  proc = subprocess.run([sys.executable, '-c', LIBRARY_ONLY], cwd='/', capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == 'ok []'
+
+
+def test_the_core_dependencies_leave_out_the_runner_and_the_data():
+  text = open(os.path.join(ROOT, 'pyproject.toml')).read()
+  core = text[text.index('dependencies = ['):text.index(']', text.index('dependencies = ['))]
+  for name in ('tensorflow-datasets', 'matplotlib', 'ml-collections', 'pillow'):
+    assert name not in core, name
+  assert not os.path.exists(os.path.join(ROOT, 'pytest.ini'))

@@ -32,7 +32,7 @@ def test_nnx_resnet20_quantizes_exactly_like_the_linen_one(resnets):
   first = lambda layers: {l.path: {'w_bits': 4, 'a_bits': 4} for l in layers[:5]}
   linen = ptq_jax.quantize(model, variables, x, overrides=first(ptq_jax.trace(model, variables, x)),
                            **common)
-  nnx_q = ptq_jax.quantize(twin, calib=x, overrides=first(ptq_jax.prepare(twin, calib=x).layers),
+  nnx_q = ptq_jax.quantize(twin, calib=x, overrides=first(ptq_jax.stages.prepare(twin, calib=x).layers),
                            **common)
   assert len(nnx_q.layer_reports) == len(linen.layer_reports) == 5
   assert [l.path for l in nnx_q.layers][:3] == ['conv_init', 'blocks.0.conv0', 'blocks.0.conv1']
@@ -131,7 +131,7 @@ def test_the_vit_trains_by_the_train_job_and_comes_back_as_nnx(tfds_dir, tmp_pat
   x = np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)
   np.testing.assert_allclose(np.asarray(module(jnp.asarray(x))),
                              ptq_jax.predict_logits(model, variables, x), rtol=1e-5, atol=1e-5)
-  layers = ptq_jax.prepare(module, calib=x[:1]).layers   # attention projections are layers
+  layers = ptq_jax.stages.prepare(module, calib=x[:1]).layers   # attention projections are layers
   assert {'blocks.0.attn.query', 'blocks.0.attn.out'} <= {l.path for l in layers}
 
 

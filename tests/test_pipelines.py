@@ -131,18 +131,17 @@ def test_a_hand_made_stage_list_is_the_sequential_pipeline(toy):
   """The stages compose as documented (README, docs/method.md): ranges -> sequential
   AdaQuant -> BN tuning -> bias tuning run by hand through ``run_stages`` give exactly
   what ``run_pipeline('sequential')`` gives, stage by stage."""
-  from ptq_jax.stages.adaquant import adaquant
-  from ptq_jax.stages.bias_tuning import bias_tuning
-  from ptq_jax.stages.bn_tuning import bn_tuning
-  from ptq_jax.stages.prepare import run_stages
-  from ptq_jax.stages.ranges import assign_bits, ranges
+  from ptq_jax import stages as st   # every constructor from one place
   model, variables, x = toy
   key = jax.random.key(5)
-  prepared = ptq_jax.prepare(model, variables, x)
-  bits = assign_bits(prepared.layers, 4, 4, first_last_bits=8, overrides=None)
-  stages = [ranges(bits), adaquant('sequential', FAST, progress=False),
-            bn_tuning(progress=False), bias_tuning(10, progress=False)]
-  by_hand = run_stages(prepared, stages, key)
+  prepared = st.prepare(model, variables, x, progress=False)
+  stages = [st.ranges_stage(st.BitsRule(4, 4, first_last_bits=8)),
+            st.adaquant_stage('sequential', FAST), st.bn_tuning_stage(),
+            st.bias_tuning_stage(10)]
+  by_hand = st.run_stages(prepared, stages, key)
+  # The recipe gives the same list.
+  spec = ptq_jax.QuantSpec(adaquant=FAST, mode='sequential', bias_steps=10)
+  assert [s.name for s in ptq_jax.recipes.sequential(spec)] == [s.name for s in stages]
   result = ptq_jax.run_pipeline(model, variables, x, 'sequential', adaquant=FAST,
                                 bias_steps=10, key=key, progress=False)
   assert [s[0] for s in by_hand] == [s.name for s in result.stages]
@@ -155,7 +154,7 @@ def test_the_stage_guard_keeps_a_stage_only_if_it_lowers_the_output_kl(toy):
   report kept beside the guard's); a stage that raises the bit widths is kept. The
   measured loss is KL(FP32 || quantized) over the calibration images."""
   model, variables, x = toy
-  prepared = ptq_jax.prepare(model, variables, x)
+  prepared = ptq_jax.stages.prepare(model, variables, x)
   w4 = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=4, progress=False)
   w8 = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False)
   fp = ptq_jax.predict_logits(model, variables, x)
@@ -186,7 +185,7 @@ def test_a_guarded_pipeline_goes_on_from_the_state_before_a_dropped_stage(toy):
   ranges, dropped, bn = safe.stages
   assert not dropped.kept and dropped.guard.kl_after > dropped.guard.kl_before
   assert dropped.model.layer_reports == [] and dropped.report   # reports of the attempt
-  prepared = ptq_jax.prepare(model, variables, x)
+  prepared = ptq_jax.stages.prepare(model, variables, x)
   for path, lq in dropped.model.qstate.items():
     np.testing.assert_array_equal(lq.kernel, ranges.model.qstate[path].kernel)
   assert 'adaquant' not in safe.model.options['stages']

@@ -4,15 +4,15 @@
   loaded or overridden (missing file, syntax error, no ``get_config``, an unknown key,
   ``get_config`` raising), naming the file or key and the fix.
 * :func:`check_writable_dir`: an output directory (the work dir, a cache dir) can be
-  created and written, checked without creating anything, so a run never fails on
-  its outputs after the work is done.
+  created and written (the library's :func:`ptq_jax.io.check_output_dir`).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
+
+from ptq_jax.io import check_output_dir as check_writable_dir
 
 
 def config_error_message(error: BaseException, config_path: Optional[str] = None) -> str:
@@ -40,23 +40,3 @@ def config_error_message(error: BaseException, config_path: Optional[str] = None
 
 def _first_line(text: str) -> str:
   return text.strip().splitlines()[0] if text.strip() else ''
-
-
-def check_writable_dir(path: str, what: str) -> None:
-  """Raises ValueError unless ``path`` is (or can be created as) a writable directory.
-
-  Nothing is created: the deepest existing ancestor must be a writable directory."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f'{what} {path} is a file, not a directory: pass another path.')
-  probe = path
-  while not os.path.exists(probe):
-    parent = os.path.dirname(probe)
-    if parent == probe:
-      break
-    probe = parent
-  if not os.path.isdir(probe):
-    raise ValueError(f'{what} {path} lies under {probe}, which is a file: pass another path.')
-  if not os.access(probe, os.W_OK | os.X_OK):
-    raise ValueError(f'{what} {path} cannot be written ({probe} is not writable): pass a '
-                     'writable path.')

@@ -60,7 +60,7 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
       result = run_pipeline(
           model, variables, calib, pipeline, w_bits=q.w_bits, a_bits=q.a_bits,
           first_last_bits=q.first_last_bits or None, size_pct=size_pct, options=q.options,
-          range_method=ranges,
+          ranges=ranges,
           adaquant=adaquant, bias_steps=q.bias_steps, key=jax.random.key(config.seed),
           cache_dir=os.path.expanduser(q.cache_dir) if q.cache_dir else None,
           model_name=meta['model'], mixed=shared.get(pipeline),
@@ -86,9 +86,9 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
             f'{stage.guard.kl_after:.4g}; went on from the state before it]')
         print(f'  {STAGE_LABELS[stage.name]:16s} top-1 {top1:6.2f}%  ({stage.seconds:.1f}s)'
               f'{dropped}', flush=True)
-      adaquant_stage = [s for s in result.stages if s.name == 'adaquant' and s.report]
+      adaquant_stage = [s for s in result.stages if s.name == 'adaquant' and s.model.layer_reports]
       if adaquant_stage:
-        plot_layers(adaquant_stage[0].report, out.path('layers.png'))
+        plot_layers(adaquant_stage[0].model.layer_reports, out.path('layers.png'))
     result.model.save(out.path('quantized.msgpack'))
     atomic_write_json(out.path('results.json'), records)
     atomic_write_bytes(out.path('results.md'), render_markdown(

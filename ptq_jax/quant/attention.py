@@ -8,22 +8,15 @@ matmuls take fake-quantized operands, each with one per-tensor asymmetric quanti
 biases stay in float. A site not in the quantization state runs Flax's own function
 untouched, so the float model is exact.
 
-How the site is reached without editing the model: for Linen, the interceptor swaps the
-module's ``attention_fn`` field for the duration of its call; the NNX bridge calls each
-default attention function through :class:`AttentionCore`, a parameter-free Linen module
-named by the NNX path, which the interceptor sees like any layer.
+How the site is reached without editing the model: :mod:`ptq_jax.attention_sites`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from flax import struct
 
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant
@@ -77,38 +70,3 @@ def quantized_attention(query, key, value, bias=None, mask=None, *,
   weights = jax.nn.softmax(weights).astype(dtype)
   weights, value = operand('probs', weights), operand('v', value)
   return jnp.einsum('...hqk,...khd->...qhd', weights, value, precision=precision)
-
-
-DEFAULT_FUNCTIONS = (nn.dot_product_attention, nnx.dot_product_attention)
-
-
-def is_linen_site(module: nn.Module) -> bool:
-  """A Linen attention module whose matmuls this library can quantize."""
-  return (isinstance(module, nn.MultiHeadDotProductAttention)
-          and module.attention_fn in DEFAULT_FUNCTIONS
-          and getattr(module, 'qk_attn_weights_einsum_cls', None) is None
-          and getattr(module, 'attn_weights_value_einsum_cls', None) is None)
-
-
-@contextlib.contextmanager
-def attention_fn_swapped(module: nn.Module, make: Callable[[Callable], Callable]):
-  """Within the block, the Linen attention ``module`` calls ``make(original)`` as its
-  attention function (with the original's signature: Linen passes only the keyword
-  arguments the function declares)."""
-  original = module.attention_fn
-  replacement = functools.wraps(original)(make(original))
-  object.__setattr__(module, 'attention_fn', replacement)
-  try:
-    yield
-  finally:
-    object.__setattr__(module, 'attention_fn', original)
-
-
-class AttentionCore(nn.Module):
-  """An NNX module's default attention function, called as a parameter-free Linen
-  module (named by the NNX path) so that the library's interceptor sees it."""
-
-  function: Callable = nnx.dot_product_attention
-
-  def __call__(self, query, key, value, *args, **kwargs):
-    return self.function(query, key, value, *args, **kwargs)

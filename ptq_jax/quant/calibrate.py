@@ -38,18 +38,20 @@ def weight_quantizers(folded: Mapping[str, FoldedLayer], w_bits: Mapping[str, Op
   return init_all({p: folded[p].kernel for p in wanted})
 
 
-def activation_quantizers(model: nn.Module, variables: Mapping[str, Any],
-                          folded: Mapping[str, FoldedLayer], folded_bns: frozenset,
-                          images: np.ndarray, a_bits: Mapping[str, Optional[int]],
-                          method: str, symmetric: bool, percentile: float,
-                          batch_size: int = 100, per_channel: bool = False,
+def activation_quantizers(prepared: Any, a_bits: Mapping[str, Optional[int]], config: Any,
                           divisors: Optional[Mapping[str, jnp.ndarray]] = None
                           ) -> Dict[str, QuantizerState]:
   """Input quantizers (per tensor, or per input channel) for every layer with
   ``a_bits[path]`` set; a layer in ``divisors`` (smoothing) is calibrated on its input
-  divided by them."""
+  divided by them. ``prepared``: the model, its variables, folded BNs, folded float
+  state and calibration images (a ``stages.prepare.Prepared``); ``config``: the range
+  method and its settings (a ``RangeConfig``)."""
+  model, variables, images = prepared.model, prepared.variables, prepared.images
+  method, symmetric, percentile = config.method, config.symmetric, config.percentile
+  per_channel, batch_size, folded_bns = config.per_channel_inputs, config.batch_size, \
+      prepared.folded_bns
   divisors = dict(divisors or {})
-  float_state = {p: LayerQuant(f.kernel, f.bias) for p, f in folded.items()}
+  float_state = prepared.float_state
   wanted = {p: b for p, b in a_bits.items() if b is not None}
   if not wanted:
     return {}
@@ -83,13 +85,12 @@ def activation_quantizers(model: nn.Module, variables: Mapping[str, Any],
   return jax.tree.map(lambda a: a / count, totals)
 
 
-def input_channel_absmax(model: nn.Module, variables: Mapping[str, Any],
-                         folded: Mapping[str, FoldedLayer], folded_bns: frozenset,
-                         images: np.ndarray, paths, batch_size: int = 100
-                         ) -> Dict[str, np.ndarray]:
+def input_channel_absmax(prepared: Any, paths, batch_size: int = 100) -> Dict[str, np.ndarray]:
   """max |x| per input channel (last axis) of each layer in ``paths`` over all the
-  calibration images, as the float model feeds them."""
-  float_state = {p: LayerQuant(f.kernel, f.bias) for p, f in folded.items()}
+  calibration images, as the float model feeds them (``prepared`` as in
+  :func:`activation_quantizers`)."""
+  model, variables, images = prepared.model, prepared.variables, prepared.images
+  float_state, folded_bns = prepared.float_state, prepared.folded_bns
   paths = set(paths)
 
   @jax.jit

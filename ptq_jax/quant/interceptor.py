@@ -19,8 +19,8 @@ from flax import struct
 from ptq_jax.calling import inference_kwargs
 from ptq_jax.linear import (LayerGeometry, apply_linear, flatten_input, geometry_of,
                             unflatten_output)
-from ptq_jax.quant.attention import (AttentionCore, AttentionQuant,
-                                    attention_fn_swapped, is_linen_site, quantized_attention)
+from ptq_jax.attention_sites import AttentionCore, attention_fn_swapped, is_linen_site
+from ptq_jax.quant.attention import AttentionQuant, quantized_attention
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant, reshape_for
 from ptq_jax.trace import LAYER_TYPES
 

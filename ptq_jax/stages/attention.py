@@ -167,9 +167,9 @@ def optimize_attention(prepared: Prepared, qstate: QState, config: AdaQuantConfi
   return out, reports
 
 
-def attention_matmuls(a_bits: int, config: RangeConfig = RangeConfig(),
-                      adaquant: Optional[AdaQuantConfig] = None,
-                      name: str = 'attention_matmuls') -> Stage:
+def attention_stage(a_bits: int, config: RangeConfig = RangeConfig(),
+                    adaquant: Optional[AdaQuantConfig] = None,
+                    name: str = 'attention_matmuls') -> Stage:
   """The stage: calibrate every attention site's operand quantizers at ``a_bits`` (from
   the layers of the state it is given) and, with ``adaquant``, optimise them."""
   def apply(prepared: Prepared, qstate: QState, key: jax.Array):

@@ -54,13 +54,13 @@ def _labels(qstate: Mapping[str, LayerQuant], target: str, tune_quantizers: bool
   return {p: labels(lq) for p, lq in qstate.items()}
 
 
-def kd_tune(model: nn.Module, variables: Mapping[str, Any], qstate: Mapping[str, LayerQuant],
-            folded_bns: frozenset, images: np.ndarray, target: str = 'bias',
+def kd_tune(prepared: Prepared, qstate: Mapping[str, LayerQuant], target: str = 'bias',
             steps: int = 800, batch_size: int = 50,
             optimizer: Optional[optax.GradientTransformation] = None,
-            tune_quantizers: bool = False, key: Optional[jax.Array] = None,
-            progress: bool = True) -> Tuple[Dict[str, LayerQuant], Dict[str, Any]]:
-  """KD-tunes ``qstate`` on ``images``; returns the new state and a report.
+            tune_quantizers: bool = False, key: Optional[jax.Array] = None
+            ) -> Tuple[Dict[str, LayerQuant], Dict[str, Any]]:
+  """KD-tunes ``qstate`` on the prepared model's calibration images (teacher: the FP
+  model's outputs); returns the new state and a report.
 
   Args:
     target: 'bias' (biases only) or 'all' (kernels and biases).
@@ -72,8 +72,9 @@ def kd_tune(model: nn.Module, variables: Mapping[str, Any], qstate: Mapping[str,
   if steps < 0 or batch_size < 1:
     raise ValueError(f'kd_tune needs steps >= 0 and batch_size >= 1 (got {steps}, {batch_size}).')
   start = time.time()
+  model, variables, folded_bns = prepared.model, prepared.variables, prepared.folded_bns
   key = jax.random.key(0) if key is None else key
-  images = jnp.asarray(images, jnp.float32)
+  images = jnp.asarray(prepared.images, jnp.float32)
   teacher = jnp.asarray(batched_predict(
       jax.jit(lambda x: model.apply(variables, x, **inference_kwargs(model))), np.asarray(images), 250))
   if optimizer is None:
@@ -99,14 +100,15 @@ def kd_tune(model: nn.Module, variables: Mapping[str, Any], qstate: Mapping[str,
   state = dict(qstate)
   before = float(full_loss(state))
   opt_state = tx.init(state)
-  for i in tqdm(range(steps), desc=f'KD tuning ({target})', disable=not progress, leave=False):
+  for i in tqdm(range(steps), desc=f'KD tuning ({target})', disable=not prepared.progress,
+                leave=False):
     state, opt_state, _ = step(state, opt_state, i)
   after = float(full_loss(state))
   return state, {'target': target, 'steps': steps, 'kd_loss_before': before,
                  'kd_loss_after': after, 'seconds': time.time() - start}
 
 
-def bias_tuning(steps: int = 800, batch_size: int = 50, progress: bool = True) -> Stage:
+def bias_tuning_stage(steps: int = 800, batch_size: int = 50) -> Stage:
   """The bias-tuning stage: :func:`kd_tune` of the biases (SGD, lr 0.1, the
   reference's), minibatches drawn from ``fold_in(key, 1)``."""
   if steps < 0 or batch_size < 1:
@@ -114,7 +116,6 @@ def bias_tuning(steps: int = 800, batch_size: int = 50, progress: bool = True) -
                      f'{batch_size}).')
 
   def apply(prepared: Prepared, qstate: QState, key: jax.Array) -> Tuple[QState, Any]:
-    return kd_tune(prepared.model, prepared.variables, qstate, prepared.folded_bns,
-                   prepared.images, target='bias', steps=steps, batch_size=batch_size,
-                   key=jax.random.fold_in(key, 1), progress=progress)
+    return kd_tune(prepared, qstate, target='bias', steps=steps, batch_size=batch_size,
+                   key=jax.random.fold_in(key, 1))
   return Stage('bias_tuning', apply)

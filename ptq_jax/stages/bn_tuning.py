@@ -73,10 +73,10 @@ def _merge(acc, mean_b, m2_b, n_b):
   return total, mean + delta * n_b / total, m2 + m2_b + delta**2 * count * n_b / total
 
 
-def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
-            qstate: Mapping[str, LayerQuant], images: np.ndarray, batch_size: int = 250,
-            progress: bool = True, target: str = 'data') -> Tuple[QState, List[Dict[str, Any]]]:
-  """Re-estimates every folded BN on ``images`` through the quantized network.
+def bn_tune(prepared: Prepared, qstate: Mapping[str, LayerQuant], target: str = 'data',
+            batch_size: int = 250) -> Tuple[QState, List[Dict[str, Any]]]:
+  """Re-estimates every folded BN on the calibration images through the quantized
+  network.
 
   ``target``: 'data' re-estimates the BN statistics from the images (the paper's);
   'fp' matches the quantized outputs' per-channel mean and variance to the FP
@@ -87,7 +87,8 @@ def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[Lay
   """
   if target not in TARGETS:
     raise ValueError(f'target={target!r} is not one of {TARGETS}.')
-  images = np.asarray(images, np.float32)
+  model, variables, layers = prepared.model, prepared.variables, prepared.layers
+  images = np.asarray(prepared.images, np.float32)
   if len(images) == 0:
     raise ValueError('BN tuning needs calibration images; the set is empty.')
   if len(images) < MIN_IMAGES:
@@ -139,7 +140,8 @@ def bn_tune(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[Lay
     fp_state = {p: LayerQuant(folded[p].kernel, folded[p].bias) for p in layer_states(state)}
     fp_moments = exact_moments(fp_state, [l.path for l in todo])
   reports = []
-  bar = tqdm(total=len(todo), desc='BN tuning', disable=not progress, leave=False)
+  bar = tqdm(total=len(todo), desc='BN tuning', disable=not prepared.progress,
+             leave=False)
   start = time.time()
   for layer in todo:
     lq = state[layer.path]
@@ -174,13 +176,12 @@ def _bn_params(variables: Mapping[str, Any], layer: LayerInfo):
   return gamma, beta, var
 
 
-def bn_tuning(target: str = 'data', batch_size: int = 250, progress: bool = True) -> Stage:
+def bn_tuning_stage(target: str = 'data', batch_size: int = 250) -> Stage:
   """The BN-tuning stage (:func:`bn_tune` on the prepared model's calibration images)."""
   if target not in TARGETS:
     raise ValueError(f'target={target!r} is not one of {TARGETS}.')
 
   def apply(prepared: Prepared, qstate: QState, key: jax.Array) -> Tuple[QState, Any]:
     del key  # deterministic
-    return bn_tune(prepared.model, prepared.variables, prepared.layers, qstate, prepared.images,
-                   batch_size, progress, target)
+    return bn_tune(prepared, qstate, target, batch_size)
   return Stage('bn_tuning', apply)

@@ -61,6 +61,8 @@ class Prepared:
   float_ops: Tuple[FloatOp, ...] = ()
   # Attention modules whose matmuls quantize_matmuls=True quantizes.
   attention: Tuple[AttentionSite, ...] = ()
+  # The one switch for progress bars of every stage that reads this (no stage prints).
+  progress: bool = True
 
   @property
   def folded_bns(self) -> frozenset:
@@ -74,7 +76,7 @@ class Prepared:
 def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: Any = None,
             input_shape: Optional[Sequence[int]] = None,
             model_name: Optional[str] = None, unsupported: str = 'error',
-            quantize_matmuls: bool = False) -> Prepared:
+            quantize_matmuls: bool = False, progress: bool = True) -> Prepared:
   """Checks ``calib`` (images or a ``CalibrationSet``), traces ``model`` on one image
   and folds every BatchNorm that directly follows a layer.
 
@@ -82,7 +84,8 @@ def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: An
   :class:`~ptq_jax.float_ops.UnsupportedLayerError`, or with
   ``unsupported='keep_float'`` stays float32 with a warning. With
   ``quantize_matmuls``, so is an activation x activation matmul outside the
-  recognised attention sites, and a model without any site is a ValueError."""
+  recognised attention sites, and a model without any site is a ValueError.
+  ``progress``: whether the stages run on this show progress bars."""
   if unsupported not in UNSUPPORTED_POLICIES:
     raise ValueError(f'unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}.')
   model, variables = as_linen(model, variables, calib)   # an NNX module: its Linen view
@@ -109,7 +112,8 @@ def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: An
   float_state = {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias) for l in layers}
   return Prepared(model, dict(variables), tuple(layers), float_state, images, model_name,
                   tuple(traced.float_ops) + (tuple(traced.other_matmuls) if quantize_matmuls
-                                             else ()), tuple(traced.attention))
+                                             else ()), tuple(traced.attention),
+                  bool(progress))
 
 
 StageFn = Callable[[Prepared, QState, jax.Array], Tuple[QState, Any]]

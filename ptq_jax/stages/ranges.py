@@ -9,7 +9,7 @@ state it is given: it is where quantization begins.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +73,7 @@ def as_range_config(value: Any) -> RangeConfig:
     return value
   if isinstance(value, str):
     return RangeConfig(value)
-  raise TypeError(f'range_method must be a method name such as "minmax" or a '
+  raise TypeError(f'ranges must be a range method name such as "minmax" or a '
                   f'ptq_jax.RangeConfig, got {value!r}.')
 
 
@@ -81,7 +81,31 @@ def range_options(config: RangeConfig) -> Dict[str, Any]:
   """The range settings a quantized model records in its options."""
   return {'range_method': config.method, 'weight_range_method': config.weights,
           'symmetric': config.symmetric, 'per_channel_inputs': config.per_channel_inputs,
-          'smooth_alpha': config.smooth_alpha}
+          'percentile': config.percentile, 'smooth_alpha': config.smooth_alpha}
+
+
+@dataclasses.dataclass(frozen=True)
+class BitsRule:
+  """Which bits each layer gets: ``w_bits`` / ``a_bits`` (None: float), the first and
+  last layer at ``first_last_bits`` (None: like the others), then per-layer
+  ``overrides`` ``{path: {'w_bits': b, 'a_bits': b}}``. Checked on construction; the
+  override paths once the layers are known (:meth:`assign`)."""
+
+  w_bits: Bits = 4
+  a_bits: Bits = 4
+  first_last_bits: Bits = 8
+  overrides: Optional[Mapping[str, Mapping[str, Bits]]] = None
+
+  def __post_init__(self):
+    check_bits(self.w_bits, 'w_bits'), check_bits(self.a_bits, 'a_bits')
+    check_bits(self.first_last_bits, 'first_last_bits')
+    if self.overrides is not None and not isinstance(self.overrides, Mapping):
+      raise TypeError(f'overrides must be a dict {{layer_path: {{"w_bits": b, "a_bits": b}}}}, '
+                      f'got {type(self.overrides).__name__}.')
+
+  def assign(self, layers: Sequence[LayerInfo]) -> 'LayerBits':
+    """(w_bits, a_bits) per layer path (:func:`assign_bits`)."""
+    return assign_bits(layers, self.w_bits, self.a_bits, self.first_last_bits, self.overrides)
 
 
 def assign_bits(layers: Sequence[LayerInfo], w_bits: Bits, a_bits: Bits,
@@ -122,10 +146,8 @@ def calibrate_ranges(prepared: Prepared, bits: LayerBits,
   smooth = smoothing_scales(prepared, bits, config, folded)
   sites = {l.path: l.sites for l in prepared.layers}
   a_quants = calibrate.activation_quantizers(   # (each call site of a shared layer apart)
-      prepared.model, prepared.variables, folded, prepared.folded_bns, prepared.images,
-      {site_key(p, s): b[1] for p, b in bits.items() for s in range(sites[p])},
-      config.method, config.symmetric, config.percentile, config.batch_size,
-      config.per_channel_inputs, divisors=smooth)
+      prepared, {site_key(p, s): b[1] for p, b in bits.items() for s in range(sites[p])},
+      config, divisors=smooth)
   weights = {p: FoldedLayer(f.kernel * smooth[p][:, None], f.bias) if p in smooth else f
              for p, f in folded.items()}
   w_quants = calibrate.weight_quantizers(weights, {p: b[0] for p, b in bits.items()},
@@ -144,9 +166,7 @@ def smoothing_scales(prepared: Prepared, bits: LayerBits, config: RangeConfig,
     return {}
   paths = [l.path for l in prepared.layers if l.kind == 'dense' and l.sites == 1
            and bits[l.path][0] is not None and bits[l.path][1] is not None]
-  x_max = calibrate.input_channel_absmax(prepared.model, prepared.variables, folded,
-                                         prepared.folded_bns, prepared.images, paths,
-                                         config.batch_size)
+  x_max = calibrate.input_channel_absmax(prepared, paths, config.batch_size)
   alpha, scales = float(config.smooth_alpha), {}
   for p in paths:
     w_max = np.max(np.abs(np.asarray(folded[p].kernel)), axis=1)
@@ -157,9 +177,16 @@ def smoothing_scales(prepared: Prepared, bits: LayerBits, config: RangeConfig,
   return scales
 
 
-def ranges(bits: LayerBits, config: RangeConfig = RangeConfig()) -> Stage:
-  """The range-calibration stage for per-layer ``bits`` (see :func:`assign_bits`)."""
+def ranges_stage(bits: Union[BitsRule, LayerBits] = BitsRule(),
+                 config: RangeConfig = RangeConfig()) -> Stage:
+  """The range-calibration stage ('ranges'): every layer's quantizers at ``bits`` (a
+  :class:`BitsRule`, applied once the layers are known, or per-layer bits from
+  :func:`assign_bits`), ranges initialised as ``config`` says."""
+  if not isinstance(config, RangeConfig):
+    raise TypeError(f'ranges must be a ptq_jax.RangeConfig, got {type(config).__name__}.')
+
   def apply(prepared: Prepared, qstate: QState, key: jax.Array) -> Tuple[QState, Any]:
     del qstate, key  # quantization starts from the float state
-    return calibrate_ranges(prepared, bits, config), None
+    layer_bits = bits.assign(prepared.layers) if isinstance(bits, BitsRule) else bits
+    return calibrate_ranges(prepared, layer_bits, config), None
   return Stage('ranges', apply)

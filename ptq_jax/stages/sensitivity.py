@@ -34,6 +34,7 @@ from ptq_jax.quant.interceptor import (LayerQuant, apply_quantized, layer_forwar
                                   quantized_weight)
 from ptq_jax.quant.quantizer import Option, option_name, parse_option
 from ptq_jax.stages.bias_tuning import kl_per_row
+from ptq_jax.stages.prepare import Prepared
 from ptq_jax.trace import LayerInfo
 
 DEFAULT_OPTIONS: Tuple[Option, ...] = ((8, 8), (6, 6), (4, 8), (4, 4), (3, 3), (2, 4))
@@ -102,18 +103,14 @@ def _loss_sum(logits, target, loss, n_valid):
   return jnp.sum(jnp.where(jnp.arange(per_row.shape[0]) < n_valid, per_row, 0.0))
 
 
-def sensitivity_table(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
-                      float_state: Mapping[str, LayerQuant],
+def sensitivity_table(prepared: Prepared,
                       option_states: Mapping[Option, Mapping[str, LayerQuant]],
-                      images: np.ndarray, labels: Optional[np.ndarray] = None,
-                      batch_size: int = 250, progress: bool = True,
+                      labels: Optional[np.ndarray] = None, batch_size: int = 250,
                       devices: Optional[Sequence[Any]] = None) -> SensitivityTable:
-  """Measures ``dL`` for every layer and option (see the module docstring).
+  """Measures ``dL`` for every layer and option (see the module docstring) on the
+  prepared model's calibration images.
 
   Args:
-    layers: the traced layers (``QuantizedModel.layers``); all must be in every state.
-    float_state: the folded float kernel and bias of every layer (the ``qstate`` of a
-      baseline ``quantize`` call: folding does not change with the option).
     option_states: per option, a complete per-layer state with every layer at that
       option (``quantize(..., w_bits=w, a_bits=a, first_last_bits=None).qstate``, or
       its parallel-AdaQuant version).
@@ -122,7 +119,9 @@ def sensitivity_table(model: nn.Module, variables: Mapping[str, Any], layers: Se
     devices: the batches are split over them (default: all local devices).
   """
   start = time.time()
-  images = np.asarray(images, np.float32)
+  model, variables, layers = prepared.model, prepared.variables, prepared.layers
+  float_state, progress = prepared.float_state, prepared.progress
+  images = np.asarray(prepared.images, np.float32)
   if len(images) == 0:
     raise ValueError('The calibration set is empty: the sensitivity table needs images.')
   options = tuple(parse_option(o) for o in option_states)

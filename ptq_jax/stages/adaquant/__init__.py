@@ -17,9 +17,9 @@ from ptq_jax.stages.adaquant.driver import run_adaquant
 from ptq_jax.stages.prepare import Prepared, Stage
 
 
-def adaquant(mode: str = 'parallel', config: Optional[AdaQuantConfig] = None,
-             runtime: Optional[AdaQuantRuntime] = None, progress: bool = True,
-             devices: Optional[Sequence[Any]] = None) -> Stage:
+def adaquant_stage(mode: str = 'parallel', config: Optional[AdaQuantConfig] = None,
+                   runtime: Optional[AdaQuantRuntime] = None,
+                   devices: Optional[Sequence[Any]] = None) -> Stage:
   """The AdaQuant stage: every quantized layer reconstructed from the state it gets
   (calibrated ranges, usually). Its report is the per-layer list of
   :func:`run_adaquant`."""
@@ -29,9 +29,8 @@ def adaquant(mode: str = 'parallel', config: Optional[AdaQuantConfig] = None,
   runtime = runtime or AdaQuantRuntime()
 
   def apply(prepared: Prepared, qstate: QState, key: jax.Array) -> Tuple[QState, Any]:
-    return run_adaquant(prepared.model, prepared.variables, prepared.layers, qstate,
-                        prepared.images, mode, config, key, progress, devices, runtime)
+    return run_adaquant(prepared, qstate, mode, config, key, runtime, devices)
   return Stage('adaquant', apply)
 
 
-__all__ = ['MODES', 'AdaQuantConfig', 'AdaQuantRuntime', 'adaquant', 'run_adaquant']
+__all__ = ['MODES', 'AdaQuantConfig', 'AdaQuantRuntime', 'adaquant_stage', 'run_adaquant']

@@ -20,6 +20,7 @@ at the block's output, e.g. against the error of the layer after it.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -36,19 +37,25 @@ from ptq_jax.quant.interceptor import (LayerQuant, layer_forward, layer_states, 
                                       quantized_weight)
 from ptq_jax.stages.adaquant import rounding
 from ptq_jax.stages.adaquant.config import AdaQuantConfig, AdaQuantRuntime
-from ptq_jax.stages.adaquant.layer import _labels, _optimizer, _scaled_ranges, weight_range_scale
+from ptq_jax.stages.adaquant.objective import (make_optimizer, param_labels, scaled_ranges,
+                                              weight_range_scale)
+from ptq_jax.stages.adaquant.report import UnitReport, guard_outcome
 from ptq_jax.stages.adaquant.steps import run_loop, split_examples
+from ptq_jax.stages.prepare import Prepared
 from ptq_jax.trace import LayerInfo
 
+log = logging.getLogger(__name__)
 
-def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
-               qstate: Mapping[str, Any], images: np.ndarray, mode: str,
-               config: AdaQuantConfig, key: jax.Array, progress: bool = True,
+
+def run_blocks(prepared: Prepared, qstate: Mapping[str, Any], mode: str,
+               config: AdaQuantConfig, key: jax.Array,
                runtime: AdaQuantRuntime = AdaQuantRuntime()
                ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
   """Block-wise reconstruction of every block holding a quantized layer; returns the new
   state and one report per optimised block. Runs on the default device (every process
   of a multi-host run does the same work)."""
+  model, variables, layers, images = (prepared.model, prepared.variables, prepared.layers,
+                                      prepared.images)
   folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
   float_state = {p: LayerQuant(lq.kernel, lq.bias, site_a_quants=tuple(
       None for _ in lq.site_a_quants)) for p, lq in layer_states(qstate).items()}
@@ -74,7 +81,7 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
   inputs = jnp.asarray(images, jnp.float32)   # (blocks that read the model input)
   x_fp = x_q = inputs
   todo = [b for b in program.blocks if quantized & set(b.paths)]
-  bar = tqdm(total=len(todo), desc=f'Block reconstruction ({mode})', disable=not progress,
+  bar = tqdm(total=len(todo), desc=f'Block reconstruction ({mode})', disable=not prepared.progress,
              leave=False)
   try:
     for block in program.blocks:
@@ -91,7 +98,7 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
                                         jax.random.fold_in(key, block.index), fns, runtime,
                                         micro, holdout)
         new_state.update(states)
-        report['mode'] = mode
+        report.mode = mode
         reports.append(report)
         bar.set_postfix_str(f'{block.label[:40]}: rel err {report["rel_error_before"]:.3g} '
                             f'-> {report["rel_error_after"]:.3g}')
@@ -102,10 +109,10 @@ def run_blocks(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[
         x_fp = y_fp
   finally:
     bar.close()
-  guarded = [r['path'] for r in reports if r['guard_acted']]
-  if guarded and progress:
-    print(f'Block reconstruction guard: {len(guarded)} block(s) kept an earlier state, their '
-          f'error having risen by the last step.', flush=True)
+  guarded = [r.path for r in reports if r.guard_acted]
+  if guarded:
+    log.info('Block reconstruction guard: %d block(s) kept an earlier state, their error having '
+             'risen by the last step.', len(guarded))
   return new_state, reports
 
 
@@ -183,7 +190,7 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
   if learned:
     params = {p: _rounding_params(start[p]) for p in trained}
   else:
-    params = {p: _scaled_ranges(start[p], w_scale[p], -1) for p in trained}
+    params = {p: scaled_ranges(start[p], w_scale[p], -1) for p in trained}
   rates = config.rates()
   lr, reg = jnp.float32(config.lr_rounding), jnp.float32(config.rounding_reg)
   tx = _block_optimizer(config, rates, lr, params, learned)
@@ -192,7 +199,7 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
   def states_of(params, hard: bool) -> Dict[str, LayerQuant]:
     if learned:
       return {**fixed, **{p: _rounded_state(start[p], params[p], hard) for p in trained}}
-    return {**fixed, **{p: _scaled_ranges(params[p], w_scale[p], 1) for p in trained}}
+    return {**fixed, **{p: scaled_ranges(params[p], w_scale[p], 1) for p in trained}}
 
   def layer_calls(params, step, part):
     """The layer calls of a training step: soft-rounded kernels (learned rounding, used
@@ -255,17 +262,12 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
   checks = config.check_steps()
   bits = [start[p].w_quant.bits for p in trained if start[p].w_quant is not None]
   a_bits = [start[p].a_quant.bits for p in trained if start[p].a_quant is not None]
-  report = {'path': block.label, 'block': block.index, 'paths': list(block.paths),
-            'layers': len(trained), 'activation': None,
-            'w_bits': min(bits) if bits else None, 'a_bits': min(a_bits) if a_bits else None,
-            'mse_before': before, 'mse_after': after, 'rel_error_before': rel_before,
-            'rel_error_after': rel_after, 'rel_error_last_step': rel_last,
-            'kept_iteration': 0 if kept_at < 0 else checks[kept_at],
-            'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
-            'guard_examples': int(check_ys.shape[0]), 'unit': 'block',
-            'seconds': time.time() - start_time}
-  if learned:
-    report['rounding'] = 'learned'
+  report = UnitReport(block.label, None, min(bits) if bits else None,
+                      min(a_bits) if a_bits else None, before, after, rel_before, rel_after,
+                      rel_last, **guard_outcome(checks, kept_at), iterations=config.iterations,
+                      guard_examples=int(check_ys.shape[0]), seconds=time.time() - start_time,
+                      unit='block', rounding='learned' if learned else 'free',
+                      block=block.index, paths=list(block.paths), layers=len(trained))
   return {p: best[p] for p in trained}, report
 
 
@@ -292,7 +294,7 @@ def _rounded_state(lq: LayerQuant, params: Dict[str, Any], hard: bool) -> LayerQ
 def _block_optimizer(config: AdaQuantConfig, rates, lr_rounding, params,
                      learned: bool) -> optax.GradientTransformation:
   if not learned:
-    return _optimizer(rates, {p: _labels(lq) for p, lq in params.items()}, config.lr_schedule)
+    return make_optimizer(rates, {p: param_labels(lq) for p, lq in params.items()}, config.lr_schedule)
   labels = {p: {'v': 'v', 'a': tuple(None if q is None else q.replace(range='a', low='a')
                                      for q in pr['a'])} for p, pr in params.items()}
   return optax.multi_transform({'v': optax.adam(lr_rounding), 'a': optax.adam(rates[3])},

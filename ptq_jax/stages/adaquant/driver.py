@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -23,15 +24,18 @@ from ptq_jax.quant.interceptor import LayerQuant, layer_states, site_key
 from ptq_jax.stages.adaquant.block import run_blocks
 from ptq_jax.stages.adaquant.config import MODES, AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.adaquant.layer import commit, float_targets, optimize_layer
+from ptq_jax.stages.adaquant.report import UnitReport
 from ptq_jax.stages.adaquant.shared import optimize_shared_layer
+from ptq_jax.stages.prepare import Prepared
 from ptq_jax.trace import LayerInfo
 
+log = logging.getLogger(__name__)
 
-def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequence[LayerInfo],
-                 qstate: Mapping[str, LayerQuant], images: np.ndarray, mode: str = 'parallel',
+
+def run_adaquant(prepared: Prepared, qstate: Mapping[str, LayerQuant], mode: str = 'parallel',
                  config: AdaQuantConfig = AdaQuantConfig(), key: Optional[jax.Array] = None,
-                 progress: bool = True, devices: Optional[Sequence[Any]] = None,
-                 runtime: AdaQuantRuntime = AdaQuantRuntime()
+                 runtime: AdaQuantRuntime = AdaQuantRuntime(),
+                 devices: Optional[Sequence[Any]] = None
                  ) -> Tuple[Dict[str, LayerQuant], List[Dict[str, Any]]]:
   """AdaQuant of every quantized layer; returns the new state and a per-layer report
   (per block with ``config.unit='block'``, :func:`~.block.run_blocks`).
@@ -47,8 +51,9 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
   config = config.validate()
   key = jax.random.key(0) if key is None else key
   if config.unit == 'block':
-    return run_blocks(model, variables, layers, qstate, images, mode, config, key, progress,
-                      runtime)
+    return run_blocks(prepared, qstate, mode, config, key, runtime)
+  model, variables, layers, images = (prepared.model, prepared.variables, prepared.layers,
+                                      prepared.images)
   devices = local_devices(devices)
   folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
   float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in layer_states(qstate).items()}
@@ -71,7 +76,8 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
   reports: Dict[str, Dict[str, Any]] = {}
   mine = {todo[k].path for k in process_share(len(todo))}  # this process's layers
   groups = capture_groups(todo, len(images), runtime.capture_budget_mb)
-  bar = tqdm(total=len(todo), desc=f'AdaQuant ({mode})', disable=not progress, leave=False)
+  bar = tqdm(total=len(todo), desc=f'AdaQuant ({mode})', disable=not prepared.progress,
+             leave=False)
   capture = InputCapture(model, variables, folded_bns, runtime.capture_batch_size, devices)
 
   def optimize(layer, x_fp, x=None, device=None):
@@ -94,16 +100,16 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
     else:
       lq, report = optimize_layer(layer, qstate[layer.path], (x_fp if x is None else x)[0],
                                   ys[0], config, layer_key, pin, runtime, holdout)
-    report['mode'] = mode
+    report.mode = mode
     if pin is not None:  # back to the host: later passes may run on any device
-      lq, report['device'] = jax.device_get(lq), str(device)
+      lq, report.device = jax.device_get(lq), str(device)
     return lq, report
 
   def done(layer, lq, report):
     new_state[layer.path] = lq
     reports[layer.path] = report
-    bar.set_postfix_str(f'{layer.path}: rel err {report["rel_error_before"]:.3g} -> '
-                        f'{report["rel_error_after"]:.3g}')
+    bar.set_postfix_str(f'{layer.path}: rel err {report.rel_error_before:.3g} -> '
+                        f'{report.rel_error_after:.3g}')
     bar.update()
 
   try:
@@ -132,11 +138,10 @@ def run_adaquant(model: nn.Module, variables: Mapping[str, Any], layers: Sequenc
     bar.close()
   if jax.process_count() > 1 and mode == 'parallel':
     _exchange_between_processes(todo, qstate, new_state, reports, mine, config.iterations)
-  guarded = [p for p, r in reports.items() if r.get('guard_acted')]
-  if guarded and progress:
-    print(f'AdaQuant guard: {len(guarded)} layer(s) kept an earlier state, their error '
-          f'having risen by the last step: {guarded[:6]}{"..." if len(guarded) > 6 else ""}',
-          flush=True)
+  guarded = [p for p, r in reports.items() if r.guard_acted]
+  if guarded:
+    log.info('AdaQuant guard: %d layer(s) kept an earlier state, their error having risen by '
+             'the last step: %s%s', len(guarded), guarded[:6], '...' if len(guarded) > 6 else '')
   return new_state, [reports[l.path] for l in todo]
 
 
@@ -155,17 +160,17 @@ def _exchange_between_processes(todo, qstate, new_state, reports, mine, iteratio
   trees = []
   for layer in todo:
     lq = new_state[layer.path] if layer.path in mine else qstate[layer.path]
-    numbers = np.array([reports[layer.path][f] if layer.path in mine else 0.0
+    numbers = np.array([getattr(reports[layer.path], f) if layer.path in mine else 0.0
                         for f in _NUMERIC_REPORT_FIELDS], np.float64)
     trees.append((jax.device_get(lq), numbers))
   for layer, o, (lq, numbers) in zip(todo, owner, allgather_owned(trees, owner)):
     new_state[layer.path] = lq
     if layer.path not in mine:
       w, a = lq.w_quant, lq.a_quant
-      reports[layer.path] = {'path': layer.path, 'activation': layer.activation,
-                             'w_bits': w.bits if w else None, 'a_bits': a.bits if a else None,
-                             **dict(zip(_NUMERIC_REPORT_FIELDS, map(float, numbers))),
-                             'iterations': iterations, 'mode': 'parallel', 'process': o}
+      values = dict(zip(_NUMERIC_REPORT_FIELDS, map(float, numbers)))
       for field in ('kept_iteration', 'guard_examples'):
-        reports[layer.path][field] = int(reports[layer.path][field])
-      reports[layer.path]['guard_acted'] = reports[layer.path]['kept_iteration'] != iterations
+        values[field] = int(values[field])
+      reports[layer.path] = UnitReport(
+          layer.path, layer.activation, w.bits if w else None, a.bits if a else None,
+          guard_acted=values['kept_iteration'] != iterations, iterations=iterations,
+          mode='parallel', process=o, **values)

@@ -32,43 +32,12 @@ from ptq_jax.linear import LayerGeometry, apply_linear
 from ptq_jax.quant.interceptor import LayerQuant, quantized_input, quantized_weight
 from ptq_jax.stages.adaquant import rounding
 from ptq_jax.stages.adaquant.config import AdaQuantConfig, AdaQuantRuntime
+from ptq_jax.stages.adaquant.objective import (ERROR_BATCH, error_sums, float_target,
+                                              layer_output, make_optimizer, param_labels,
+                                              scaled_ranges, weight_range_scale)
+from ptq_jax.stages.adaquant.report import UnitReport, guard_outcome
 from ptq_jax.stages.adaquant.steps import run_loop, split_examples
 from ptq_jax.trace import LayerInfo, activation_fn
-
-
-def _labels(lq: LayerQuant) -> LayerQuant:
-  """The optimizer group of every leaf of ``lq`` (for ``optax.multi_transform``)."""
-  def group(q, name):
-    return None if q is None else q.replace(range=name, low=name)
-  return LayerQuant('kernel', 'bias', group(lq.w_quant, 'w_quant'), group(lq.a_quant, 'a_quant'),
-                    None if lq.smooth is None else 'frozen',
-                    tuple(group(q, 'a_quant') for q in lq.site_a_quants))
-
-
-def _optimizer(rates: jnp.ndarray, labels: LayerQuant, schedule: str
-               ) -> optax.GradientTransformation:
-  """Adam per parameter group; ``rates`` is :meth:`AdaQuantConfig.rates`."""
-  def rate(i):
-    if schedule == 'constant':
-      return rates[i]
-    return lambda count: rates[i] * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count / rates[4], 1)))
-  return optax.multi_transform(
-      {'kernel': optax.adam(rate(0)), 'bias': optax.adam(rate(1)),
-       'w_quant': optax.adam(rate(2)), 'a_quant': optax.adam(rate(3)),
-       'frozen': optax.set_to_zero()}, labels)
-
-
-def layer_output(geom: LayerGeometry, activation: str, lq: LayerQuant,
-                 x: jnp.ndarray) -> jnp.ndarray:
-  """``f(Q(W) Q(x) + b)`` for one layer."""
-  y = apply_linear(geom, quantized_input(lq, x), quantized_weight(lq)) + lq.bias
-  return activation_fn(activation)(y)
-
-
-def float_target(geom: LayerGeometry, activation: str, lq: LayerQuant,
-                 x: jnp.ndarray) -> jnp.ndarray:
-  """``f(W x + b)`` with the float folded weights (the reconstruction target)."""
-  return activation_fn(activation)(apply_linear(geom, x, lq.kernel) + lq.bias)
 
 
 _float_target = jax.jit(float_target, static_argnums=(0, 1))
@@ -76,25 +45,7 @@ _float_target = jax.jit(float_target, static_argnums=(0, 1))
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_optimizer(schedule: str, rates: jnp.ndarray, lq: LayerQuant):
-  return _optimizer(rates, _labels(lq), schedule).init(lq)
-
-
-def _scaled_ranges(lq: LayerQuant, w_scale: Optional[jnp.ndarray], power: int) -> LayerQuant:
-  """``lq`` with its weight quantizer's range and low end divided (``power=-1``) or
-  multiplied (``power=1``) by ``w_scale``; unchanged if ``w_scale`` is None."""
-  if w_scale is None or lq.w_quant is None:
-    return lq
-  factor = w_scale if power > 0 else 1.0 / w_scale
-  return lq.replace(w_quant=lq.w_quant.replace(range=lq.w_quant.range * factor,
-                                               low=lq.w_quant.low * factor))
-
-
-def weight_range_scale(config: AdaQuantConfig, lq: LayerQuant) -> Optional[jnp.ndarray]:
-  """The per-channel unit of the weight quantizer's updates: None (absolute, the
-  paper's) or its starting range (``weight_range_updates='relative'``)."""
-  if config.weight_range_updates != 'relative' or lq.w_quant is None:
-    return None
-  return jnp.maximum(lq.w_quant.range, 1e-8)
+  return make_optimizer(rates, param_labels(lq), schedule).init(lq)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
@@ -110,10 +61,10 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
   the layer's input skips input quantization with that probability, drawn anew every
   step; 0 is AdaQuant exactly (the same program). ``micro_batch``: see
   :func:`~.steps.value_and_grad`."""
-  tx = _optimizer(rates, _labels(lq), schedule)
+  tx = make_optimizer(rates, param_labels(lq), schedule)
 
   def loss_fn(lq, x, y, step, part):
-    lq = _scaled_ranges(lq, w_scale, 1)
+    lq = scaled_ranges(lq, w_scale, 1)
     if drop_prob == 0.0:
       return jnp.mean((layer_output(geom, activation, lq, x) - y)**2)
     keep_float = rounding.drop_mask(key, step, part, drop_prob, x.shape)
@@ -122,24 +73,15 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
     out = activation_fn(activation)(apply_linear(geom, x_used, quantized_weight(lq)) + lq.bias)
     return jnp.mean((out - y)**2)
 
-  lq, opt_state, loss = run_loop(loss_fn, tx, _scaled_ranges(lq, w_scale, -1), opt_state, xs,
+  lq, opt_state, loss = run_loop(loss_fn, tx, scaled_ranges(lq, w_scale, -1), opt_state, xs,
                                  ys, key, step0, steps, batch, micro_batch)
-  return _scaled_ranges(lq, w_scale, 1), opt_state, loss
+  return scaled_ranges(lq, w_scale, 1), opt_state, loss
 
 
 def compiled_step_count() -> int:
   """How many AdaQuant step programs (:func:`_run_steps`, :func:`_fit_layer`) have been
   compiled so far (tests, benchmarks)."""
   return _run_steps._cache_size() + _fit_layer._cache_size()
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _error_sums(geom: LayerGeometry, activation: str, lq: LayerQuant, x, y):
-  err = layer_output(geom, activation, lq, x) - y
-  return jnp.sum(err**2), jnp.sum(y**2)
-
-
-ERROR_BATCH = 250
 
 
 def _in_batches(fn, batch: int, *arrays):
@@ -226,7 +168,7 @@ def reconstruction_error(geom: LayerGeometry, activation: str, lq: LayerQuant, x
     return _relative_error(_batched_error_sums(geom, activation, batch, lq, xs, ys), ys.size)
   total_err = total_ref = 0.0
   for start in range(0, xs.shape[0], ERROR_BATCH):
-    e, r = _error_sums(geom, activation, lq, xs[start:start + ERROR_BATCH],
+    e, r = error_sums(geom, activation, lq, xs[start:start + ERROR_BATCH],
                        ys[start:start + ERROR_BATCH])
     total_err, total_ref = total_err + float(e), total_ref + float(r)
   return _relative_error((total_err, total_ref), ys.size)
@@ -307,17 +249,13 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
     lq = best
   guard_examples = n if check is None else int(check[1].shape[0])
   if config.rounding == 'learned' and lq.w_quant is not None:
-    report.update(seconds=time.time() - start, guard_examples=guard_examples)
+    report.seconds, report.guard_examples = time.time() - start, guard_examples
     return lq, report
-  report = {'path': layer.path, 'activation': layer.activation,
-            'w_bits': lq.w_quant.bits if lq.w_quant else None,
-            'a_bits': lq.a_quant.bits if lq.a_quant else None,
-            'mse_before': before, 'mse_after': after, 'rel_error_before': rel_before,
-            'rel_error_after': rel_after, 'rel_error_last_step': rel_last,
-            'kept_iteration': 0 if kept_at < 0 else checks[kept_at],
-            'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
-            'guard_examples': guard_examples, 'seconds': time.time() - start}
-  return lq, report
+  return lq, UnitReport(layer.path, layer.activation, lq.w_quant.bits if lq.w_quant else None,
+                        lq.a_quant.bits if lq.a_quant else None, before, after, rel_before,
+                        rel_after, rel_last, **guard_outcome(checks, kept_at),
+                        iterations=config.iterations, guard_examples=guard_examples,
+                        seconds=time.time() - start)
 
 
 def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, config: AdaQuantConfig,
@@ -350,14 +288,11 @@ def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, config: AdaQuantCo
     if last <= after or not config.guard:
       best, (after, rel_after), kept_at = hard, (last, rel_last), k
   checks = config.check_steps()
-  return best, {
-      'path': layer.path, 'activation': act, 'w_bits': lq.w_quant.bits,
-      'a_bits': lq.a_quant.bits if lq.a_quant else None, 'mse_before': before,
-      'mse_after': after, 'rel_error_before': rel_before, 'rel_error_after': rel_after,
-      'rel_error_last_step': rel_last,
-      'kept_iteration': 0 if kept_at < 0 else checks[kept_at],
-      'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
-      'rounding': 'learned', 'hard_fraction': rounding.hard_fraction(lq, params)}
+  return best, UnitReport(layer.path, act, lq.w_quant.bits,
+                          lq.a_quant.bits if lq.a_quant else None, before, after, rel_before,
+                          rel_after, rel_last, **guard_outcome(checks, kept_at),
+                          iterations=config.iterations, rounding='learned',
+                          hard_fraction=rounding.hard_fraction(lq, params))
 
 
 def commit(tree: Any, device: Any) -> Any:

@@ -22,10 +22,12 @@ import optax
 from ptq_jax.linear import LayerGeometry
 from ptq_jax.quant.interceptor import LayerQuant
 from ptq_jax.stages.adaquant.config import AdaQuantConfig
+from ptq_jax.stages.adaquant.report import UnitReport, guard_outcome
 from ptq_jax.stages.adaquant.steps import split_examples
-from ptq_jax.stages.adaquant.layer import (ERROR_BATCH, _error_sums, _labels, _optimizer,
-                                           _scaled_ranges, float_targets, layer_output,
-                                           weight_range_scale)
+from ptq_jax.stages.adaquant.layer import float_targets
+from ptq_jax.stages.adaquant.objective import (ERROR_BATCH, error_sums, layer_output,
+                                              make_optimizer, param_labels, scaled_ranges,
+                                              weight_range_scale)
 from ptq_jax.trace import LayerInfo
 
 
@@ -33,10 +35,10 @@ from ptq_jax.trace import LayerInfo
 def _shared_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
                   lq: LayerQuant, opt_state, xs, ys, key, step0, rates, w_scale=None):
   """``steps`` Adam steps on a shared layer; ``xs`` / ``ys``: per-site tuples."""
-  tx = _optimizer(rates, _labels(lq), schedule)
+  tx = make_optimizer(rates, param_labels(lq), schedule)
 
   def loss_fn(params, step):
-    params = _scaled_ranges(params, w_scale, 1)
+    params = scaled_ranges(params, w_scale, 1)
     total = 0.0
     for site, (x, y) in enumerate(zip(xs, ys)):
       idx = jax.random.choice(jax.random.fold_in(jax.random.fold_in(key, step), site),
@@ -51,9 +53,9 @@ def _shared_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, 
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  params = _scaled_ranges(lq, w_scale, -1)
+  params = scaled_ranges(lq, w_scale, -1)
   params, opt_state, loss = jax.lax.fori_loop(0, steps, body, (params, opt_state, 0.0))
-  return _scaled_ranges(params, w_scale, 1), opt_state, loss
+  return scaled_ranges(params, w_scale, 1), opt_state, loss
 
 
 def _sums(geom: LayerGeometry, activation: str, lq: LayerQuant, xs, ys) -> Tuple[float, float]:
@@ -61,7 +63,7 @@ def _sums(geom: LayerGeometry, activation: str, lq: LayerQuant, xs, ys) -> Tuple
   err = ref = 0.0
   for site, (x, y) in enumerate(zip(xs, ys)):
     for start in range(0, x.shape[0], ERROR_BATCH):
-      e, r = _error_sums(geom, activation, lq.for_site(site), x[start:start + ERROR_BATCH],
+      e, r = error_sums(geom, activation, lq.for_site(site), x[start:start + ERROR_BATCH],
                          y[start:start + ERROR_BATCH])
       err, ref = err + float(e), ref + float(r)
   return err, ref
@@ -84,8 +86,8 @@ def optimize_shared_layer(layer: LayerInfo, lq: LayerQuant, xs: Sequence[jnp.nda
   count = sum(int(y.size) for y in check_ys)
   before_err, ref = _sums(geom, act, lq, check_xs, check_ys)
   best, best_err, kept_at = lq, before_err, -1
-  opt_state = _optimizer(rates, _labels(lq), config.lr_schedule).init(
-      _scaled_ranges(lq, w_scale, -1))
+  opt_state = make_optimizer(rates, param_labels(lq), config.lr_schedule).init(
+      scaled_ranges(lq, w_scale, -1))
   batch = min(config.batch_size, min(x.shape[0] for x in xs))
   checks, done, last_err = config.check_steps(), 0, before_err
   for k, end in enumerate(checks):
@@ -96,13 +98,9 @@ def optimize_shared_layer(layer: LayerInfo, lq: LayerQuant, xs: Sequence[jnp.nda
     if last_err <= best_err or not config.guard:
       best, best_err, kept_at = lq, last_err, k
   rel = lambda err: err / max(ref, 1e-30)
-  return best, {
-      'path': layer.path, 'activation': act, 'sites': layer.sites,
-      'w_bits': lq.w_quant.bits if lq.w_quant else None,
-      'a_bits': lq.a_quant.bits if lq.a_quant else None,
-      'mse_before': before_err / count, 'mse_after': best_err / count,
-      'rel_error_before': rel(before_err), 'rel_error_after': rel(best_err),
-      'rel_error_last_step': rel(last_err),
-      'kept_iteration': 0 if kept_at < 0 else checks[kept_at],
-      'guard_acted': kept_at != len(checks) - 1, 'iterations': config.iterations,
-      'guard_examples': int(check_ys[0].shape[0]), 'seconds': time.time() - start}
+  return best, UnitReport(
+      layer.path, act, lq.w_quant.bits if lq.w_quant else None,
+      lq.a_quant.bits if lq.a_quant else None, before_err / count, best_err / count,
+      rel(before_err), rel(best_err), rel(last_err), **guard_outcome(checks, kept_at),
+      iterations=config.iterations, guard_examples=int(check_ys[0].shape[0]),
+      seconds=time.time() - start, unit='shared', sites=layer.sites)
