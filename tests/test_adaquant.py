@@ -358,11 +358,11 @@ def test_bad_config():
 def test_cosine_schedule_decays_and_constant_does_not():
   """Step k of n moves by rate * (1 + cos(pi k / n)) / 2 (cosine, the default) or by the
   rate (constant); Adam with a constant gradient steps by exactly the scheduled rate."""
-  from ptq_jax.stages.adaquant.layer import _optimizer
+  from ptq_jax.stages.adaquant.objective import make_optimizer
   params = {'w': jnp.ones(3)}
   for schedule in ('cosine', 'constant'):
     rates = ptq_jax.AdaQuantConfig(iterations=4, lr_kernel=1.0, lr_schedule=schedule).rates()
-    tx = _optimizer(rates, {'w': 'kernel'}, schedule)
+    tx = make_optimizer(rates, {"w": "kernel"}, schedule)
     state = tx.init(params)
     steps = []
     for _ in range(4):

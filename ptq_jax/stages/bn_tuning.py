@@ -87,66 +87,20 @@ def bn_tune(prepared: Prepared, qstate: Mapping[str, LayerQuant], target: str = 
   """
   if target not in TARGETS:
     raise ValueError(f'target={target!r} is not one of {TARGETS}.')
-  model, variables, layers = prepared.model, prepared.variables, prepared.layers
-  images = np.asarray(prepared.images, np.float32)
-  if len(images) == 0:
-    raise ValueError('BN tuning needs calibration images; the set is empty.')
-  if len(images) < MIN_IMAGES:
-    warnings.warn(f'BN tuning on {len(images)} calibration image(s): per-channel statistics '
-                  f'from fewer than {MIN_IMAGES} images are noisy and can cost accuracy '
-                  'instead of restoring it; use more images or skip BN tuning.', stacklevel=2)
-  folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
+  _check_images(prepared.images)
   state = dict(qstate)
-  todo = [l for l in layers if l.bn_path and l.path in state]
-
-  tuned_paths = frozenset(l.path for l in todo)
-
-  def batch_moments(state, x):
-    """Per-channel mean and sum of squared deviations of every BN layer's output.
-
-    All of them in one program (compiled once), though only the next layer's are
-    used: each layer's must be measured after the layers before it were re-estimated.
-    """
-    found = {}
-
-    def layer_output(p, module, inputs, site):
-      y = quantized_layer_output(module, state[p].for_site(site), inputs)
-      if p in tuned_paths and p not in found:
-        flat = y.reshape(-1, y.shape[-1])
-        mean = jnp.mean(flat, axis=0)
-        found[p] = (mean, jnp.sum((flat - mean)**2, axis=0))
-      return y
-    apply_quantized(model, variables, state, folded_bns, x, layer_output=layer_output)
-    return found
-
-  moments = jax.jit(batch_moments)
-
-  def exact_moments(state, paths):
-    """Exact per-channel (mean, variance) over every position of every image, merged
-    batch by batch (stable when the mean is large)."""
-    acc = {p: (0, 0.0, 0.0) for p in paths}
-    for s in range(0, len(images), batch_size):
-      batch = images[s:s + batch_size]
-      found = moments(state, jnp.asarray(batch))
-      for layer in todo:
-        if layer.path in acc:
-          n_b = len(batch) * int(np.prod(layer.output_shape[:-1]))
-          acc[layer.path] = _merge(acc[layer.path], *found[layer.path], n_b)
-    return {p: (mean, m2 / count) for p, (count, mean, m2) in acc.items()}
-
+  todo = [l for l in prepared.layers if l.bn_path and l.path in state]
+  moments = _Moments(prepared, todo, batch_size)
   fp_moments = {}
   if target == 'fp' and todo:
-    folded = fold_batchnorm(layers, variables)
-    fp_state = {p: LayerQuant(folded[p].kernel, folded[p].bias) for p in layer_states(state)}
-    fp_moments = exact_moments(fp_state, [l.path for l in todo])
+    fp_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in prepared.float_state.items()}
+    fp_moments = moments(fp_state, [l.path for l in todo])
   reports = []
-  bar = tqdm(total=len(todo), desc='BN tuning', disable=not prepared.progress,
-             leave=False)
+  bar = tqdm(total=len(todo), desc='BN tuning', disable=not prepared.progress, leave=False)
   start = time.time()
   for layer in todo:
-    lq = state[layer.path]
-    mean, var = exact_moments(state, [layer.path])[layer.path]
-    gamma, beta, old_var = _bn_params(variables, layer)
+    mean, var = moments(state, [layer.path])[layer.path]
+    gamma, beta, old_var = _bn_params(prepared.variables, layer)
     if target == 'fp':
       fp_mean, fp_var = fp_moments[layer.path]
       a = np.sqrt((fp_var + 1e-12) / (var + 1e-12))
@@ -155,16 +109,66 @@ def bn_tune(prepared: Prepared, qstate: Mapping[str, LayerQuant], target: str = 
       s_old = gamma / np.sqrt(old_var + layer.bn_epsilon)
       a = np.abs(gamma) / np.sqrt(var + s_old**2 * layer.bn_epsilon)  # y carries gamma's sign
       c = beta - a * mean
-    state[layer.path] = refold(lq, jnp.asarray(a, jnp.float32), jnp.asarray(c, jnp.float32))
-    expected_std = np.abs(gamma) * np.sqrt(old_var / (old_var + layer.bn_epsilon))
+    state[layer.path] = refold(state[layer.path], jnp.asarray(a, jnp.float32),
+                               jnp.asarray(c, jnp.float32))
+    expected_std = np.maximum(np.abs(gamma) * np.sqrt(old_var / (old_var + layer.bn_epsilon)),
+                              1e-12)
     reports.append({'path': layer.path, 'bn_path': layer.bn_path,
-                    'mean_shift': float(np.mean(np.abs(mean - beta) / np.maximum(expected_std, 1e-12))),
-                    'std_ratio': float(np.mean(np.sqrt(var) / np.maximum(expected_std, 1e-12)))})
+                    'mean_shift': float(np.mean(np.abs(mean - beta) / expected_std)),
+                    'std_ratio': float(np.mean(np.sqrt(var) / expected_std))})
     bar.update()
   bar.close()
   if reports:
     reports[-1]['seconds_total'] = time.time() - start
   return state, reports
+
+
+def _check_images(images: np.ndarray) -> None:
+  if len(images) == 0:
+    raise ValueError('BN tuning needs calibration images; the set is empty.')
+  if len(images) < MIN_IMAGES:
+    warnings.warn(f'BN tuning on {len(images)} calibration image(s): per-channel statistics '
+                  f'from fewer than {MIN_IMAGES} images are noisy and can cost accuracy '
+                  'instead of restoring it; use more images or skip BN tuning.', stacklevel=3)
+
+
+class _Moments:
+  """``(state, paths) -> {path: (mean, variance)}``: the exact per-channel statistics of
+  those layers' quantized outputs over every position of every calibration image,
+  merged batch by batch (stable when the mean is large). One compiled program
+  measures every BN layer's output, though only the next layer's is used: each
+  layer's must be measured after the layers before it were re-estimated."""
+
+  def __init__(self, prepared: Prepared, todo: Sequence[LayerInfo], batch_size: int):
+    self.images = np.asarray(prepared.images, np.float32)
+    self.todo, self.batch_size = todo, batch_size
+    model, variables, folded_bns = prepared.model, prepared.variables, prepared.folded_bns
+    tuned_paths = frozenset(l.path for l in todo)
+
+    def batch_moments(state, x):
+      found = {}
+
+      def layer_output(p, module, inputs, site):
+        y = quantized_layer_output(module, state[p].for_site(site), inputs)
+        if p in tuned_paths and p not in found:
+          flat = y.reshape(-1, y.shape[-1])
+          mean = jnp.mean(flat, axis=0)
+          found[p] = (mean, jnp.sum((flat - mean)**2, axis=0))
+        return y
+      apply_quantized(model, variables, state, folded_bns, x, layer_output=layer_output)
+      return found
+    self._batch = jax.jit(batch_moments)
+
+  def __call__(self, state: QState, paths: Sequence[str]) -> Dict[str, Tuple[Any, Any]]:
+    acc = {p: (0, 0.0, 0.0) for p in paths}
+    for s in range(0, len(self.images), self.batch_size):
+      batch = self.images[s:s + self.batch_size]
+      found = self._batch(state, jnp.asarray(batch))
+      for layer in self.todo:
+        if layer.path in acc:
+          n_b = len(batch) * int(np.prod(layer.output_shape[:-1]))
+          acc[layer.path] = _merge(acc[layer.path], *found[layer.path], n_b)
+    return {p: (mean, m2 / count) for p, (count, mean, m2) in acc.items()}
 
 
 def _bn_params(variables: Mapping[str, Any], layer: LayerInfo):

@@ -119,29 +119,52 @@ def sensitivity_table(prepared: Prepared,
     devices: the batches are split over them (default: all local devices).
   """
   start = time.time()
-  model, variables, layers = prepared.model, prepared.variables, prepared.layers
-  float_state, progress = prepared.float_state, prepared.progress
   images = np.asarray(prepared.images, np.float32)
   if len(images) == 0:
     raise ValueError('The calibration set is empty: the sensitivity table needs images.')
   options = tuple(parse_option(o) for o in option_states)
-  paths = tuple(l.path for l in layers)
+  paths = tuple(l.path for l in prepared.layers)
   for option, state in zip(options, option_states.values()):
     missing = [p for p in paths if p not in state]
     if missing:
       raise KeyError(f'The state for {option_name(option)} lacks layers {missing[:3]}; pass '
                      'complete states with every layer at that option.')
-  loss = 'kl' if labels is None else 'ce'
-  folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
-  first_state = next(iter(option_states.values()))
-  float_state = {p: LayerQuant(float_state[p].kernel, float_state[p].bias) for p in paths}
+  mean_loss = _mean_loss_fn(prepared, images, labels, batch_size, local_devices(devices))
+  # The gates are traced values: one compiled program per option serves every layer.
+  # (Batching several gate vectors with vmap would give each conv a batched kernel,
+  # which XLA's CPU backend runs as a slow grouped convolution.)
+  base = mean_loss(next(iter(option_states.values())), jnp.zeros(len(paths)))
+  raw = np.zeros((len(paths), len(options)))
+  eye = jnp.eye(len(paths))
+  bar = tqdm(total=len(options) * len(paths), desc='Sensitivity',
+             disable=not prepared.progress, leave=False)
+  for j, state in enumerate(option_states.values()):
+    for i in range(len(paths)):
+      raw[i, j] = mean_loss(state, eye[i]) - base
+      bar.update()
+  bar.close()
+  layers = prepared.layers
+  return SensitivityTable(paths, options, np.maximum(raw, MIN_DELTA), raw, base,
+                          tuple(int(l.params) for l in layers), tuple(int(l.macs) for l in layers),
+                          'kl' if labels is None else 'ce', time.time() - start)
+
+
+def _mean_loss_fn(prepared: Prepared, images: np.ndarray, labels: Optional[np.ndarray],
+                  batch_size: int, devices: Sequence[Any]):
+  """``(option_state, gates) -> mean loss`` over the calibration images, where layer
+  ``i`` computes with ``option_state`` where ``gates[i] == 1`` and in float elsewhere;
+  the loss is the KL from the float outputs, or the cross-entropy with ``labels``."""
+  model, variables, folded_bns = prepared.model, prepared.variables, prepared.folded_bns
+  paths = tuple(l.path for l in prepared.layers)
+  float_state = {p: LayerQuant(prepared.float_state[p].kernel, prepared.float_state[p].bias)
+                 for p in paths}
   fp_forward = jax.jit(lambda x: apply_quantized(model, variables, float_state, folded_bns, x))
-  devices = local_devices(devices)
   fp_logits = batched_predict(fp_forward, images, batch_size, devices)
   if labels is not None and int(np.max(labels)) >= fp_logits.shape[-1]:
     raise ValueError(f'labels hold class {int(np.max(labels))}, but the model has '
                      f'{fp_logits.shape[-1]} outputs: pass class indices below that.')
   target = fp_logits if labels is None else np.asarray(labels, np.int32)
+  loss = 'kl' if labels is None else 'ce'
 
   def batch_loss(option_state, gate_vec, x, t, n_valid):
     gates = {p: gate_vec[i] for i, p in enumerate(paths)}
@@ -153,27 +176,8 @@ def sensitivity_table(prepared: Prepared,
   # Data-parallel: images and targets split over the devices, batch by batch.
   batches = list(zip(padded_batches(images, batch_size, devices),
                      padded_batches(target, batch_size, devices, dtype=None)))
-
-  def mean_loss(state, gate_vec):
-    return sum(float(loss_sum(state, gate_vec, x, t, n))
-               for (x, n), (t, _) in batches) / len(images)
-
-  # The gates are traced values: one compiled program per option serves every layer.
-  # (Batching several gate vectors with vmap would give each conv a batched kernel,
-  # which XLA's CPU backend runs as a slow grouped convolution.)
-  base = mean_loss(first_state, jnp.zeros(len(paths)))
-  raw = np.zeros((len(paths), len(options)))
-  eye = jnp.eye(len(paths))
-  bar = tqdm(total=len(options) * len(paths), desc='Sensitivity', disable=not progress,
-             leave=False)
-  for j, state in enumerate(option_states.values()):
-    for i in range(len(paths)):
-      raw[i, j] = mean_loss(state, eye[i]) - base
-      bar.update()
-  bar.close()
-  return SensitivityTable(paths, options, np.maximum(raw, MIN_DELTA), raw, base,
-                          tuple(int(l.params) for l in layers), tuple(int(l.macs) for l in layers),
-                          loss, time.time() - start)
+  return lambda state, gate_vec: sum(float(loss_sum(state, gate_vec, x, t, n))
+                                     for (x, n), (t, _) in batches) / len(images)
 
 
 def cache_key(model_name: str, variables: Mapping[str, Any], images: np.ndarray,

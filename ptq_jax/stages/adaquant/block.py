@@ -54,23 +54,11 @@ def run_blocks(prepared: Prepared, qstate: Mapping[str, Any], mode: str,
   """Block-wise reconstruction of every block holding a quantized layer; returns the new
   state and one report per optimised block. Runs on the default device (every process
   of a multi-host run does the same work)."""
-  model, variables, layers, images = (prepared.model, prepared.variables, prepared.layers,
-                                      prepared.images)
-  folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
+  layers, images = prepared.layers, prepared.images
   float_state = {p: LayerQuant(lq.kernel, lq.bias, site_a_quants=tuple(
       None for _ in lq.site_a_quants)) for p, lq in layer_states(qstate).items()}
   batch = runtime.capture_batch_size   # (the first trace at the passes' batch size)
-  example = np.asarray(images[:batch], np.float32)
-  program = BlockProgram(model, variables, qstate, folded_bns, example)
-  # Quantized attention matmuls are part of the program it was traced with; the float
-  # targets come from a program traced without them (same blocks).
-  has_attention = any(isinstance(v, AttentionQuant) for v in qstate.values())
-  float_program = (BlockProgram(model, variables, float_state, folded_bns, example)
-                   if has_attention else program)
-  if ([(b.paths, b.needs_input) for b in float_program.blocks] !=
-      [(b.paths, b.needs_input) for b in program.blocks]):
-    raise ValueError('The float and quantized programs cut into different blocks; use '
-                     'layer-wise reconstruction (AdaQuantConfig(unit="layer")).')
+  program, float_program = _programs(prepared, qstate, float_state, batch)
   quantized = {l.path for l in layers
                if qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None}
   by_path = {l.path: l for l in layers}
@@ -81,8 +69,8 @@ def run_blocks(prepared: Prepared, qstate: Mapping[str, Any], mode: str,
   inputs = jnp.asarray(images, jnp.float32)   # (blocks that read the model input)
   x_fp = x_q = inputs
   todo = [b for b in program.blocks if quantized & set(b.paths)]
-  bar = tqdm(total=len(todo), desc=f'Block reconstruction ({mode})', disable=not prepared.progress,
-             leave=False)
+  bar = tqdm(total=len(todo), desc=f'Block reconstruction ({mode})',
+             disable=not prepared.progress, leave=False)
   try:
     for block in program.blocks:
       last = block.index == len(program.blocks) - 1
@@ -100,8 +88,8 @@ def run_blocks(prepared: Prepared, qstate: Mapping[str, Any], mode: str,
         new_state.update(states)
         report.mode = mode
         reports.append(report)
-        bar.set_postfix_str(f'{block.label[:40]}: rel err {report["rel_error_before"]:.3g} '
-                            f'-> {report["rel_error_after"]:.3g}')
+        bar.set_postfix_str(f'{block.label[:40]}: rel err {report.rel_error_before:.3g} '
+                            f'-> {report.rel_error_after:.3g}')
         bar.update()
       if not last:
         if mode == 'sequential':
@@ -114,6 +102,24 @@ def run_blocks(prepared: Prepared, qstate: Mapping[str, Any], mode: str,
     log.info('Block reconstruction guard: %d block(s) kept an earlier state, their error having '
              'risen by the last step.', len(guarded))
   return new_state, reports
+
+
+def _programs(prepared: Prepared, qstate: Mapping[str, Any], float_state: Mapping[str, Any],
+              batch: int) -> Tuple[BlockProgram, BlockProgram]:
+  """The quantized program cut into blocks, and the float one the targets come from
+  (the same unless attention matmuls are quantized: they are part of the program it
+  was traced with, so the float targets come from a program traced without them)."""
+  model, variables, folded_bns = prepared.model, prepared.variables, prepared.folded_bns
+  example = np.asarray(prepared.images[:batch], np.float32)
+  program = BlockProgram(model, variables, qstate, folded_bns, example)
+  if not any(isinstance(v, AttentionQuant) for v in qstate.values()):
+    return program, program
+  float_program = BlockProgram(model, variables, float_state, folded_bns, example)
+  if ([(b.paths, b.needs_input) for b in float_program.blocks] !=
+      [(b.paths, b.needs_input) for b in program.blocks]):
+    raise ValueError('The float and quantized programs cut into different blocks; use '
+                     'layer-wise reconstruction (AdaQuantConfig(unit="layer")).')
+  return program, float_program
 
 
 class _BlockFns:

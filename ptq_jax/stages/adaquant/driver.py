@@ -36,7 +36,7 @@ def run_adaquant(prepared: Prepared, qstate: Mapping[str, LayerQuant], mode: str
                  config: AdaQuantConfig = AdaQuantConfig(), key: Optional[jax.Array] = None,
                  runtime: AdaQuantRuntime = AdaQuantRuntime(),
                  devices: Optional[Sequence[Any]] = None
-                 ) -> Tuple[Dict[str, LayerQuant], List[Dict[str, Any]]]:
+                 ) -> Tuple[Dict[str, LayerQuant], List[UnitReport]]:
   """AdaQuant of every quantized layer; returns the new state and a per-layer report
   (per block with ``config.unit='block'``, :func:`~.block.run_blocks`).
 
@@ -52,97 +52,123 @@ def run_adaquant(prepared: Prepared, qstate: Mapping[str, LayerQuant], mode: str
   key = jax.random.key(0) if key is None else key
   if config.unit == 'block':
     return run_blocks(prepared, qstate, mode, config, key, runtime)
-  model, variables, layers, images = (prepared.model, prepared.variables, prepared.layers,
-                                      prepared.images)
-  devices = local_devices(devices)
-  folded_bns = frozenset(l.bn_path for l in layers if l.bn_path)
-  float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in layer_states(qstate).items()}
-  quantized = [l for l in layers
+  todo = _layers_to_optimize(prepared, qstate, config)
+  run = _LayerRun(prepared, dict(qstate), mode, config, key, runtime, local_devices(devices))
+  mine = {todo[k].path for k in process_share(len(todo))}  # this process's layers
+  groups = capture_groups(todo, len(prepared.images), runtime.capture_budget_mb)
+  bar = tqdm(total=len(todo), desc=f'AdaQuant ({mode})', disable=not prepared.progress,
+             leave=False)
+  try:
+    for group in groups:
+      if mode == 'sequential':
+        run.sequential_group(group, bar)
+      else:
+        run.parallel_group([l for l in group if l.path in mine], group, bar)
+  finally:
+    bar.close()
+  if jax.process_count() > 1 and mode == 'parallel':
+    _exchange_between_processes(todo, qstate, run.new_state, run.reports, mine,
+                                config.iterations)
+  guarded = [p for p, r in run.reports.items() if r.guard_acted]
+  if guarded:
+    log.info('AdaQuant guard: %d layer(s) kept an earlier state, their error having risen by '
+             'the last step: %s%s', len(guarded), guarded[:6], '...' if len(guarded) > 6 else '')
+  return run.new_state, [run.reports[l.path] for l in todo]
+
+
+def _layers_to_optimize(prepared: Prepared, qstate: Mapping[str, LayerQuant],
+                        config: AdaQuantConfig) -> List[LayerInfo]:
+  """The quantized layers with a plain geometry, warning about the ones left out and
+  the shared ones that take free updates only."""
+  quantized = [l for l in prepared.layers
                if qstate[l.path].w_quant is not None or qstate[l.path].a_quant is not None]
   todo = [l for l in quantized if l.geometry is not None]
   skipped = [l.path for l in quantized if l.geometry is None]
   if skipped:
     warnings.warn(f'AdaQuant leaves {skipped} at their calibrated ranges: a convolution with a '
                   'mask or CIRCULAR/CAUSAL padding has no plain lax form for the per-layer '
-                  'optimiser (they are quantized, not optimised).', UserWarning, stacklevel=2)
+                  'optimiser (they are quantized, not optimised).', UserWarning, stacklevel=3)
   shared = [l.path for l in todo if l.sites > 1]
   if shared and (config.rounding == 'learned' or config.drop_prob > 0):
     warnings.warn(f'AdaQuant optimises the shared layers {shared} with free weight updates and '
                   'no QDrop (learned rounding and drop_prob apply to layers called once).',
-                  UserWarning, stacklevel=2)
-  index = {l.path: i for i, l in enumerate(layers)}
-  holdout = config.holdout_split(len(images), key)   # the same examples for every layer
-  new_state = dict(qstate)
-  reports: Dict[str, Dict[str, Any]] = {}
-  mine = {todo[k].path for k in process_share(len(todo))}  # this process's layers
-  groups = capture_groups(todo, len(images), runtime.capture_budget_mb)
-  bar = tqdm(total=len(todo), desc=f'AdaQuant ({mode})', disable=not prepared.progress,
-             leave=False)
-  capture = InputCapture(model, variables, folded_bns, runtime.capture_batch_size, devices)
+                  UserWarning, stacklevel=3)
+  return todo
 
-  def optimize(layer, x_fp, x=None, device=None):
+
+class _LayerRun:
+  """One AdaQuant run over layers: the inputs each layer is fitted on (captured per group
+  of layers within the memory budget), its fit, and the state and reports so far."""
+
+  def __init__(self, prepared: Prepared, qstate: Dict[str, LayerQuant], mode: str,
+               config: AdaQuantConfig, key: jax.Array, runtime: AdaQuantRuntime,
+               devices: Sequence[Any]):
+    self.qstate, self.mode, self.config, self.key = qstate, mode, config, key
+    self.runtime, self.devices, self.images = runtime, devices, prepared.images
+    self.float_state = {p: LayerQuant(lq.kernel, lq.bias)
+                        for p, lq in layer_states(qstate).items()}
+    self.index = {l.path: i for i, l in enumerate(prepared.layers)}
+    self.holdout = config.holdout_split(len(prepared.images), key)  # the same for every layer
+    self.new_state, self.reports = dict(qstate), {}
+    self.capture = InputCapture(prepared.model, prepared.variables, prepared.folded_bns,
+                                runtime.capture_batch_size, devices)
+
+  def sequential_group(self, group: Sequence[LayerInfo], bar) -> None:
+    """Each layer fitted on the inputs of the already-optimised prefix, in order."""
+    group_paths = [k for l in group for k in site_keys(l)]
+    fp_inputs = self.capture(self.float_state, self.images, group_paths)
+    for layer in group:
+      x = self.capture(self.new_state, self.images, group_paths, keep=site_keys(layer))
+      self._done(layer, *self._optimize(layer, [fp_inputs.pop(k) for k in site_keys(layer)],
+                                        [x[k] for k in site_keys(layer)]), bar)
+      del x
+
+  def parallel_group(self, mine: Sequence[LayerInfo], group: Sequence[LayerInfo],
+                     bar) -> None:
+    """This process's layers of ``group`` fitted on the float inputs, dealt to devices."""
+    if not mine:
+      return
+    fp_inputs = self.capture(self.float_state, self.images,
+                             [k for l in group for k in site_keys(l)],
+                             keep=[k for l in mine for k in site_keys(l)])
+    items = [(layer, [fp_inputs.pop(k) for k in site_keys(layer)]) for layer in mine]
+    for i, (lq, report) in map_over_devices(lambda item, d: self._optimize(*item, device=d),
+                                            items, self.devices):
+      self._done(mine[i], lq, report, bar)
+
+  def _optimize(self, layer: LayerInfo, x_fp, x=None, device=None):
     """``x_fp`` / ``x``: the float / quantized-prefix inputs, one per call site."""
+    config, runtime = self.config, self.runtime
     # Layer-parallel over several devices: this layer is pinned to ``device``.
-    pin = device if device is not None and len(devices) > 1 else None
+    pin = device if device is not None and len(self.devices) > 1 else None
     ys = [None] * len(x_fp)   # parallel mode: the float target is computed from x_fp
     if x is not None:   # sequential mode: trained on x, the target from the float inputs
-      float_lq = float_state[layer.path]
+      float_lq = self.float_state[layer.path]
       if pin is not None:
         x_fp, float_lq = commit((x_fp, float_lq), pin)
       ys = [float_targets(layer.geometry, layer.activation, float_lq, xf,
                           runtime.eval_batches(len(xf), config)) for xf in x_fp]
-    layer_key = jax.random.fold_in(key, index[layer.path])
+    layer_key = jax.random.fold_in(self.key, self.index[layer.path])
     if layer.sites > 1:
-      xs, lq = (x_fp if x is None else x), qstate[layer.path]
+      xs, lq = (x_fp if x is None else x), self.qstate[layer.path]
       if pin is not None:
         xs, lq = commit((xs, lq), pin)
-      lq, report = optimize_shared_layer(layer, lq, xs, ys, config, layer_key, holdout)
+      lq, report = optimize_shared_layer(layer, lq, xs, ys, config, layer_key, self.holdout)
     else:
-      lq, report = optimize_layer(layer, qstate[layer.path], (x_fp if x is None else x)[0],
-                                  ys[0], config, layer_key, pin, runtime, holdout)
-    report.mode = mode
+      lq, report = optimize_layer(layer, self.qstate[layer.path],
+                                  (x_fp if x is None else x)[0], ys[0], config, layer_key, pin,
+                                  runtime, self.holdout)
+    report.mode = self.mode
     if pin is not None:  # back to the host: later passes may run on any device
       lq, report.device = jax.device_get(lq), str(device)
     return lq, report
 
-  def done(layer, lq, report):
-    new_state[layer.path] = lq
-    reports[layer.path] = report
+  def _done(self, layer: LayerInfo, lq: LayerQuant, report: UnitReport, bar) -> None:
+    self.new_state[layer.path] = lq
+    self.reports[layer.path] = report
     bar.set_postfix_str(f'{layer.path}: rel err {report.rel_error_before:.3g} -> '
                         f'{report.rel_error_after:.3g}')
     bar.update()
-
-  try:
-    for group in groups:
-      group_paths = [k for l in group for k in site_keys(l)]
-      if mode == 'sequential':
-        fp_inputs = capture(float_state, images, group_paths)
-        for layer in group:
-          # Inputs from the quantized prefix: layers before this one already optimised.
-          x = capture(new_state, images, group_paths, keep=site_keys(layer))
-          done(layer, *optimize(layer, [fp_inputs.pop(k) for k in site_keys(layer)],
-                                [x[k] for k in site_keys(layer)]))
-          del x
-        continue
-      group = [l for l in group if l.path in mine]
-      if not group:
-        continue
-      fp_inputs = capture(float_state, images, group_paths,
-                          keep=[k for l in group for k in site_keys(l)])
-      items = [(layer, [fp_inputs.pop(k) for k in site_keys(layer)]) for layer in group]
-      for i, (lq, report) in map_over_devices(lambda item, d: optimize(*item, device=d),
-                                              items, devices):
-        done(group[i], lq, report)
-      del items
-  finally:
-    bar.close()
-  if jax.process_count() > 1 and mode == 'parallel':
-    _exchange_between_processes(todo, qstate, new_state, reports, mine, config.iterations)
-  guarded = [p for p, r in reports.items() if r.guard_acted]
-  if guarded:
-    log.info('AdaQuant guard: %d layer(s) kept an earlier state, their error having risen by '
-             'the last step: %s%s', len(guarded), guarded[:6], '...' if len(guarded) > 6 else '')
-  return new_state, [reports[l.path] for l in todo]
 
 
 def site_keys(layer: LayerInfo) -> List[str]:
