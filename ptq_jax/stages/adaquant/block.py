@@ -179,40 +179,89 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
                    config: AdaQuantConfig, key: jax.Array, fns: Optional[_BlockFns] = None,
                    runtime: AdaQuantRuntime = AdaQuantRuntime(), micro_batch: int = 0,
                    holdout: Optional[Tuple[np.ndarray, np.ndarray]] = None
-                   ) -> Tuple[Dict[str, LayerQuant], Dict[str, Any]]:
+                   ) -> Tuple[Dict[str, LayerQuant], UnitReport]:
   """Reconstruction of one block on its inputs ``xs`` and float outputs ``ys``, jointly
   over the states of the ``trained`` layers (the block's other layers stay fixed).
   ``fns``: the block's compiled passes, if already built; ``micro_batch``: see
   :func:`~.steps.value_and_grad`; ``holdout``: (train, check) example indices
   (:meth:`AdaQuantConfig.holdout_split`), the guard measuring on the check ones."""
   fns = fns or _BlockFns(program, block, runtime.capture_batch_size)
-  xs = _pair(xs)
-  (xs, ys), (check_xs, check_ys) = split_examples((xs, ys), holdout)
+  (xs, ys), (check_xs, check_ys) = split_examples((_pair(xs), ys), holdout)
   start_time = time.time()
-  learned = config.rounding == 'learned'
   start = {p: state[p] for p in block.paths}
-  fixed = {p: lq for p, lq in start.items() if p not in trained}
-  w_scale = {p: weight_range_scale(config, start[p]) for p in trained}
-  if learned:
-    params = {p: _rounding_params(start[p]) for p in trained}
-  else:
-    params = {p: scaled_ranges(start[p], w_scale[p], -1) for p in trained}
-  rates = config.rates()
-  lr, reg = jnp.float32(config.lr_rounding), jnp.float32(config.rounding_reg)
-  tx = _block_optimizer(config, rates, lr, params, learned)
+  objective = _BlockObjective(program, block, start, trained, config, key)
+  params, tx = objective.initial_params(), objective.optimizer()
   opt_state = tx.init(params)
+  batch = min(config.batch_size, xs[0].shape[0])
 
-  def states_of(params, hard: bool) -> Dict[str, LayerQuant]:
-    if learned:
-      return {**fixed, **{p: _rounded_state(start[p], params[p], hard) for p in trained}}
-    return {**fixed, **{p: scaled_ranges(params[p], w_scale[p], 1) for p in trained}}
+  @functools.partial(jax.jit, static_argnames='steps')
+  def run_steps(params, opt_state, xs, ys, step0, steps):
+    return run_loop(objective.loss, tx, params, opt_state, xs, ys, key, step0, steps, batch,
+                    micro_batch)
 
-  def layer_calls(params, step, part):
+  before, rel_before = fns.error(start, check_xs, check_ys)
+  best, (after, rel_after), kept_at = start, (before, rel_before), -1
+  last, rel_last, done = before, rel_before, 0
+  for k, calls in enumerate(runtime.call_plan(config)):
+    for steps in calls:
+      params, opt_state, _ = run_steps(params, opt_state, xs, ys, np.int32(done), steps)
+      done += steps
+    candidate = objective.states_of(params, hard=True)
+    last, rel_last = fns.error(candidate, check_xs, check_ys)
+    if last <= after or not config.guard:   # the best state so far (ties: the later)
+      best, (after, rel_after), kept_at = candidate, (last, rel_last), k
+  bits = [start[p].w_quant.bits for p in trained if start[p].w_quant is not None]
+  a_bits = [start[p].a_quant.bits for p in trained if start[p].a_quant is not None]
+  report = UnitReport(block.label, None, min(bits) if bits else None,
+                      min(a_bits) if a_bits else None, before, after, rel_before, rel_after,
+                      rel_last, **guard_outcome(config.check_steps(), kept_at),
+                      iterations=config.iterations, guard_examples=int(check_ys.shape[0]),
+                      seconds=time.time() - start_time, unit='block',
+                      rounding='learned' if objective.learned else 'free', block=block.index,
+                      paths=list(block.paths), layers=len(trained))
+  return {p: best[p] for p in trained}, report
+
+
+class _BlockObjective:
+  """What a block's reconstruction trains and minimises: the trained layers' states
+  (free updates, their weight ranges optionally in units of their start) or their
+  rounding variables (learned rounding), and the block output's squared error to the
+  float target, plus the rounding regulariser; with QDrop, each layer call's input
+  is left in float with probability ``drop_prob``, a new mask every step."""
+
+  def __init__(self, program: BlockProgram, block: Block, start: Mapping[str, LayerQuant],
+               trained: Sequence[str], config: AdaQuantConfig, key: jax.Array):
+    self.program, self.block, self.start, self.trained = program, block, start, trained
+    self.config, self.key = config, key
+    self.learned = config.rounding == 'learned'
+    self.fixed = {p: lq for p, lq in start.items() if p not in trained}
+    self.w_scale = {p: weight_range_scale(config, start[p]) for p in trained}
+    self.rates = config.rates()
+    self.lr, self.reg = jnp.float32(config.lr_rounding), jnp.float32(config.rounding_reg)
+
+  def initial_params(self) -> Dict[str, Any]:
+    if self.learned:
+      return {p: _rounding_params(self.start[p]) for p in self.trained}
+    return {p: scaled_ranges(self.start[p], self.w_scale[p], -1) for p in self.trained}
+
+  def optimizer(self) -> optax.GradientTransformation:
+    return _block_optimizer(self.config, self.rates, self.lr, self.initial_params(),
+                            self.learned)
+
+  def states_of(self, params, hard: bool) -> Dict[str, LayerQuant]:
+    if self.learned:
+      return {**self.fixed, **{p: _rounded_state(self.start[p], params[p], hard)
+                               for p in self.trained}}
+    return {**self.fixed, **{p: scaled_ranges(params[p], self.w_scale[p], 1)
+                             for p in self.trained}}
+
+  def layer_calls(self, params, step, part):
     """The layer calls of a training step: soft-rounded kernels (learned rounding, used
     as they are, not quantized again) or the trained states; with QDrop, each call's
     input with its own mask, drawn anew every step (and micro-batch)."""
-    states = {} if learned else states_of(params, hard=False)
-    step_key = rounding.drop_key(key, step, part)
+    learned, start, fixed, drop_prob = self.learned, self.start, self.fixed, self.config.drop_prob
+    states = {} if learned else self.states_of(params, hard=False)
+    step_key = rounding.drop_key(self.key, step, part)
     count = [0]
 
     def layer_fn(path, site, module, x):
@@ -225,56 +274,26 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
         lq = (fixed if learned else states)[path].for_site(site)
         kernel = quantized_weight(lq)
       x_used = quantized_input(lq, x)
-      if config.drop_prob > 0:
+      if drop_prob > 0:
         count[0] += 1
-        drop = jax.random.bernoulli(jax.random.fold_in(step_key, count[0]), config.drop_prob,
-                                    x.shape)
+        drop = jax.random.bernoulli(jax.random.fold_in(step_key, count[0]), drop_prob, x.shape)
         x_used = jnp.where(drop, x if lq.smooth is None else x / lq.smooth, x_used)
       return layer_forward(module, x_used, kernel, lq.bias)
     return layer_fn
 
-  def loss_fn(params, x, y, step, part):
-    if learned or config.drop_prob > 0:
-      states, layer_fn = {}, layer_calls(params, step, part)
+  def loss(self, params, x, y, step, part):
+    if self.learned or self.config.drop_prob > 0:
+      states, layer_fn = {}, self.layer_calls(params, step, part)
     else:
-      states, layer_fn = states_of(params, hard=False), None
-    out = program.run(block, x[0], states, layer_fn, model_input=x[1])
+      states, layer_fn = self.states_of(params, hard=False), None
+    out = self.program.run(self.block, x[0], states, layer_fn, model_input=x[1])
     loss = jnp.mean((out - y)**2)
-    if learned:
-      beta, on = rounding.beta_at(step.astype(jnp.float32), rates[4])
+    if self.learned:
+      beta, on = rounding.beta_at(step.astype(jnp.float32), self.rates[4])
       penalty = sum(rounding.regulariser(params[p]['v'], beta) / params[p]['v'].size
-                    for p in trained)
-      loss = loss + jnp.where(on, reg * penalty, 0.0)
+                    for p in self.trained)
+      loss = loss + jnp.where(on, self.reg * penalty, 0.0)
     return loss
-
-  batch = min(config.batch_size, xs[0].shape[0])
-
-  @functools.partial(jax.jit, static_argnames='steps')
-  def run_steps(params, opt_state, xs, ys, step0, steps):
-    return run_loop(loss_fn, tx, params, opt_state, xs, ys, key, step0, steps, batch,
-                    micro_batch)
-
-  before, rel_before = fns.error(start, check_xs, check_ys)
-  best, (after, rel_after), kept_at = start, (before, rel_before), -1
-  last, rel_last, done = before, rel_before, 0
-  for k, calls in enumerate(runtime.call_plan(config)):
-    for steps in calls:
-      params, opt_state, _ = run_steps(params, opt_state, xs, ys, np.int32(done), steps)
-      done += steps
-    candidate = states_of(params, hard=True)
-    last, rel_last = fns.error(candidate, check_xs, check_ys)
-    if last <= after or not config.guard:   # the best state so far (ties: the later)
-      best, (after, rel_after), kept_at = candidate, (last, rel_last), k
-  checks = config.check_steps()
-  bits = [start[p].w_quant.bits for p in trained if start[p].w_quant is not None]
-  a_bits = [start[p].a_quant.bits for p in trained if start[p].a_quant is not None]
-  report = UnitReport(block.label, None, min(bits) if bits else None,
-                      min(a_bits) if a_bits else None, before, after, rel_before, rel_after,
-                      rel_last, **guard_outcome(checks, kept_at), iterations=config.iterations,
-                      guard_examples=int(check_ys.shape[0]), seconds=time.time() - start_time,
-                      unit='block', rounding='learned' if learned else 'free',
-                      block=block.index, paths=list(block.paths), layers=len(trained))
-  return {p: best[p] for p in trained}, report
 
 
 def _rounding_params(lq: LayerQuant) -> Dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -181,12 +181,26 @@ def _relative_error(sums, count: int) -> Tuple[float, float]:
   return mse, mse / max(total_ref / count, 1e-30)
 
 
+class _Fit(NamedTuple):
+  """How one layer is fitted: its settings and step sizes, on its device (``pin``)."""
+
+  config: AdaQuantConfig
+  runtime: AdaQuantRuntime
+  key: jax.Array
+  rates: jnp.ndarray
+  w_scale: Optional[jnp.ndarray]
+  pin: Any
+  batch: int
+  micro: int
+  eval_batch: int
+
+
 def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
                    ys: Optional[jnp.ndarray], config: AdaQuantConfig, key: jax.Array,
                    device: Optional[Any] = None,
                    runtime: AdaQuantRuntime = AdaQuantRuntime(),
                    holdout: Optional[Tuple[np.ndarray, np.ndarray]] = None
-                   ) -> Tuple[LayerQuant, Dict[str, Any]]:
+                   ) -> Tuple[LayerQuant, UnitReport]:
   """AdaQuant of one layer on captured inputs ``xs`` and float targets ``ys`` (None:
   the float layer's own outputs on ``xs``, i.e. ``lq``'s kernel and bias unquantized,
   as in parallel mode). ``holdout``: (train, check) example indices
@@ -197,77 +211,86 @@ def optimize_layer(layer: LayerInfo, lq: LayerQuant, xs: jnp.ndarray,
   separate calls. With ``device``, everything is committed to it first, so the layer
   runs there (layer-parallel mode); without, the arrays stay where they are."""
   start = time.time()
-  geom = layer.geometry
-  rates = config.rates()
   pin = (lambda tree: commit(tree, device)) if device is not None else (lambda tree: tree)
-  w_scale = weight_range_scale(config, lq)
-  lq, xs, ys, key, rates, w_scale = pin((lq, xs, ys, key, rates, w_scale))
+  lq, xs, ys, key, rates, w_scale = pin((lq, xs, ys, key, config.rates(),
+                                         weight_range_scale(config, lq)))
   n = xs.shape[0]
   eval_batch = runtime.eval_batches(n, config)
   check = None
   if holdout is not None:   # the targets of every example first, then the split
     if ys is None:
-      ys = float_targets(geom, layer.activation, LayerQuant(lq.kernel, lq.bias), xs, eval_batch)
+      ys = float_targets(layer.geometry, layer.activation, LayerQuant(lq.kernel, lq.bias), xs,
+                         eval_batch)
     (xs, ys), check = split_examples((xs, ys), holdout)
     n = xs.shape[0]
   batch = min(config.batch_size, n)
-  micro = runtime.micro_batch_for(batch, [layer])
-  checks = config.check_steps()
-  if config.rounding == 'learned' and lq.w_quant is not None:
-    lq, report = _learn_rounding(layer, lq, xs, ys, config, key, pin, runtime, rates, check)
-  elif runtime.single_program(n, config):
-    lq, before, last, kept, kept_at = _fit_layer(
-        geom, layer.activation, checks, config.guard, batch, config.lr_schedule, eval_batch,
-        lq, xs, ys, key, rates, w_scale, drop_prob=config.drop_prob, micro_batch=micro,
-        check=check)
-    # target elements the errors were summed over
-    count = (n if check is None else check[1].shape[0]) * int(np.prod(layer.output_shape))
-    (before, rel_before), (last, rel_last), (after, rel_after) = (
-        _relative_error(s, count) for s in (before, last, kept))
-    kept_at = int(kept_at)
-  else:
-    if ys is None:
-      ys = float_targets(geom, layer.activation, LayerQuant(lq.kernel, lq.bias), xs,
-                         eval_batch)
-    cxs, cys = (xs, ys) if check is None else check
-    before, rel_before = reconstruction_error(geom, layer.activation, lq, cxs, cys, eval_batch)
-    best, (after, rel_after), kept_at = lq, (before, rel_before), -1
-    # (Committed again: outputs that do not depend on an input come back uncommitted.)
-    opt_state = pin(_init_optimizer(config.lr_schedule, rates, lq))
-    done = 0
-    for k, calls in enumerate(runtime.call_plan(config)):
-      for steps in calls:
-        # (The step's outputs stay committed; ``step0`` goes uncommitted, as compiled.)
-        lq, opt_state, _ = _run_steps(geom, layer.activation, steps, batch,
-                                      config.lr_schedule, lq, opt_state, xs, ys, key,
-                                      np.int32(done), rates, w_scale,
-                                      drop_prob=config.drop_prob, micro_batch=micro)
-        done += steps
-      last, rel_last = reconstruction_error(geom, layer.activation, lq, cxs, cys, eval_batch)
-      if last <= after or not config.guard:   # the best state so far (ties: the later)
-        best, (after, rel_after), kept_at = lq, (last, rel_last), k
-    lq = best
+  fit = _Fit(config, runtime, key, rates, w_scale, pin, batch,
+             runtime.micro_batch_for(batch, [layer]), eval_batch)
   guard_examples = n if check is None else int(check[1].shape[0])
   if config.rounding == 'learned' and lq.w_quant is not None:
+    lq, report = _learn_rounding(layer, lq, xs, ys, fit, check)
     report.seconds, report.guard_examples = time.time() - start, guard_examples
     return lq, report
+  if runtime.single_program(n, config):
+    lq, errors = _fit_in_one_program(layer, lq, xs, ys, fit, check)
+  else:
+    lq, errors = _fit_in_calls(layer, lq, xs, ys, fit, check)
   return lq, UnitReport(layer.path, layer.activation, lq.w_quant.bits if lq.w_quant else None,
-                        lq.a_quant.bits if lq.a_quant else None, before, after, rel_before,
-                        rel_after, rel_last, **guard_outcome(checks, kept_at),
+                        lq.a_quant.bits if lq.a_quant else None, *errors[:5],
+                        **guard_outcome(config.check_steps(), errors[5]),
                         iterations=config.iterations, guard_examples=guard_examples,
                         seconds=time.time() - start)
 
 
-def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, config: AdaQuantConfig,
-                    key, pin, runtime: AdaQuantRuntime, rates, check=None
-                    ) -> Tuple[LayerQuant, Dict[str, Any]]:
+def _fit_in_one_program(layer: LayerInfo, lq: LayerQuant, xs, ys, fit: _Fit, check):
+  """The whole fit as one compiled program (:func:`_fit_layer`); returns the kept state
+  and (mse before, after, rel. before, after, last, kept check index)."""
+  config = fit.config
+  lq, before, last, kept, kept_at = _fit_layer(
+      layer.geometry, layer.activation, config.check_steps(), config.guard, fit.batch,
+      config.lr_schedule, fit.eval_batch, lq, xs, ys, fit.key, fit.rates, fit.w_scale,
+      drop_prob=config.drop_prob, micro_batch=fit.micro, check=check)
+  # target elements the errors were summed over
+  count = (xs.shape[0] if check is None else check[1].shape[0]) * int(np.prod(layer.output_shape))
+  (before, rel_before), (_, rel_last), (after, rel_after) = (
+      _relative_error(s, count) for s in (before, last, kept))
+  return lq, (before, after, rel_before, rel_after, rel_last, int(kept_at))
+
+
+def _fit_in_calls(layer: LayerInfo, lq: LayerQuant, xs, ys, fit: _Fit, check):
+  """The fit as calls of compiled steps (``runtime.call_plan``), the guard's error
+  measured between them; returns what :func:`_fit_in_one_program` returns."""
+  geom, act, config = layer.geometry, layer.activation, fit.config
+  if ys is None:
+    ys = float_targets(geom, act, LayerQuant(lq.kernel, lq.bias), xs, fit.eval_batch)
+  cxs, cys = (xs, ys) if check is None else check
+  before, rel_before = reconstruction_error(geom, act, lq, cxs, cys, fit.eval_batch)
+  best, (after, rel_after), kept_at = lq, (before, rel_before), -1
+  rel_last = rel_before
+  # (Committed again: outputs that do not depend on an input come back uncommitted.)
+  opt_state = fit.pin(_init_optimizer(config.lr_schedule, fit.rates, lq))
+  done = 0
+  for k, calls in enumerate(fit.runtime.call_plan(config)):
+    for steps in calls:
+      # (The step's outputs stay committed; ``step0`` goes uncommitted, as compiled.)
+      lq, opt_state, _ = _run_steps(geom, act, steps, fit.batch, config.lr_schedule, lq,
+                                    opt_state, xs, ys, fit.key, np.int32(done), fit.rates,
+                                    fit.w_scale, drop_prob=config.drop_prob,
+                                    micro_batch=fit.micro)
+      done += steps
+    last, rel_last = reconstruction_error(geom, act, lq, cxs, cys, fit.eval_batch)
+    if last <= after or not config.guard:   # the best state so far (ties: the later)
+      best, (after, rel_after), kept_at = lq, (last, rel_last), k
+  return best, (before, after, rel_before, rel_after, rel_last, kept_at)
+
+
+def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, fit: _Fit, check=None
+                    ) -> Tuple[LayerQuant, UnitReport]:
   """Learned rounding of one layer (``config.rounding='learned'``), step calls and guard
   checks as in :func:`optimize_layer` (errors on ``check``, the held-out inputs and
   targets, if given); the kept state is always hard-rounded."""
-  geom, act = layer.geometry, layer.activation
-  eval_batch = runtime.eval_batches(xs.shape[0], config)
-  batch = min(config.batch_size, xs.shape[0])
-  micro = runtime.micro_batch_for(batch, [layer])
+  geom, act, config, pin, rates = layer.geometry, layer.activation, fit.config, fit.pin, fit.rates
+  eval_batch = fit.runtime.eval_batches(xs.shape[0], config)
   if ys is None:
     ys = float_targets(geom, act, LayerQuant(lq.kernel, lq.bias), xs, eval_batch)
   cxs, cys = (xs, ys) if check is None else check
@@ -277,20 +300,20 @@ def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, config: AdaQuantCo
   opt_state = pin(rounding.init_optimizer(rates, lr, params))
   best, (after, rel_after), kept_at = lq, (before, rel_before), -1
   last, rel_last, done = before, rel_before, 0
-  for k, calls in enumerate(runtime.call_plan(config)):
+  for k, calls in enumerate(fit.runtime.call_plan(config)):
     for steps in calls:
-      params, opt_state, _ = rounding.run_steps(geom, act, steps, batch, lq, params, opt_state,
-                                                xs, ys, key, np.int32(done), rates, lr, reg,
-                                                micro_batch=micro, drop_prob=config.drop_prob)
+      params, opt_state, _ = rounding.run_steps(geom, act, steps, fit.batch, lq, params,
+                                                opt_state, xs, ys, fit.key, np.int32(done),
+                                                rates, lr, reg, micro_batch=fit.micro,
+                                                drop_prob=config.drop_prob)
       done += steps
     hard = rounding.finish(lq, params)
     last, rel_last = reconstruction_error(geom, act, hard, cxs, cys, eval_batch)
     if last <= after or not config.guard:
       best, (after, rel_after), kept_at = hard, (last, rel_last), k
-  checks = config.check_steps()
   return best, UnitReport(layer.path, act, lq.w_quant.bits,
                           lq.a_quant.bits if lq.a_quant else None, before, after, rel_before,
-                          rel_after, rel_last, **guard_outcome(checks, kept_at),
+                          rel_after, rel_last, **guard_outcome(config.check_steps(), kept_at),
                           iterations=config.iterations, rounding='learned',
                           hard_fraction=rounding.hard_fraction(lq, params))
 
