@@ -28,7 +28,7 @@ from common import (concurrency_fields, describe_device, fashion_mnist, held_out
 import ptq_jax
 from ptq_jax.data import loader
 from ptq_jax.pipelines import parse_run, run_label
-from ptq_jax.qat import qat_train
+from ptq_jax.qat import QATConfig, qat_train
 from ptq_jax.quant.quantizer import option_name
 
 FLAGS = flags.FLAGS
@@ -189,9 +189,9 @@ def main(_):
                             model_name=model_name)
       limit = FLAGS.qat_train_limit or len(train)
       normalize = lambda x: (x / 255.0 - loader.FASHION_MNIST_MEAN) / loader.FASHION_MNIST_STD
-      qat, report = qat_train(qm, train.images[:limit], train.labels[:limit],
-                                      normalize, epochs=FLAGS.qat_epochs,
-                                      key=jax.random.key(FLAGS.seed), progress=False)
+      qat, report = qat_train(qm, train.images[:limit], train.labels[:limit], normalize,
+                              QATConfig(epochs=FLAGS.qat_epochs),
+                              key=jax.random.key(FLAGS.seed), progress=False)
       jax.block_until_ready(jax.tree.leaves(qat.qstate))
       record(f'qat W{FLAGS.w_bits}A{FLAGS.a_bits}', 'qat', qat, time.time() - start, False,
              calib_size=limit, qat_epochs=round(report['epochs'], 2), qat_steps=report['steps'])

@@ -101,4 +101,11 @@ def check_output_file(path: str, what: str = 'output file') -> None:
   if os.path.isdir(full):
     raise ValueError(f'{what} {path} is a directory: pass a file path inside it, e.g. '
                      f'{os.path.join(path, "quantized.msgpack")}.')
-  check_output_dir(os.path.dirname(full), f'the directory of {what} {path}:')
+  probe = os.path.dirname(full)
+  while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ValueError(f'{what} {path} lies under {probe}, which is a file: pass another path.')
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f'{what} {path} cannot be written ({probe} is not writable): pass a '
+                     'writable path.')

@@ -33,7 +33,7 @@ from ptq_jax.spec import QuantSpec
 from ptq_jax.stages import allocation as alloc
 from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime, adaquant_stage
 from ptq_jax.stages.prepare import Prepared, Stage, prepare, run_stages
-from ptq_jax.stages.ranges import RangeConfig, ranges_stage
+from ptq_jax.stages.ranges import ranges_stage
 from ptq_jax.stages.sensitivity import (DEFAULT_OPTIONS, SensitivityTable, cache_key,
                                         program_text, sensitivity_table)
 from ptq_jax.validate import check_key

@@ -58,18 +58,15 @@ def quantize(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: A
     key: PRNG key for AdaQuant's minibatches (default ``jax.random.key(0)``).
     devices: AdaQuant's capture passes are split over them and, in parallel mode, its
       layers dealt to them (default: all local devices; see ptq_jax.distributed).
-    progress: show a progress bar during AdaQuant.
-    input_shape: the per-example input shape the model expects, to check the
-      calibration data against (optional).
-    model_name: registry name recorded with the saved model (optional).
+    progress: show progress bars (the stages' one switch, ``Prepared.progress``).
+    input_shape, model_name: the per-example input shape to check the calibration
+      data against, and the registry name recorded with the saved model (optional).
     unsupported: what to do with a parameter-carrying operation that is not an
       ``nn.Conv`` / ``nn.Dense`` layer called once: 'error' (the default: raises
       ``UnsupportedLayerError`` naming it) or 'keep_float' (it stays float32, with a
       warning, counted at 32 bits in ``size_bits``).
     quantize_matmuls: also quantize the two activation x activation matmuls of every
-      attention module (Q·Kᵀ and attention·V; per-tensor operand quantizers at
-      ``a_bits``, calibrated after the layers and, with AdaQuant, optimised; see
-      ``ptq_jax.stages.attention``).
+      attention module (Q·Kᵀ and attention·V at ``a_bits``; ``ptq_jax.stages.attention``).
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not one of {METHODS}.')

@@ -13,6 +13,7 @@ per example.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -252,74 +253,26 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
   only when it normalises the last (output-feature) axis of the layer output it directly
   consumes (never into a shared layer: its sites may have different BatchNorms).
   """
-  layers: List[LayerInfo] = []
-  calls: Dict[str, int] = {}     # layer path -> number of calls
-  modules: Dict[str, str] = {}   # every called module's path -> class name
-  outputs: Dict[int, str] = {}   # id(output array) -> path of the layer that made it
-  bn_of: Dict[str, str] = {}     # layer path -> path of the BatchNorm fed by its output
-  bn_eps: Dict[str, float] = {}
-  sites: Dict[str, AttentionSite] = {}
-  site_calls: Dict[str, int] = {}
-  shapes: Dict[str, set] = {}    # layer path -> {(input shape, geometry)} over its calls
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    path = '/'.join(module.path)
-    if context.method_name == '__call__' and isinstance(module, AttentionCore):
-      site_calls[path] = site_calls.get(path, 0) + 1
-      sites.setdefault(path, _site(path, args, kwargs))
-    elif context.method_name == '__call__' and is_linen_site(module):
-      def recorder(original):
-        def record(query, key, value, bias=None, mask=None, **kw):
-          site_calls[path] = site_calls.get(path, 0) + 1
-          sites.setdefault(path, _site(path, (query, key, value, bias, mask), kw))
-          return original(query, key, value, bias=bias, mask=mask, **kw)
-        return record
-      modules.setdefault(path, type(module).__name__)
-      with attention_fn_swapped(module, recorder):
-        return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
-    if context.method_name != '__call__' or not args:
-      return y
-    modules.setdefault(path, type(module).__name__)
-    if isinstance(module, nn.BatchNorm):
-      producer = outputs.get(id(args[0]))
-      if (producer is not None and producer not in bn_of
-          and _normalises_last_axis(module, np.ndim(args[0]))):
-        bn_of[producer] = path
-        bn_eps[path] = float(module.epsilon)
-      return y
-    for cls, handler in _HANDLERS:
-      if isinstance(module, cls):
-        info = handler(module, path, args[0], y, module.variables['params'])
-        if info is None:   # not a layer this library quantizes: found as a float op
-          break
-        calls[path] = calls.get(path, 0) + 1
-        shapes.setdefault(path, set()).add((info.input_shape, info.geometry))
-        if calls[path] == 1:
-          layers.append(info)
-          if info.kernel_shape[-1] == np.shape(y)[-1]:   # features last: BN may fold
-            outputs[id(y)] = path
-        break
-    return y
+  seen = _Calls()
 
   def forward(variables, x):
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(seen.intercept):
       return model.apply(variables, x, **{**inference_kwargs(model), **apply_kwargs})
 
   closed = jax.make_jaxpr(forward)(variables, x)
   root = model.name or type(model).__name__
   if isinstance(model, NNXModel):   # NNX modules left in NNX code run in name scopes
-    modules.update({name: cls for _, name, cls in model.scoped})
+    seen.modules.update({name: cls for _, name, cls in model.scoped})
   # A layer called at several sites with one input shape is one shared layer: one
   # kernel and weight quantizer, an input quantizer per site, no BatchNorm folded, its
   # loss before any activation. With different shapes at its sites it is not quantized.
+  calls, layers = seen.calls, seen.layers
   shared = {p for p, n in calls.items() if n > 1}
-  mismatched = {p for p in shared if len(shapes[p]) > 1}
+  mismatched = {p for p in shared if len(seen.shapes[p]) > 1}
   single = _graph_facts(closed.jaxpr, root, [l for l in layers if l.path not in shared],
-                        {p: b for p, b in bn_of.items() if p not in shared})
-  single = {l.path: dataclasses.replace(l, bn_epsilon=bn_eps[l.bn_path]) if l.bn_path else l
-            for l in single}
+                        {p: b for p, b in seen.bn_of.items() if p not in shared})
+  single = {l.path: dataclasses.replace(l, bn_epsilon=seen.bn_eps[l.bn_path]) if l.bn_path
+            else l for l in single}
   kept = [single[l.path] if l.path not in shared
           else dataclasses.replace(l, sites=calls[l.path], macs=l.macs * calls[l.path])
           for l in layers if l.path not in mismatched]
@@ -327,16 +280,79 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
   is_param = [len(k) > 1 and getattr(k[0], 'idx', None) == 0
               and getattr(k[1], 'key', None) == 'params' for k, _ in leaves]
   is_data = [getattr(k[0], 'idx', None) == 1 for k, _ in leaves]
-  float_ops = [FloatOp(l.path, modules.get(l.path, ''), 'module call', l.params,
+  float_ops = [FloatOp(l.path, seen.modules.get(l.path, ''), 'module call', l.params,
                        f'called {calls[l.path]} times with different input shapes (shared '
                        'weights are quantized when every call has the same input shape)')
                for l in layers if l.path in mismatched]
-  float_ops += find_float_ops(closed, is_param, is_data, root, calls, modules)
-  attention = [s for p, s in sites.items() if site_calls[p] == 1]
-  modules.update({p: 'attention' for p in sites if p not in modules})
+  float_ops += find_float_ops(closed, is_param, is_data, root, calls, seen.modules)
+  attention = [s for p, s in seen.sites.items() if seen.site_calls[p] == 1]
+  seen.modules.update({p: 'attention' for p in seen.sites if p not in seen.modules})
   other = find_activation_matmuls(closed, is_param, is_data, root,
-                                  list(calls) + [s.path for s in attention], modules)
+                                  list(calls) + [s.path for s in attention], seen.modules)
   return Traced(kept, float_ops, attention, other)
+
+
+class _Calls:
+  """What one traced forward pass called: the layers (in call order) and how often each
+  ran and with which input shapes, every module's class, which BatchNorm directly
+  consumes which layer's output, and the attention sites."""
+
+  def __init__(self):
+    self.layers: List[LayerInfo] = []
+    self.calls: Dict[str, int] = {}     # layer path -> number of calls
+    self.modules: Dict[str, str] = {}   # every called module's path -> class name
+    self.outputs: Dict[int, str] = {}   # id(output array) -> path of the layer that made it
+    self.bn_of: Dict[str, str] = {}     # layer path -> path of the BatchNorm fed by its output
+    self.bn_eps: Dict[str, float] = {}
+    self.sites: Dict[str, AttentionSite] = {}
+    self.site_calls: Dict[str, int] = {}
+    self.shapes: Dict[str, set] = {}    # layer path -> {(input shape, geometry)} over calls
+
+  def intercept(self, next_fun, args, kwargs, context):
+    """The ``nn.intercept_methods`` interceptor: records the call, changes nothing."""
+    module = context.module
+    path = '/'.join(module.path)
+    if context.method_name == '__call__' and isinstance(module, AttentionCore):
+      self.site_calls[path] = self.site_calls.get(path, 0) + 1
+      self.sites.setdefault(path, _site(path, args, kwargs))
+    elif context.method_name == '__call__' and is_linen_site(module):
+      self.modules.setdefault(path, type(module).__name__)
+      with attention_fn_swapped(module, functools.partial(self._recorder, path)):
+        return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    if context.method_name != '__call__' or not args:
+      return y
+    self.modules.setdefault(path, type(module).__name__)
+    if isinstance(module, nn.BatchNorm):
+      producer = self.outputs.get(id(args[0]))
+      if (producer is not None and producer not in self.bn_of
+          and _normalises_last_axis(module, np.ndim(args[0]))):
+        self.bn_of[producer] = path
+        self.bn_eps[path] = float(module.epsilon)
+      return y
+    for cls, handler in _HANDLERS:
+      if isinstance(module, cls):
+        info = handler(module, path, args[0], y, module.variables['params'])
+        if info is not None:   # (None: not a layer this library quantizes: a float op)
+          self._layer(path, info, y)
+        break
+    return y
+
+  def _layer(self, path: str, info: LayerInfo, y) -> None:
+    self.calls[path] = self.calls.get(path, 0) + 1
+    self.shapes.setdefault(path, set()).add((info.input_shape, info.geometry))
+    if self.calls[path] == 1:
+      self.layers.append(info)
+      if info.kernel_shape[-1] == np.shape(y)[-1]:   # features last: BN may fold
+        self.outputs[id(y)] = path
+
+  def _recorder(self, path: str, original):
+    """A Linen attention module's attention function, its call recorded."""
+    def record(query, key, value, bias=None, mask=None, **kw):
+      self.site_calls[path] = self.site_calls.get(path, 0) + 1
+      self.sites.setdefault(path, _site(path, (query, key, value, bias, mask), kw))
+      return original(query, key, value, bias=bias, mask=mask, **kw)
+    return record
 
 
 def _normalises_last_axis(module: nn.BatchNorm, ndim: int) -> bool:

@@ -512,3 +512,16 @@ def test_micro_batched_steps_fit_the_same_minibatches(toy_w3a3):
                              micro_batch=m) for m in (0, 4)]
   np.testing.assert_allclose(float(out[0][2]), float(out[1][2]), rtol=1e-5)
   np.testing.assert_allclose(out[0][0].bias, out[1][0].bias, atol=1e-6)
+
+
+def test_the_report_is_typed_and_reads_like_a_table_row(toy_w3a3):
+  model, variables, x, base = toy_w3a3
+  _, reports = run_adaquant(prepare(model, variables, x, progress=False), base.qstate,
+                            'parallel', ptq_jax.AdaQuantConfig(iterations=4, batch_size=8))
+  from ptq_jax.stages.adaquant.report import UnitReport
+  r = reports[0]
+  assert isinstance(r, UnitReport) and r.unit == 'layer' and r.mode == 'parallel'
+  assert r['mse_after'] == r.mse_after and r.get('device') is None and r.get('nope', 7) == 7
+  with pytest.raises(KeyError):
+    r['nope']
+  assert r.to_dict()['path'] == r.path

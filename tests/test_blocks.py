@@ -242,8 +242,8 @@ def test_float_targets_leave_quantized_attention_matmuls_out():
   on = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=4, first_last_bits=None,
                         quantize_matmuls=True, progress=False)
   config = ptq_jax.AdaQuantConfig(iterations=3, batch_size=16, unit='block')
-  _, reports = run_blocks(model, variables, on.layers, on.qstate, x, 'parallel', config,
-                          jax.random.key(0), progress=False)
+  prepared = ptq_jax.stages.prepare(model, variables, x, quantize_matmuls=True, progress=False)
+  _, reports = run_blocks(prepared, on.qstate, 'parallel', config, jax.random.key(0))
   float_state = {p: LayerQuant(lq.kernel, lq.bias) for p, lq in layer_states(on.qstate).items()}
   program = BlockProgram(model, variables, float_state, on.folded_bns, x[:4])
   value = jnp.asarray(x)

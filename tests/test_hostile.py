@@ -463,6 +463,13 @@ CASES: List[Case] = [
     files('checkpoint leaf missing', lambda c: ckpt.load_model(bundled_with(
         c, 'leaf.msgpack', lambda t, m: t['params']['head'].pop('bias'))), CE, 'missing'),
     files('checkpoint round trip', lambda c: _round_trip(c), check=bool),
+    files('quantized model saved to a directory', lambda c: q(c, w_bits=8, a_bits=8).save(c.tmp),
+          ValueError, 'is a directory'),
+    files('quantized model saved under a file', lambda c: q(c, w_bits=8, a_bits=8).save(
+        os.path.join(c.file('plain.txt', b'x'), 'q.msgpack')), ValueError, 'which is a file'),
+    files('mixed-precision cache dir is a file', lambda c: ptq_jax.mixed_precision(
+        c.model, c.variables, c.x, options=('W8A8',), cache_dir=c.file('cache_is_a_file', b'x'),
+        progress=False), ValueError, 'is a file, not a directory'),
     files('quantized model one bit flipped', lambda c: ptq_jax.QuantizedModel.load(
         flip_bit(c, c.qmodel_path, 'qflip.msgpack'), c.model), CE, 'checksum'),
     files('quantized model is a float checkpoint', lambda c: ptq_jax.QuantizedModel.load(

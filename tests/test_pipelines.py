@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ptq_jax
-from ptq_jax.qat import qat_train
+from ptq_jax.qat import QATConfig, qat_train
 from ptq_jax.stages.bias_tuning import kl_to_teacher
 from ptq_jax.stages.prepare import Stage
 from ptq_jax.stages.stage_guard import guarded, output_kl
@@ -109,9 +109,8 @@ def test_qat_trains_the_quantized_model_on_labels(toy):
                         progress=False)
   raw = (x - x.min()) / (x.max() - x.min()) * 255  # "pixels"; preprocess undoes the scaling
   preprocess = lambda p: p / 255 * (x.max() - x.min()) + x.min()
-  trained, report = qat_train(qm, raw, labels, preprocess, epochs=25, batch_size=16,
-                                      learning_rate=1e-3, crop_pad=0, flip=False,
-                                      progress=False)
+  trained, report = qat_train(qm, raw, labels, preprocess, QATConfig(
+      epochs=25, batch_size=16, learning_rate=1e-3, crop_pad=0, flip=False), progress=False)
   assert report['steps'] == 50 and report['loss_by_tenth'][-1] < report['loss_by_tenth'][0]
   assert trained.options['stages'][-1] == 'qat' and trained.bits() == qm.bits()
   def ce(m):
@@ -122,9 +121,10 @@ def test_qat_trains_the_quantized_model_on_labels(toy):
   path = next(iter(qm.qstate))
   for field in (lambda lq: lq.kernel, lambda lq: lq.bias, lambda lq: lq.a_quant.range):
     assert not np.allclose(field(trained.qstate[path]), field(qm.qstate[path]))
-  for bad in (dict(epochs=0), dict(batch_size=1000)):
-    with pytest.raises(ValueError):
-      qat_train(qm, raw, labels, preprocess, progress=False, **bad)
+  with pytest.raises(ValueError, match='epochs'):
+    QATConfig(epochs=0)
+  with pytest.raises(ValueError, match='at least one batch'):
+    qat_train(qm, raw, labels, preprocess, QATConfig(batch_size=1000), progress=False)
 
 
 def test_a_hand_made_stage_list_is_the_sequential_pipeline(toy):
@@ -192,3 +192,46 @@ def test_a_guarded_pipeline_goes_on_from_the_state_before_a_dropped_stage(toy):
   assert output_kl(prepared, safe.model.qstate) <= output_kl(prepared, ranges.model.qstate)
   with pytest.raises(TypeError, match='stage_guard'):
     ptq_jax.run_pipeline(model, variables, x, 'light', stage_guard='yes', progress=False)
+
+
+def test_every_entry_point_records_the_settings_the_spec_writes(toy):
+  """One writer of the options metadata: quantize, a pipeline and a mixed model record
+  the same range settings (the percentile was once recorded by quantize only)."""
+  model, variables, x = toy
+  ranges = ptq_jax.RangeConfig('percentile', percentile=99.5)
+  models = [ptq_jax.quantize(model, variables, x, ranges=ranges, progress=False),
+            ptq_jax.run_pipeline(model, variables, x, 'light', ranges=ranges,
+                                 progress=False).model,
+            ptq_jax.mixed_precision(model, variables, x, options=('W8A8', 'W4A4'),
+                                    ranges=ranges, progress=False).quantize(size_pct=20)[0]]
+  for qm in models:
+    assert (qm.options['range_method'], qm.options['percentile']) == ('percentile', 99.5)
+  assert [qm.options['method'] for qm in models] == ['ptq', 'ptq', 'mixed_precision']
+  spec = ptq_jax.QuantSpec(ranges=ranges)
+  assert spec.metadata(32) == {k: models[0].options[k] for k in spec.metadata(32)}
+
+
+def test_the_spec_checks_its_settings_before_any_work():
+  with pytest.raises(ValueError, match='mode'):
+    ptq_jax.QuantSpec(mode='sideways')
+  with pytest.raises(ValueError, match='w_bits'):
+    ptq_jax.QuantSpec(w_bits=1)
+  with pytest.raises(TypeError, match='ranges'):
+    ptq_jax.QuantSpec(ranges=3)
+  with pytest.raises(ValueError, match='bn_target'):
+    ptq_jax.QuantSpec(bn_target='ema')
+  assert ptq_jax.QuantSpec(ranges='mse').ranges == ptq_jax.RangeConfig('mse')
+
+
+def test_the_mixed_stage_reports_its_allocation_instead_of_writing_a_result(toy):
+  """The mixed-precision stage is a plain stage: its report carries the allocation, the
+  table and the reusable states; the pipeline's result only reads them."""
+  model, variables, x = toy
+  from ptq_jax.mixed_precision import MixedReport
+  result = ptq_jax.run_pipeline(model, variables, x, 'light', size_pct=20,
+                                options=('W8A8', 'W4A4'), progress=False)
+  report = result.stages[0].report
+  assert isinstance(report, MixedReport)
+  assert result.allocation is report.allocation and result.table is report.mixed.table
+  assert result.mixed is report.mixed
+  assert result.model.options['allocation'] == report.allocation.counts()

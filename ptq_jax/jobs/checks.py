@@ -3,16 +3,14 @@
 * :func:`config_error_message`: one line for an error raised while the config file is
   loaded or overridden (missing file, syntax error, no ``get_config``, an unknown key,
   ``get_config`` raising), naming the file or key and the fix.
-* :func:`check_writable_dir`: an output directory (the work dir, a cache dir) can be
-  created and written (the library's :func:`ptq_jax.io.check_output_dir`).
+Output locations (the work dir, a cache dir) are checked by the library's
+:func:`ptq_jax.io.check_output_dir`, the check every writer uses.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Optional
-
-from ptq_jax.io import check_output_dir as check_writable_dir
 
 
 def config_error_message(error: BaseException, config_path: Optional[str] = None) -> str:

@@ -60,40 +60,51 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
       result = run_pipeline(
           model, variables, calib, pipeline, w_bits=q.w_bits, a_bits=q.a_bits,
           first_last_bits=q.first_last_bits or None, size_pct=size_pct, options=q.options,
-          ranges=ranges,
-          adaquant=adaquant, bias_steps=q.bias_steps, key=jax.random.key(config.seed),
+          ranges=ranges, adaquant=adaquant, bias_steps=q.bias_steps, key=jax.random.key(config.seed),
           cache_dir=os.path.expanduser(q.cache_dir) if q.cache_dir else None,
           model_name=meta['model'], mixed=shared.get(pipeline),
           bn_target=q.get('bn_target', 'data'), stage_guard=q.get('stage_guard', False),
           progress=True)
       if result.mixed is not None:
         shared.setdefault(pipeline, result.mixed)
-      mixed = size_pct is not None
-      fp32_bits = result.model.fp32_bits()
-      for stage in result.stages:
-        top1 = inputs.top1(stage.model.predict)
-        records.append({**common, 'pipeline': pipeline, 'run': label, 'stage': stage.name,
-                        'w_bits': 'mixed' if mixed else q.w_bits,
-                        'a_bits': 'mixed' if mixed else q.a_bits,
-                        'range_method': stage.model.options.get('range_method'),
-                        'top1_pct': round(top1, 2),
-                        'size_pct_of_fp32': round(100 * stage.model.size_bits() / fp32_bits, 2),
-                        'seconds': round(stage.seconds, 1)})
-        if stage.guard is not None:
-          records[-1]['stage_kept'] = stage.kept
-        dropped = '' if stage.kept else (
-            f'  [dropped by the stage guard: KL {stage.guard.kl_before:.4g} -> '
-            f'{stage.guard.kl_after:.4g}; went on from the state before it]')
-        print(f'  {STAGE_LABELS[stage.name]:16s} top-1 {top1:6.2f}%  ({stage.seconds:.1f}s)'
-              f'{dropped}', flush=True)
-      adaquant_stage = [s for s in result.stages if s.name == 'adaquant' and s.model.layer_reports]
-      if adaquant_stage:
-        plot_layers(adaquant_stage[0].model.layer_reports, out.path('layers.png'))
+      records += _stage_records(result, label, size_pct is not None, q, inputs, common)
+      fitted = [s for s in result.stages if s.name == 'adaquant' and s.model.layer_reports]
+      if fitted:
+        plot_layers(fitted[0].model.layer_reports, out.path('layers.png'))
     result.model.save(out.path('quantized.msgpack'))
     atomic_write_json(out.path('results.json'), records)
     atomic_write_bytes(out.path('results.md'), render_markdown(
         records, f'Pipelines: {meta["model"]}').encode())
     plot_stages(records, out.path('stages.png'))
+  _print_table(records)
+  total = sum(r['seconds'] for r in records)
+  print(f'Stages took {total:.0f}s. Wrote {", ".join(out.names)}, manifest.json to {workdir}')
+  return records
+
+
+def _stage_records(result, label: str, mixed: bool, q, inputs, common) -> List[Dict[str, Any]]:
+  """One record per stage of a pipeline run (test top-1, size, seconds), each printed."""
+  records, fp32_bits = [], result.model.fp32_bits()
+  for stage in result.stages:
+    top1 = inputs.top1(stage.model.predict)
+    records.append({**common, 'pipeline': result.pipeline, 'run': label, 'stage': stage.name,
+                    'w_bits': 'mixed' if mixed else q.w_bits,
+                    'a_bits': 'mixed' if mixed else q.a_bits,
+                    'range_method': stage.model.options.get('range_method'),
+                    'top1_pct': round(top1, 2),
+                    'size_pct_of_fp32': round(100 * stage.model.size_bits() / fp32_bits, 2),
+                    'seconds': round(stage.seconds, 1)})
+    if stage.guard is not None:
+      records[-1]['stage_kept'] = stage.kept
+    dropped = '' if stage.kept else (
+        f'  [dropped by the stage guard: KL {stage.guard.kl_before:.4g} -> '
+        f'{stage.guard.kl_after:.4g}; went on from the state before it]')
+    print(f'  {STAGE_LABELS[stage.name]:16s} top-1 {top1:6.2f}%  ({stage.seconds:.1f}s)'
+          f'{dropped}', flush=True)
+  return records
+
+
+def _print_table(records: List[Dict[str, Any]]) -> None:
   print(f'\n{"stage":36s} {"bits":7s} {"top-1":>7s} {"size":>8s} {"seconds":>8s}')
   for r in records:
     name = 'FP32' if r['stage'] == 'fp32' else f'{r["run"]}: {STAGE_LABELS[r["stage"]]}'
@@ -101,6 +112,3 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
     bits = f'W{r["w_bits"]}A{r["a_bits"]}' if r['w_bits'] != 'mixed' else 'mixed'
     print(f'{name:36s} {bits:7s} {r["top1_pct"]:6.2f}% {r["size_pct_of_fp32"]:7.2f}% '
           f'{r["seconds"]:8.1f}')
-  total = sum(r['seconds'] for r in records)
-  print(f'Stages took {total:.0f}s. Wrote {", ".join(out.names)}, manifest.json to {workdir}')
-  return records

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional
 import ml_collections
 
 from ptq_jax.jobs import evaluate, mixed_precision, pipeline, quantize, train
-from ptq_jax.jobs.checks import check_writable_dir
+from ptq_jax.io import check_output_dir
 
 JOBS: Dict[str, Callable[[ml_collections.ConfigDict, str], Any]] = {
     'train': train.train_and_evaluate,
@@ -27,9 +27,9 @@ def run(config: ml_collections.ConfigDict, workdir: Optional[str] = None) -> Any
   if not workdir:
     raise ValueError('No work dir: pass --workdir=DIR (or set config.workdir).')
   # Outputs are checked before any work, so a run never fails after the work is done.
-  check_writable_dir(workdir, 'The work dir')
+  check_output_dir(workdir, 'The work dir')
   for section in ('quant', 'mixed'):
     cache_dir = config.get(section, {}).get('cache_dir') if section in config else None
     if cache_dir:
-      check_writable_dir(cache_dir, f'config.{section}.cache_dir')
+      check_output_dir(cache_dir, f'config.{section}.cache_dir')
   return JOBS[config.job](config, os.path.expanduser(workdir))

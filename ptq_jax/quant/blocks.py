@@ -194,46 +194,18 @@ class BlockProgram:
                        'program of the model (nn.scan, nn.remat, jax.jit ...), where '
                        'block-wise reconstruction cannot see them; use layer-wise '
                        'reconstruction (AdaQuantConfig(unit="layer")).')
-    # What a cut must carry: values computed from a layer's output, and prelude values a
-    # layer reads (the embeddings a first attention block starts from); other prelude
-    # values (a mask every block reads) are recomputed from the model input.
-    layer_inputs = {v for i in trace.marks for v in jaxpr.eqns[i].invars
-                    if _is_var(v) and v in trace.pre}
-    flow = lambda v: _is_var(v) and v in trace.data and (v not in trace.pre
-                                                          or v in layer_inputs)
-    last_use: Dict[Any, int] = {}
-    for i, eqn in enumerate(jaxpr.eqns):
-      for v in eqn.invars:
-        if flow(v):
-          last_use[v] = i
-    for v in jaxpr.outvars:
-      if flow(v):
-        last_use[v] = len(jaxpr.eqns)
-    live: set = set()
-    cuts, previous = [], None
-    for i, eqn in enumerate(jaxpr.eqns):
-      if not trace.data_eqn[i]:
-        continue
-      live |= {v for v in eqn.outvars if v in last_use}
-      live = {v for v in live if last_use[v] > i}
-      if len(live) == 1 and i < len(jaxpr.eqns) - 1:
-        (cut,) = live
-        if cut is not previous and cut not in jaxpr.outvars:
-          cuts.append(i)
-          previous = cut
-    # Segments between cuts; layer-free segments join the block before them (the first
-    # ones the block after).
-    bounds = [-1] + cuts + [len(jaxpr.eqns) - 1]
-    segments = [(a + 1, b + 1) for a, b in zip(bounds[:-1], bounds[1:])]
-    groups: List[List[int]] = []   # [start, stop, has_layer]
-    for start, stop in segments:
-      has_layer = any(start <= i < stop for i in trace.marks)
-      if groups and (not has_layer or not groups[-1][2]):
-        groups[-1][1] = stop
-        groups[-1][2] = groups[-1][2] or has_layer
-      else:
-        groups.append([start, stop, has_layer])
-    # A layer whose calls fall in several blocks: those blocks and all between, one.
+    groups = self._merge_shared(trace, _segments(jaxpr, trace, _cuts(jaxpr, trace)))
+    blocks = []
+    trace.ranges = [(start, stop) for start, stop, _ in groups]
+    for g, (start, stop, _) in enumerate(groups):
+      calls = tuple(k for i, k in sorted(trace.marks.items()) if start <= i < stop)
+      paths = tuple(dict.fromkeys(self.calls[k].path for k in calls))
+      trace.preludes.append(self._prelude(trace, g) if g else [])
+      blocks.append(Block(g, calls, paths, bool(trace.preludes[-1])))
+    return tuple(blocks)
+
+  def _merge_shared(self, trace: _Trace, groups: List[List[Any]]) -> List[List[Any]]:
+    """A layer whose calls fall in several blocks: those blocks and all between, one."""
     merged = True
     while merged:
       merged = False
@@ -248,14 +220,7 @@ class BlockProgram:
           groups[a:b + 1] = [[groups[a][0], groups[b][1], True]]
           merged = True
           break
-    blocks = []
-    trace.ranges = [(start, stop) for start, stop, _ in groups]
-    for g, (start, stop, _) in enumerate(groups):
-      calls = tuple(k for i, k in sorted(trace.marks.items()) if start <= i < stop)
-      paths = tuple(dict.fromkeys(self.calls[k].path for k in calls))
-      trace.preludes.append(self._prelude(trace, g) if g else [])
-      blocks.append(Block(g, calls, paths, bool(trace.preludes[-1])))
-    return tuple(blocks)
+    return groups
 
   def _prelude(self, trace: _Trace, index: int) -> List[int]:
     """The prelude equations block ``index`` (> 0) reads, directly or not."""
@@ -337,3 +302,51 @@ class BlockProgram:
     if block.index == len(self.blocks) - 1:
       return list(jaxpr.outvars)
     return [self._input_var(trace, self.blocks[block.index + 1])]
+
+
+def _cuts(jaxpr, trace: _Trace) -> List[int]:
+  """The equations after which exactly one data value is live: where blocks end.
+
+  What a cut must carry: values computed from a layer's output, and prelude values a
+  layer reads (the embeddings a first attention block starts from); other prelude
+  values (a mask every block reads) are recomputed from the model input."""
+  layer_inputs = {v for i in trace.marks for v in jaxpr.eqns[i].invars
+                  if _is_var(v) and v in trace.pre}
+  flow = lambda v: _is_var(v) and v in trace.data and (v not in trace.pre or v in layer_inputs)
+  last_use: Dict[Any, int] = {}
+  for i, eqn in enumerate(jaxpr.eqns):
+    for v in eqn.invars:
+      if flow(v):
+        last_use[v] = i
+  for v in jaxpr.outvars:
+    if flow(v):
+      last_use[v] = len(jaxpr.eqns)
+  live: set = set()
+  cuts, previous = [], None
+  for i, eqn in enumerate(jaxpr.eqns):
+    if not trace.data_eqn[i]:
+      continue
+    live |= {v for v in eqn.outvars if v in last_use}
+    live = {v for v in live if last_use[v] > i}
+    if len(live) == 1 and i < len(jaxpr.eqns) - 1:
+      (cut,) = live
+      if cut is not previous and cut not in jaxpr.outvars:
+        cuts.append(i)
+        previous = cut
+  return cuts
+
+
+def _segments(jaxpr, trace: _Trace, cuts: List[int]) -> List[List[Any]]:
+  """[start, stop, has_layer] of each segment between cuts; layer-free segments join
+  the block before them (the first ones the block after)."""
+  bounds = [-1] + cuts + [len(jaxpr.eqns) - 1]
+  groups: List[List[Any]] = []
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    start, stop = a + 1, b + 1
+    has_layer = any(start <= i < stop for i in trace.marks)
+    if groups and (not has_layer or not groups[-1][2]):
+      groups[-1][1] = stop
+      groups[-1][2] = groups[-1][2] or has_layer
+    else:
+      groups.append([start, stop, has_layer])
+  return groups

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax.quant.folding import FoldedLayer
-from ptq_jax.quant.interceptor import LayerQuant, apply_quantized
+from ptq_jax.quant.interceptor import apply_quantized
 from ptq_jax.quant.quantizer import QuantizerState, init_range
 
 

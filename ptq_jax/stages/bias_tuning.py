@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -30,15 +30,13 @@ import time
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ptq_jax.quant.folding import fold_batchnorm, get_path
-from ptq_jax.quant.interceptor import (LayerQuant, QState, apply_quantized, layer_states,
-                                       quantized_layer_output)
+from ptq_jax.quant.folding import get_path
+from ptq_jax.quant.interceptor import (LayerQuant, QState, apply_quantized, quantized_layer_output)
 from ptq_jax.quant.quantizer import QuantizerState
 from ptq_jax.stages.prepare import Prepared, Stage
 from ptq_jax.trace import LayerInfo

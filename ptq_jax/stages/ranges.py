@@ -102,6 +102,10 @@ class BitsRule:
     if self.overrides is not None and not isinstance(self.overrides, Mapping):
       raise TypeError(f'overrides must be a dict {{layer_path: {{"w_bits": b, "a_bits": b}}}}, '
                       f'got {type(self.overrides).__name__}.')
+    for path, option in (self.overrides or {}).items():
+      if not isinstance(option, Mapping):
+        raise TypeError(f'overrides[{path!r}] must be a dict such as {{"w_bits": 4}}, got '
+                        f'{option!r}.')
 
   def assign(self, layers: Sequence[LayerInfo]) -> 'LayerBits':
     """(w_bits, a_bits) per layer path (:func:`assign_bits`)."""

@@ -35,7 +35,6 @@ from ptq_jax.quant.interceptor import (LayerQuant, apply_quantized, layer_forwar
 from ptq_jax.quant.quantizer import Option, option_name, parse_option
 from ptq_jax.stages.bias_tuning import kl_per_row
 from ptq_jax.stages.prepare import Prepared
-from ptq_jax.trace import LayerInfo
 
 DEFAULT_OPTIONS: Tuple[Option, ...] = ((8, 8), (6, 6), (4, 8), (4, 4), (3, 3), (2, 4))
 MIN_DELTA = 1e-9

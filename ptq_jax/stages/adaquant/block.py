@@ -24,7 +24,6 @@ import logging
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +41,6 @@ from ptq_jax.stages.adaquant.objective import (make_optimizer, param_labels, sca
 from ptq_jax.stages.adaquant.report import UnitReport, guard_outcome
 from ptq_jax.stages.adaquant.steps import run_loop, split_examples
 from ptq_jax.stages.prepare import Prepared
-from ptq_jax.trace import LayerInfo
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import logging
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import flax.linen as nn
 import jax
 import numpy as np
 from tqdm.auto import tqdm

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import SingleDeviceSharding
 
 from ptq_jax.linear import LayerGeometry, apply_linear

@@ -12,7 +12,7 @@ class UnitReport:
   chose the kept state. Errors are over the guard's examples (all calibration inputs,
   or the held-out ones with ``guard_holdout``); ``rel_error_*`` are relative to the
   float target's energy. Read as attributes, or by name like a dict (``r['mse_after']``,
-  ``r.get('device')``) for tables."""
+  ``r.get('device', 'host')``) for tables."""
 
   path: str                        # the layer path, or the block's label
   activation: Optional[str]        # 'relu', 'relu6' or 'identity' after a layer (None: block)
@@ -45,7 +45,9 @@ class UnitReport:
     return getattr(self, name)
 
   def get(self, name: str, default: Any = None) -> Any:
-    return getattr(self, name) if name in _FIELDS else default
+    """The field, or ``default`` where it is unset (None: not applicable to this unit)."""
+    value = getattr(self, name) if name in _FIELDS else None
+    return default if value is None else value
 
   def to_dict(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)
