@@ -24,8 +24,8 @@ from ptq_jax.stages.bn_tuning import bn_tune
 # Mixed precision.
 from ptq_jax.mixed_precision import MixedPrecision, mixed_precision
 from ptq_jax.stages.allocation import InfeasibleBudgetError
-# Integer export.
-from ptq_jax.quant.export import export_integer, load_integer
+# Deployment: the whole network as an integer program.
+from ptq_jax.deploy import export, load_exported
 # Models trained elsewhere.
 from ptq_jax.importers import read_safetensors, read_torch_checkpoint, to_flax_tree
 # Runtime.
@@ -44,8 +44,8 @@ __all__ = [
     'stages', 'recipes', 'run_pipeline', 'bn_tune', 'kd_tune',
     # Mixed precision.
     'mixed_precision', 'MixedPrecision', 'InfeasibleBudgetError',
-    # Integer export.
-    'export_integer', 'load_integer',
+    # Deployment.
+    'export', 'load_exported',
     # Models trained elsewhere.
     'read_torch_checkpoint', 'read_safetensors', 'to_flax_tree',
     # Runtime.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import ptq_jax
+from ptq_jax.quant.export import export_integer, load_integer
 from ptq_jax.float_ops import UnsupportedLayerError
 from ptq_jax.importers import from_flax_tree, from_nchw, to_flax_tree
 from ptq_jax.importers.mapping import LayoutRule, MappingError
@@ -191,7 +192,7 @@ def test_smoothing_is_exact_in_float_and_tames_an_outlier_channel(tmp_path):
   np.testing.assert_array_equal(again.apply(x), smooth.apply(x))
   from ptq_jax.quant.capture import InputCapture
   from ptq_jax.quant.export import integer_layer_output
-  records = ptq_jax.export_integer(smooth, str(tmp_path / 'int.msgpack'))
+  records = export_integer(smooth, str(tmp_path / 'int.msgpack'))
   layer = smooth.layers[0]
   xs = InputCapture(model, variables, smooth.folded_bns)(smooth.qstate, x, [layer.path])[layer.path]
   from ptq_jax.quant.interceptor import quantized_input, quantized_weight
@@ -306,7 +307,7 @@ def test_transposed_convs_and_einsum_are_quantized_layers(tmp_path):
   from ptq_jax.quant.capture import InputCapture
   from ptq_jax.quant.export import integer_layer_output
   from ptq_jax.quant.interceptor import quantized_layer_output
-  records = ptq_jax.load_integer(ptq_jax.export_integer(qm, str(tmp_path / 'i.msgpack'))
+  records = load_integer(export_integer(qm, str(tmp_path / 'i.msgpack'))
                                  and str(tmp_path / 'i.msgpack'))
   inputs = InputCapture(model, variables, qm.folded_bns)(qm.qstate, x, layers)
   modules = {'up': nn.ConvTranspose(6, (3, 3), strides=(2, 2)),

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import ptq_jax
+from ptq_jax.quant.export import export_integer
 from ptq_jax.float_ops import UnsupportedLayerError
 from ptq_jax.quant.attention import AttentionQuant, quantized_attention
 from ptq_jax.quant.quantizer import init_minmax
@@ -67,7 +68,7 @@ def test_attention_matmuls_are_quantized_only_when_asked(tmp_path):
   assert again.matmul_bits() == {'attn': 4}
   np.testing.assert_array_equal(again.apply(x), on.apply(x))
   with pytest.raises(ValueError, match='quantize_matmuls'):
-    ptq_jax.export_integer(on, str(tmp_path / 'int.msgpack'))
+    export_integer(on, str(tmp_path / 'int.msgpack'))
   result = ptq_jax.run_pipeline(model, variables, x, 'sequential', w_bits=8, a_bits=4,
                                 first_last_bits=None, quantize_matmuls=True, bias_steps=2,
                                 adaquant=ptq_jax.AdaQuantConfig(iterations=40, batch_size=16),

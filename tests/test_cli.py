@@ -10,6 +10,7 @@ import pytest
 from configs import evaluate as evaluate_config
 from configs import train_resnet20
 import ptq_jax
+from ptq_jax.quant.export import load_integer
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.jobs import registry as jobs
 from ptq_jax.jobs.outputs import verify_outputs
@@ -71,7 +72,7 @@ def test_quantize_job_writes_reloadable_outputs(trained, tfds_dir, tmp_path):
   model, _, _ = ckpt.load_model(config.checkpoint)
   qm = ptq_jax.QuantizedModel.load(str(tmp_path / 'quantized.msgpack'), model)
   assert qm.bits()['conv_init'] == (8, 8) and qm.bits()['BasicBlock_0/Conv_0'] == (4, 4)
-  assert len(ptq_jax.load_integer(str(tmp_path / 'integer.msgpack'))) == 22
+  assert len(load_integer(str(tmp_path / 'integer.msgpack'))) == 22
 
 
 def test_mixed_precision_job(trained, tfds_dir, tmp_path):

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 import ptq_jax
+from ptq_jax.quant.export import export_integer, load_integer
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.data.idx import read_idx
 from ptq_jax.data.loader import sample_indices
@@ -77,7 +78,7 @@ def make_context(tmp: str) -> Context:
   qmodel_path = os.path.join(tmp, 'q.msgpack')
   qm.save(qmodel_path)
   integer_path = os.path.join(tmp, 'int.msgpack')
-  ptq_jax.export_integer(qm, integer_path)
+  export_integer(qm, integer_path)
   cache_dir = os.path.join(tmp, 'cache')
   ptq_jax.mixed_precision(model, variables, x, options=('W8A8',), cache_dir=cache_dir,
                           progress=False)
@@ -522,21 +523,21 @@ CASES: List[Case] = [
     files('mixed cache hit is exact', lambda c: _cache_hit(c), check=bool),
     files('mixed cache misses when the code changes', lambda c: _cache_follows_code(c),
           check=bool),
-    files('integer export w_bits 9', lambda c: ptq_jax.load_integer(integer_with(
+    files('integer export w_bits 9', lambda c: load_integer(integer_with(
         c, 'i9.msgpack', lambda t, m: first_record(t).__setitem__('w_bits', np.int64(9)))), CE,
           'w_bits=9'),
-    files('integer export codes short', lambda c: ptq_jax.load_integer(integer_with(
+    files('integer export codes short', lambda c: load_integer(integer_with(
         c, 'ic.msgpack', lambda t, m: first_record(t).__setitem__(
             'w_codes', first_record(t)['w_codes'][:3]))), CE, 'w_codes'),
-    files('integer export scale 0', lambda c: ptq_jax.load_integer(integer_with(
+    files('integer export scale 0', lambda c: load_integer(integer_with(
         c, 'is0.msgpack', lambda t, m: first_record(t)['w_scale'].__setitem__(0, 0.0))), CE,
           'positive'),
-    files('integer export kind unknown', lambda c: ptq_jax.load_integer(integer_with(
+    files('integer export kind unknown', lambda c: load_integer(integer_with(
         c, 'ik.msgpack', lambda t, m: first_record(t).__setitem__('kind', 'lstm'))), CE,
           'lstm'),
-    files('integer export field missing', lambda c: ptq_jax.load_integer(integer_with(
+    files('integer export field missing', lambda c: load_integer(integer_with(
         c, 'if.msgpack', lambda t, m: first_record(t).pop('a_scale'))), CE, 'fields'),
-    files('integer export a float checkpoint', lambda c: ptq_jax.load_integer(BUNDLED), CE,
+    files('integer export a float checkpoint', lambda c: load_integer(BUNDLED), CE,
           'not an integer export'),
     files('IDX bad magic', lambda c: read_idx(c.file('m.idx', b'\x01\x02\x03\x04' * 4)),
           ValueError, 'magic'),

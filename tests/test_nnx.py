@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import ptq_jax
+from ptq_jax.quant.export import export_integer
 from ptq_jax.float_ops import UnsupportedLayerError
 from ptq_jax.models.resnet_nnx import resnet20_nnx
 
@@ -85,7 +86,7 @@ def test_every_entry_point_takes_an_nnx_module(tagger, tmp_path):
   qm.save(str(tmp_path / 'q.msgpack'))
   again = ptq_jax.QuantizedModel.load(str(tmp_path / 'q.msgpack'), module)
   np.testing.assert_array_equal(again.apply(x), qm.apply(x))
-  assert len(ptq_jax.export_integer(qm, str(tmp_path / 'int.msgpack'))) == 4
+  assert len(export_integer(qm, str(tmp_path / 'int.msgpack'))) == 4
   result = ptq_jax.run_pipeline(module, calib=x, pipeline='light', size_pct=20,
                                 options=('W8A8', 'W4A8'), bias_steps=2, progress=False)
   assert [s.name for s in result.stages] == ['mixed_precision', 'bn_tuning']

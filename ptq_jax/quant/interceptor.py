@@ -93,14 +93,20 @@ def layer_forward(module: nn.Module, x: jnp.ndarray, kernel: jnp.ndarray,
   module without a plain ``lax`` equivalent runs as a parameter-free clone of itself.
   """
   x = jnp.asarray(x, jnp.float32)
-  # (A DenseGeneral in the layer table is a Dense on its flattened input: ``x`` here.)
-  geom = (LayerGeometry('dense') if isinstance(module, nn.DenseGeneral)
-          else geometry_of(module, x.shape, kernel.shape))
+  geom = layer_geometry(module, x.shape, kernel.shape)
   if geom is not None:
     return apply_linear(geom, x, kernel) + bias
   clone = module.clone(parent=None, use_bias=False, dtype=jnp.float32,
                        param_dtype=jnp.float32)
   return clone.apply({'params': {'kernel': kernel}}, x) + bias
+
+
+def layer_geometry(module: nn.Module, x_shape, kernel_shape) -> Optional[LayerGeometry]:
+  """The plain ``lax`` form of ``module`` on inputs of ``x_shape`` (None: none). A
+  DenseGeneral in the layer table is a Dense on its flattened input."""
+  if isinstance(module, nn.DenseGeneral):
+    return LayerGeometry('dense')
+  return geometry_of(module, tuple(x_shape), tuple(kernel_shape))
 
 
 def quantized_layer_output(module: nn.Module, lq: LayerQuant, x: jnp.ndarray) -> jnp.ndarray:

@@ -1,0 +1,169 @@
+"""Each quantized layer as integers, and its output computed from them.
+
+:func:`integer_layer` turns one layer's quantization state into what a deployed model
+stores: unsigned weight codes (two per byte at 4 bits or fewer), per-output-channel
+scales and zero points, the float bias, and per call site the input's scale and zero
+point. :func:`integer_output` computes the layer from those alone, inside a traced
+program: the input's codes minus its zero point and the weights' codes minus theirs,
+one integer convolution or matmul accumulating in int32 (``preferred_element_type``),
+then one rescale by ``s_x * s_w`` and the bias. It is the simulation's
+``f(Q(W) Q(x) + b)`` with the sum taken exactly in integers instead of in float32.
+
+Operand width: codes minus zero points lie in ``[-(2^b - 1), 2^b - 1]``, so operands
+of 7 bits or fewer are int8; an 8-bit operand (asymmetric) is int16, and int16 x int16
+still accumulates exactly in int32. A layer whose weights or inputs the user kept
+float computes in float32 from its dequantized codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from ptq_jax.linear import LayerGeometry, apply_linear
+from ptq_jax.quant.interceptor import (LayerQuant, layer_forward, layer_geometry,
+                                       smoothed_kernel)
+from ptq_jax.quant.quantizer import QuantizerState, quantize_to_int, reshape_for, \
+    scale_and_zero_point
+
+
+@dataclasses.dataclass(frozen=True)
+class InputCodes:
+  """How one call site quantizes its input: ``clip(round(x / scale) + zero_point, 0,
+  code_max)``."""
+
+  scale: np.float32
+  zero_point: int
+  code_max: int
+  bits: int
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerLayer:
+  """What a deployed model keeps of one layer (numpy, host side)."""
+
+  path: str
+  kernel_shape: Tuple[int, ...]
+  w_bits: Optional[int]                 # None: the weights stay float (``float_kernel``)
+  packed_codes: Optional[np.ndarray]    # uint8: one code per byte, or two at <= 4 bits
+  w_scale: Optional[np.ndarray]         # float32 (C,)
+  w_zero_point: Optional[np.ndarray]    # int32 (C,)
+  float_kernel: Optional[np.ndarray]    # float32, only where weights are not quantized
+  bias: np.ndarray                      # float32 (C,)
+  smooth: Optional[np.ndarray]          # inputs divided by it before quantizing
+  inputs: Tuple[Optional[InputCodes], ...]   # per call site; None: float input
+
+  @property
+  def stored_bytes(self) -> int:
+    arrays = [self.packed_codes, self.w_scale, self.w_zero_point, self.float_kernel, self.bias,
+              self.smooth]
+    return sum(a.nbytes for a in arrays if a is not None)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+  """Unsigned codes -> uint8 bytes: two per byte (low nibble first) if bits <= 4."""
+  codes = np.asarray(codes).astype(np.uint8).ravel()
+  if bits > 4:
+    return codes
+  if codes.size % 2:
+    codes = np.append(codes, np.uint8(0))
+  return (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+
+
+def _input_codes(q: Optional[QuantizerState], path: str) -> Optional[InputCodes]:
+  if q is None:
+    return None
+  if np.ndim(q.range):
+    raise ValueError(f'Layer {path} has per-channel input quantizers, whose scales an integer '
+                     'kernel cannot apply after accumulating: quantize with '
+                     'RangeConfig(per_channel_inputs=False) to export it.')
+  s, zp = (np.asarray(v, np.float32) for v in scale_and_zero_point(q))
+  if q.symmetric:   # codes -qmax..qmax stored as 0..2 qmax around the zero point qmax
+    qmax = 2**(q.bits - 1) - 1
+    return InputCodes(np.float32(s), qmax, 2 * qmax, q.bits)
+  return InputCodes(np.float32(s), int(np.round(zp)), q.levels, q.bits)
+
+
+def integer_layer(path: str, lq: LayerQuant) -> IntegerLayer:
+  """The integer record of one layer's state (every call site's input quantizer too)."""
+  kernel = smoothed_kernel(lq)
+  sites = (lq.a_quant,) + tuple(lq.site_a_quants)
+  inputs = tuple(_input_codes(q, path) for q in sites)
+  bias = np.asarray(lq.bias, np.float32)
+  smooth = None if lq.smooth is None else np.asarray(lq.smooth, np.float32)
+  if lq.w_quant is None:
+    return IntegerLayer(path, tuple(kernel.shape), None, None, None, None,
+                        np.asarray(kernel, np.float32), bias, smooth, inputs)
+  q = reshape_for(lq.w_quant, kernel.ndim)
+  s, zp = scale_and_zero_point(q)
+  codes = np.asarray(quantize_to_int(kernel, q))
+  zp = np.asarray(jnp.round(zp), np.int32)
+  if q.symmetric:
+    qmax = 2**(q.bits - 1) - 1
+    codes, zp = codes + qmax, np.full_like(zp, qmax)
+  per_channel = lambda a, dtype: np.broadcast_to(np.asarray(a, dtype).reshape(-1),
+                                                 (kernel.shape[-1],)).copy()
+  return IntegerLayer(path, tuple(kernel.shape), q.bits, pack_codes(codes, q.bits),
+                      per_channel(s, np.float32), per_channel(zp, np.int32), None, bias, smooth,
+                      inputs)
+
+
+def _operand_dtype(bits: int):
+  return jnp.int8 if bits <= 7 else jnp.int16
+
+
+def centered_weights(layer: IntegerLayer) -> jnp.ndarray:
+  """The weight codes minus their zero points (int16), unpacked inside the program."""
+  packed = jnp.asarray(layer.packed_codes)
+  count = int(np.prod(layer.kernel_shape))
+  if layer.w_bits <= 4:
+    packed = jnp.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(-1)[:count]
+  codes = packed.reshape(layer.kernel_shape).astype(jnp.int16)
+  return codes - jnp.asarray(layer.w_zero_point, jnp.int16)
+
+
+def centered_input(codes: InputCodes, x: jnp.ndarray) -> jnp.ndarray:
+  """The input's codes minus its zero point (int32), exactly as the simulation rounds:
+  ``clip(round(x / s) + zp, 0, code_max) - zp``."""
+  q = jnp.clip(jnp.round(x / codes.scale) + codes.zero_point, 0, codes.code_max)
+  return q.astype(jnp.int32) - codes.zero_point
+
+
+def integer_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,
+                   site: int) -> jnp.ndarray:
+  """The layer's output at call ``site`` (before any activation) from its integers."""
+  x = jnp.asarray(x, jnp.float32)
+  if layer.smooth is not None:
+    x = x / jnp.asarray(layer.smooth)
+  codes = layer.inputs[site]
+  geom = layer_geometry(module, x.shape, layer.kernel_shape)
+  if layer.w_bits is None or codes is None or geom is None:
+    return _float_output(layer, module, x, codes)
+  dtype = _operand_dtype(max(layer.w_bits, codes.bits))
+  acc = apply_linear(geom, centered_input(codes, x).astype(dtype),
+                     centered_weights(layer).astype(dtype), preferred_element_type=jnp.int32)
+  scale = codes.scale * jnp.asarray(layer.w_scale)
+  return acc.astype(jnp.float32) * scale + jnp.asarray(layer.bias)
+
+
+def _float_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,
+                  codes: Optional[InputCodes]) -> jnp.ndarray:
+  """Float arithmetic on dequantized operands: a layer with float weights or inputs, or
+  without a plain lax form (masked, CIRCULAR padding)."""
+  if codes is not None:
+    x = centered_input(codes, x).astype(jnp.float32) * codes.scale
+  if layer.w_bits is None:
+    kernel = jnp.asarray(layer.float_kernel)
+  else:
+    kernel = centered_weights(layer).astype(jnp.float32) * jnp.asarray(layer.w_scale)
+  return layer_forward(module, x, kernel, jnp.asarray(layer.bias))
+
+
+def uses_integer_arithmetic(layer: IntegerLayer, geometry: Optional[LayerGeometry]) -> bool:
+  """Whether every call of the layer computes in integers (else some call is float)."""
+  return (layer.w_bits is not None and geometry is not None
+          and all(c is not None for c in layer.inputs))
