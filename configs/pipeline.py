@@ -52,4 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   # outputs to FP32 on the calibration images (else the run goes on from the state before).
   config.quant.stage_guard = False
   config.quant.cache_dir = './workdir/sensitivity_cache'
+  # Deployable artifacts of the last run's model: 'jax' (a jax.export program with integer
+  # weights, quantized.jaxexport) or '' (none).
+  config.export = 'jax'
   return config

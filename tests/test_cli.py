@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import evaluate as evaluate_config
@@ -66,13 +67,22 @@ def test_quantize_job_writes_reloadable_outputs(trained, tfds_dir, tmp_path):
   records = jobs.run(config, str(tmp_path))
   assert [r['method'] for r in records] == ['fp32', 'baseline_ptq (minmax)']
   assert sorted(os.listdir(tmp_path)) == ['integer.msgpack', 'layers.md', 'manifest.json',
+                                          'quantized.jaxexport', 'quantized.jaxexport.json',
                                           'quantized.msgpack', 'results.json']
   manifest = verify_outputs(str(tmp_path))   # one run's consistent set
-  assert manifest['job'] == 'quantize' and len(manifest['files']) == 4
+  assert manifest['job'] == 'quantize' and len(manifest['files']) == 6
   model, _, _ = ckpt.load_model(config.checkpoint)
   qm = ptq_jax.QuantizedModel.load(str(tmp_path / 'quantized.msgpack'), model)
   assert qm.bits()['conv_init'] == (8, 8) and qm.bits()['BasicBlock_0/Conv_0'] == (4, 4)
   assert len(load_integer(str(tmp_path / 'integer.msgpack'))) == 22
+  # The deployable program computes what the saved model computes.
+  x = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
+  program = ptq_jax.load_exported(str(tmp_path / 'quantized.jaxexport'))
+  assert np.array_equal(np.asarray(program(x)).argmax(-1), np.asarray(qm.apply(x)).argmax(-1))
+  config.export = 'onnx, jax'
+  with pytest.raises(ValueError, match=r"config.export names \['onnx'\]"):
+    jobs.run(config, str(tmp_path / 'other'))
+  assert not os.path.exists(tmp_path / 'other')
 
 
 def test_mixed_precision_job(trained, tfds_dir, tmp_path):
@@ -118,8 +128,9 @@ def test_pipeline_job(trained, tfds_dir, tmp_path):
   # The guard ran around every stage after a run's first, and only there.
   assert [type(r.get('stage_kept')) for r in records] == [type(None), type(None), bool,
                                                           type(None), bool]
-  assert sorted(os.listdir(tmp_path / 'work')) == ['manifest.json', 'quantized.msgpack',
-                                                   'results.json', 'results.md', 'stages.png']
+  assert sorted(os.listdir(tmp_path / 'work')) == [
+      'manifest.json', 'quantized.jaxexport', 'quantized.jaxexport.json', 'quantized.msgpack',
+      'results.json', 'results.md', 'stages.png']
   assert verify_outputs(str(tmp_path / 'work'))['job'] == 'pipeline'
   assert records[-1]['size_pct_of_fp32'] <= 13.0
   for bad, message in [(('fast',), 'is not one of'), (('advanced@x',), 'must be a number'),

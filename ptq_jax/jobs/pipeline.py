@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from ptq_jax.io import atomic_write_bytes, atomic_write_json
+from ptq_jax.jobs.deploy import export_formats, write_artifacts
 from ptq_jax.jobs.outputs import RunOutputs
 from ptq_jax.jobs.inputs import load_job_inputs
 from ptq_jax.jobs.plots import STAGE_LABELS, plot_layers, plot_stages
@@ -34,6 +35,7 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
     raise ValueError('config.pipelines is empty: name some of '
                      f'{PIPELINES}, e.g. ("advanced", "advanced@13").')
   runs = [parse_run(entry) for entry in config.pipelines]
+  formats = export_formats(config)
   q = config.quant
   adaquant = AdaQuantConfig(iterations=q.iterations, unit=q.get('unit', 'layer'),
                             rounding=q.get('rounding', 'free'),
@@ -72,6 +74,7 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
       if fitted:
         plot_layers(fitted[0].model.layer_reports, out.path('layers.png'))
     result.model.save(out.path('quantized.msgpack'))
+    write_artifacts(result.model, out, formats)
     atomic_write_json(out.path('results.json'), records)
     atomic_write_bytes(out.path('results.md'), render_markdown(
         records, f'Pipelines: {meta["model"]}').encode())

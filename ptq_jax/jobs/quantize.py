@@ -14,6 +14,7 @@ import ml_collections
 
 from ptq_jax.io import atomic_write_bytes, atomic_write_json
 from ptq_jax.jobs.outputs import RunOutputs
+from ptq_jax.jobs.deploy import export_formats, write_artifacts
 from ptq_jax.jobs.inputs import load_job_inputs
 from ptq_jax.jobs.results import render_markdown
 from ptq_jax.quant.export import export_integer
@@ -27,6 +28,7 @@ def _bits(value: int):
 
 def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[str, Any]]:
   """Quantizes ``config.checkpoint`` as ``config.quant`` says and evaluates it."""
+  formats = export_formats(config)
   inputs = load_job_inputs(config)
   model, variables, meta, calib = inputs.model, inputs.variables, inputs.meta, inputs.calib
   q = config.quant
@@ -53,6 +55,7 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List
   with RunOutputs(workdir, 'quantize', {'model': meta['model']}) as out:
     qm.save(out.path('quantized.msgpack'))
     export_integer(qm, out.path('integer.msgpack'))
+    write_artifacts(qm, out, formats)
     atomic_write_json(out.path('results.json'), records)
     atomic_write_bytes(out.path('layers.md'),
                        render_markdown(qm.report, f'Per-layer report: {meta["model"]}').encode())
@@ -60,6 +63,5 @@ def quantize_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> List
     bits = f'W{r["w_bits"]}A{r["a_bits"]}'
     print(f'{r["method"]:24s} {bits:7s} top-1 {r["top1_pct"]:6.2f}%   weights '
           f'{r["size_pct_of_fp32"]:6.2f}% of FP32')
-  print(f'Wrote results.json, layers.md, quantized.msgpack, integer.msgpack, manifest.json '
-        f'to {workdir}')
+  print(f'Wrote {", ".join(out.names)}, manifest.json to {workdir}')
   return records
