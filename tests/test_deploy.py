@@ -61,14 +61,18 @@ def toy():
   return _toy()
 
 
-@pytest.mark.parametrize('bits', [dict(w_bits=8, a_bits=8), dict(w_bits=4, a_bits=4),
-                                  dict(w_bits=3, a_bits=6, first_last_bits=None)])
-def test_every_layer_kind_round_trips_equal_to_the_simulation(toy, tmp_path, bits):
+@pytest.mark.parametrize('bits,cpu', [
+    (dict(w_bits=8, a_bits=8), 'integer'), (dict(w_bits=8, a_bits=8), 'float'),
+    (dict(w_bits=4, a_bits=4), 'integer'), (dict(w_bits=4, a_bits=4), 'float'),
+    (dict(w_bits=3, a_bits=6, first_last_bits=None), 'integer')])
+def test_every_layer_kind_round_trips_equal_to_the_simulation(toy, tmp_path, bits, cpu):
   """Catches any layer whose integer computation differs from its fake-quantized one
-  (geometry, zero points, packing, a shared layer's second input quantizer)."""
+  (geometry, zero points, packing, a shared layer's second input quantizer), in int32
+  accumulation and in the CPU's float32 contraction of the same integers."""
   model, variables, x = toy
   qm = ptq_jax.quantize(model, variables, x, quantize_matmuls=True, progress=False, **bits)
-  report = ptq_jax.export(qm, str(tmp_path / 'm.jaxexport'))
+  report = ptq_jax.export(qm, str(tmp_path / 'm.jaxexport'), cpu=cpu)
+  assert report.cpu_arithmetic == cpu
   assert 'shared' in report.integer_layers and 'transpose' in report.integer_layers
   assert report.float_layers == () and report.float_attention == ('attn',)
   _agree(ptq_jax.load_exported(report.path), qm, x)
@@ -224,5 +228,7 @@ def test_what_cannot_be_exported_is_refused_before_anything_is_written(toy, tmp_
   assert not path.exists()
   with pytest.raises(ValueError, match="format='onnx' is not one of"):
     ptq_jax.export(qm, str(path), format='onnx')
+  with pytest.raises(ValueError, match="cpu='fast' is not one of"):
+    ptq_jax.export(qm, str(path), cpu='fast')
   with pytest.raises(ValueError, match='is a directory'):
     ptq_jax.export(ptq_jax.quantize(model, variables, x, progress=False), str(tmp_path))

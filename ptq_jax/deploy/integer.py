@@ -13,6 +13,12 @@ Operand width: codes minus zero points lie in ``[-(2^b - 1), 2^b - 1]``, so oper
 of 7 bits or fewer are int8; an 8-bit operand (asymmetric) is int16, and int16 x int16
 still accumulates exactly in int32. A layer whose weights or inputs the user kept
 float computes in float32 from its dequantized codes.
+
+Per backend (``jax.lax.platform_dependent``, one program for both): XLA's CPU backend
+runs integer convolutions several times slower than float ones, so on CPU the same
+integer-valued operands are contracted in float32 (``cpu='float'``, the default:
+exact while a sum stays below 2^24, and otherwise rounded as the float simulation
+itself rounds); everywhere else, and on CPU with ``cpu='integer'``, in integers.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -133,9 +140,31 @@ def centered_input(codes: InputCodes, x: jnp.ndarray) -> jnp.ndarray:
   return q.astype(jnp.int32) - codes.zero_point
 
 
+CPU_ARITHMETIC = ('float', 'integer')
+
+
+def contract(geom: LayerGeometry, cx: jnp.ndarray, cw: jnp.ndarray, bits: int,
+             cpu: str = 'float') -> jnp.ndarray:
+  """The layer's linear map of centered input and weight codes, as float32: int8 (int16
+  above 7 bits) operands accumulated in int32, or on CPU (``cpu='float'``) the same
+  integers contracted in float32."""
+  dtype = _operand_dtype(bits)
+
+  def integer(cx, cw):
+    return apply_linear(geom, cx.astype(dtype), cw.astype(dtype),
+                        preferred_element_type=jnp.int32).astype(jnp.float32)
+
+  def floating(cx, cw):
+    return apply_linear(geom, cx.astype(jnp.float32), cw.astype(jnp.float32))
+  if cpu == 'integer':
+    return integer(cx, cw)
+  return jax.lax.platform_dependent(cx, cw, cpu=floating, default=integer)
+
+
 def integer_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,
-                   site: int) -> jnp.ndarray:
-  """The layer's output at call ``site`` (before any activation) from its integers."""
+                   site: int, cpu: str = 'float') -> jnp.ndarray:
+  """The layer's output at call ``site`` (before any activation) from its integers
+  (``cpu``: how CPU contracts them, :func:`contract`)."""
   x = jnp.asarray(x, jnp.float32)
   if layer.smooth is not None:
     x = x / jnp.asarray(layer.smooth)
@@ -143,11 +172,10 @@ def integer_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,
   geom = layer_geometry(module, x.shape, layer.kernel_shape)
   if layer.w_bits is None or codes is None or geom is None:
     return _float_output(layer, module, x, codes)
-  dtype = _operand_dtype(max(layer.w_bits, codes.bits))
-  acc = apply_linear(geom, centered_input(codes, x).astype(dtype),
-                     centered_weights(layer).astype(dtype), preferred_element_type=jnp.int32)
+  acc = contract(geom, centered_input(codes, x), centered_weights(layer),
+                 max(layer.w_bits, codes.bits), cpu)
   scale = codes.scale * jnp.asarray(layer.w_scale)
-  return acc.astype(jnp.float32) * scale + jnp.asarray(layer.bias)
+  return acc * scale + jnp.asarray(layer.bias)
 
 
 def _float_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,

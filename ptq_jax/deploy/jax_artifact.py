@@ -27,7 +27,7 @@ import numpy as np
 from jax import export as jax_export
 
 from ptq_jax.checkpoint import CheckpointError
-from ptq_jax.deploy.integer import IntegerLayer, integer_layer, integer_output
+from ptq_jax.deploy.integer import CPU_ARITHMETIC, IntegerLayer, integer_layer, integer_output
 from ptq_jax.io import atomic_write_bytes, atomic_write_json, check_output_file
 from ptq_jax.quant.interceptor import apply_quantized, layer_states
 
@@ -47,6 +47,7 @@ class ExportReport:
   float_layers: Tuple[str, ...]       # some call computed in float (kept float, no lax form)
   float_attention: Tuple[str, ...]    # attention matmuls on dequantized operands
   platforms: Tuple[str, ...]
+  cpu_arithmetic: str = 'float'       # integers contracted in float32 on CPU, or in int32
 
   @property
   def size_ratio(self) -> float:
@@ -54,27 +55,32 @@ class ExportReport:
     return self.bytes / max(self.fp32_param_bytes, 1)
 
 
-def integer_program(qmodel: Any) -> Tuple[Callable[[jnp.ndarray], jnp.ndarray],
-                                          Dict[str, IntegerLayer]]:
-  """``x -> logits`` computed from the quantized model's integers, and those integers."""
+def integer_program(qmodel: Any, cpu: str = 'float'
+                    ) -> Tuple[Callable[[jnp.ndarray], jnp.ndarray], Dict[str, IntegerLayer]]:
+  """``x -> logits`` computed from the quantized model's integers, and those integers
+  (``cpu``: how CPU contracts them, :func:`ptq_jax.deploy.integer.contract`)."""
+  if cpu not in CPU_ARITHMETIC:
+    raise ValueError(f'cpu={cpu!r} is not one of {CPU_ARITHMETIC}.')
   layers = {p: integer_layer(p, lq) for p, lq in layer_states(qmodel.qstate).items()}
   model, variables, qstate, folded = (qmodel.model, qmodel.variables, qmodel.qstate,
                                       qmodel.folded_bns)
 
   def layer_output(path, module, x, site):
-    return integer_output(layers[path], module, x, site)
+    return integer_output(layers[path], module, x, site, cpu)
 
   def forward(x):   # (the layers' float kernels are never read, so never in the program)
     return apply_quantized(model, variables, qstate, folded, x, layer_output=layer_output)
   return forward, layers
 
 
-def export_jax(qmodel: Any, path: str, platforms: Sequence[str] = PLATFORMS) -> ExportReport:
+def export_jax(qmodel: Any, path: str, platforms: Sequence[str] = PLATFORMS,
+               cpu: str = 'float') -> ExportReport:
   """Writes the quantized network as a ``jax.export`` program to ``path`` (and
-  ``path.json`` beside it); see the module docstring."""
+  ``path.json`` beside it); see the module docstring. ``cpu``: how the program
+  contracts the integer operands on CPU ('float': fast; 'integer')."""
   check_output_file(path, 'export path')
   check_output_file(path + '.json', 'export path')
-  forward, layers = integer_program(qmodel)
+  forward, layers = integer_program(qmodel, cpu)
   batch, = jax_export.symbolic_shape('batch')
   spec = jax.ShapeDtypeStruct((batch,) + tuple(qmodel.input_shape), jnp.float32)
   try:
@@ -86,13 +92,13 @@ def export_jax(qmodel: Any, path: str, platforms: Sequence[str] = PLATFORMS) -> 
   digest = hashlib.sha256(blob).hexdigest()
   integer, floats = _arithmetic(qmodel, layers)
   report = ExportReport(path, len(blob), _fp32_param_bytes(qmodel), digest, integer, floats,
-                        tuple(qmodel.matmul_bits()), tuple(platforms))
+                        tuple(qmodel.matmul_bits()), tuple(platforms), cpu)
   atomic_write_bytes(path, blob)
   atomic_write_json(path + '.json', {
       'format': FORMAT, 'sha256': digest, 'bytes': len(blob),
       'input': {'shape': ['batch'] + list(qmodel.input_shape), 'dtype': 'float32'},
       'output_shape': [str(d) for d in exported.out_avals[0].shape],
-      'platforms': list(platforms), 'model': qmodel.options.get('model'),
+      'platforms': list(platforms), 'cpu_arithmetic': cpu, 'model': qmodel.options.get('model'),
       'bits': {p: list(b) for p, b in qmodel.bits().items()},
       'integer_layers': list(integer), 'float_layers': list(floats),
       'float_attention': list(report.float_attention),
