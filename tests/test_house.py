@@ -68,20 +68,7 @@ def test_no_import_cycle_and_no_function_level_imports_inside_the_package():
     if lines:
       nested[name] = lines
   assert not nested, f'imports of ptq_jax modules inside functions: {nested}'
-  state, cycles = {}, []
-
-  def visit(node, stack):
-    state[node] = 'open'
-    for nxt in sorted(graph[node]):
-      if state.get(nxt) == 'open':
-        cycles.append(stack[stack.index(nxt):] + [nxt])
-      elif nxt not in state:
-        visit(nxt, stack + [nxt])
-    state[node] = 'done'
-
-  for name in sorted(graph):
-    if name not in state:
-      visit(name, [name])
+  cycles = _cycles(graph)
   assert not cycles, f'import cycles: {cycles}'
   assert len(modules) > 40 and 'ptq_jax.stages.adaquant.driver' in graph  # the walk saw it all
 
@@ -102,6 +89,11 @@ def _folder_cycles(modules):
     for target in _imports(path, modules, package)[0]:
       if _folder(target, modules) != node:
         graph.setdefault(node, set()).add(_folder(target, modules))
+  return _cycles(graph)
+
+
+def _cycles(graph):
+  """The cycles a depth-first walk of ``{node: {nodes it imports}}`` meets."""
   state, cycles = {}, []
 
   def visit(node, stack):
