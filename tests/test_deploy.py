@@ -74,7 +74,7 @@ def test_every_layer_kind_round_trips_equal_to_the_simulation(toy, tmp_path, bit
   report = ptq_jax.export(qm, str(tmp_path / 'm.jaxexport'), cpu=cpu)
   assert report.cpu_arithmetic == cpu
   assert 'shared' in report.integer_layers and 'transpose' in report.integer_layers
-  assert report.float_layers == () and report.float_attention == ('attn',)
+  assert report.float_layers == () and report.integer_attention == ('attn',)
   _agree(ptq_jax.load_exported(report.path), qm, x)
 
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax.linear import LayerGeometry, apply_linear
+from ptq_jax.quant.attention import (MIX, OPERANDS, SCORES, AttentionQuant,
+                                    attention_probs, check_heads, quantized_attention)
 from ptq_jax.quant.interceptor import (LayerQuant, layer_forward, layer_geometry,
                                        smoothed_kernel)
 from ptq_jax.quant.quantizer import QuantizerState, quantize_to_int, reshape_for, \
@@ -137,25 +139,34 @@ def centered_input(codes: InputCodes, x: jnp.ndarray) -> jnp.ndarray:
   """The input's codes minus its zero point (int32), exactly as the simulation rounds:
   ``clip(round(x / s) + zp, 0, code_max) - zp``."""
   q = jnp.clip(jnp.round(x / codes.scale) + codes.zero_point, 0, codes.code_max)
-  return q.astype(jnp.int32) - codes.zero_point
+  return (q - codes.zero_point).astype(jnp.int32)
+
+
+def _traced_codes(q: QuantizerState) -> InputCodes:
+  """:class:`InputCodes` of a per-tensor quantizer, computed inside the program (its
+  range is a constant there, so the values fold at compile time)."""
+  s, zp = scale_and_zero_point(q)
+  if q.symmetric:
+    qmax = 2**(q.bits - 1) - 1
+    return InputCodes(s, qmax, 2 * qmax, q.bits)
+  return InputCodes(s, jnp.round(zp), q.levels, q.bits)
 
 
 CPU_ARITHMETIC = ('float', 'integer')
 
 
-def contract(geom: LayerGeometry, cx: jnp.ndarray, cw: jnp.ndarray, bits: int,
+def contract(linear, cx: jnp.ndarray, cw: jnp.ndarray, bits: int,
              cpu: str = 'float') -> jnp.ndarray:
-  """The layer's linear map of centered input and weight codes, as float32: int8 (int16
-  above 7 bits) operands accumulated in int32, or on CPU (``cpu='float'``) the same
-  integers contracted in float32."""
+  """``linear(a, b, preferred_element_type)`` of two centered-code operands, as float32:
+  int8 (int16 above 7 bits) operands accumulated in int32, or on CPU
+  (``cpu='float'``) the same integers contracted in float32."""
   dtype = _operand_dtype(bits)
 
   def integer(cx, cw):
-    return apply_linear(geom, cx.astype(dtype), cw.astype(dtype),
-                        preferred_element_type=jnp.int32).astype(jnp.float32)
+    return linear(cx.astype(dtype), cw.astype(dtype), jnp.int32).astype(jnp.float32)
 
   def floating(cx, cw):
-    return apply_linear(geom, cx.astype(jnp.float32), cw.astype(jnp.float32))
+    return linear(cx.astype(jnp.float32), cw.astype(jnp.float32), None)
   if cpu == 'integer':
     return integer(cx, cw)
   return jax.lax.platform_dependent(cx, cw, cpu=floating, default=integer)
@@ -172,7 +183,8 @@ def integer_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,
   geom = layer_geometry(module, x.shape, layer.kernel_shape)
   if layer.w_bits is None or codes is None or geom is None:
     return _float_output(layer, module, x, codes)
-  acc = contract(geom, centered_input(codes, x), centered_weights(layer),
+  linear = lambda a, b, acc_type: apply_linear(geom, a, b, preferred_element_type=acc_type)
+  acc = contract(linear, centered_input(codes, x), centered_weights(layer),
                  max(layer.w_bits, codes.bits), cpu)
   scale = codes.scale * jnp.asarray(layer.w_scale)
   return acc * scale + jnp.asarray(layer.bias)
@@ -189,6 +201,33 @@ def _float_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,
   else:
     kernel = centered_weights(layer).astype(jnp.float32) * jnp.asarray(layer.w_scale)
   return layer_forward(module, x, kernel, jnp.asarray(layer.bias))
+
+
+def integer_attention(query, key, value, bias=None, mask=None, *,
+                      quant: Optional[AttentionQuant] = None, on_operand=None, dtype=None,
+                      precision=None, is_causal: bool = False, cpu: str = 'float',
+                      **unused) -> jnp.ndarray:
+  """A quantized attention site from its operands' codes: ``Q·Kᵀ`` and ``attention·V``
+  each one integer matmul of centered codes and one rescale; the scaling by
+  ``1/sqrt(d)``, bias, mask and softmax in float, as the simulation
+  (:func:`~ptq_jax.quant.attention.quantized_attention`) computes them."""
+  del unused, precision
+  if quant is None or on_operand is not None:
+    return quantized_attention(query, key, value, bias, mask, quant=quant,
+                               on_operand=on_operand, dtype=dtype, is_causal=is_causal)
+  check_heads(query, key)
+  codes = {name: _traced_codes(getattr(quant, name)) for name in OPERANDS}
+  dtype = dtype or jnp.result_type(query.dtype, key.dtype)
+
+  def matmul(equation, a, b, qa, qb):
+    linear = lambda x, y, acc_type: jnp.einsum(equation, x, y, preferred_element_type=acc_type)
+    acc = contract(linear, centered_input(codes[qa], a), centered_input(codes[qb], b),
+                   max(codes[qa].bits, codes[qb].bits), cpu)
+    return acc * (codes[qa].scale * codes[qb].scale)
+
+  scores = matmul(SCORES, query, key, 'q', 'k') / jnp.sqrt(query.shape[-1]).astype(dtype)
+  probs = attention_probs(scores.astype(dtype), bias, mask, is_causal, dtype)
+  return matmul(MIX, probs, value, 'probs', 'v').astype(dtype)
 
 
 def uses_integer_arithmetic(layer: IntegerLayer, geometry: Optional[LayerGeometry]) -> bool:

@@ -4,8 +4,9 @@ The program is the model run under the library's interceptor with every quantize
 layer computed from its integers (:mod:`ptq_jax.deploy.integer`): the weight codes,
 scales, zero points and biases are constants of the program, so the serialized file
 holds the weights as codes (packed two per byte at 4 bits or fewer) and nothing float
-but scales, biases and what the user kept float (unfolded BatchNorms, float layers,
-the attention matmuls' float softmax). The batch dimension is symbolic; the program
+but scales, biases and what the user kept float (unfolded BatchNorms, float layers);
+attention sites (``quantize_matmuls``) compute their two matmuls from operand codes too,
+their softmax in float. The batch dimension is symbolic; the program
 is lowered for CPU and CUDA at once.
 
 Beside the program, ``PATH.json`` records its SHA-256, input signature and what it
@@ -16,20 +17,24 @@ input. The program itself needs only jax to run (README, "Deploy").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
 from ptq_jax.checkpoint import CheckpointError
-from ptq_jax.deploy.integer import CPU_ARITHMETIC, IntegerLayer, integer_layer, integer_output
+from ptq_jax.calling import inference_kwargs
+from ptq_jax.deploy.integer import (CPU_ARITHMETIC, IntegerLayer, integer_attention,
+                                    integer_layer, integer_output)
 from ptq_jax.io import atomic_write_bytes, atomic_write_json, check_output_file
-from ptq_jax.quant.interceptor import apply_quantized, layer_states
+from ptq_jax.quant.interceptor import layer_states, make_interceptor
 
 PLATFORMS = ('cpu', 'cuda')
 FORMAT = 'ptq_jax.jax_export/1'
@@ -45,7 +50,7 @@ class ExportReport:
   sha256: str
   integer_layers: Tuple[str, ...]     # every call computed in integers
   float_layers: Tuple[str, ...]       # some call computed in float (kept float, no lax form)
-  float_attention: Tuple[str, ...]    # attention matmuls on dequantized operands
+  integer_attention: Tuple[str, ...]  # attention sites whose two matmuls are integer
   platforms: Tuple[str, ...]
   cpu_arithmetic: str = 'float'       # integers contracted in float32 on CPU, or in int32
 
@@ -68,8 +73,13 @@ def integer_program(qmodel: Any, cpu: str = 'float'
   def layer_output(path, module, x, site):
     return integer_output(layers[path], module, x, site, cpu)
 
+  attention = functools.partial(integer_attention, cpu=cpu)
+  kwargs = inference_kwargs(model)
+
   def forward(x):   # (the layers' float kernels are never read, so never in the program)
-    return apply_quantized(model, variables, qstate, folded, x, layer_output=layer_output)
+    with nn.intercept_methods(make_interceptor(qstate, folded, layer_output=layer_output,
+                                               attention_fn=attention)):
+      return model.apply(variables, x, **kwargs)
   return forward, layers
 
 
@@ -101,7 +111,7 @@ def export_jax(qmodel: Any, path: str, platforms: Sequence[str] = PLATFORMS,
       'platforms': list(platforms), 'cpu_arithmetic': cpu, 'model': qmodel.options.get('model'),
       'bits': {p: list(b) for p, b in qmodel.bits().items()},
       'integer_layers': list(integer), 'float_layers': list(floats),
-      'float_attention': list(report.float_attention),
+      'integer_attention': list(report.integer_attention),
       'fp32_param_bytes': report.fp32_param_bytes})
   return report
 

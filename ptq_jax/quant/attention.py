@@ -47,9 +47,7 @@ def quantized_attention(query, key, value, bias=None, mask=None, *,
   operand fake-quantized by ``quant`` (None: float) after ``on_operand(name, x)`` sees
   it. Shapes as Flax's: ``[batch..., length, heads, depth]``."""
   del unused   # dropout settings (inference), module (sowing), einsum overrides
-  if query.shape[-2] != key.shape[-2]:
-    raise ValueError(f'quantize_matmuls does not support grouped-query attention ({query.shape[-2]}'
-                     f' query heads, {key.shape[-2]} key heads).')
+  check_heads(query, key)
 
   def operand(name, x):
     if on_operand is not None:
@@ -59,14 +57,30 @@ def quantized_attention(query, key, value, bias=None, mask=None, *,
   query, key = operand('q', query), operand('k', key)
   dtype = dtype or jnp.result_type(query.dtype, key.dtype)
   query = query / jnp.sqrt(query.shape[-1]).astype(dtype)
-  weights = jnp.einsum('...qhd,...khd->...hqk', query, key, precision=precision)
+  weights = jnp.einsum(SCORES, query, key, precision=precision)
+  weights = attention_probs(weights, bias, mask, is_causal, dtype)
+  weights, value = operand('probs', weights), operand('v', value)
+  return jnp.einsum(MIX, weights, value, precision=precision)
+
+
+SCORES = '...qhd,...khd->...hqk'   # Q·Kᵀ
+MIX = '...hqk,...khd->...qhd'      # attention·V
+
+
+def check_heads(query: jnp.ndarray, key: jnp.ndarray) -> None:
+  if query.shape[-2] != key.shape[-2]:
+    raise ValueError(f'quantize_matmuls does not support grouped-query attention ({query.shape[-2]}'
+                     f' query heads, {key.shape[-2]} key heads).')
+
+
+def attention_probs(weights: jnp.ndarray, bias, mask, is_causal: bool, dtype) -> jnp.ndarray:
+  """Softmax of the scores after the bias and the mask (Flax's semantics: False masks
+  out), in float."""
   if bias is not None:
     weights = weights + bias
   if is_causal:
     causal = jnp.tril(jnp.ones(weights.shape[-2:], bool))
     mask = causal if mask is None else jnp.logical_and(mask, causal)
-  if mask is not None:   # Flax's semantics: False masks out
+  if mask is not None:
     weights = jnp.where(mask, weights, jnp.finfo(dtype).min)
-  weights = jax.nn.softmax(weights).astype(dtype)
-  weights, value = operand('probs', weights), operand('v', value)
-  return jnp.einsum('...hqk,...khd->...qhd', weights, value, precision=precision)
+  return jax.nn.softmax(weights).astype(dtype)

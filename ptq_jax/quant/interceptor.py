@@ -118,7 +118,8 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
                      on_layer: Optional[Callable[[str, jnp.ndarray], None]] = None,
                      layer_output: Optional[Callable[[str, nn.Module, jnp.ndarray, int],
                                                      jnp.ndarray]] = None,
-                     on_operand: Optional[Callable[[str, str, jnp.ndarray], None]] = None):
+                     on_operand: Optional[Callable[[str, str, jnp.ndarray], None]] = None,
+                     attention_fn: Callable = quantized_attention):
   """An ``nn.intercept_methods`` interceptor applying ``qstate``.
 
   ``on_layer(key, x)``, if given, is called with each quantized layer's float
@@ -130,6 +131,8 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
   ``on_operand(path, name, x)``, if given, is called with every attention site's matmul
   operands (:data:`~ptq_jax.quant.attention.OPERANDS`) before quantization; the sites
   then compute their attention explicitly.
+  ``attention_fn`` computes a quantized attention site (the deployed program's integer
+  one, say) with :func:`~ptq_jax.quant.attention.quantized_attention`'s signature.
   """
   if layer_output is None:
     layer_output = lambda path, module, x, site: quantized_layer_output(
@@ -142,7 +145,7 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
     if not isinstance(quant, AttentionQuant) and on_operand is None:
       return None
     hook = None if on_operand is None else (lambda name, x: on_operand(path, name, x))
-    return lambda *a, **k: quantized_attention(
+    return lambda *a, **k: attention_fn(
         *a, quant=quant if isinstance(quant, AttentionQuant) else None, on_operand=hook, **k)
 
   def interceptor(next_fun, args, kwargs, context):
