@@ -122,8 +122,8 @@ def test_weights_are_stored_as_codes_and_4_bits_are_packed(tmp_path):
     qm = ptq_jax.quantize(model, variables, x, w_bits=w, a_bits=8, first_last_bits=None,
                           progress=False)
     sizes[w] = ptq_jax.export(qm, str(tmp_path / f'w{w}.jaxexport'))
-  assert sizes[8].size_ratio < 0.30 and sizes[4].size_ratio < 0.17
-  assert sizes[4].bytes < 0.6 * sizes[8].bytes
+  assert sizes[8].size_ratio < 0.32 and sizes[4].size_ratio < 0.2   # (a float kernel: ~1)
+  assert sizes[4].bytes < 0.62 * sizes[8].bytes   # (4-bit codes one per byte: ~1)
 
 
 def test_the_program_uses_integer_convolutions_and_matmuls(toy, tmp_path):

@@ -15,10 +15,10 @@ still accumulates exactly in int32. A layer whose weights or inputs the user kep
 float computes in float32 from its dequantized codes.
 
 Per backend (``jax.lax.platform_dependent``, one program for both): XLA's CPU backend
-runs integer convolutions several times slower than float ones, so on CPU the same
-integer-valued operands are contracted in float32 (``cpu='float'``, the default:
-exact while a sum stays below 2^24, and otherwise rounded as the float simulation
-itself rounds); everywhere else, and on CPU with ``cpu='integer'``, in integers.
+runs integer convolutions several times slower than float ones, so on CPU
+(``cpu='float'``, the default) a layer computes the simulation's own float formula,
+``conv(s_x c_x, s_w c_w) + b``, from the same stored codes; everywhere else, and on CPU
+with ``cpu='integer'``, in integers as above.
 """
 
 from __future__ import annotations
@@ -155,18 +155,21 @@ def _traced_codes(q: QuantizerState) -> InputCodes:
 CPU_ARITHMETIC = ('float', 'integer')
 
 
-def contract(linear, cx: jnp.ndarray, cw: jnp.ndarray, bits: int,
+def contract(linear, cx: jnp.ndarray, cw: jnp.ndarray, sx, sw, bits: int,
              cpu: str = 'float') -> jnp.ndarray:
-  """``linear(a, b, preferred_element_type)`` of two centered-code operands, as float32:
-  int8 (int16 above 7 bits) operands accumulated in int32, or on CPU
-  (``cpu='float'``) the same integers contracted in float32."""
+  """``linear`` (``(a, b, preferred_element_type) -> out``) of two quantized operands
+  given as centered codes ``cx``, ``cw`` and steps ``sx``, ``sw`` (``sw`` along the
+  last axis), as float32. Integers: int8 (int16 above 7 bits) operands accumulated in
+  int32, then ``acc * (sx * sw)``. On CPU with ``cpu='float'``: the simulation's own
+  float formula on the same codes, ``linear(sx * cx, sw * cw)``."""
   dtype = _operand_dtype(bits)
 
   def integer(cx, cw):
-    return linear(cx.astype(dtype), cw.astype(dtype), jnp.int32).astype(jnp.float32)
+    acc = linear(cx.astype(dtype), cw.astype(dtype), jnp.int32).astype(jnp.float32)
+    return acc * (sx * sw)
 
   def floating(cx, cw):
-    return linear(cx.astype(jnp.float32), cw.astype(jnp.float32), None)
+    return linear(sx * cx.astype(jnp.float32), sw * cw.astype(jnp.float32), None)
   if cpu == 'integer':
     return integer(cx, cw)
   return jax.lax.platform_dependent(cx, cw, cpu=floating, default=integer)
@@ -175,7 +178,7 @@ def contract(linear, cx: jnp.ndarray, cw: jnp.ndarray, bits: int,
 def integer_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,
                    site: int, cpu: str = 'float') -> jnp.ndarray:
   """The layer's output at call ``site`` (before any activation) from its integers
-  (``cpu``: how CPU contracts them, :func:`contract`)."""
+  (``cpu``: how CPU computes, :func:`contract`)."""
   x = jnp.asarray(x, jnp.float32)
   if layer.smooth is not None:
     x = x / jnp.asarray(layer.smooth)
@@ -184,10 +187,9 @@ def integer_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,
   if layer.w_bits is None or codes is None or geom is None:
     return _float_output(layer, module, x, codes)
   linear = lambda a, b, acc_type: apply_linear(geom, a, b, preferred_element_type=acc_type)
-  acc = contract(linear, centered_input(codes, x), centered_weights(layer),
-                 max(layer.w_bits, codes.bits), cpu)
-  scale = codes.scale * jnp.asarray(layer.w_scale)
-  return acc * scale + jnp.asarray(layer.bias)
+  return contract(linear, centered_input(codes, x), centered_weights(layer), codes.scale,
+                  jnp.asarray(layer.w_scale), max(layer.w_bits, codes.bits),
+                  cpu) + jnp.asarray(layer.bias)
 
 
 def _float_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,
@@ -221,10 +223,11 @@ def integer_attention(query, key, value, bias=None, mask=None, *,
 
   def matmul(equation, a, b, qa, qb):
     linear = lambda x, y, acc_type: jnp.einsum(equation, x, y, preferred_element_type=acc_type)
-    acc = contract(linear, centered_input(codes[qa], a), centered_input(codes[qb], b),
-                   max(codes[qa].bits, codes[qb].bits), cpu)
-    return acc * (codes[qa].scale * codes[qb].scale)
+    return contract(linear, centered_input(codes[qa], a), centered_input(codes[qb], b),
+                    codes[qa].scale, codes[qb].scale, max(codes[qa].bits, codes[qb].bits), cpu)
 
+  # (The simulation scales the dequantized query by 1/sqrt(d) before Q·Kᵀ; here the
+  # product is scaled after, which differs by float32 rounding only.)
   scores = matmul(SCORES, query, key, 'q', 'k') / jnp.sqrt(query.shape[-1]).astype(dtype)
   probs = attention_probs(scores.astype(dtype), bias, mask, is_causal, dtype)
   return matmul(MIX, probs, value, 'probs', 'v').astype(dtype)
