@@ -250,6 +250,7 @@ LONG_OR_WIDE = {
     'stages/adaquant/steps.py:run_loop': 'traced inside the jitted step programs above',
     'stages/adaquant/block.py:optimize_block': "one block's program, data, settings, holdout",
     'quant/attention.py:quantized_attention': "Flax's attention_fn signature",
+    'deploy/integer.py:integer_attention': "Flax's attention_fn signature",
     'quant/interceptor.py:apply_quantized': 'the forward pass and its four optional hooks',
 }
 
