@@ -16,6 +16,7 @@ input. The program itself needs only jax to run (README, "Deploy").
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -94,7 +95,8 @@ def export_jax(qmodel: Any, path: str, platforms: Sequence[str] = PLATFORMS,
   batch, = jax_export.symbolic_shape('batch')
   spec = jax.ShapeDtypeStruct((batch,) + tuple(qmodel.input_shape), jnp.float32)
   try:
-    exported = jax_export.export(jax.jit(forward), platforms=tuple(platforms))(spec)
+    with _short_locations():
+      exported = jax_export.export(jax.jit(forward), platforms=tuple(platforms))(spec)
   except Exception as e:   # a layer the traced program cannot express
     raise ValueError(f'The quantized model could not be exported as one jax program: '
                      f'{type(e).__name__}: {str(e)[:400]}') from e
@@ -114,6 +116,22 @@ def export_jax(qmodel: Any, path: str, platforms: Sequence[str] = PLATFORMS,
       'integer_attention': list(report.integer_attention),
       'fp32_param_bytes': report.fp32_param_bytes})
   return report
+
+
+@contextlib.contextmanager
+def _short_locations():
+  """Source locations in the program without Python tracebacks (they would be about a
+  tenth of a small model's artifact); jax's setting is restored afterwards."""
+  name = 'jax_include_full_tracebacks_in_locations'
+  previous = getattr(jax.config, name, None)
+  if previous is None:   # (a jax without the setting: nothing to shorten)
+    yield
+    return
+  jax.config.update(name, False)
+  try:
+    yield
+  finally:
+    jax.config.update(name, previous)
 
 
 def _arithmetic(qmodel: Any, layers: Dict[str, IntegerLayer]) -> Tuple[Tuple[str, ...], ...]:
