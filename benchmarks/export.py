@@ -2,7 +2,8 @@
 it came from, accuracy and latency beside FP32, all measured in one run.
 
   python benchmarks/export.py          # writes results/export.json and results/export.md
-  python benchmarks/export.py --models=efficientnet_lite0,minilm_l6   # adds their rows
+  python benchmarks/export.py --models=resnet20_fashion_mnist,mobilenet_v2_fmnist_fashion_mnist,\
+vit_fmnist_fashion_mnist,efficientnet_lite0,minilm_l6     # with the models trained elsewhere
 
 For each bundled model (ResNet-20, MobileNetV2, the NNX ViT with its attention matmuls
 quantized) at W8A8, W4A8, W4A4 (first and last layer 8-bit) and mixed precision at 13 %
@@ -20,6 +21,7 @@ embeddings), at W8A8 and W4A8.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 
@@ -39,7 +41,7 @@ flags.DEFINE_integer('calib_size', 1000, 'Calibration images (train split).')
 flags.DEFINE_integer('repeats', 20, 'Timed calls per program and batch (median kept).')
 flags.DEFINE_string('out_name', 'export', 'Results file name (NAME.json / NAME.md).')
 FLAGS = flags.FLAGS
-COMMAND = 'python benchmarks/export.py'
+COMMAND = ' '.join(['python benchmarks/export.py'] + sys.argv[1:])
 RUNS = (('W8A8', dict(w_bits=8, a_bits=8)), ('W4A8', dict(w_bits=4, a_bits=8)),
         ('W4A4', dict(w_bits=4, a_bits=4)), ('mixed 13%', None))
 
