@@ -123,7 +123,7 @@ def main(_):
                                base.qstate, target='all', steps=FLAGS.finetune_steps,
                                key=jax.random.key(FLAGS.seed))
             tuned = ptq_jax.QuantizedModel(model, base.variables, base.layers, state,
-                                           base.options, base.input_shape)
+                                           base.settings, base.input_shape)
             record(model_name, 'kd_finetune_all', w_bits, a_bits, policy, calib, tuned.predict,
                    fp32, time.time() - start, iterations=FLAGS.finetune_steps)
 

@@ -128,8 +128,8 @@ def measure(name, model, variables, qm, label, images, labels, tmp) -> dict:
   out = np.asarray(batched_predict(artifact, images, 100))
   fp32_out = np.asarray(batched_predict(fp32, images, 100))
   row = {'model': name, 'method': 'jax artifact', 'bits': label,
-         'w_bits': qm.options['w_bits'] or 'mixed', 'a_bits': qm.options['a_bits'] or 'mixed',
-         'calib_size': qm.options['calib_size'],
+         'w_bits': qm.settings['w_bits'] or 'mixed', 'a_bits': qm.settings['a_bits'] or 'mixed',
+         'calib_size': qm.settings['calib_size'],
          'quantize_matmuls': bool(qm.matmul_bits()), 'artifact_bytes': report.bytes,
          'fp32_param_bytes': report.fp32_param_bytes,
          'size_ratio_to_fp32': round(report.size_ratio, 4),

@@ -92,14 +92,14 @@ class MixedPrecision:
     """Each layer's state from its chosen option."""
     return {p: self.option_states[allocation.choice[p]][p] for p in self.table.paths}
 
-  def options(self, allocation: alloc.Allocation) -> Dict[str, Any]:
+  def settings(self, allocation: alloc.Allocation) -> Dict[str, Any]:
     """The settings a mixed model of ``allocation`` records."""
-    return self.spec.metadata(len(self.prepared.images), allocation=allocation,
+    return self.spec.settings(len(self.prepared.images), allocation=allocation,
                               option_method=self.method)
 
   def build(self, allocation: alloc.Allocation) -> QuantizedModel:
     """The mixed model: each layer's state from its chosen option."""
-    return quantized_model(self.prepared, self.state(allocation), self.options(allocation),
+    return quantized_model(self.prepared, self.state(allocation), self.settings(allocation),
                            self.timings)
 
   def quantize(self, **budgets) -> Tuple[QuantizedModel, alloc.Allocation]:

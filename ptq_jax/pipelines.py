@@ -179,10 +179,10 @@ def run_recipe(prepared: Prepared, spec: QuantSpec, name: str, stages: Sequence[
       kept.append(stage)
     if stage == 'mixed_precision':
       mixed = report
-    metadata = spec.metadata(len(prepared.images), name, kept,
+    settings = spec.settings(len(prepared.images), name, kept,
                              mixed and mixed.allocation, mixed and mixed.mixed.method)
     reports = reports_of(report) if stage == 'adaquant' and kept[-1:] == [stage] else None
-    result.stages.append(StageResult(stage, quantized_model(prepared, state, metadata,
+    result.stages.append(StageResult(stage, quantized_model(prepared, state, settings,
                                                             layer_reports=reports),
                                      seconds, report, guard))
   for stage in result.stages:

@@ -87,8 +87,8 @@ def qat_train(qm: QuantizedModel, images: np.ndarray, labels: np.ndarray,
     losses.append(loss)
   losses_np = np.asarray(jax.device_get(losses))
   tenths = [float(chunk.mean()) for chunk in np.array_split(losses_np, min(10, steps))]
-  options = dict(qm.options, stages=list(qm.options.get('stages', [])) + ['qat'])
-  trained = QuantizedModel(qm.model, qm.variables, qm.layers, state, options, qm.input_shape,
+  settings = dict(qm.settings, stages=list(qm.settings.get('stages', [])) + ['qat'])
+  trained = QuantizedModel(qm.model, qm.variables, qm.layers, state, settings, qm.input_shape,
                            dict(qm.timings, qat_seconds=time.time() - start),
                            list(qm.layer_reports))
   return trained, {'epochs': steps / steps_per_epoch, 'steps': steps, 'batch_size': batch_size,

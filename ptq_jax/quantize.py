@@ -85,4 +85,4 @@ def quantize(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: A
                                                   jax.random.key(0) if key is None else key):
     timings[f'{stage}_seconds'] = seconds
     reports += reports_of(report)
-  return quantized_model(prepared, state, spec.metadata(len(prepared.images)), timings, reports)
+  return quantized_model(prepared, state, spec.settings(len(prepared.images)), timings, reports)

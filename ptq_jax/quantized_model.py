@@ -46,7 +46,7 @@ class QuantizedModel:
   variables: Dict[str, Any]
   layers: List[LayerInfo]
   qstate: QState
-  options: Dict[str, Any]
+  settings: Dict[str, Any]         # what made it (QuantSpec.settings): bits, ranges, stages
   input_shape: Tuple[int, ...]
   timings: Dict[str, float] = dataclasses.field(default_factory=dict)
   # Per-layer optimisation records (AdaQuant: reconstruction error before/after, time).
@@ -128,17 +128,18 @@ class QuantizedModel:
     return 32 * (sum(l.params for l in self.layers) + sum(op.params for op in self.float_ops))
 
   def save(self, path: str) -> None:
-    """Writes the original variables, the quantization state and the options atomically."""
+    """Writes the original variables, the quantization state and the settings atomically."""
     qtree = {p: layer_to_tree(lq) for p, lq in layer_states(self.qstate).items()}
     qtree.update({p: {n: {'range': getattr(q, n).range, 'low': getattr(q, n).low}
                       for n in OPERANDS}
                   for p, q in self.qstate.items() if isinstance(q, AttentionQuant)})
-    meta = {'kind': 'quantized', 'options': self.options, 'input_shape': list(self.input_shape),
+    meta = {'kind': 'quantized', 'settings': self.settings,
+            'input_shape': list(self.input_shape),
             'bits': {p: list(b) for p, b in self.bits().items()},
             'matmul_bits': self.matmul_bits(),
-            'symmetric': self.options.get('symmetric', False)}
-    if 'model' in self.options:
-      meta['model'] = self.options['model']
+            'symmetric': self.settings.get('symmetric', False)}
+    if 'model' in self.settings:
+      meta['model'] = self.settings['model']
     ckpt.save_checkpoint(path, {'variables': self.variables, 'qstate': qtree}, meta)
 
   @classmethod
@@ -158,7 +159,9 @@ class QuantizedModel:
     try:
       variables, qtree = tree['variables'], tree['qstate']
       input_shape = tuple(int(d) for d in meta['input_shape'])
-      bits, options, symmetric = meta['bits'], dict(meta['options']), meta['symmetric']
+      # ('options': the name files written before version 0.3 gave the settings.)
+      settings = dict(meta['settings'] if 'settings' in meta else meta['options'])
+      bits, symmetric = meta['bits'], meta['symmetric']
       matmul_bits = meta.get('matmul_bits', {})
       if not (input_shape and min(input_shape) > 0 and isinstance(symmetric, bool)
               and isinstance(bits, dict) and isinstance(qtree, dict)
@@ -185,19 +188,19 @@ class QuantizedModel:
               for l in layers}
     qstate.update({p: checked_attention(qtree[p], p, b, path, fix)
                    for p, b in matmul_bits.items()})
-    return cls(model, variables, layers, qstate, options, input_shape,
+    return cls(model, variables, layers, qstate, settings, input_shape,
                float_ops=list(traced.float_ops))
 
 
-def quantized_model(prepared: Any, qstate: QState, options: Dict[str, Any],
+def quantized_model(prepared: Any, qstate: QState, settings: Dict[str, Any],
                     timings: Optional[Dict[str, float]] = None,
                     layer_reports: Optional[List[Any]] = None) -> QuantizedModel:
   """A :class:`QuantizedModel` of a prepared model (``ptq_jax.stages.prepare.Prepared``)
-  computing with ``qstate``; ``options``: the settings it records (``QuantSpec.metadata``)."""
-  if prepared.model_name and 'model' not in options:
-    options = dict(options, model=prepared.model_name)
+  computing with ``qstate``; ``settings``: what it records (``QuantSpec.settings``)."""
+  if prepared.model_name and 'model' not in settings:
+    settings = dict(settings, model=prepared.model_name)
   return QuantizedModel(prepared.model, dict(prepared.variables), list(prepared.layers),
-                        dict(qstate), options, prepared.input_shape, dict(timings or {}),
+                        dict(qstate), settings, prepared.input_shape, dict(timings or {}),
                         list(layer_reports or []), list(prepared.float_ops))
 
 

@@ -2,7 +2,7 @@
 
 Every entry point (``quantize``, ``run_pipeline``, ``mixed_precision``) maps its keywords
 onto one spec; the recipes (:mod:`ptq_jax.recipes`) turn a spec into stages; and the
-spec alone writes the settings a quantized model records (``QuantizedModel.options``),
+spec alone writes the settings a quantized model records (``QuantizedModel.settings``),
 so two entry points given the same settings record the same thing.
 """
 
@@ -86,11 +86,11 @@ class QuantSpec:
     """A copy with ``changes`` (validated again)."""
     return dataclasses.replace(self, **changes)
 
-  def metadata(self, calib_size: int, pipeline: Optional[str] = None,
+  def settings(self, calib_size: int, pipeline: Optional[str] = None,
                stages: Optional[Sequence[str]] = None,
                allocation: Optional[Allocation] = None,
                option_method: Optional[str] = None) -> Dict[str, Any]:
-    """The settings a quantized model of this spec records (``QuantizedModel.options``):
+    """The settings a quantized model of this spec records (``QuantizedModel.settings``):
     with ``pipeline``, the pipeline's and the stages it kept; with ``allocation``, the
     mixed-precision model's per-layer choice (its bits then come from the allocation)."""
     meta = {'w_bits': self.w_bits, 'a_bits': self.a_bits,

@@ -48,8 +48,8 @@ def test_quantize_entry_point(toy_w3a3):
   model, variables, x, base = toy_w3a3
   qm = ptq_jax.quantize(model, variables, x, w_bits=3, a_bits=3, first_last_bits=None,
                         method='adaquant', mode='sequential', adaquant=CONFIG)
-  assert qm.options['method'] == 'adaquant' and qm.options['mode'] == 'sequential'
-  assert qm.options['adaquant']['iterations'] == 120
+  assert qm.settings['method'] == 'adaquant' and qm.settings['mode'] == 'sequential'
+  assert qm.settings['adaquant']['iterations'] == 120
   assert len(qm.layer_reports) == len(qm.layers) and 'adaquant_seconds' in qm.timings
   with pytest.raises(ValueError, match="mode='diagonal'"):
     ptq_jax.quantize(model, variables, x, method='adaquant', mode='diagonal')

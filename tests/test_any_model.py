@@ -400,7 +400,7 @@ def test_pipelines_and_mixed_precision_take_a_range_config():
   config = ptq_jax.RangeConfig(smooth_alpha=0.5)
   result = ptq_jax.run_pipeline(model, variables, x, 'light', size_pct=40,
                                 options=('W8A8', 'W4A8'), ranges=config, progress=False)
-  assert result.model.options['smooth_alpha'] == 0.5
+  assert result.model.settings['smooth_alpha'] == 0.5
   assert all(lq.smooth is not None for lq in result.model.qstate.values())
   with pytest.raises(TypeError, match='RangeConfig'):
     ptq_jax.run_pipeline(model, variables, x, 'light', ranges=3, progress=False)

@@ -134,7 +134,7 @@ def test_quantize_with_a_holdout(unit):
                         method='adaquant', mode='sequential', progress=False,
                         adaquant=ptq_jax.AdaQuantConfig(iterations=8, batch_size=8, unit=unit,
                                                         guard_holdout=0.2))
-  assert qm.layer_reports and qm.options['adaquant']['guard_holdout'] == 0.2
+  assert qm.layer_reports and qm.settings['adaquant']['guard_holdout'] == 0.2
   for r in qm.layer_reports:
     assert r['guard_examples'] == 8 and r['rel_error_after'] <= r['rel_error_before'], r
 

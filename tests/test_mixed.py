@@ -139,7 +139,7 @@ def test_only_layer_l_quantized_matches_a_direct_evaluation(toy_mp):
     path, option = mp.table.paths[i], mp.table.options[j]
     qstate = dict(fp.qstate)
     qstate[path] = mp.option_states[option][path]
-    mixed = ptq_jax.QuantizedModel(model, fp.variables, fp.layers, qstate, fp.options,
+    mixed = ptq_jax.QuantizedModel(model, fp.variables, fp.layers, qstate, fp.settings,
                                    fp.input_shape)
     kl = float(kl_to_teacher(fp_logits, mixed.predict(x)))
     assert mp.table.raw_delta[i, j] == pytest.approx(kl, rel=1e-3, abs=1e-6)

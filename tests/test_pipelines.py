@@ -36,7 +36,7 @@ def test_pipeline_end_to_end(toy, pipeline, kwargs, stages):
   result = ptq_jax.run_pipeline(model, variables, x, pipeline, options=('W8A8', 'W4A4'),
                                 adaquant=FAST, progress=False, **kwargs)
   assert [s.name for s in result.stages] == stages
-  assert result.model.options['stages'] == stages
+  assert result.model.settings['stages'] == stages
   out = result.model.predict(x)
   assert out.shape == (32, 5) and np.all(np.isfinite(out))
   if 'size_pct' in kwargs:
@@ -63,7 +63,7 @@ def test_bias_tuning_lowers_the_kd_loss(toy):
 def test_pipeline_checks_budgets_and_names(toy):
   model, variables, x = toy
   qm = ptq_jax.run_pipeline(model, variables, x, 'light', size_pct=20, progress=False).model
-  assert qm.options['stages'] == ['mixed_precision', 'bn_tuning']
+  assert qm.settings['stages'] == ['mixed_precision', 'bn_tuning']
   with pytest.raises(ValueError, match='fixed bit widths'):
     ptq_jax.run_pipeline(model, variables, x, 'sequential', size_pct=13, progress=False)
   with pytest.raises(ValueError, match="pipeline='fast'"):
@@ -112,7 +112,7 @@ def test_qat_trains_the_quantized_model_on_labels(toy):
   trained, report = qat_train(qm, raw, labels, preprocess, QATConfig(
       epochs=25, batch_size=16, learning_rate=1e-3, crop_pad=0, flip=False), progress=False)
   assert report['steps'] == 50 and report['loss_by_tenth'][-1] < report['loss_by_tenth'][0]
-  assert trained.options['stages'][-1] == 'qat' and trained.bits() == qm.bits()
+  assert trained.settings['stages'][-1] == 'qat' and trained.bits() == qm.bits()
   def ce(m):
     logp = np.asarray(jax.nn.log_softmax(m.predict(x)))
     return -np.mean(logp[np.arange(len(labels)), labels])
@@ -188,14 +188,14 @@ def test_a_guarded_pipeline_goes_on_from_the_state_before_a_dropped_stage(toy):
   prepared = ptq_jax.stages.prepare(model, variables, x)
   for path, lq in dropped.model.qstate.items():
     np.testing.assert_array_equal(lq.kernel, ranges.model.qstate[path].kernel)
-  assert 'adaquant' not in safe.model.options['stages']
+  assert 'adaquant' not in safe.model.settings['stages']
   assert output_kl(prepared, safe.model.qstate) <= output_kl(prepared, ranges.model.qstate)
   with pytest.raises(TypeError, match='stage_guard'):
     ptq_jax.run_pipeline(model, variables, x, 'light', stage_guard='yes', progress=False)
 
 
 def test_every_entry_point_records_the_settings_the_spec_writes(toy):
-  """One writer of the options metadata: quantize, a pipeline and a mixed model record
+  """One writer of the recorded settings: quantize, a pipeline and a mixed model record
   the same range settings (the percentile was once recorded by quantize only)."""
   model, variables, x = toy
   ranges = ptq_jax.RangeConfig('percentile', percentile=99.5)
@@ -205,10 +205,10 @@ def test_every_entry_point_records_the_settings_the_spec_writes(toy):
             ptq_jax.mixed_precision(model, variables, x, options=('W8A8', 'W4A4'),
                                     ranges=ranges, progress=False).quantize(size_pct=20)[0]]
   for qm in models:
-    assert (qm.options['range_method'], qm.options['percentile']) == ('percentile', 99.5)
-  assert [qm.options['method'] for qm in models] == ['ptq', 'ptq', 'mixed_precision']
+    assert (qm.settings['range_method'], qm.settings['percentile']) == ('percentile', 99.5)
+  assert [qm.settings['method'] for qm in models] == ['ptq', 'ptq', 'mixed_precision']
   spec = ptq_jax.QuantSpec(ranges=ranges)
-  assert spec.metadata(32) == {k: models[0].options[k] for k in spec.metadata(32)}
+  assert spec.settings(32) == {k: models[0].settings[k] for k in spec.settings(32)}
 
 
 def test_the_spec_checks_its_settings_before_any_work():
@@ -234,4 +234,4 @@ def test_the_mixed_stage_reports_its_allocation_instead_of_writing_a_result(toy)
   assert isinstance(report, MixedReport)
   assert result.allocation is report.allocation and result.table is report.mixed.table
   assert result.mixed is report.mixed
-  assert result.model.options['allocation'] == report.allocation.counts()
+  assert result.model.settings['allocation'] == report.allocation.counts()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import ptq_jax
+from ptq_jax import checkpoint as ckpt
 from ptq_jax.models import create_model
 from ptq_jax.quant import export
 from ptq_jax.quant.folding import fold_batchnorm
@@ -186,10 +187,15 @@ def test_save_load_identical_outputs(toy, tmp_path):
   path = str(tmp_path / 'q.msgpack')
   qm.save(path)
   loaded = ptq_jax.QuantizedModel.load(path, model)
-  assert loaded.bits() == qm.bits() and loaded.options == qm.options
+  assert loaded.bits() == qm.bits() and loaded.settings == qm.settings
   np.testing.assert_array_equal(loaded.apply(x), qm.apply(x))
   with pytest.raises(ptq_jax.CheckpointError, match='another model'):
     ptq_jax.QuantizedModel.load(path, create_model('resnet20'))
+  # A file written before the settings had their name (meta key 'options') still loads.
+  tree, meta = ckpt.load_checkpoint(path)
+  meta['options'] = meta.pop('settings')
+  ckpt.save_checkpoint(path, tree, meta)
+  assert ptq_jax.QuantizedModel.load(path, model).settings == qm.settings
 
 
 def test_models_with_the_same_bits_share_one_compiled_forward(toy):

@@ -93,7 +93,7 @@ def _stage_records(result, label: str, mixed: bool, q, inputs, common) -> List[D
     records.append({**common, 'pipeline': result.pipeline, 'run': label, 'stage': stage.name,
                     'w_bits': 'mixed' if mixed else q.w_bits,
                     'a_bits': 'mixed' if mixed else q.a_bits,
-                    'range_method': stage.model.options.get('range_method'),
+                    'range_method': stage.model.settings.get('range_method'),
                     'top1_pct': round(top1, 2),
                     'size_pct_of_fp32': round(100 * stage.model.size_bits() / fp32_bits, 2),
                     'seconds': round(stage.seconds, 1)})

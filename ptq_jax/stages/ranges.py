@@ -78,7 +78,7 @@ def as_range_config(value: Any) -> RangeConfig:
 
 
 def range_options(config: RangeConfig) -> Dict[str, Any]:
-  """The range settings a quantized model records in its options."""
+  """The range settings a quantized model records (``QuantizedModel.settings``)."""
   return {'range_method': config.method, 'weight_range_method': config.weights,
           'symmetric': config.symmetric, 'per_channel_inputs': config.per_channel_inputs,
           'percentile': config.percentile, 'smooth_alpha': config.smooth_alpha}
