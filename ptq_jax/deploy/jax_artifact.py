@@ -22,7 +22,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax
