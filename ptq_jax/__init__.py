@@ -31,7 +31,7 @@ from ptq_jax.importers import read_safetensors, read_torch_checkpoint, to_flax_t
 # Runtime.
 from ptq_jax.compilation_cache import enable_compilation_cache
 
-__version__ = '0.2.0'
+__version__ = '0.3.0'
 
 __all__ = [
     # Models, data and evaluation.
