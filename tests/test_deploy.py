@@ -48,11 +48,17 @@ def _toy(seed=0):
 
 
 def _agree(program, qm, x, rtol=1e-4):
-  """The artifact's outputs equal the simulation's: same top-1, and logits within
-  float32 rounding of them (relative to the logits' scale)."""
+  """The artifact's outputs equal the simulation's: logits within float32 rounding of
+  them (relative to the logits' scale), and the same top-1 wherever the simulation's
+  top two are further apart than that (a random toy model has exact ties)."""
   want, got = np.asarray(qm.apply(x)), np.asarray(program(x))
-  assert got.shape == want.shape and np.array_equal(got.argmax(-1), want.argmax(-1))
-  np.testing.assert_allclose(got, want, atol=rtol * np.abs(want).max(), rtol=rtol)
+  assert got.shape == want.shape
+  tolerance = rtol * np.abs(want).max()
+  np.testing.assert_allclose(got, want, atol=tolerance, rtol=rtol)
+  top2 = np.sort(want, axis=-1)[:, -2:]
+  decided = top2[:, 1] - top2[:, 0] > 4 * tolerance
+  assert decided.mean() > 0.5   # (the check below compares something)
+  assert np.array_equal(got.argmax(-1)[decided], want.argmax(-1)[decided])
 
 
 @pytest.fixture(scope='module')
