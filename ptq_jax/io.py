@@ -81,17 +81,7 @@ def check_output_dir(path: str, what: str = 'output directory') -> None:
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f'{what} {path} is a file, not a directory: pass another path.')
-  probe = path
-  while not os.path.exists(probe):
-    parent = os.path.dirname(probe)
-    if parent == probe:
-      break
-    probe = parent
-  if not os.path.isdir(probe):
-    raise ValueError(f'{what} {path} lies under {probe}, which is a file: pass another path.')
-  if not os.access(probe, os.W_OK | os.X_OK):
-    raise ValueError(f'{what} {path} cannot be written ({probe} is not writable): pass a '
-                     'writable path.')
+  _check_writable_ancestor(path, path, what)
 
 
 def check_output_file(path: str, what: str = 'output file') -> None:
@@ -101,7 +91,13 @@ def check_output_file(path: str, what: str = 'output file') -> None:
   if os.path.isdir(full):
     raise ValueError(f'{what} {path} is a directory: pass a file path inside it, e.g. '
                      f'{os.path.join(path, "quantized.msgpack")}.')
-  probe = os.path.dirname(full)
+  _check_writable_ancestor(os.path.dirname(full), path, what)
+
+
+def _check_writable_ancestor(directory: str, path: str, what: str) -> None:
+  """The deepest existing ancestor of ``directory`` (itself included) must be a writable
+  directory; the error names ``path``."""
+  probe = directory
   while not os.path.exists(probe) and os.path.dirname(probe) != probe:
     probe = os.path.dirname(probe)
   if not os.path.isdir(probe):

@@ -36,8 +36,8 @@ from ptq_jax.quant.attention import (MIX, OPERANDS, SCORES, AttentionQuant,
                                     attention_probs, check_heads, quantized_attention)
 from ptq_jax.quant.interceptor import (LayerQuant, layer_forward, layer_geometry,
                                        smoothed_kernel)
-from ptq_jax.quant.quantizer import QuantizerState, quantize_to_int, reshape_for, \
-    scale_and_zero_point
+from ptq_jax.quant.export import pack_codes, unsigned_codes
+from ptq_jax.quant.quantizer import QuantizerState, reshape_for, scale_and_zero_point
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,35 +66,29 @@ class IntegerLayer:
   smooth: Optional[np.ndarray]          # inputs divided by it before quantizing
   inputs: Tuple[Optional[InputCodes], ...]   # per call site; None: float input
 
-  @property
-  def stored_bytes(self) -> int:
-    arrays = [self.packed_codes, self.w_scale, self.w_zero_point, self.float_kernel, self.bias,
-              self.smooth]
-    return sum(a.nbytes for a in arrays if a is not None)
 
-
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-  """Unsigned codes -> uint8 bytes: two per byte (low nibble first) if bits <= 4."""
-  codes = np.asarray(codes).astype(np.uint8).ravel()
-  if bits > 4:
-    return codes
-  if codes.size % 2:
-    codes = np.append(codes, np.uint8(0))
-  return (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+def _codes(q: QuantizerState) -> InputCodes:
+  """:class:`InputCodes` of a per-tensor quantizer (symmetric codes -qmax..qmax held as
+  0..2 qmax around the zero point qmax); array-valued, so it also works inside a
+  traced program."""
+  s, zp = scale_and_zero_point(q)
+  if q.symmetric:
+    qmax = 2**(q.bits - 1) - 1
+    return InputCodes(s, qmax, 2 * qmax, q.bits)
+  return InputCodes(s, jnp.round(zp), q.levels, q.bits)
 
 
 def _input_codes(q: Optional[QuantizerState], path: str) -> Optional[InputCodes]:
+  """A call site's input codes as host constants (None: a float input)."""
   if q is None:
     return None
   if np.ndim(q.range):
     raise ValueError(f'Layer {path} has per-channel input quantizers, whose scales an integer '
                      'kernel cannot apply after accumulating: quantize with '
                      'RangeConfig(per_channel_inputs=False) to export it.')
-  s, zp = (np.asarray(v, np.float32) for v in scale_and_zero_point(q))
-  if q.symmetric:   # codes -qmax..qmax stored as 0..2 qmax around the zero point qmax
-    qmax = 2**(q.bits - 1) - 1
-    return InputCodes(np.float32(s), qmax, 2 * qmax, q.bits)
-  return InputCodes(np.float32(s), int(np.round(zp)), q.levels, q.bits)
+  codes = _codes(q)
+  return dataclasses.replace(codes, scale=np.float32(codes.scale),
+                             zero_point=int(codes.zero_point))
 
 
 def integer_layer(path: str, lq: LayerQuant) -> IntegerLayer:
@@ -108,12 +102,7 @@ def integer_layer(path: str, lq: LayerQuant) -> IntegerLayer:
     return IntegerLayer(path, tuple(kernel.shape), None, None, None, None,
                         np.asarray(kernel, np.float32), bias, smooth, inputs)
   q = reshape_for(lq.w_quant, kernel.ndim)
-  s, zp = scale_and_zero_point(q)
-  codes = np.asarray(quantize_to_int(kernel, q))
-  zp = np.asarray(jnp.round(zp), np.int32)
-  if q.symmetric:
-    qmax = 2**(q.bits - 1) - 1
-    codes, zp = codes + qmax, np.full_like(zp, qmax)
+  codes, s, zp = unsigned_codes(kernel, q)
   per_channel = lambda a, dtype: np.broadcast_to(np.asarray(a, dtype).reshape(-1),
                                                  (kernel.shape[-1],)).copy()
   return IntegerLayer(path, tuple(kernel.shape), q.bits, pack_codes(codes, q.bits),
@@ -140,16 +129,6 @@ def centered_input(codes: InputCodes, x: jnp.ndarray) -> jnp.ndarray:
   ``clip(round(x / s) + zp, 0, code_max) - zp``."""
   q = jnp.clip(jnp.round(x / codes.scale) + codes.zero_point, 0, codes.code_max)
   return (q - codes.zero_point).astype(jnp.int32)
-
-
-def _traced_codes(q: QuantizerState) -> InputCodes:
-  """:class:`InputCodes` of a per-tensor quantizer, computed inside the program (its
-  range is a constant there, so the values fold at compile time)."""
-  s, zp = scale_and_zero_point(q)
-  if q.symmetric:
-    qmax = 2**(q.bits - 1) - 1
-    return InputCodes(s, qmax, 2 * qmax, q.bits)
-  return InputCodes(s, jnp.round(zp), q.levels, q.bits)
 
 
 CPU_ARITHMETIC = ('float', 'integer')
@@ -218,7 +197,7 @@ def integer_attention(query, key, value, bias=None, mask=None, *,
     return quantized_attention(query, key, value, bias, mask, quant=quant,
                                on_operand=on_operand, dtype=dtype, is_causal=is_causal)
   check_heads(query, key)
-  codes = {name: _traced_codes(getattr(quant, name)) for name in OPERANDS}
+  codes = {name: _codes(getattr(quant, name)) for name in OPERANDS}
   dtype = dtype or jnp.result_type(query.dtype, key.dtype)
 
   def matmul(equation, a, b, qa, qb):

@@ -33,7 +33,7 @@ from jax import export as jax_export
 from ptq_jax.checkpoint import CheckpointError
 from ptq_jax.calling import inference_kwargs
 from ptq_jax.deploy.integer import (CPU_ARITHMETIC, IntegerLayer, integer_attention,
-                                    integer_layer, integer_output)
+                                    integer_layer, integer_output, uses_integer_arithmetic)
 from ptq_jax.io import atomic_write_bytes, atomic_write_json, check_output_file
 from ptq_jax.quant.interceptor import layer_states, make_interceptor
 
@@ -136,9 +136,7 @@ def _short_locations():
 
 def _arithmetic(qmodel: Any, layers: Dict[str, IntegerLayer]) -> Tuple[Tuple[str, ...], ...]:
   """(layers computed in integers, layers with some float call)."""
-  integer = [l.path for l in qmodel.layers if l.geometry is not None
-             and layers[l.path].w_bits is not None
-             and all(c is not None for c in layers[l.path].inputs)]
+  integer = [l.path for l in qmodel.layers if uses_integer_arithmetic(layers[l.path], l.geometry)]
   return tuple(integer), tuple(l.path for l in qmodel.layers if l.path not in integer)
 
 
