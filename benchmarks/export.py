@@ -4,6 +4,7 @@ it came from, accuracy and latency beside FP32, all measured in one run.
   python benchmarks/export.py          # writes results/export.json and results/export.md
   python benchmarks/export.py --models=resnet20_fashion_mnist,mobilenet_v2_fmnist_fashion_mnist,\
 vit_fmnist_fashion_mnist,efficientnet_lite0,minilm_l6     # with the models trained elsewhere
+  python benchmarks/export.py --format=onnx --out_name=export_onnx --models=...   # ONNX
 
 For each bundled model (ResNet-20, MobileNetV2, the NNX ViT with its attention matmuls
 quantized) at W8A8, W4A8, W4A4 (first and last layer 8-bit) and mixed precision at 13 %
@@ -27,10 +28,12 @@ import time
 
 import jax
 import numpy as np
+import onnxruntime as ort
 from absl import app, flags
 
 from common import describe_device, write_results
 import ptq_jax
+from ptq_jax.deploy.onnx_artifact import float_onnx_model
 from ptq_jax.evaluation import batched_predict, top1_accuracy_pct
 from ptq_jax.data import loader
 
@@ -40,6 +43,9 @@ flags.DEFINE_list('models', ['resnet20_fashion_mnist', 'mobilenet_v2_fmnist_fash
 flags.DEFINE_integer('calib_size', 1000, 'Calibration images (train split).')
 flags.DEFINE_integer('repeats', 20, 'Timed calls per program and batch (median kept).')
 flags.DEFINE_string('out_name', 'export', 'Results file name (NAME.json / NAME.md).')
+flags.DEFINE_enum('format', 'jax', ['jax', 'onnx'], 'Which artifact: the jax.export program '
+                  '(timed beside JAX FP32 and the simulation) or the ONNX QDQ model (timed '
+                  'in ONNX Runtime beside the FP32 model written the same way).')
 FLAGS = flags.FLAGS
 COMMAND = ' '.join(['python benchmarks/export.py'] + sys.argv[1:])
 RUNS = (('W8A8', dict(w_bits=8, a_bits=8)), ('W4A8', dict(w_bits=4, a_bits=8)),
@@ -153,15 +159,100 @@ def measure(name, model, variables, qm, label, images, labels, tmp) -> dict:
   return dict(row, device=describe_device(), command=COMMAND)
 
 
+def median_ort_ms(session, x, repeats: int) -> float:
+  run = lambda: session.run(None, {'input': x})
+  run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return 1000 * float(np.median(times))
+
+
+def measure_onnx(name, model, variables, qm, label, images, labels, tmp, fp32_session) -> dict:
+  """The ONNX QDQ row: size, the operators ONNX Runtime runs, agreement with the
+  simulation, and ONNX Runtime latency beside the FP32 model written the same way."""
+  float_bias_sim = np.asarray(qm.predict(images, batch_size=100))
+  qm = qm.with_integer_biases()   # what the integer kernels hold (README, "Deploy")
+  start = time.time()
+  report = ptq_jax.export(qm, os.path.join(tmp, f'{name}_{label}.onnx'), format='onnx')
+  export_seconds = time.time() - start
+  artifact = ptq_jax.load_exported(report.path)
+  meta = artifact.meta
+  sim = np.asarray(qm.predict(images, batch_size=100))
+  run = lambda session: (lambda x: session.run(None, {'input': np.asarray(x)})[0])
+  out = np.asarray(batched_predict(run(artifact.session), images, 100))
+  fp32_out = np.asarray(batched_predict(run(fp32_session), images, 100))
+  row = {'model': name, 'method': 'onnx qdq', 'runtime': f'onnxruntime {ort.__version__} CPU',
+         'bits': label, 'w_bits': qm.settings['w_bits'] or 'mixed',
+         'a_bits': qm.settings['a_bits'] or 'mixed', 'calib_size': qm.settings['calib_size'],
+         'quantize_matmuls': bool(qm.matmul_bits()), 'artifact_bytes': report.bytes,
+         'fp32_param_bytes': report.fp32_param_bytes,
+         'size_ratio_to_fp32': round(report.size_ratio, 4),
+         'onnxruntime_integer_ops': ' '.join(f'{k}:{v}' for k, v in
+                                             meta['onnxruntime_integer_ops'].items()),
+         'onnxruntime_float_ops': ' '.join(f'{k}:{v}' for k, v in
+                                           meta['onnxruntime_float_ops'].items()),
+         **agreement(sim, out, fp32_out, name), 'eval_inputs': len(images),
+         'export_seconds': round(export_seconds, 1)}
+  if labels is not None:
+    row.update(top1_pct=round(top1_accuracy_pct(out, labels), 2),
+               simulation_top1_pct=round(top1_accuracy_pct(sim, labels), 2),
+               float_bias_simulation_top1_pct=round(top1_accuracy_pct(float_bias_sim, labels), 2),
+               fp32_top1_pct=round(top1_accuracy_pct(fp32_out, labels), 2))
+  for batch in (1, 64):
+    x = np.ascontiguousarray(np.resize(images, (batch,) + images.shape[1:]), np.float32)
+    fp32_ms, qdq_ms = [], []
+    for _ in range(3):   # alternated, the medians of each kept
+      fp32_ms.append(median_ort_ms(fp32_session, x, FLAGS.repeats))
+      qdq_ms.append(median_ort_ms(artifact.session, x, FLAGS.repeats))
+    row[f'onnxruntime_fp32_ms_batch{batch}'] = round(float(np.median(fp32_ms)), 3)
+    row[f'onnxruntime_qdq_ms_batch{batch}'] = round(float(np.median(qdq_ms)), 3)
+    row[f'qdq_speedup_over_fp32_batch{batch}'] = round(
+        float(np.median(fp32_ms)) / float(np.median(qdq_ms)), 2)
+  return dict(row, device=describe_device(), command=COMMAND)
+
+
+def fp32_onnx_session(model, variables, input_shape, tmp: str):
+  path = os.path.join(tmp, 'fp32.onnx')
+  with open(path, 'wb') as f:
+    f.write(float_onnx_model(model, variables, input_shape).SerializeToString())
+  return ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+
+
 def main(_):
   records, tmp = [], tempfile.mkdtemp()
   for entry in FLAGS.models:
     task = TASKS[entry]() if entry in TASKS else fashion_mnist_task(entry)
     name, model, variables, calib, images, labels, runs = task
+    fp32_session = None
     for label, qm in quantized_models(model, variables, calib, name, runs):
-      records.append(measure(name, model, variables, qm, label, images, labels, tmp))
+      if FLAGS.format == 'onnx':
+        fp32_session = fp32_session or fp32_onnx_session(model, variables, qm.input_shape, tmp)
+        records.append(measure_onnx(name, model, variables, qm, label, images, labels, tmp,
+                                    fp32_session))
+      else:
+        records.append(measure(name, model, variables, qm, label, images, labels, tmp))
       print({k: v for k, v in records[-1].items() if k not in ('device', 'command')},
             flush=True)
+  if FLAGS.format == 'onnx':
+    write_results(FLAGS.out, FLAGS.out_name, records,
+                  'Deployable ONNX QDQ models (ptq_jax.export, format="onnx")',
+                  notes='One row per model and bits, quantized as in `results/export.md`, then '
+                        '`ptq_jax.export(qm, path, format="onnx")`. Operators: what ONNX '
+                        'Runtime\'s CPU graph optimisation left in the model (integer kernels '
+                        'vs float convolutions/matmuls). The model is exported with its biases '
+                        'on the int32 grid the integer kernels use (`qm.with_integer_biases()`); '
+                        'simulation_top1_pct is that model\'s, float_bias_simulation_top1_pct '
+                        'the model\'s before. Agreement and max |output delta|: '
+                        'the ONNX model in ONNX Runtime against that simulation '
+                        '(`QuantizedModel.apply`) on the evaluation inputs. Latency: median '
+                        'ms per call in ONNX Runtime (CPU execution provider, default '
+                        'threads) of the FP32 model written by the same converter and of '
+                        'the QDQ model, alternated three times in this one run on the device '
+                        f'named. Made by `{COMMAND}`.')
+    return
   write_results(FLAGS.out, FLAGS.out_name, records, 'Deployable JAX artifacts (ptq_jax.export)',
                 notes='One row per bundled model and bits: calibrated ranges (baseline PTQ; '
                       'mixed 13%: light, options W8A8/W4A4), then `ptq_jax.export`. Agreement '

@@ -283,17 +283,19 @@ depthwise_conv2d.defvjp(_depthwise_fwd, _depthwise_vjp)
 
 
 def apply_linear(geom: LayerGeometry, x: jnp.ndarray, kernel: jnp.ndarray,
-                 preferred_element_type=None) -> jnp.ndarray:
+                 preferred_element_type=None, one_op: bool = False) -> jnp.ndarray:
   """The layer's linear map (no bias) of ``x`` with ``kernel``.
 
-  ``preferred_element_type=jnp.int32`` gives integer accumulation for integer inputs.
+  ``preferred_element_type=jnp.int32`` gives integer accumulation for integer inputs;
+  ``one_op=True`` keeps every conv one ``conv_general_dilated`` (what an exporter
+  maps onto one Conv node) instead of CPU's faster equivalents.
   """
   if geom.kind == 'dense':
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
                                preferred_element_type=preferred_element_type)
   if geom.kind == 'einsum':
     return jnp.einsum(geom.equation, x, kernel, preferred_element_type=preferred_element_type)
-  if preferred_element_type is None and jax.default_backend() == 'cpu':
+  if preferred_element_type is None and jax.default_backend() == 'cpu' and not one_op:
     if is_plain_depthwise(geom, x.shape, kernel.shape):
       return depthwise_conv2d(x, kernel, tuple(geom.strides), tuple(geom.padding))
     if is_pointwise(geom, kernel.shape):

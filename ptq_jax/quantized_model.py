@@ -20,6 +20,7 @@ import numpy as np
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant.attention import OPERANDS, AttentionQuant
+from ptq_jax.quant.bias_grid import integer_biases
 from ptq_jax.quant.interceptor import (LayerQuant, QState, apply_quantized, layer_states,
                                        quantized_weight, smoothed_kernel)
 from ptq_jax.quant.quantizer import QuantizerState, check_bits
@@ -68,6 +69,13 @@ class QuantizedModel:
     except TypeError:  # a module with an unhashable field (a list, say): its own program
       return self._own_forward(self.variables, self.qstate, x)
     return _quantized_forward(self.model, self.variables, self.qstate, self.folded_bns, x)
+
+  def with_integer_biases(self) -> 'QuantizedModel':
+    """This model with every bias on its accumulator grid ``s_x s_w``, as an integer
+    runtime stores it (:mod:`ptq_jax.quant.bias_grid`): the simulation then equals what
+    ONNX Runtime's integer kernels compute (``ptq_jax.export(..., format='onnx')``)."""
+    return dataclasses.replace(self, qstate=integer_biases(self.qstate),
+                               settings={**self.settings, 'integer_biases': True})
 
   @functools.cached_property
   def _own_forward(self):

@@ -231,8 +231,8 @@ def test_what_cannot_be_exported_is_refused_before_anything_is_written(toy, tmp_
   with pytest.raises(ValueError, match='conv has per-channel input quantizers'):
     ptq_jax.export(qm, str(path))
   assert not path.exists()
-  with pytest.raises(ValueError, match="format='onnx' is not one of"):
-    ptq_jax.export(qm, str(path), format='onnx')
+  with pytest.raises(ValueError, match="format='tflite' is not one of"):
+    ptq_jax.export(qm, str(path), format='tflite')
   with pytest.raises(ValueError, match="cpu='fast' is not one of"):
     ptq_jax.export(qm, str(path), cpu='fast')
   with pytest.raises(ValueError, match='is a directory'):

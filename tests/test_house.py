@@ -15,7 +15,8 @@ PACKAGE = os.path.join(ROOT, 'ptq_jax')
 OUTSIDE = ('DESIGN' + '.md', '..' + '/shared')
 # Modules that may be imported inside a function: they pull in a heavy optional
 # dependency at import time, which ``import ptq_jax`` must not need (never a cycle).
-LAZY = {'ptq_jax.data.fashion_mnist_builder': 'imports tensorflow_datasets'}
+LAZY = {'ptq_jax.data.fashion_mnist_builder': 'imports tensorflow_datasets',
+        'ptq_jax.deploy.onnx_artifact': 'imports onnx and onnxruntime (the onnx extra)'}
 
 
 def _modules():

@@ -67,7 +67,7 @@ class IntegerLayer:
   inputs: Tuple[Optional[InputCodes], ...]   # per call site; None: float input
 
 
-def _codes(q: QuantizerState) -> InputCodes:
+def input_codes(q: QuantizerState) -> InputCodes:
   """:class:`InputCodes` of a per-tensor quantizer (symmetric codes -qmax..qmax held as
   0..2 qmax around the zero point qmax); array-valued, so it also works inside a
   traced program."""
@@ -78,7 +78,7 @@ def _codes(q: QuantizerState) -> InputCodes:
   return InputCodes(s, jnp.round(zp), q.levels, q.bits)
 
 
-def _input_codes(q: Optional[QuantizerState], path: str) -> Optional[InputCodes]:
+def host_input_codes(q: Optional[QuantizerState], path: str) -> Optional[InputCodes]:
   """A call site's input codes as host constants (None: a float input)."""
   if q is None:
     return None
@@ -86,7 +86,7 @@ def _input_codes(q: Optional[QuantizerState], path: str) -> Optional[InputCodes]
     raise ValueError(f'Layer {path} has per-channel input quantizers, whose scales an integer '
                      'kernel cannot apply after accumulating: quantize with '
                      'RangeConfig(per_channel_inputs=False) to export it.')
-  codes = _codes(q)
+  codes = input_codes(q)
   return dataclasses.replace(codes, scale=np.float32(codes.scale),
                              zero_point=int(codes.zero_point))
 
@@ -95,7 +95,7 @@ def integer_layer(path: str, lq: LayerQuant) -> IntegerLayer:
   """The integer record of one layer's state (every call site's input quantizer too)."""
   kernel = smoothed_kernel(lq)
   sites = (lq.a_quant,) + tuple(lq.site_a_quants)
-  inputs = tuple(_input_codes(q, path) for q in sites)
+  inputs = tuple(host_input_codes(q, path) for q in sites)
   bias = np.asarray(lq.bias, np.float32)
   smooth = None if lq.smooth is None else np.asarray(lq.smooth, np.float32)
   if lq.w_quant is None:
@@ -197,7 +197,7 @@ def integer_attention(query, key, value, bias=None, mask=None, *,
     return quantized_attention(query, key, value, bias, mask, quant=quant,
                                on_operand=on_operand, dtype=dtype, is_causal=is_causal)
   check_heads(query, key)
-  codes = {name: _codes(getattr(quant, name)) for name in OPERANDS}
+  codes = {name: input_codes(getattr(quant, name)) for name in OPERANDS}
   dtype = dtype or jnp.result_type(query.dtype, key.dtype)
 
   def matmul(equation, a, b, qa, qb):

@@ -54,6 +54,7 @@ class ExportReport:
   integer_attention: Tuple[str, ...]  # attention sites whose two matmuls are integer
   platforms: Tuple[str, ...]
   cpu_arithmetic: str = 'float'       # integers contracted in float32 on CPU, or in int32
+  bias_rounding: float = 0.0          # ONNX: largest change of a bias on its int32 grid, in steps
 
   @property
   def size_ratio(self) -> float:
@@ -103,7 +104,7 @@ def export_jax(qmodel: Any, path: str, platforms: Sequence[str] = PLATFORMS,
   blob = bytes(exported.serialize())
   digest = hashlib.sha256(blob).hexdigest()
   integer, floats = _arithmetic(qmodel, layers)
-  report = ExportReport(path, len(blob), _fp32_param_bytes(qmodel), digest, integer, floats,
+  report = ExportReport(path, len(blob), fp32_param_bytes(qmodel), digest, integer, floats,
                         tuple(qmodel.matmul_bits()), tuple(platforms), cpu)
   atomic_write_bytes(path, blob)
   atomic_write_json(path + '.json', {
@@ -140,7 +141,7 @@ def _arithmetic(qmodel: Any, layers: Dict[str, IntegerLayer]) -> Tuple[Tuple[str
   return tuple(integer), tuple(l.path for l in qmodel.layers if l.path not in integer)
 
 
-def _fp32_param_bytes(qmodel: Any) -> int:
+def fp32_param_bytes(qmodel: Any) -> int:
   return 4 * sum(int(np.size(v)) for v in jax.tree.leaves(qmodel.variables.get('params', {})))
 
 
@@ -161,8 +162,8 @@ class LoadedProgram:
     return self.exported.call(x)
 
 
-def load_exported(path: str) -> LoadedProgram:
-  """The program at ``path``, its SHA-256 checked against ``path.json``; a missing,
+def verified_record(path: str, formats: Sequence[str]) -> Tuple[bytes, Dict[str, Any]]:
+  """(the artifact's bytes, its sidecar ``path.json``), the SHA-256 checked; a missing,
   truncated or edited file is a :class:`~ptq_jax.checkpoint.CheckpointError`."""
   fix = 'export the model again (ptq_jax.export)'
   if not os.path.isfile(path):
@@ -171,21 +172,27 @@ def load_exported(path: str) -> LoadedProgram:
     with open(path + '.json') as f:
       meta = json.load(f)
   except (OSError, ValueError) as e:
-    raise CheckpointError(f'{path}.json (the checksum beside the program) is missing or not '
+    raise CheckpointError(f'{path}.json (the checksum beside the artifact) is missing or not '
                           f'JSON ({e}); {fix}.') from e
   with open(path, 'rb') as f:
     blob = f.read()
-  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+  if not isinstance(meta, dict) or meta.get('format') not in formats:
     raise CheckpointError(f'{path}.json is not a ptq_jax export record; {fix}.')
   if hashlib.sha256(blob).hexdigest() != meta.get('sha256'):
     raise CheckpointError(f'{path} does not match the SHA-256 in {path}.json (truncated or '
                           f'edited); {fix}.')
+  return blob, meta
+
+
+def load_jax(path: str, blob: bytes, meta: Dict[str, Any]) -> LoadedProgram:
+  """The verified program ``blob`` read from ``path``, ready to call."""
   try:
     exported = jax_export.deserialize(bytearray(blob))
   except Exception as e:
     raise CheckpointError(f'{path} is not a jax.export program ({type(e).__name__}); '
-                          f'{fix}.') from e
+                          'export the model again (ptq_jax.export).') from e
   return LoadedProgram(exported, meta, path)
 
 
-__all__ = ['ExportReport', 'LoadedProgram', 'export_jax', 'integer_program', 'load_exported']
+__all__ = ['FORMAT', 'ExportReport', 'LoadedProgram', 'export_jax', 'fp32_param_bytes',
+           'integer_program', 'load_jax', 'verified_record']

@@ -42,17 +42,19 @@ class AttentionQuant:
 def quantized_attention(query, key, value, bias=None, mask=None, *,
                         quant: Optional[AttentionQuant] = None,
                         on_operand: Optional[OperandHook] = None, dtype=None, precision=None,
-                        is_causal: bool = False, **unused) -> jnp.ndarray:
+                        is_causal: bool = False, quantizer=fake_quant,
+                        **unused) -> jnp.ndarray:
   """Dot-product attention (inference: no dropout) computed explicitly, each matmul
   operand fake-quantized by ``quant`` (None: float) after ``on_operand(name, x)`` sees
-  it. Shapes as Flax's: ``[batch..., length, heads, depth]``."""
+  it; ``quantizer(x, state)`` is how (the ONNX writer marks it). Shapes as Flax's:
+  ``[batch..., length, heads, depth]``."""
   del unused   # dropout settings (inference), module (sowing), einsum overrides
   check_heads(query, key)
 
   def operand(name, x):
     if on_operand is not None:
       on_operand(name, x)
-    return x if quant is None else fake_quant(x, getattr(quant, name))
+    return x if quant is None else quantizer(x, getattr(quant, name))
 
   query, key = operand('q', query), operand('k', key)
   dtype = dtype or jnp.result_type(query.dtype, key.dtype)
