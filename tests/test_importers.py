@@ -147,3 +147,35 @@ def test_minilm_matches_sentence_transformers_reference():
   # Padding does not change a sentence's embedding.
   np.testing.assert_allclose(np.asarray(model.apply(variables, tokenize(sentences, 64))), ours,
                              atol=2e-6)
+
+
+def _lite_variant(stages, seed=0):
+  """A random EfficientNet-Lite of the given stage table, saved under the PyTorch port's
+  names (what a Lite1-4 checkpoint holds)."""
+  from ptq_jax.importers import efficientnet
+  from ptq_jax.models.efficientnet_lite import efficientnet_lite0
+  model = efficientnet_lite0(num_classes=7, stages=stages)
+  shapes = jax.eval_shape(model.init, jax.random.key(seed), jnp.zeros((1, 32, 32, 3)))
+  rng = np.random.default_rng(seed)
+  variables = jax.tree.map(lambda a: (0.5 + rng.random(a.shape) if len(a.shape) == 1 else
+                                      rng.normal(size=a.shape) * 0.1).astype(np.float32), shapes)
+  return model, variables, from_flax_tree(variables, efficientnet.torch_name_mapping(variables))
+
+
+def test_an_efficientnet_lite_variant_is_read_and_a_foreign_file_described():
+  """Catches a Lite variant (other widths and repeats, the same family) refused, or a
+  file of another structure failing with a bare 'tensors not used' instead of what it
+  holds against what the loader builds."""
+  from ptq_jax.importers.efficientnet import efficientnet_from_arrays
+  from ptq_jax.models.efficientnet_lite import LITE0_STAGES
+  wider = tuple((k, s, e, c + 8, n + (i in (2, 3))) for i, (k, s, e, c, n)
+                in enumerate(LITE0_STAGES))
+  model, variables, arrays = _lite_variant(wider)
+  loaded, loaded_vars = efficientnet_from_arrays(arrays)
+  assert loaded.stages == wider
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_allclose(loaded.apply(loaded_vars, x), model.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  _, _, foreign = _lite_variant(LITE0_STAGES[:5])
+  with pytest.raises(MappingError, match=r'holds 11 blocks in the stages .* seven stages'):
+    efficientnet_from_arrays(foreign)
