@@ -284,12 +284,25 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
                        f'called {calls[l.path]} times with different input shapes (shared '
                        'weights are quantized when every call has the same input shape)')
                for l in layers if l.path in mismatched]
-  float_ops += find_float_ops(closed, is_param, is_data, root, calls, seen.modules)
+  float_ops += [_named_explicit(op, seen.explicit)
+                for op in find_float_ops(closed, is_param, is_data, root, calls, seen.modules)]
   attention = [s for p, s in seen.sites.items() if seen.site_calls[p] == 1]
   seen.modules.update({p: 'attention' for p in seen.sites if p not in seen.modules})
   other = find_activation_matmuls(closed, is_param, is_data, root,
                                   list(calls) + [s.path for s in attention], seen.modules)
   return Traced(kept, float_ops, attention, other)
+
+
+def _named_explicit(op: FloatOp, explicit: Dict[str, str]) -> FloatOp:
+  """A top-level float operation named after the submodule(s) applied with explicit
+  parameters, which compute there (their own scope is not the model's)."""
+  if op.path or not explicit:
+    return op
+  return dataclasses.replace(
+      op, path=' or '.join(explicit), module='/'.join(sorted(set(explicit.values()))),
+      reason=f'{" or ".join(explicit)} is applied with explicitly passed parameters (e.g. a '
+             'tied head, module.apply({"params": ...}, x)): its kernel is computed from the '
+             "model's parameters, not one of them, so ptq_jax has no kernel to quantize")
 
 
 class _Calls:
@@ -307,11 +320,18 @@ class _Calls:
     self.sites: Dict[str, AttentionSite] = {}
     self.site_calls: Dict[str, int] = {}
     self.shapes: Dict[str, set] = {}    # layer path -> {(input shape, geometry)} over calls
+    # Submodules applied with explicitly passed parameters (``self.head.apply({'params':
+    # ...}, x)``, a tied head): name -> class. Their kernels are not the model's leaves.
+    self.explicit: Dict[str, str] = {}
 
   def intercept(self, next_fun, args, kwargs, context):
     """The ``nn.intercept_methods`` interceptor: records the call, changes nothing."""
     module = context.module
     path = '/'.join(module.path)
+    if not module.path and module.name is not None:   # applied with explicit parameters
+      if context.method_name == '__call__':
+        self.explicit.setdefault(module.name, type(module).__name__)
+      return next_fun(*args, **kwargs)
     if context.method_name == '__call__' and isinstance(module, AttentionCore):
       self.site_calls[path] = self.site_calls.get(path, 0) + 1
       self.sites.setdefault(path, _site(path, args, kwargs))

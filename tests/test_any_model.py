@@ -404,3 +404,62 @@ def test_pipelines_and_mixed_precision_take_a_range_config():
   assert all(lq.smooth is not None for lq in result.model.qstate.values())
   with pytest.raises(TypeError, match='RangeConfig'):
     ptq_jax.run_pipeline(model, variables, x, 'light', ranges=3, progress=False)
+
+
+class TiedLM(nn.Module):
+  """A language model whose head is the embedding, applied with explicit parameters (as
+  public LM code writes it)."""
+
+  def setup(self):
+    self.embed = nn.Embed(50, 16)
+    self.body = nn.Dense(16)
+    self.decoder = nn.Dense(50, use_bias=False)
+
+  def __call__(self, x):
+    h = jnp.tanh(self.body(self.embed(x.astype(jnp.int32))))
+    return self.decoder.apply({'params': {'kernel': self.embed.embedding.T}}, h)
+
+
+def test_a_head_applied_with_explicit_parameters_is_named_and_kept_float_on_request():
+  """Catches the tied head traced as a layer at the top level (named '<top level>', and
+  a raw KeyError in folding with keep_float): it is refused by its module's name, and
+  with keep_float computed in float exactly, the rest quantized."""
+  x = np.random.default_rng(0).integers(0, 50, size=(32, 8)).astype(np.float32)
+  model = TiedLM()
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(UnsupportedLayerError, match='decoder .*explicitly passed parameters'):
+    ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False)
+  with pytest.warns(UserWarning, match='Kept in float32'):
+    qm = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False,
+                          unsupported='keep_float', overrides={'body': {'w_bits': None,
+                                                                        'a_bits': None}})
+  assert [l.path for l in qm.layers] == ['body'] and qm.float_ops[0].path == 'decoder'
+  assert qm.float_ops[0].params == 50 * 16   # (the tied kernel, counted once)
+  np.testing.assert_allclose(qm.apply(x), model.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+class OwnAttention(nn.Module):
+  """Attention written as public transformer code writes it: its own einsums."""
+
+  @nn.compact
+  def __call__(self, x):
+    heads = lambda name: nn.Dense(16, name=name)(x).reshape(x.shape[:2] + (2, 8))
+    w = nn.dot_product_attention_weights(heads('q'), heads('k'))
+    o = jnp.einsum('bhqk,bkhd->bqhd', w, heads('v')).reshape(x.shape[:2] + (16,))
+    return nn.Dense(4, name='out')(o).mean(1)
+
+
+def test_matmuls_outside_attention_modules_are_an_error_or_float_on_request():
+  """README's promise: with quantize_matmuls, an activation x activation matmul ptq_jax
+  does not quantize is an error by default and, with keep_float, float with a warning
+  (not 'no attention module' refused either way)."""
+  x = data((16, 6, 8))
+  model = OwnAttention()
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(UnsupportedLayerError, match='activation x activation matmul'):
+    ptq_jax.quantize(model, variables, x, quantize_matmuls=True, progress=False)
+  with pytest.warns(UserWarning, match='Kept in float32'):
+    qm = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, quantize_matmuls=True,
+                          unsupported='keep_float', progress=False)
+  assert qm.matmul_bits() == {} and [l.path for l in qm.layers] == ['q', 'k', 'v', 'out']
+  assert sum(op.primitive == 'dot_general' and op.params == 0 for op in qm.float_ops) == 2

@@ -84,7 +84,8 @@ def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: An
   :class:`~ptq_jax.float_ops.UnsupportedLayerError`, or with
   ``unsupported='keep_float'`` stays float32 with a warning. With
   ``quantize_matmuls``, so is an activation x activation matmul outside the
-  recognised attention sites, and a model without any site is a ValueError.
+  recognised attention sites, and a model with neither a site nor (with keep_float)
+  such a matmul is a ValueError.
   ``progress``: whether the stages run on this show progress bars."""
   if unsupported not in UNSUPPORTED_POLICIES:
     raise ValueError(f'unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}.')
@@ -101,8 +102,8 @@ def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: An
   if not isinstance(quantize_matmuls, bool):
     raise TypeError(f'quantize_matmuls must be True or False, got {quantize_matmuls!r}.')
   if quantize_matmuls:
-    check_unsupported(traced.other_matmuls, unsupported)
-    if not traced.attention:
+    check_unsupported(traced.other_matmuls, unsupported)   # (keep_float: warned, kept float)
+    if not traced.attention and not (unsupported == 'keep_float' and traced.other_matmuls):
       raise ValueError('quantize_matmuls=True, but the model has no attention module whose '
                        'matmuls ptq_jax can quantize (nn.MultiHeadDotProductAttention or '
                        'nnx.MultiHeadAttention with the default attention function).')
