@@ -94,16 +94,22 @@ def test_mixed_bits_per_layer_and_float_layers_round_trip(toy, tmp_path):
   _agree(ptq_jax.load_exported(report.path), qm, x)
 
 
-def test_an_nnx_model_round_trips(tmp_path):
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
-      self.head = nnx.Linear(8, 4, rngs=rngs)
+class NNXNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+    self.head = nnx.Linear(8, 4, rngs=rngs)
 
-    def __call__(self, x):
-      return self.head(nnx.relu(self.conv(x)).mean(axis=(1, 2)))
+  def __call__(self, x):
+    return self.head(nnx.relu(self.conv(x)).mean(axis=(1, 2)))
+
+
+def nnx_quantized():
   x = np.random.default_rng(1).normal(size=(16, 6, 6, 3)).astype(np.float32)
-  qm = ptq_jax.quantize(Net(nnx.Rngs(0)), calib=x, w_bits=4, a_bits=8, progress=False)
+  return ptq_jax.quantize(NNXNet(nnx.Rngs(0)), calib=x, w_bits=4, a_bits=8, progress=False), x
+
+
+def test_an_nnx_model_round_trips(tmp_path):
+  qm, x = nnx_quantized()
   report = ptq_jax.export(qm, str(tmp_path / 'nnx.jaxexport'))
   _agree(ptq_jax.load_exported(report.path), qm, x)
 

@@ -7,13 +7,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from flax import nnx
 from onnx import numpy_helper
 
 import ptq_jax
 from ptq_jax.checkpoint import CheckpointError
 from ptq_jax.deploy.onnx_artifact import float_onnx_model
-from test_deploy import _agree, _mlp, _toy
+from test_deploy import _agree, _mlp, _toy, nnx_quantized
 
 
 @pytest.fixture(scope='module')
@@ -49,16 +48,7 @@ def test_mixed_bits_float_layers_and_nnx_round_trip(toy, tmp_path):
                                    'pointwise': {'w_bits': None}})
   qm, _, program = _export(qm, tmp_path)
   _agree(program, qm, x)
-
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
-      self.head = nnx.Linear(8, 4, rngs=rngs)
-
-    def __call__(self, x):
-      return self.head(nnx.relu(self.conv(x)).mean(axis=(1, 2)))
-  x = np.random.default_rng(1).normal(size=(16, 6, 6, 3)).astype(np.float32)
-  qm = ptq_jax.quantize(Net(nnx.Rngs(0)), calib=x, w_bits=4, a_bits=8, progress=False)
+  qm, x = nnx_quantized()
   qm, _, program = _export(qm, tmp_path, 'nnx.onnx')
   _agree(program, qm, x)
 

