@@ -64,17 +64,19 @@ def median_ms(fn, x, repeats: int) -> float:
 
 def quantized_models(model, variables, calib, name: str, runs):
   attention = name.startswith('vit')   # (MiniLM computes attention with its own einsums)
+  # ONNX: symmetric weights, the scheme ONNX Runtime's int8 kernels take.
+  ranges = ptq_jax.RangeConfig(weight_symmetric=FLAGS.format == 'onnx')
   for label, bits in runs:
     if bits is None:
       if attention:   # mixed precision does not budget attention matmuls
         continue
       mp = ptq_jax.mixed_precision(model, variables, calib, options=('W8A8', 'W4A4'),
-                                   model_name=name, progress=False)
+                                   ranges=ranges, model_name=name, progress=False)
       yield label, mp.quantize(size_pct=13)[0]
     else:
       yield label, ptq_jax.quantize(model, variables, calib, first_last_bits=8,
                                     quantize_matmuls=attention, model_name=name,
-                                    progress=False, **bits)
+                                    ranges=ranges, progress=False, **bits)
 
 
 def fashion_mnist_task(checkpoint: str):
@@ -185,6 +187,7 @@ def measure_onnx(name, model, variables, qm, label, images, labels, tmp, fp32_se
   out = np.asarray(batched_predict(run(artifact.session), images, 100))
   fp32_out = np.asarray(batched_predict(run(fp32_session), images, 100))
   row = {'model': name, 'method': 'onnx qdq', 'runtime': f'onnxruntime {ort.__version__} CPU',
+         'weights': 'symmetric' if qm.settings.get('weight_symmetric') else 'asymmetric',
          'bits': label, 'w_bits': qm.settings['w_bits'] or 'mixed',
          'a_bits': qm.settings['a_bits'] or 'mixed', 'calib_size': qm.settings['calib_size'],
          'quantize_matmuls': bool(qm.matmul_bits()), 'artifact_bytes': report.bytes,
@@ -236,11 +239,17 @@ def main(_):
         records.append(measure(name, model, variables, qm, label, images, labels, tmp))
       print({k: v for k, v in records[-1].items() if k not in ('device', 'command')},
             flush=True)
+      write(records)   # (after every row: a later failure keeps what was measured)
+
+
+def write(records) -> None:
   if FLAGS.format == 'onnx':
     write_results(FLAGS.out, FLAGS.out_name, records,
                   'Deployable ONNX QDQ models (ptq_jax.export, format="onnx")',
-                  notes='One row per model and bits, quantized as in `results/export.md`, then '
-                        '`ptq_jax.export(qm, path, format="onnx")`. Operators: what ONNX '
+                  notes='One row per model and bits, quantized as in `results/export.md` but '
+                        'with symmetric weights (`RangeConfig(weight_symmetric=True)`: ONNX '
+                        'Runtime runs 8-bit weights with zero points on a path many times '
+                        'slower), then `ptq_jax.export(qm, path, format="onnx")`. Operators: what ONNX '
                         'Runtime\'s CPU graph optimisation left in the model (integer kernels '
                         'vs float convolutions/matmuls). The model is exported with its biases '
                         'on the int32 grid the integer kernels use (`qm.with_integer_biases()`); '

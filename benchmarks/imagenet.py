@@ -172,6 +172,8 @@ def main(_):
         logits = np.asarray(qm.predict(images, batch_size=50))
         new.append(row(name, method, bits, stage, logits, evaluation.labels, fp32_top1,
                        seconds, FLAGS.calib_size))
+        if method.startswith(('AdaQuant', 'block-wise')):
+          new[-1]['adaquant_iterations'] = FLAGS.iterations
         print({k: v for k, v in new[-1].items() if k not in ('command', 'device')}, flush=True)
       records = merge_records(FLAGS.out, NAME, records + new, KEY)
       write(records)

@@ -29,7 +29,15 @@ def save_option_states(cache_dir: str, digest: str, states: Mapping[Option, Mapp
   tree = {option_name(o): {p: layer_to_tree(lq) for p, lq in s.items()}
           for o, s in states.items()}
   ckpt.save_checkpoint(states_path(cache_dir, digest), tree,
-                       {'kind': 'mixed_states', 'table': table.to_json()})
+                       {'kind': 'mixed_states', 'table': table.to_json(),
+                        'symmetric': list(_symmetry(states))})
+
+
+def _symmetry(states: Mapping[Option, Mapping[str, LayerQuant]]) -> Tuple[bool, bool]:
+  """(weights symmetric, inputs symmetric), as the states' quantizers are."""
+  quants = [lq for s in states.values() for lq in s.values()]
+  first = lambda qs: next((bool(q.symmetric) for q in qs if q is not None), False)
+  return first(lq.w_quant for lq in quants), first(lq.a_quant for lq in quants)
 
 
 def load_option_states(cache_dir: str, digest: str, prepared: Any, options: Sequence[Option]
@@ -62,5 +70,7 @@ def load_option_states(cache_dir: str, digest: str, prepared: Any, options: Sequ
     if set(layer_trees) != set(layers):
       raise ckpt.CheckpointError(f'{path}: the {option_name(o)} states do not cover this '
                                  f'model\'s layers; {fix}.')
-    states[o] = {p: checked_layer(layer_trees[p], layers[p], o, False, path, fix) for p in layers}
+    symmetric = tuple(bool(b) for b in meta.get('symmetric', (False, False)))
+    states[o] = {p: checked_layer(layer_trees[p], layers[p], o, symmetric, path, fix)
+                 for p in layers}
   return states, table

@@ -145,7 +145,9 @@ class QuantizedModel:
             'input_shape': list(self.input_shape),
             'bits': {p: list(b) for p, b in self.bits().items()},
             'matmul_bits': self.matmul_bits(),
-            'symmetric': self.settings.get('symmetric', False)}
+            'symmetric': self.settings.get('symmetric', False),
+            'weight_symmetric': self.settings.get('weight_symmetric',
+                                                  self.settings.get('symmetric', False))}
     if 'model' in self.settings:
       meta['model'] = self.settings['model']
     ckpt.save_checkpoint(path, {'variables': self.variables, 'qstate': qtree}, meta)
@@ -170,8 +172,10 @@ class QuantizedModel:
       # ('options': the name files written before version 0.3 gave the settings.)
       settings = dict(meta['settings'] if 'settings' in meta else meta['options'])
       bits, symmetric = meta['bits'], meta['symmetric']
+      weight_symmetric = meta.get('weight_symmetric', symmetric)   # (files before 0.4)
       matmul_bits = meta.get('matmul_bits', {})
       if not (input_shape and min(input_shape) > 0 and isinstance(symmetric, bool)
+              and isinstance(weight_symmetric, bool)
               and isinstance(bits, dict) and isinstance(qtree, dict)
               and isinstance(matmul_bits, dict)):
         raise ValueError('input_shape, bits, symmetric or qstate has the wrong form')
@@ -192,7 +196,8 @@ class QuantizedModel:
       raise ckpt.CheckpointError(f'{path} was saved from another model: its layers '
                                  f'{sorted(set(qtree) ^ (paths | set(matmul_bits)))[:5]} do not '
                                  'match.')
-    qstate = {l.path: checked_layer(qtree[l.path], l, bits[l.path], symmetric, path, fix)
+    qstate = {l.path: checked_layer(qtree[l.path], l, bits[l.path],
+                                    (weight_symmetric, symmetric), path, fix)
               for l in layers}
     qstate.update({p: checked_attention(qtree[p], p, b, path, fix)
                    for p, b in matmul_bits.items()})
@@ -212,7 +217,7 @@ def quantized_model(prepared: Any, qstate: QState, settings: Dict[str, Any],
                         list(layer_reports or []), list(prepared.float_ops))
 
 
-def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: bool, path: str,
+def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: Tuple[bool, bool], path: str,
                   fix: str) -> LayerQuant:
   """:func:`layer_from_tree` for a tree read from a file: bits, shapes and values
   checked against the traced ``layer``; raises CheckpointError naming the field."""
@@ -307,13 +312,16 @@ def layer_to_tree(lq: LayerQuant) -> Dict[str, Any]:
 
 
 def layer_from_tree(tree: Mapping[str, Any], w_bits: Bits, a_bits: Bits,
-                     symmetric: bool, sites_count: int = 1) -> LayerQuant:
-  """The inverse of :func:`layer_to_tree`."""
+                    symmetric: Tuple[bool, bool], sites_count: int = 1) -> LayerQuant:
+  """The inverse of :func:`layer_to_tree` (``symmetric``: the weights' and the inputs'
+  quantizers)."""
+  weight_symmetric, symmetric = symmetric
+
   def quantizer(name, bits):
     if bits is None:
       return None
     return QuantizerState(jnp.asarray(tree[name]['range']), jnp.asarray(tree[name]['low']),
-                          int(bits), bool(symmetric))
+                          int(bits), bool(weight_symmetric if name == 'w_quant' else symmetric))
   smooth = tree.get('smooth')
   extra = tree.get('site_a_quants', {})
   sites = [QuantizerState(jnp.asarray(extra[str(k)]['range']), jnp.asarray(extra[str(k)]['low']),

@@ -142,3 +142,23 @@ def test_a_damaged_artifact_a_wrong_input_or_a_loop_is_a_clear_error(toy, tmp_pa
   with pytest.raises(ValueError, match='scan'):
     ptq_jax.export(qm, str(path), format='onnx')
   assert not path.exists() and not (tmp_path / 'loop.onnx.json').exists()
+
+
+def test_symmetric_weights_are_int8_with_zero_point_0_and_survive_save_load(toy, tmp_path):
+  """RangeConfig(weight_symmetric=True): symmetric weights, asymmetric inputs (the scheme
+  ONNX Runtime's int8 kernels take). Catches the flag reaching the inputs too, getting
+  lost on save/load, or 8-bit weights written as uint8 with zero points (its slow path)."""
+  model, variables, x = toy
+  ranges = ptq_jax.RangeConfig(weight_symmetric=True)
+  qm = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, ranges=ranges,
+                        progress=False)
+  quants = [lq for lq in qm.qstate.values() if hasattr(lq, 'w_quant')]
+  assert all(lq.w_quant.symmetric and not lq.a_quant.symmetric for lq in quants)
+  qm.save(str(tmp_path / 'q.msgpack'))
+  loaded = ptq_jax.QuantizedModel.load(str(tmp_path / 'q.msgpack'), model)
+  np.testing.assert_array_equal(loaded.apply(x), qm.apply(x))
+  _, report, program = _export(loaded, tmp_path)
+  assert program.meta['uint8_weight_layers'] == []
+  asymmetric = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False)
+  _, _, program = _export(asymmetric, tmp_path, 'asym.onnx')
+  assert 'conv' in program.meta['uint8_weight_layers']

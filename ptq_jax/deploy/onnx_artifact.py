@@ -114,7 +114,9 @@ MARKERS = {'ptq_quantize_dequantize': _qdq_rule, 'ptq_dequantize_weight': _weigh
 
 def stored_weights(layer: IntegerLayer) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(codes, per-channel scale, zero point) as the ONNX model stores them: centred int8
-  codes with zero points 0 where they fit (symmetric weights), else uint8 codes."""
+  codes with zero points 0 where they fit (symmetric weights, or asymmetric ones below
+  8 bits), else uint8 codes with their zero points (which ONNX Runtime runs on a much
+  slower path: :data:`SLOW_WEIGHTS`)."""
   codes = unpack_codes(layer.packed_codes, layer.w_bits, layer.kernel_shape).astype(np.int32)
   centred = codes - layer.w_zero_point
   shape = (1,) * (codes.ndim - 1) + (-1,)
@@ -220,6 +222,9 @@ def export_onnx(qmodel: Any, path: str) -> ExportReport:
   digest = hashlib.sha256(blob).hexdigest()
   atomic_write_bytes(path, blob)
   ops = runtime_ops(path)
+  slow = [l.path for l in qmodel.layers if _has_zero_points(qmodel, l.path)]
+  if slow:
+    logging.getLogger('ptq_jax').info(SLOW_WEIGHTS, len(slow), ', '.join(slow[:4]))
   integer = {k: v for k, v in ops.items() if k in INTEGER_OPS}
   floats = {k: v for k, v in ops.items() if k in FLOAT_OPS}
   report = ExportReport(path, len(blob), fp32_param_bytes(qmodel), digest,
@@ -233,8 +238,20 @@ def export_onnx(qmodel: Any, path: str) -> ExportReport:
       'bits': {p: list(b) for p, b in qmodel.bits().items()},
       'onnxruntime_integer_ops': integer, 'onnxruntime_float_ops': floats,
       'onnxruntime_ops': ops, 'fp32_param_bytes': report.fp32_param_bytes,
-      'bias_rounding_max_steps': bias_rounding})
+      'bias_rounding_max_steps': bias_rounding, 'uint8_weight_layers': slow})
   return report
+
+
+SLOW_WEIGHTS = ('ONNX: %d layers (%s, ...) keep 8-bit asymmetric weights, stored as uint8 with '
+                'zero points, which ONNX Runtime computes many times slower than int8 weights '
+                'with zero point 0: quantize with RangeConfig(weight_symmetric=True) to deploy.')
+
+
+def _has_zero_points(qmodel: Any, path: str) -> bool:
+  lq = qmodel.qstate[path]
+  if lq.w_quant is None:
+    return False
+  return stored_weights(integer_layer(path, lq))[0].dtype == np.uint8
 
 
 class LoadedOnnx:

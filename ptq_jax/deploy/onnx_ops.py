@@ -9,12 +9,14 @@ them integer; the rest write nodes.
 from __future__ import annotations
 
 import string
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ptq_jax.deploy.onnx_graph import (Dequantized, Graph, NotExportable, Rule, known,
                                        onnx_dtype, tensor)
+from ptq_jax.quant.bias_grid import INT32_MAX
+
 
 def _shape(eqn: Any, i: int = 0) -> tuple:
   return tuple(eqn.invars[i].aval.shape)
@@ -67,26 +69,40 @@ def _add(g: Graph, eqn: Any, a: Any, b: Any) -> str:
       full = np.reshape(other, (1,) * (rank - np.ndim(other)) + np.shape(other))
       if all(d == 1 for i, d in enumerate(full.shape) if i != axis) and len(node.input) == 2:
         channels = _out_shape(eqn)[axis]
-        node.input.append(_bias(g, node, np.broadcast_to(full.reshape(-1), (channels,))))
-        del g.linear[y]
-        return y
+        bias = _bias(g, node, np.broadcast_to(full.reshape(-1), (channels,)))
+        if bias is not None:
+          node.input.append(bias)
+          del g.linear[y]
+          return y
   return g.node('Add', [tensor(g, a), tensor(g, b)])
 
 
-def _bias(g: Graph, node: Any, bias: np.ndarray) -> str:
+def _bias(g: Graph, node: Any, bias: np.ndarray) -> Optional[str]:
   """The bias input: int32 codes at scale ``s_x * s_w`` behind a DequantizeLinear where
   both operands are dequantized codes (ONNX Runtime's QDQ form: the float bias rounded
   to that step, exact for a model with ``with_integer_biases()``; the largest change, in
-  steps, is kept in ``g.bias_rounding``), else the float bias."""
+  steps, is kept in ``g.bias_rounding``), else the float bias; None where the codes
+  would not fit int32 (the bias is then added in float after the layer)."""
   x, w = g.source(node.input[0]), g.source(node.input[1])
   if not all(n is not None and n.op_type == 'DequantizeLinear' for n in (x, w)):
     return g.const(np.asarray(bias, np.float32), 'bias')
   scale = (g.values[x.input[1]] * g.values[w.input[1]]).astype(np.float32)
   scale = np.broadcast_to(scale, bias.shape).copy()
-  codes = np.clip(np.round(bias / scale), -2**31, 2**31 - 1).astype(np.int32)
-  g.bias_rounding = max(g.bias_rounding, float(np.abs(codes - bias / scale).max(initial=0)))
+  with np.errstate(divide='ignore', invalid='ignore'):
+    exact = np.round(bias / scale)
+  if not np.all(np.isfinite(exact) & (np.abs(exact) <= INT32_MAX)):
+    return None
+  codes = exact.astype(np.int32)
+  ratio = bias.astype(np.float64) / scale   # (beyond float32's own rounding of the bias)
+  off = np.abs(codes - ratio) - np.abs(ratio) * 2.0**-23
+  g.bias_rounding = max(g.bias_rounding, float(np.maximum(off, 0).max(initial=0)))
   return g.node('DequantizeLinear', [g.const(codes, 'bias'), g.const(scale, 'bias_scale'),
                                      g.const(np.zeros_like(codes), 'bias_zp')], axis=0)
+
+
+def _erfc(g: Graph, eqn: Any, x: Any) -> str:
+  one = g.const(np.asarray(1, eqn.invars[0].aval.dtype))
+  return g.node('Sub', [one, g.node('Erf', [tensor(g, x)])])
 
 
 def _not_equal(g: Graph, eqn: Any, a: Any, b: Any) -> str:
@@ -398,7 +414,7 @@ RULES: Dict[str, Rule] = {
                                    ('cos', 'Cos')]},
     'and': _logical('And', 'BitwiseAnd'), 'or': _logical('Or', 'BitwiseOr'),
     'not': _logical('Not', 'BitwiseNot'), 'xor': _logical('Xor', 'BitwiseXor'),
-    'ne': _not_equal, 'rsqrt': _rsqrt, 'square': _square, 'integer_pow': _integer_pow,
+    'ne': _not_equal, 'erfc': _erfc, 'rsqrt': _rsqrt, 'square': _square, 'integer_pow': _integer_pow,
     'round': _round, 'convert_element_type': _convert, 'select_n': _select_n,
     'clamp': _clamp, 'stop_gradient': _identity, 'copy': _identity, 'copy_p': _identity,
     'optimization_barrier': _identity,

@@ -39,6 +39,7 @@ class RangeConfig:
   method: str = 'minmax'
   weight_method: Optional[str] = None
   symmetric: bool = False
+  weight_symmetric: Optional[bool] = None   # None: as ``symmetric``
   per_channel_inputs: bool = False
   percentile: float = 99.99
   batch_size: int = 100
@@ -56,6 +57,9 @@ class RangeConfig:
     for name, value in (('method', self.method), ('weight_method', self.weights)):
       if value not in RANGE_METHODS:
         raise ValueError(f'RangeConfig {name}={value!r} is not one of {RANGE_METHODS}.')
+    if self.weight_symmetric not in (None, True, False):
+      raise ValueError(f'RangeConfig weight_symmetric must be True, False or None, got '
+                       f'{self.weight_symmetric!r}.')
     if not 0 < self.percentile <= 100:
       raise ValueError(f'RangeConfig percentile must be in (0, 100], got {self.percentile}.')
     if self.batch_size < 1:
@@ -65,6 +69,11 @@ class RangeConfig:
   def weights(self) -> str:
     """The weights' range method."""
     return self.weight_method or self.method
+
+  @property
+  def symmetric_weights(self) -> bool:
+    """Whether the weights' quantizers are symmetric."""
+    return self.symmetric if self.weight_symmetric is None else bool(self.weight_symmetric)
 
 
 def as_range_config(value: Any) -> RangeConfig:
@@ -80,7 +89,8 @@ def as_range_config(value: Any) -> RangeConfig:
 def range_options(config: RangeConfig) -> Dict[str, Any]:
   """The range settings a quantized model records (``QuantizedModel.settings``)."""
   return {'range_method': config.method, 'weight_range_method': config.weights,
-          'symmetric': config.symmetric, 'per_channel_inputs': config.per_channel_inputs,
+          'symmetric': config.symmetric, 'weight_symmetric': config.symmetric_weights,
+          'per_channel_inputs': config.per_channel_inputs,
           'percentile': config.percentile, 'smooth_alpha': config.smooth_alpha}
 
 
@@ -155,7 +165,8 @@ def calibrate_ranges(prepared: Prepared, bits: LayerBits,
   weights = {p: FoldedLayer(f.kernel * smooth[p][:, None], f.bias) if p in smooth else f
              for p, f in folded.items()}
   w_quants = calibrate.weight_quantizers(weights, {p: b[0] for p, b in bits.items()},
-                                         config.weights, config.symmetric, config.percentile)
+                                         config.weights, config.symmetric_weights,
+                                         config.percentile)
   return {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias,
                              w_quants.get(l.path), a_quants.get(l.path), smooth.get(l.path),
                              tuple(a_quants.get(site_key(l.path, s)) for s in range(1, l.sites)))
