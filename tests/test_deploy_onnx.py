@@ -162,3 +162,28 @@ def test_symmetric_weights_are_int8_with_zero_point_0_and_survive_save_load(toy,
   asymmetric = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False)
   _, _, program = _export(asymmetric, tmp_path, 'asym.onnx')
   assert 'conv' in program.meta['uint8_weight_layers']
+
+
+class TwoConvs(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), name='a')(x))
+    x = nn.relu(nn.Conv(8, (3, 3), name='b')(x))
+    return nn.Dense(3, name='head')(x.mean(axis=(1, 2)))
+
+
+def test_a_dead_channel_with_a_large_bias_fits_the_int32_grid(tmp_path):
+  """A channel whose weights are all zero has a weight step near 1e-13, so its bias
+  needs ~2^40 at step s_x s_w: catches the bias clipped to int32 (a wrong output there)
+  or left float (the conv then off ONNX Runtime's integer kernel)."""
+  x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype(np.float32)
+  model = TwoConvs()
+  params = jax.tree.map(np.array, model.init(jax.random.key(0), x)['params'])
+  params['a']['kernel'][..., 3] = 0.0
+  params['a']['bias'][3] = 5.0
+  qm = ptq_jax.quantize(model, {'params': params}, x, w_bits=8, a_bits=8,
+                        ranges=ptq_jax.RangeConfig(weight_symmetric=True), progress=False)
+  qm, report, program = _export(qm, tmp_path)
+  assert report.bias_rounding < 1e-3
+  assert program.meta['onnxruntime_integer_ops'].get('QLinearConv') == 1   # (a; b feeds no Q)
+  _agree(program, qm, x)
