@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.quant.stage_guard = False
   config.quant.cache_dir = './workdir/sensitivity_cache'
   # Deployable artifacts of the last run's model: 'jax' (a jax.export program with integer
-  # weights, quantized.jaxexport) or '' (none).
+  # weights, quantized.jaxexport), 'onnx' (an ONNX QDQ model, quantized.onnx), 'jax,onnx'
+  # or '' (none).
   config.export = 'jax'
   return config

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.calib_size = 1000
   config.seed = 0
   config.eval_limit = 0
-  config.export = 'jax'   # deployable artifact: 'jax' (quantized.jaxexport) or '' (none)
+  config.export = 'jax'   # artifacts: 'jax' (quantized.jaxexport), 'onnx', 'jax,onnx', ''
   config.quant = ml_collections.ConfigDict()
   config.quant.w_bits = 4          # 2..8; 0 keeps weights in float
   config.quant.a_bits = 4          # 2..8; 0 keeps layer inputs in float

@@ -64,13 +64,15 @@ def test_quantize_job_writes_reloadable_outputs(trained, tfds_dir, tmp_path):
   config.checkpoint = os.path.join(trained[0], 'resnet20_fashion_mnist.msgpack')
   config.data.data_dir = tfds_dir
   config.calib_size, config.eval_limit = 64, 200
+  config.export = 'jax,onnx'
   records = jobs.run(config, str(tmp_path))
   assert [r['method'] for r in records] == ['fp32', 'baseline_ptq (minmax)']
   assert sorted(os.listdir(tmp_path)) == ['integer.msgpack', 'layers.md', 'manifest.json',
                                           'quantized.jaxexport', 'quantized.jaxexport.json',
-                                          'quantized.msgpack', 'results.json']
+                                          'quantized.msgpack', 'quantized.onnx',
+                                          'quantized.onnx.json', 'results.json']
   manifest = verify_outputs(str(tmp_path))   # one run's consistent set
-  assert manifest['job'] == 'quantize' and len(manifest['files']) == 6
+  assert manifest['job'] == 'quantize' and len(manifest['files']) == 8
   model, _, _ = ckpt.load_model(config.checkpoint)
   qm = ptq_jax.QuantizedModel.load(str(tmp_path / 'quantized.msgpack'), model)
   assert qm.bits()['conv_init'] == (8, 8) and qm.bits()['BasicBlock_0/Conv_0'] == (4, 4)
@@ -79,8 +81,9 @@ def test_quantize_job_writes_reloadable_outputs(trained, tfds_dir, tmp_path):
   x = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
   program = ptq_jax.load_exported(str(tmp_path / 'quantized.jaxexport'))
   assert np.array_equal(np.asarray(program(x)).argmax(-1), np.asarray(qm.apply(x)).argmax(-1))
-  config.export = 'onnx, jax'
-  with pytest.raises(ValueError, match=r"config.export names \['onnx'\]"):
+  assert ptq_jax.load_exported(str(tmp_path / 'quantized.onnx'))(x).shape == (4, 10)
+  config.export = 'tflite, jax'
+  with pytest.raises(ValueError, match=r"config.export names \['tflite'\]"):
     jobs.run(config, str(tmp_path / 'other'))
   assert not os.path.exists(tmp_path / 'other')
 

@@ -8,11 +8,12 @@ from typing import Any, List, Tuple
 from ptq_jax.deploy import FORMATS, export
 from ptq_jax.jobs.outputs import RunOutputs
 
-FILES = {'jax': 'quantized.jaxexport'}
+FILES = {'jax': 'quantized.jaxexport', 'onnx': 'quantized.onnx'}
 
 
 def export_formats(config: Any) -> Tuple[str, ...]:
-  """The formats in ``config.export`` ('jax', '' for none), checked before any work."""
+  """The formats in ``config.export`` ('jax', 'onnx', both comma-separated, '' for none),
+  checked before any work."""
   text = config.get('export', '')
   if not isinstance(text, str):
     raise ValueError(f'config.export must be a string such as "jax" or "" (none), got '
