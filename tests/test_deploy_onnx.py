@@ -28,7 +28,7 @@ def _export(qm, tmp_path, name='m.onnx'):
   return qm, report, ptq_jax.load_exported(report.path)
 
 
-@pytest.mark.parametrize('bits', [dict(w_bits=8, a_bits=8), dict(w_bits=4, a_bits=4),
+@pytest.mark.parametrize('bits', [dict(w_bits=4, a_bits=4),
                                   dict(w_bits=3, a_bits=6, first_last_bits=None)])
 def test_every_layer_kind_round_trips_in_onnxruntime(toy, tmp_path, bits):
   """Catches any layer kind written wrongly (conv layouts, groups, dilation, padding,
