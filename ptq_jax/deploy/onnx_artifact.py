@@ -2,16 +2,16 @@
 
 The model is the simulation itself, traced with two named markers around its
 quantizers, and written by :mod:`.onnx_graph`: every quantized input becomes
-``QuantizeLinear -> DequantizeLinear`` (uint8 codes with the site's zero point; below 8
-bits a Clip of the codes between them bounds them to ``[0, 2^b - 1]``), every quantized kernel an int8
-initializer of its centred codes read by ``DequantizeLinear`` with per-channel scales
-(uint8 with zero points for asymmetric weights). Biases, unfolded BatchNorms, softmax
-and the layers the user kept float stay float. ONNX Runtime recognises the pattern
-``DQ -> Conv/MatMul -> Q`` and runs it with integer kernels (QLinearConv,
-QLinearMatMul, MatMulIntegerToFloat, ...); where no quantizer follows a layer, the
-layer runs in float on the dequantized values, as the simulation computes it.
-:func:`export_onnx` asks ONNX Runtime which operators its optimizer produced and
-records them, so a QDQ model that silently runs in float shows.
+``QuantizeLinear -> DequantizeLinear`` (uint8 codes with the site's zero point; below
+8 bits a Clip of the codes between them bounds them to ``[0, 2^b - 1]``), every
+quantized kernel an int8 initializer of its centred codes read by ``DequantizeLinear``
+with per-channel scales (uint8 with zero points for 8-bit asymmetric weights). Biases,
+unfolded BatchNorms, softmax and the layers the user kept float stay float. ONNX
+Runtime recognises the pattern ``DQ -> Conv/MatMul -> Q`` and runs it with integer
+kernels (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, ...); where no quantizer
+follows a layer, the layer runs in float on the dequantized values, as the simulation
+computes it. :func:`export_onnx` asks ONNX Runtime which operators its optimizer
+produced and records them, so a QDQ model that silently runs in float shows.
 
 Why a writer of our own rather than jax2onnx: the quantizers must become QDQ nodes, not
 the float ``round``/``clip`` arithmetic a generic converter writes, and the
