@@ -1,6 +1,9 @@
 """The ONNX artifact: the whole quantized network in QDQ form, run by ONNX Runtime with
 its integer kernels, equal to the simulation it came from."""
 
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -187,3 +190,33 @@ def test_a_dead_channel_with_a_large_bias_fits_the_int32_grid(tmp_path):
   assert report.bias_rounding < 1e-3
   assert program.meta['onnxruntime_integer_ops'].get('QLinearConv') == 1   # (a; b feeds no Q)
   _agree(program, qm, x)
+
+
+ONNX_LOADER = '''
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('ptq_jax', 'flax', 'jax'):
+      raise ImportError(name + ' is blocked')
+sys.meta_path.insert(0, Block())
+import numpy as np
+import onnxruntime as ort
+logits = ort.InferenceSession(sys.argv[1]).run(None, {'input': np.load(sys.argv[2])})[0]
+np.save(sys.argv[3], logits)
+print(sorted(m for m in sys.modules if m.split('.')[0] in ('ptq_jax', 'flax', 'jax')))
+'''
+
+
+def test_the_onnx_model_runs_with_onnxruntime_alone(toy, tmp_path):
+  """README's ONNX loader: a process that cannot import ptq_jax, flax or jax runs the
+  model and gets the simulation's outputs."""
+  model, variables, x = toy
+  qm = ptq_jax.quantize(model, variables, x, w_bits=4, a_bits=8, progress=False)
+  qm, report, _ = _export(qm, tmp_path)
+  np.save(tmp_path / 'x.npy', x[:5])
+  proc = subprocess.run([sys.executable, '-c', ONNX_LOADER, report.path, str(tmp_path / 'x.npy'),
+                         str(tmp_path / 'y.npy')], capture_output=True, text=True, timeout=600,
+                        cwd='/')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == '[]'
+  _agree(lambda v: np.load(tmp_path / 'y.npy'), qm, x[:5])
