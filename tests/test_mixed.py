@@ -171,3 +171,19 @@ def test_bops_cost_is_macs_times_weight_and_activation_bits():
   np.testing.assert_array_equal(costs['size_bits'], [[400, 800], [40, 80]])
   picked = alloc.allocation_of(table, [0, 1])
   assert picked.bops_pct_of_fp32 == 100 * (1000 * 32 + 50 * 16) / (32 * 32 * 1050)
+
+
+def test_cached_states_keep_their_quantizers_symmetry(toy_mp, tmp_path):
+  """Catches states reloaded from the cache as asymmetric whatever they were (the cache
+  held ranges, not the symmetry): symmetric weights with asymmetric inputs come back so."""
+  model, variables, x, _, _ = toy_mp
+  ranges = ptq_jax.RangeConfig(weight_symmetric=True)
+  run = lambda: ptq_jax.mixed_precision(model, variables, x, options=OPTIONS[:2], ranges=ranges,
+                                        cache_dir=str(tmp_path), model_name='toy',
+                                        progress=False)
+  first, again = run(), run()
+  assert again.from_cache and not first.from_cache
+  for state in again.option_states.values():
+    assert all(lq.w_quant.symmetric and not lq.a_quant.symmetric for lq in state.values())
+  qm, _ = again.quantize(size_pct=50)
+  np.testing.assert_array_equal(qm.apply(x), first.quantize(size_pct=50)[0].apply(x))
