@@ -160,7 +160,7 @@ def _clamp(g: Graph, eqn: Any, lo: Any, x: Any, hi: Any) -> str:
 def _reduce(op: str) -> Rule:
   def rule(g, eqn, x):
     axes = g.const(np.asarray(eqn.params['axes'], np.int64))
-    return g.node(op, [tensor(g, x), axes], keepdims=0)
+    return g.node(op, [tensor(g, x), axes], keepdims=0, noop_with_empty_axes=1)
   return rule
 
 
