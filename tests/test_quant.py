@@ -11,6 +11,7 @@ from ptq_jax import checkpoint as ckpt
 from ptq_jax.models import create_model
 from ptq_jax.quant import export
 from ptq_jax.quant.folding import fold_batchnorm
+from ptq_jax.quant.percentile import percentile as sort_free_percentile
 from ptq_jax.quant.interceptor import LayerQuant, apply_quantized, quantized_layer_output
 from ptq_jax.quant.quantizer import (QuantizerState, fake_quant, init_range, quantize_to_int,
                                      reshape_for)
@@ -301,3 +302,16 @@ def test_wrong_calibration_shape_is_named():
     ptq_jax.quantize(model, variables, wrong, input_shape=(28, 28, 1))
   with pytest.raises(ValueError, match=r'cannot run with these variables on calibration images of shape \(32, 32, 3\)'):
     ptq_jax.quantize(model, variables, wrong)
+
+
+@pytest.mark.parametrize('n,p', [(1000, 99.99), (12345, 99.9), (7, 80.0), (1000, 100.0),
+                                 (3001, 60.0), (1, 99.0)])
+def test_percentile_by_order_statistics_is_jnp_percentile(n, p):
+  """The sort-free percentile (ptq_jax.quant.percentile) gives jnp.percentile's very
+  numbers, both tails, per channel, with ties and signed zeros: catches an off-by-one
+  rank, other interpolation weights or a wrong float ordering of negative numbers."""
+  x = np.random.default_rng(n).normal(size=(n, 3)).astype(np.float32)
+  x[::7], x[::11], x[5:50] = 0.0, -0.0, 1.5
+  for q in (p, 100 - p):
+    want = jax.jit(lambda v: jnp.percentile(v, q, axis=0))(x)
+    np.testing.assert_array_equal(jax.jit(lambda v: sort_free_percentile(v, q))(x), want)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ptq_jax.quant.percentile import percentile as order_statistic_percentile
+
 MIN_BITS, MAX_BITS = 2, 8
 RANGE_METHODS = ('minmax', 'mse', 'percentile')
 _EPS = 1e-8
@@ -143,14 +145,13 @@ def init_percentile(x: jnp.ndarray, bits: int, channel_axis: Optional[int] = Non
   """Range from the ``100 - p`` and ``p`` percentiles, clipping rare outliers."""
   if not 50.0 < percentile <= 100.0:
     raise ValueError(f'percentile must be in (50, 100], got {percentile}.')
-  axes = _reduce_axes(x, channel_axis)
   if channel_axis is not None:
-    moved = jnp.moveaxis(x, channel_axis % x.ndim, -1).reshape(-1, x.shape[channel_axis])
-    lo = jnp.percentile(moved, 100.0 - percentile, axis=0)
-    hi = jnp.percentile(moved, percentile, axis=0)
+    flat = jnp.moveaxis(x, channel_axis % x.ndim, -1).reshape(-1, x.shape[channel_axis])
   else:
-    lo = jnp.percentile(x, 100.0 - percentile, axis=axes)
-    hi = jnp.percentile(x, percentile, axis=axes)
+    flat = x.reshape(-1)
+  # (jnp.percentile's own numbers, by order statistics instead of a sort: quant/percentile)
+  lo = order_statistic_percentile(flat, 100.0 - percentile)
+  hi = order_statistic_percentile(flat, percentile)
   return from_min_max(lo, hi, bits, symmetric)
 
 
