@@ -44,6 +44,7 @@ flags.DEFINE_list('adaquant_bits', ['W4A8', 'W4A4'], 'Bit widths of the AdaQuant
 flags.DEFINE_integer('calib_size', 256, 'Unlabelled Debian photos for calibration.')
 flags.DEFINE_integer('iterations', 1000, 'AdaQuant iterations per layer or block.')
 flags.DEFINE_integer('batch_size', 32, 'AdaQuant batch size.')
+flags.DEFINE_integer('bias_steps', 800, 'KD bias-tuning steps of the pipelines.')
 flags.DEFINE_bool('redo', False, 'Rerun rows already in the results file.')
 flags.DEFINE_string('out', 'results', 'Directory for imagenet.json / imagenet.md.')
 FLAGS = flags.FLAGS
@@ -121,6 +122,7 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
       yield label, bits, lambda w=w, a=a, pipeline=pipeline, kwargs=kwargs: ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=w, a_bits=a, first_last_bits=8,
           adaquant=config(**kwargs), stage_guard=run == 'best', bn_target='fp',
+          bias_steps=FLAGS.bias_steps,
           model_name=name, progress=False)
 
 
@@ -173,7 +175,7 @@ def main(_):
         new.append(row(name, method, bits, stage, logits, evaluation.labels, fp32_top1,
                        seconds, FLAGS.calib_size))
         if method.startswith(('AdaQuant', 'block-wise')):
-          new[-1]['adaquant_iterations'] = FLAGS.iterations
+          new[-1].update(adaquant_iterations=FLAGS.iterations, bias_steps=FLAGS.bias_steps)
         print({k: v for k, v in new[-1].items() if k not in ('command', 'device')}, flush=True)
       records = merge_records(FLAGS.out, NAME, records + new, KEY)
       write(records)
