@@ -212,7 +212,8 @@ def export_onnx(qmodel: Any, path: str) -> ExportReport:
   with its SHA-256 and the operators ONNX Runtime runs); see the module docstring."""
   check_output_file(path, 'export path')
   check_output_file(path + '.json', 'export path')
-  model, bias_rounding = onnx_model(qmodel)
+  forward, layers = qdq_program(qmodel)   # (the integer records, built once)
+  model, bias_rounding = traced_onnx(forward, qmodel.input_shape)
   blob = model.SerializeToString()
   if bias_rounding > BIAS_ON_GRID:
     logging.getLogger('ptq_jax').info(
@@ -222,7 +223,8 @@ def export_onnx(qmodel: Any, path: str) -> ExportReport:
   digest = hashlib.sha256(blob).hexdigest()
   atomic_write_bytes(path, blob)
   ops = runtime_ops(path)
-  slow = [l.path for l in qmodel.layers if _has_zero_points(qmodel, l.path)]
+  slow = [p for p, l in layers.items()
+          if l.w_bits is not None and stored_weights(l)[0].dtype == np.uint8]
   if slow:
     logging.getLogger('ptq_jax').info(SLOW_WEIGHTS, len(slow), ', '.join(slow[:4]))
   integer = {k: v for k, v in ops.items() if k in INTEGER_OPS}
@@ -245,13 +247,6 @@ def export_onnx(qmodel: Any, path: str) -> ExportReport:
 SLOW_WEIGHTS = ('ONNX: %d layers (%s, ...) keep 8-bit asymmetric weights, stored as uint8 with '
                 'zero points, which ONNX Runtime computes many times slower than int8 weights '
                 'with zero point 0: quantize with RangeConfig(weight_symmetric=True) to deploy.')
-
-
-def _has_zero_points(qmodel: Any, path: str) -> bool:
-  lq = qmodel.qstate[path]
-  if lq.w_quant is None:
-    return False
-  return stored_weights(integer_layer(path, lq))[0].dtype == np.uint8
 
 
 class LoadedOnnx:
