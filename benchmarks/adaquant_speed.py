@@ -11,8 +11,9 @@
       # micro-batches (~15 min on 2 CPU cores)
 
 The default layer: a 3x3 conv 32->32 at 14x14, minibatch 50 out of 1000 cached
-calibration inputs, W4A4, weights + bias + both quantizers optimised. No PyTorch
-reference is timed here: a comparison must be measured side by side in one run.
+calibration inputs, W4A4, weights + bias + both quantizers optimised. The PyTorch
+reference is timed beside ptq_jax, in one run, by ``benchmarks/reference_adaquant.py``
+(its rows land in the same results file).
 Each driver is timed after its compilation:
 ``steps_per_call=1`` is a Python loop over a jitted step, larger values run that many
 steps inside one ``lax.fori_loop`` per call. Rows are merged into
@@ -31,7 +32,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from common import describe_device, merge_records, read_results, write_results
+from common import describe_device, merge_records, read_results, write_adaquant_speed
 import ptq_jax
 from ptq_jax.stages.adaquant import AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.adaquant import layer as adaquant
@@ -173,30 +174,7 @@ def main(_):
 
 
 def write(records):
-  # Rows of earlier versions divided by a PyTorch figure copied from notes, not measured
-  # beside them: that column and its quotient are dropped, never shown as a speed-up.
-  records = [{k: (' '.join(t for t in v.split() if not t.startswith('--reference_ms='))
-                  if k == 'command' else v) for k, v in r.items()
-              if k not in ('reference_ms_per_iteration', 'speedup_vs_reference')}
-             for r in records]
-  # Rows from before micro-batches existed ran every minibatch at once.
-  records = [{**r, 'micro_batch': r.get('micro_batch', 'off')} for r in records]
-  write_results(FLAGS.out, FLAGS.name, records, 'AdaQuant per-layer step speed',
-                columns=['model', 'driver', 'micro_batch', 'w_bits', 'a_bits', 'minibatch',
-                         'iterations',
-                         'layers', 'ms_per_iteration',
-                         'rel_error_before', 'rel_error_after', 'device', 'command'],
-                notes='One AdaQuant step = minibatch sampling, forward/backward through the '
-                      'fake-quantized layer and four Adam updates. No PyTorch reference is '
-                      'timed here (an earlier version divided by a figure copied from notes; '
-                      'that column was dropped). Timed after compilation; the time optimize_layer spends measuring the '
-                      'reconstruction error (a 0-iteration call) is subtracted. `dwconv` '
-                      'rows: a depthwise 3x3 conv as in MobileNetV2. '
-                      '`(all N layers)` rows: one step of every AdaQuant layer of a bundled '
-                      'model at W4A4 (first and last layer 8-bit), summed: the cost of one '
-                      'iteration of the whole model. `micro_batch`: examples per gradient '
-                      'pass inside a step (AdaQuantRuntime.micro_batch; auto: its default '
-                      'choice per layer; off: the whole minibatch at once).')
+  write_adaquant_speed(FLAGS.out, FLAGS.name, records)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,8 @@ from ptq_jax.data import loader
 from ptq_jax.jobs.results import describe_device, read_results, write_results
 
 __all__ = ['POLICIES', 'concurrency_fields', 'describe_device', 'fashion_mnist', 'held_out',
-           'length_buckets', 'merge_records', 'new_rows_from', 'read_results', 'write_results']
+           'length_buckets', 'merge_records', 'new_rows_from', 'read_results',
+           'write_adaquant_speed', 'write_results']
 
 # First/last-layer policies: the paper's 8-bit, or every layer alike.
 POLICIES = {'first_last_8bit': 8, 'all_layers_alike': None}
@@ -99,3 +100,34 @@ def length_buckets(texts, tokenize, lengths=(32, 48, 80)):
       buckets.append((index, full[index][:, :, :length]))
       done[index] = True
   return buckets
+
+
+def write_adaquant_speed(out: str, name: str, records: List[Dict[str, Any]]) -> None:
+  """Render results/NAME.json/.md of the AdaQuant step speed (``adaquant_speed.py`` and
+  ``reference_adaquant.py`` write rows into the same file)."""
+  # Rows of earlier versions divided by a PyTorch figure copied from notes, not measured
+  # beside them: that column and its quotient are dropped, never shown as a speed-up.
+  records = [{k: (' '.join(t for t in v.split() if not t.startswith('--reference_ms='))
+                  if k == 'command' else v) for k, v in r.items()
+              if k not in ('reference_ms_per_iteration', 'speedup_vs_reference')}
+             for r in records]
+  # Rows from before micro-batches existed ran every minibatch at once.
+  records = [{**r, 'micro_batch': r.get('micro_batch', 'off')} for r in records]
+  write_results(out, name, records, 'AdaQuant per-layer step speed',
+                columns=['model', 'driver', 'micro_batch', 'w_bits', 'a_bits', 'minibatch',
+                         'iterations', 'layers', 'ms_per_iteration',
+                         'calibtip_ms_per_iteration', 'speedup_over_calibtip',
+                         'rel_error_before', 'rel_error_after', 'device', 'command'],
+                notes='One AdaQuant step = minibatch sampling, forward/backward through the '
+                      'fake-quantized layer and four Adam updates. Timed after compilation; '
+                      'the time optimize_layer spends measuring the reconstruction error (a '
+                      '0-iteration call) is subtracted. `calibtip_ms_per_iteration`: the '
+                      'reference PyTorch implementation (CalibTIP\'s own `adaquant()` on its '
+                      '`QConv2d`, CPU) on the same layer and data, timed alternately with '
+                      'ptq_jax in the same process (`benchmarks/reference_adaquant.py`); '
+                      'only such rows carry a ratio. `dwconv` rows: a depthwise 3x3 conv as '
+                      'in MobileNetV2. `(all N layers)` rows: one step of every AdaQuant '
+                      'layer of a model at W4A4 (first and last layer 8-bit), summed: the '
+                      'cost of one iteration of the whole model. `micro_batch`: examples per '
+                      'gradient pass inside a step (AdaQuantRuntime.micro_batch; auto: its '
+                      'default choice per layer; off: the whole minibatch at once).')

@@ -13,7 +13,8 @@ time: PyTorch importable by this interpreter (``pip install torch``; a separate 
 works if it can also import ptq_jax) and a checkout of CalibTIP (``git clone
 https://github.com/itayhubara/CalibTIP``, or its files anywhere). Each round times
 ``--iterations`` steps of each implementation, one after the other; the medians over
-``--rounds`` rounds and their ratio are written to results/reference_adaquant.{json,md}.
+``--rounds`` rounds and their ratio are merged into results/adaquant_speed.{json,md}
+(driver ``python loop, beside CalibTIP``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from common import concurrency_fields, describe_device, write_results
+from common import concurrency_fields, describe_device, merge_records, write_adaquant_speed
 from ptq_jax.linear import LayerGeometry
 from ptq_jax.quant.interceptor import LayerQuant
 from ptq_jax.quant.quantizer import init_range
@@ -44,7 +45,7 @@ flags.DEFINE_integer('iterations', 100, 'Timed steps per implementation and roun
 flags.DEFINE_integer('rounds', 3, 'Alternating rounds (the median is kept).')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 FLAGS = flags.FLAGS
-NAME = 'reference_adaquant'
+NAME = 'adaquant_speed'
 COMMAND = ' '.join(['python benchmarks/reference_adaquant.py'] + [
     a for a in sys.argv[1:] if not a.startswith('--calibtip_dir')])
 CALIB, MINIBATCH, BITS = 1000, 50, 4
@@ -154,13 +155,13 @@ def main(_):
       ours.append(seconds)
     ms = lambda t: round(1000 * float(np.median(t)) / FLAGS.iterations, 3)
     records.append({'model': f'conv{channels}x{channels}_{size}x{size}',
-                    'method': 'adaquant_layer', 'w_bits': BITS, 'a_bits': BITS,
+                    'method': 'adaquant_layer', 'driver': 'python loop, beside CalibTIP',
+                    'micro_batch': 'auto', 'w_bits': BITS, 'a_bits': BITS,
                     'calib_size': CALIB, 'minibatch': MINIBATCH,
                     'iterations': FLAGS.iterations, 'rounds': FLAGS.rounds,
-                    'reference_ms_per_iteration': ms(theirs),
-                    'ptq_jax_ms_per_iteration': ms(ours),
-                    'speedup_over_reference': round(float(np.median(theirs) / np.median(ours)),
-                                                    2),
+                    'ms_per_iteration': ms(ours), 'calibtip_ms_per_iteration': ms(theirs),
+                    'speedup_over_calibtip': round(float(np.median(theirs) / np.median(ours)),
+                                                   2),
                     'reference_mse_before': round(float(ref_errors[0]), 6),
                     'reference_mse_after': round(float(ref_errors[1]), 6),
                     'ptq_jax_mse_before': round(float(our_errors[0]), 6),
@@ -168,14 +169,8 @@ def main(_):
                     'reference': f'CalibTIP adaquant(), torch {torch.__version__}',
                     'device': describe_device(), 'command': COMMAND, **concurrency_fields()})
     print(records[-1], flush=True)
-  write_results(FLAGS.out, NAME, records, 'AdaQuant step: ptq_jax beside the reference',
-                notes='Per layer (a 3x3 conv, CHANNELS -> CHANNELS, ReLU, W4A4, minibatch 50 of '
-                      '1,000 cached inputs): ms per AdaQuant iteration of CalibTIP\'s own '
-                      '`adaquant()` on its `QConv2d` (PyTorch, CPU) and of ptq_jax\'s '
-                      '`optimize_layer` (Python-loop driver), on the same layer and data, '
-                      'timed alternately in one process; medians over the rounds, the '
-                      'before/after error evaluations subtracted on both sides. '
-                      f'Made by `{COMMAND} --calibtip_dir=...`.')
+  write_adaquant_speed(FLAGS.out, NAME, merge_records(
+      FLAGS.out, NAME, records, ('model', 'driver', 'micro_batch', 'minibatch', 'device')))
 
 
 if __name__ == '__main__':

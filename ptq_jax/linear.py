@@ -15,7 +15,10 @@ a hashable :class:`LayerGeometry`: strides, explicit padding, dilations, groups.
   is much slower, forward and backward), with its gradient written out as shifted
   products too (see ``depthwise_conv2d``); a 1x1 conv runs as a matmul
   (``pointwise_conv``), whose gradients XLA's CPU backend computes faster than the
-  conv's. Timings: results/adaquant_speed.md.
+  conv's; any other ungrouped conv keeps XLA's conv forward but computes its kernel
+  gradient as a conv in XLA's canonical layout (``conv_with_canonical_grad``), which
+  the CPU backend otherwise leaves to a slow generic loop inside ``while`` bodies.
+  Timings: results/adaquant_speed.md, results/roofline.md.
 """
 
 from __future__ import annotations
@@ -282,6 +285,66 @@ def _depthwise_vjp(strides, pads, residuals, g):
 depthwise_conv2d.defvjp(_depthwise_fwd, _depthwise_vjp)
 
 
+def _conv(x: jnp.ndarray, kernel: jnp.ndarray, geom: LayerGeometry) -> jnp.ndarray:
+  spatial = 'HWD'[:kernel.ndim - 2]
+  return jax.lax.conv_general_dilated(
+      x, kernel, geom.strides, geom.padding, lhs_dilation=geom.input_dilation,
+      rhs_dilation=geom.kernel_dilation,
+      dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'),
+      feature_group_count=geom.groups)
+
+
+def has_canonical_grad(geom: LayerGeometry) -> bool:
+  """A conv whose kernel gradient :func:`conv_with_canonical_grad` computes: ungrouped,
+  no input dilation."""
+  return geom.kind == 'conv' and geom.groups == 1 and set(geom.input_dilation) == {1}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_with_canonical_grad(x: jnp.ndarray, kernel: jnp.ndarray,
+                             geom: LayerGeometry) -> jnp.ndarray:
+  """The layer's conv (N...C, ...IO), with its kernel gradient written as one conv in
+  XLA's canonical form (batch, spatial, feature): the examples become the contracted
+  feature axis and the input channels the batch. Autodiff's own kernel gradient is a
+  conv with permuted dimension labels; inside a ``while`` loop (``lax.fori_loop``) the
+  CPU backend cannot give it a canonical layout and runs it tens of times slower. The
+  input gradient is written out too (the stride-dilated cotangent against the flipped
+  kernel), for the same reason. Equal values (summation order aside)."""
+  return _conv(x, kernel, geom)
+
+
+def _conv_fwd(x, kernel, geom):
+  return _conv(x, kernel, geom), (x, kernel)
+
+
+def _conv_vjp(geom, residuals, g):
+  x, kernel = residuals
+  nd = kernel.ndim - 2
+  spatial = 'HWD'[:nd]
+  dims = (f'N{spatial}C', f'{spatial}IO', f'N{spatial}C')
+  # dx: the stride-dilated g, padded so that the flipped kernel (in and out swapped)
+  # lands on x's positions; a negative pad crops what the forward never read.
+  reach = [(k - 1) * d + 1 for k, d in zip(kernel.shape[:nd], geom.kernel_dilation)]
+  pads = [(r - 1 - lo, size + lo - (out - 1) * stride - 1)
+          for r, (lo, _), size, out, stride in zip(reach, geom.padding, x.shape[1:-1],
+                                                   g.shape[1:-1], geom.strides)]
+  flipped = jnp.swapaxes(kernel[tuple(slice(None, None, -1) for _ in range(nd))], -1, -2)
+  dx = jax.lax.conv_general_dilated(g, flipped, (1,) * nd, pads, lhs_dilation=geom.strides,
+                                    rhs_dilation=geom.kernel_dilation, dimension_numbers=dims)
+  # dK[k, i, o] = sum_{n, p} x_pad[n, p * stride + k * dilation, i] g[n, p, o]: a conv of
+  # x (channels as batch, examples as features) with g (examples in, channels out) as
+  # the window, the window dilated by the stride and stepped by the kernel dilation.
+  xt = jnp.transpose(x, (x.ndim - 1,) + tuple(range(1, nd + 1)) + (0,))
+  gt = jnp.transpose(g, tuple(range(1, nd + 1)) + (0, g.ndim - 1))
+  dk = jax.lax.conv_general_dilated(xt, gt, geom.kernel_dilation, geom.padding,
+                                    rhs_dilation=geom.strides, dimension_numbers=dims)
+  dk = dk[(slice(None),) + tuple(slice(0, k) for k in kernel.shape[:nd])]
+  return dx, jnp.transpose(dk, tuple(range(1, nd + 1)) + (0, nd + 1)).astype(kernel.dtype)
+
+
+conv_with_canonical_grad.defvjp(_conv_fwd, _conv_vjp)
+
+
 def apply_linear(geom: LayerGeometry, x: jnp.ndarray, kernel: jnp.ndarray,
                  preferred_element_type=None, one_op: bool = False) -> jnp.ndarray:
   """The layer's linear map (no bias) of ``x`` with ``kernel``.
@@ -300,6 +363,8 @@ def apply_linear(geom: LayerGeometry, x: jnp.ndarray, kernel: jnp.ndarray,
       return depthwise_conv2d(x, kernel, tuple(geom.strides), tuple(geom.padding))
     if is_pointwise(geom, kernel.shape):
       return pointwise_conv(x, kernel, geom.strides)
+    if has_canonical_grad(geom):
+      return conv_with_canonical_grad(x, kernel, geom)
   spatial = 'HWD'[:kernel.ndim - 2]
   return jax.lax.conv_general_dilated(
       x, kernel, geom.strides, geom.padding, lhs_dilation=geom.input_dilation,
