@@ -95,3 +95,40 @@ def test_one_layers_step_compiles_once_across_iterations(steps_per_call):
     adaquant.optimize_layer(layer, lq, xs, ys, ptq_jax.AdaQuantConfig(
         iterations=iterations, batch_size=16), jax.random.key(0), runtime=runtime)
   assert adaquant.compiled_step_count() - before == 1
+
+
+def _depthwise_layer(channels=6, size=9):
+  geom = LayerGeometry('conv', (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), channels)
+  layer = LayerInfo('fast/dw', 'conv', (3, 3, 1, channels), channels, (size, size, channels),
+                    (size, size, channels), 10 * channels, size * size * 9 * channels, geom,
+                    activation='relu6')
+  kernel = 0.3 * jax.random.normal(jax.random.key(6), layer.kernel_shape)
+  bias = 0.1 * jax.random.normal(jax.random.key(7), (channels,))
+  xs = jax.nn.relu(jax.random.normal(jax.random.key(8), (64, size, size, channels)))
+  lq = LayerQuant(kernel, bias, init_range(kernel, 4, 'minmax', channel_axis=-1),
+                  init_range(xs, 4, 'minmax'))
+  return layer, lq, xs, adaquant.float_target(geom, 'relu6', LayerQuant(kernel, bias), xs)
+
+
+@pytest.mark.parametrize('rounding', ['free', 'learned'])
+def test_memory_scheduled_depthwise_steps_equal_the_default_schedules(monkeypatch, rounding):
+  """A depthwise layer's step program is compiled with the memory-optimised schedule on
+  CPU (and no other layer's), and gives the same layer as the default schedule: the
+  option may reorder work, never change it."""
+  from ptq_jax import xla_options
+  layer, lq, xs, ys = _depthwise_layer()
+  conv, *_ = _conv_layer()
+  on_cpu = jax.default_backend() == 'cpu'
+  assert xla_options.memory_schedule_pays(layer.geometry, xs.shape, lq.kernel.shape) == on_cpu
+  assert not xla_options.memory_schedule_pays(conv.geometry, (64, 9, 9, 5), conv.kernel_shape)
+  config = ptq_jax.AdaQuantConfig(iterations=12, batch_size=16, rounding=rounding)
+  run = lambda: adaquant.optimize_layer(layer, lq, xs, ys, config, jax.random.key(0))[0]
+  before = adaquant.compiled_step_count()
+  scheduled = run()
+  assert adaquant.compiled_step_count() == before + 1
+  for module in (adaquant, adaquant.rounding):
+    monkeypatch.setattr(module, 'memory_schedule_pays', lambda *a: False)
+  default = run()
+  assert adaquant.compiled_step_count() == before + (2 if on_cpu else 1)   # another program
+  for a, b in zip(jax.tree.leaves(scheduled), jax.tree.leaves(default)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

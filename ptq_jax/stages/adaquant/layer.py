@@ -37,6 +37,7 @@ from ptq_jax.stages.adaquant.objective import (ERROR_BATCH, error_sums, float_ta
 from ptq_jax.stages.adaquant.report import UnitReport, guard_outcome
 from ptq_jax.stages.adaquant.steps import run_loop, split_examples
 from ptq_jax.trace import LayerInfo, activation_fn
+from ptq_jax.xla_options import MEMORY_SCHEDULE, memory_schedule_pays
 
 
 _float_target = jax.jit(float_target, static_argnums=(0, 1))
@@ -47,9 +48,7 @@ def _init_optimizer(schedule: str, rates: jnp.ndarray, lq: LayerQuant):
   return make_optimizer(rates, param_labels(lq), schedule).init(lq)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4),
-                   static_argnames=('drop_prob', 'micro_batch'))
-def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
+def _steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedule: str,
                lq: LayerQuant, opt_state, xs, ys, key, step0, rates, w_scale=None,
                drop_prob: float = 0.0, micro_batch: int = 0):
   """``steps`` Adam steps on one layer. The module is not an argument of this or the
@@ -77,10 +76,24 @@ def _run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, sch
   return scaled_ranges(lq, w_scale, 1), opt_state, loss
 
 
+_STATIC = dict(static_argnums=(0, 1, 2, 3, 4), static_argnames=('drop_prob', 'micro_batch'))
+_run_steps = jax.jit(_steps, **_STATIC)
+_run_steps_memory_scheduled = jax.jit(_steps, compiler_options=MEMORY_SCHEDULE, **_STATIC)
+
+
+def _steps_program(geom: LayerGeometry, lq: LayerQuant, xs):
+  """The compiled step program for this layer (:mod:`ptq_jax.xla_options`)."""
+  if memory_schedule_pays(geom, xs.shape, lq.kernel.shape):
+    return _run_steps_memory_scheduled
+  return _run_steps
+
+
 def compiled_step_count() -> int:
-  """How many AdaQuant step programs (:func:`_run_steps`, :func:`_fit_layer`) have been
-  compiled so far (tests, benchmarks)."""
-  return _run_steps._cache_size() + _fit_layer._cache_size()
+  """How many AdaQuant step programs (free weights, learned rounding, whole fits) have
+  been compiled so far (tests, benchmarks)."""
+  return (_run_steps._cache_size() + _run_steps_memory_scheduled._cache_size()
+          + _fit_layer._cache_size() + rounding.run_steps._cache_size()
+          + rounding.run_steps_memory_scheduled._cache_size())
 
 
 def _in_batches(fn, batch: int, *arrays):
@@ -272,7 +285,8 @@ def _fit_in_calls(layer: LayerInfo, lq: LayerQuant, xs, ys, fit: _Fit, check):
   for k, calls in enumerate(fit.runtime.call_plan(config)):
     for steps in calls:
       # (The step's outputs stay committed; ``step0`` goes uncommitted, as compiled.)
-      lq, opt_state, _ = _run_steps(geom, act, steps, fit.batch, config.lr_schedule, lq,
+      lq, opt_state, _ = _steps_program(geom, lq, xs)(
+          geom, act, steps, fit.batch, config.lr_schedule, lq,
                                     opt_state, xs, ys, fit.key, np.int32(done), fit.rates,
                                     fit.w_scale, drop_prob=config.drop_prob,
                                     micro_batch=fit.micro)
@@ -301,7 +315,8 @@ def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, fit: _Fit, check=N
   last, rel_last, done = before, rel_before, 0
   for k, calls in enumerate(fit.runtime.call_plan(config)):
     for steps in calls:
-      params, opt_state, _ = rounding.run_steps(geom, act, steps, fit.batch, lq, params,
+      params, opt_state, _ = rounding.steps_program(geom, lq, xs)(
+          geom, act, steps, fit.batch, lq, params,
                                                 opt_state, xs, ys, fit.key, np.int32(done),
                                                 rates, lr, reg, micro_batch=fit.micro,
                                                 drop_prob=config.drop_prob)

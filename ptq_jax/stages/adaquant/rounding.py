@@ -28,6 +28,7 @@ from ptq_jax.quant.interceptor import LayerQuant, quantized_input, smoothed_kern
 from ptq_jax.quant.quantizer import reshape_for, scale_and_zero_point
 from ptq_jax.stages.adaquant.steps import run_loop
 from ptq_jax.trace import activation_fn
+from ptq_jax.xla_options import MEMORY_SCHEDULE, memory_schedule_pays
 
 ZETA, GAMMA = 1.1, -0.1
 BETA_START, BETA_END, WARMUP = 20.0, 2.0, 0.2
@@ -107,9 +108,7 @@ def init_optimizer(rates, lr_rounding, params):
   return _optimizer(rates, lr_rounding, params).init(params)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3),
-                   static_argnames=('micro_batch', 'drop_prob'))
-def run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: LayerQuant,
+def _steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: LayerQuant,
               params, opt_state, xs, ys, key, step0, rates, lr_rounding, reg,
               micro_batch: int = 0, drop_prob: float = 0.0):
   """``steps`` Adam steps of learned rounding on one layer (minibatches drawn as in
@@ -133,6 +132,19 @@ def run_steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: 
 
   return run_loop(loss_fn, tx, params, opt_state, xs, ys, key, step0, steps, batch,
                   micro_batch)
+
+
+_STATIC = dict(static_argnums=(0, 1, 2, 3), static_argnames=('micro_batch', 'drop_prob'))
+run_steps = jax.jit(_steps, **_STATIC)
+run_steps_memory_scheduled = jax.jit(_steps, compiler_options=MEMORY_SCHEDULE, **_STATIC)
+
+
+def steps_program(geom: LayerGeometry, lq: LayerQuant, xs):
+  """The compiled learned-rounding step program for this layer
+  (:mod:`ptq_jax.xla_options`)."""
+  if memory_schedule_pays(geom, xs.shape, lq.kernel.shape):
+    return run_steps_memory_scheduled
+  return run_steps
 
 
 def drop_key(key: jax.Array, step, part) -> jax.Array:

@@ -1,0 +1,42 @@
+"""Per-program XLA compiler options (``jax.jit(..., compiler_options=...)``), chosen by
+what a program computes; nothing is set process-wide.
+
+XLA's CPU backend schedules a program's independent operations to run concurrently by
+default. For a depthwise conv written as shifted products (``ptq_jax.linear``) that
+keeps all nine kernel taps' windows of a minibatch alive at once, far more than the
+cache holds, while the operations running side by side share the cores: every pass is
+slower. Scheduled for memory instead, each window is produced and reduced while still
+in cache. The same schedule slows programs dominated by one large conv or matmul, so it
+is asked for per program (``results/roofline.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from ptq_jax.linear import LayerGeometry, is_plain_depthwise
+
+MEMORY_SCHEDULE: Dict[str, Any] = {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted() -> bool:
+  """Whether this jaxlib's XLA knows :data:`MEMORY_SCHEDULE` (a trivial program compiled
+  with it)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=MEMORY_SCHEDULE)(jnp.zeros(()))
+    return True
+  except Exception:   # an XLA without the option: the default schedule
+    return False
+
+
+def memory_schedule_pays(geom: LayerGeometry, input_shape: Sequence[int],
+                         kernel_shape: Sequence[int]) -> bool:
+  """Whether a layer's step program should be compiled with :data:`MEMORY_SCHEDULE`:
+  a depthwise conv on CPU, where this XLA has the option."""
+  return (jax.default_backend() == 'cpu' and geom is not None
+          and is_plain_depthwise(geom, input_shape, kernel_shape) and _accepted())
