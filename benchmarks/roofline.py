@@ -15,7 +15,7 @@ Rows (``results/roofline.{json,md}``):
   conv (32 -> 64 at 28x28), the 3x3 conv with learned rounding and with QDrop (0.5).
 * whole-model iterations (every AdaQuant layer, W4A4 or W4A8 for EfficientNet-Lite0,
   first and last layer 8-bit, parallel mode, ``--model_calib`` random inputs):
-  ResNet-20 layer-wise and block-wise, MobileNetV2 (F-MNIST), EfficientNet-Lite0 and
+  ResNet-20 and MobileNetV2 (F-MNIST) layer-wise and block-wise, EfficientNet-Lite0 and
   MobileNetV2 at 224x224.
 * ``--ranges``: activation-range initialisation (min/max, MSE, percentile) of
   MobileNetV2 at 224x224 on ``--range_images`` random images, seconds.
@@ -48,8 +48,8 @@ from ptq_jax.stages.prepare import prepare
 from ptq_jax.trace import LayerInfo
 
 KINDS = ('dense', 'conv3x3', 'conv1x1', 'depthwise', 'stride2', 'learned_rounding', 'qdrop')
-MODELS = ('resnet20', 'resnet20_blocks', 'mobilenet_v2_fmnist', 'efficientnet_lite0',
-          'mobilenet_v2_224')
+MODELS = ('resnet20', 'resnet20_blocks', 'mobilenet_v2_fmnist', 'mobilenet_v2_fmnist_blocks',
+          'efficientnet_lite0', 'mobilenet_v2_224')
 flags.DEFINE_list('kinds', list(KINDS), f'Single-layer step kinds: {", ".join(KINDS)}.')
 flags.DEFINE_list('models', list(MODELS), f'Whole-model iterations: {", ".join(MODELS)}.')
 flags.DEFINE_list('ranges', ['minmax', 'mse', 'percentile'],
@@ -171,7 +171,8 @@ def _model(name: str):
     from ptq_jax.importers.torchvision_mobilenet import INPUT_SHAPE, load_mobilenet_v2
     return (*load_mobilenet_v2(), INPUT_SHAPE, 4)
   bundled = {'resnet20': 'resnet20', 'resnet20_blocks': 'resnet20',
-             'mobilenet_v2_fmnist': 'mobilenet_v2_fmnist'}[name]
+             'mobilenet_v2_fmnist': 'mobilenet_v2_fmnist',
+             'mobilenet_v2_fmnist_blocks': 'mobilenet_v2_fmnist'}[name]
   model, variables, _ = ptq_jax.load_model(
       ptq_jax.bundled_checkpoints()[f'{bundled}_fashion_mnist'])
   return model, variables, (28, 28, 1), 4

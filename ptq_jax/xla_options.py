@@ -40,3 +40,10 @@ def memory_schedule_pays(geom: LayerGeometry, input_shape: Sequence[int],
   a depthwise conv on CPU, where this XLA has the option."""
   return (jax.default_backend() == 'cpu' and geom is not None
           and is_plain_depthwise(geom, input_shape, kernel_shape) and _accepted())
+
+
+def block_options(modules: Sequence[Any]) -> Dict[str, Any]:
+  """Compiler options of a block's step program: :data:`MEMORY_SCHEDULE` on CPU when one
+  of the block's layers is a grouped (e.g. depthwise) conv, else none."""
+  grouped = any(getattr(m, 'feature_group_count', 1) > 1 for m in modules)
+  return dict(MEMORY_SCHEDULE) if grouped and jax.default_backend() == 'cpu' and _accepted() else {}

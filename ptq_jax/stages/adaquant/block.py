@@ -41,6 +41,7 @@ from ptq_jax.stages.adaquant.objective import (make_optimizer, param_labels, sca
 from ptq_jax.stages.adaquant.report import UnitReport, guard_outcome
 from ptq_jax.stages.adaquant.steps import run_loop, split_examples
 from ptq_jax.stages.prepare import Prepared
+from ptq_jax.xla_options import block_options
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,8 @@ def optimize_block(program: BlockProgram, block: Block, state: Mapping[str, Any]
   opt_state = tx.init(params)
   batch = min(config.batch_size, xs[0].shape[0])
 
-  @functools.partial(jax.jit, static_argnames='steps')
+  @functools.partial(jax.jit, static_argnames='steps', compiler_options=block_options(
+      [program.calls[i].module for i in block.calls]))
   def run_steps(params, opt_state, xs, ys, step0, steps):
     return run_loop(objective.loss, tx, params, opt_state, xs, ys, key, step0, steps, batch,
                     micro_batch)
