@@ -12,7 +12,9 @@ the same inputs (NHWC) and float targets. One-time set-up, nothing installed at 
 time: PyTorch importable by this interpreter (``pip install torch``; a separate venv
 works if it can also import ptq_jax) and a checkout of CalibTIP (``git clone
 https://github.com/itayhubara/CalibTIP``, or its files anywhere). Each round times
-``--iterations`` steps of each implementation, one after the other; the medians over
+``--iterations`` steps of each implementation (the time of ``4 + iterations`` steps less
+that of 4, so fixed costs such as error evaluations cancel on both sides), one after the
+other; the medians over
 ``--rounds`` rounds and their ratio are merged into results/adaquant_speed.{json,md}
 (driver ``python loop, beside CalibTIP``).
 """
@@ -49,6 +51,7 @@ NAME = 'adaquant_speed'
 COMMAND = ' '.join(['python benchmarks/reference_adaquant.py'] + [
     a for a in sys.argv[1:] if not a.startswith('--calibtip_dir')])
 CALIB, MINIBATCH, BITS = 1000, 50, 4
+BASE = 4   # steps of the run whose time is subtracted, on both sides
 
 
 def reference_modules(directory: str) -> Tuple[Any, Any, Any]:
@@ -96,16 +99,19 @@ def ptq_jax_case(kernel, bias, xs):
 
 
 def ptq_jax_seconds(case, key, iterations: int) -> Tuple[float, Tuple[float, float]]:
+  """Seconds of ``iterations`` steps of ptq_jax's AdaQuant on the layer: the time of a
+  run with ``BASE + iterations`` steps less that of one with ``BASE`` (the error passes
+  before, between and after the steps are the same in both and cancel)."""
   layer, lq, xs, ys = case
   runtime = AdaQuantRuntime(steps_per_call=1)
   run = lambda n: adaquant.optimize_layer(layer, lq, xs, ys, AdaQuantConfig(
       iterations=n, batch_size=MINIBATCH), key, runtime=runtime)
-  run(2)   # compiled
+  run(BASE)   # compiled
   start = time.perf_counter()
-  run(0)   # (the error measured before and after, without steps: subtracted)
+  run(BASE)
   overhead = time.perf_counter() - start
   start = time.perf_counter()
-  _, report = run(iterations)
+  _, report = run(BASE + iterations)
   return (time.perf_counter() - start - overhead,
           (report['mse_before'], report['mse_after']))
 
@@ -130,12 +136,12 @@ def reference_seconds(torch, quantize, adaquant_ref, kernel, bias, xs,
   test_in, test_out = inputs[:MINIBATCH], outputs[:MINIBATCH]
   call = lambda n: adaquant_ref.adaquant(layer, inputs, outputs, test_in, test_out, iters=n,
                                          progress=False, batch_size=MINIBATCH, relu=True)
-  call(2)   # warm
+  call(BASE)   # warm
   start = time.perf_counter()
-  call(0)
+  call(BASE)
   overhead = time.perf_counter() - start
   start = time.perf_counter()
-  errors = call(iterations)   # (its MSE on one minibatch before and after)
+  errors = call(BASE + iterations)   # (its MSE on one minibatch before and after)
   return time.perf_counter() - start - overhead, errors
 
 
