@@ -285,13 +285,15 @@ def _depthwise_vjp(strides, pads, residuals, g):
 depthwise_conv2d.defvjp(_depthwise_fwd, _depthwise_vjp)
 
 
-def _conv(x: jnp.ndarray, kernel: jnp.ndarray, geom: LayerGeometry) -> jnp.ndarray:
+def _conv(x: jnp.ndarray, kernel: jnp.ndarray, geom: LayerGeometry,
+          preferred_element_type=None) -> jnp.ndarray:
+  """The layer's conv as one ``conv_general_dilated`` (N...C input, ...IO kernel)."""
   spatial = 'HWD'[:kernel.ndim - 2]
   return jax.lax.conv_general_dilated(
       x, kernel, geom.strides, geom.padding, lhs_dilation=geom.input_dilation,
       rhs_dilation=geom.kernel_dilation,
       dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'),
-      feature_group_count=geom.groups)
+      feature_group_count=geom.groups, preferred_element_type=preferred_element_type)
 
 
 def has_canonical_grad(geom: LayerGeometry) -> bool:
@@ -365,9 +367,4 @@ def apply_linear(geom: LayerGeometry, x: jnp.ndarray, kernel: jnp.ndarray,
       return pointwise_conv(x, kernel, geom.strides)
     if has_canonical_grad(geom):
       return conv_with_canonical_grad(x, kernel, geom)
-  spatial = 'HWD'[:kernel.ndim - 2]
-  return jax.lax.conv_general_dilated(
-      x, kernel, geom.strides, geom.padding, lhs_dilation=geom.input_dilation,
-      rhs_dilation=geom.kernel_dilation,
-      dimension_numbers=(f'N{spatial}C', f'{spatial}IO', f'N{spatial}C'),
-      feature_group_count=geom.groups, preferred_element_type=preferred_element_type)
+  return _conv(x, kernel, geom, preferred_element_type)

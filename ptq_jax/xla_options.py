@@ -13,7 +13,7 @@ is asked for per program (``results/roofline.md``).
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,29 @@ def memory_schedule_pays(geom: LayerGeometry, input_shape: Sequence[int],
   a depthwise conv on CPU, where this XLA has the option."""
   return (jax.default_backend() == 'cpu' and geom is not None
           and is_plain_depthwise(geom, input_shape, kernel_shape) and _accepted())
+
+
+class PerLayerJit:
+  """``fn`` jitted twice, with the default schedule and with :data:`MEMORY_SCHEDULE`.
+  Calling it runs the default program; :meth:`for_layer` picks a layer's."""
+
+  def __init__(self, fn: Callable[..., Any], **jit_kwargs: Any):
+    self._default = jax.jit(fn, **jit_kwargs)
+    self._scheduled = jax.jit(fn, compiler_options=MEMORY_SCHEDULE, **jit_kwargs)
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    return self._default(*args, **kwargs)
+
+  def for_layer(self, geom: LayerGeometry, input_shape: Sequence[int],
+                kernel_shape: Sequence[int]) -> Callable[..., Any]:
+    """The program for a layer of this geometry and shapes (:func:`memory_schedule_pays`)."""
+    if memory_schedule_pays(geom, input_shape, kernel_shape):
+      return self._scheduled
+    return self._default
+
+  def cache_size(self) -> int:
+    """Programs compiled so far, both schedules."""
+    return self._default._cache_size() + self._scheduled._cache_size()
 
 
 def block_options(modules: Sequence[Any]) -> Dict[str, Any]:

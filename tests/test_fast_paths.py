@@ -50,18 +50,24 @@ def test_canonical_kernel_gradient_equals_autodiffs(nd, stride, padding, dilatio
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
 
 
+def _case(layer: LayerInfo, seed: int):
+  """``layer``'s W4A4 min/max start, 64 non-negative cached inputs and float targets."""
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  kernel = 0.3 * jax.random.normal(k1, layer.kernel_shape)
+  bias = 0.1 * jax.random.normal(k2, layer.kernel_shape[-1:])
+  xs = jax.nn.relu(jax.random.normal(k3, (64,) + layer.input_shape))
+  lq = LayerQuant(kernel, bias, init_range(kernel, 4, 'minmax', channel_axis=-1),
+                  init_range(xs, 4, 'minmax'))
+  target = adaquant.float_target(layer.geometry, layer.activation, LayerQuant(kernel, bias), xs)
+  return layer, lq, xs, target
+
+
 def _conv_layer(channels=(5, 7), size=9):
   c_in, c_out = channels
   geom = _geometry(2, 1, 'SAME', 1, size, 3)
-  layer = LayerInfo('fast/conv', 'conv', (3, 3, c_in, c_out), 1, (size, size, c_in),
-                    (size, size, c_out), 9 * c_in * c_out + c_out,
-                    size * size * 9 * c_in * c_out, geom, activation='relu')
-  kernel = 0.3 * jax.random.normal(jax.random.key(3), layer.kernel_shape)
-  bias = 0.1 * jax.random.normal(jax.random.key(4), (c_out,))
-  xs = jax.nn.relu(jax.random.normal(jax.random.key(5), (64, size, size, c_in)))
-  lq = LayerQuant(kernel, bias, init_range(kernel, 4, 'minmax', channel_axis=-1),
-                  init_range(xs, 4, 'minmax'))
-  return layer, lq, xs, adaquant.float_target(geom, 'relu', LayerQuant(kernel, bias), xs)
+  return _case(LayerInfo('fast/conv', 'conv', (3, 3, c_in, c_out), 1, (size, size, c_in),
+                         (size, size, c_out), 9 * c_in * c_out + c_out,
+                         size * size * 9 * c_in * c_out, geom, activation='relu'), seed=3)
 
 
 def test_fast_and_plain_conv_paths_give_the_same_adaquant_steps(monkeypatch):
@@ -99,15 +105,9 @@ def test_one_layers_step_compiles_once_across_iterations(steps_per_call):
 
 def _depthwise_layer(channels=6, size=9):
   geom = LayerGeometry('conv', (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1), channels)
-  layer = LayerInfo('fast/dw', 'conv', (3, 3, 1, channels), channels, (size, size, channels),
-                    (size, size, channels), 10 * channels, size * size * 9 * channels, geom,
-                    activation='relu6')
-  kernel = 0.3 * jax.random.normal(jax.random.key(6), layer.kernel_shape)
-  bias = 0.1 * jax.random.normal(jax.random.key(7), (channels,))
-  xs = jax.nn.relu(jax.random.normal(jax.random.key(8), (64, size, size, channels)))
-  lq = LayerQuant(kernel, bias, init_range(kernel, 4, 'minmax', channel_axis=-1),
-                  init_range(xs, 4, 'minmax'))
-  return layer, lq, xs, adaquant.float_target(geom, 'relu6', LayerQuant(kernel, bias), xs)
+  return _case(LayerInfo('fast/dw', 'conv', (3, 3, 1, channels), channels,
+                         (size, size, channels), (size, size, channels), 10 * channels,
+                         size * size * 9 * channels, geom, activation='relu6'), seed=6)
 
 
 @pytest.mark.parametrize('rounding', ['free', 'learned'])
@@ -126,8 +126,7 @@ def test_memory_scheduled_depthwise_steps_equal_the_default_schedules(monkeypatc
   before = adaquant.compiled_step_count()
   scheduled = run()
   assert adaquant.compiled_step_count() == before + 1
-  for module in (adaquant, adaquant.rounding):
-    monkeypatch.setattr(module, 'memory_schedule_pays', lambda *a: False)
+  monkeypatch.setattr(xla_options, 'memory_schedule_pays', lambda *a: False)
   default = run()
   assert adaquant.compiled_step_count() == before + (2 if on_cpu else 1)   # another program
   for a, b in zip(jax.tree.leaves(scheduled), jax.tree.leaves(default)):

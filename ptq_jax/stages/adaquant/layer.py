@@ -37,7 +37,7 @@ from ptq_jax.stages.adaquant.objective import (ERROR_BATCH, error_sums, float_ta
 from ptq_jax.stages.adaquant.report import UnitReport, guard_outcome
 from ptq_jax.stages.adaquant.steps import run_loop, split_examples
 from ptq_jax.trace import LayerInfo, activation_fn
-from ptq_jax.xla_options import MEMORY_SCHEDULE, memory_schedule_pays
+from ptq_jax.xla_options import PerLayerJit
 
 
 _float_target = jax.jit(float_target, static_argnums=(0, 1))
@@ -76,24 +76,16 @@ def _steps(geom: LayerGeometry, activation: str, steps: int, batch: int, schedul
   return scaled_ranges(lq, w_scale, 1), opt_state, loss
 
 
-_STATIC = dict(static_argnums=(0, 1, 2, 3, 4), static_argnames=('drop_prob', 'micro_batch'))
-_run_steps = jax.jit(_steps, **_STATIC)
-_run_steps_memory_scheduled = jax.jit(_steps, compiler_options=MEMORY_SCHEDULE, **_STATIC)
-
-
-def _steps_program(geom: LayerGeometry, lq: LayerQuant, xs):
-  """The compiled step program for this layer (:mod:`ptq_jax.xla_options`)."""
-  if memory_schedule_pays(geom, xs.shape, lq.kernel.shape):
-    return _run_steps_memory_scheduled
-  return _run_steps
+# (Per layer, the default or the memory-optimised schedule: ptq_jax.xla_options.)
+_run_steps = PerLayerJit(_steps, static_argnums=(0, 1, 2, 3, 4),
+                         static_argnames=('drop_prob', 'micro_batch'))
 
 
 def compiled_step_count() -> int:
   """How many AdaQuant step programs (free weights, learned rounding, whole fits) have
   been compiled so far (tests, benchmarks)."""
-  return (_run_steps._cache_size() + _run_steps_memory_scheduled._cache_size()
-          + _fit_layer._cache_size() + rounding.run_steps._cache_size()
-          + rounding.run_steps_memory_scheduled._cache_size())
+  return (_run_steps.cache_size() + _fit_layer._cache_size()
+          + rounding.run_steps.cache_size())
 
 
 def _in_batches(fn, batch: int, *arrays):
@@ -285,7 +277,7 @@ def _fit_in_calls(layer: LayerInfo, lq: LayerQuant, xs, ys, fit: _Fit, check):
   for k, calls in enumerate(fit.runtime.call_plan(config)):
     for steps in calls:
       # (The step's outputs stay committed; ``step0`` goes uncommitted, as compiled.)
-      lq, opt_state, _ = _steps_program(geom, lq, xs)(
+      lq, opt_state, _ = _run_steps.for_layer(geom, xs.shape, lq.kernel.shape)(
           geom, act, steps, fit.batch, config.lr_schedule, lq,
                                     opt_state, xs, ys, fit.key, np.int32(done), fit.rates,
                                     fit.w_scale, drop_prob=config.drop_prob,
@@ -315,7 +307,7 @@ def _learn_rounding(layer: LayerInfo, lq: LayerQuant, xs, ys, fit: _Fit, check=N
   last, rel_last, done = before, rel_before, 0
   for k, calls in enumerate(fit.runtime.call_plan(config)):
     for steps in calls:
-      params, opt_state, _ = rounding.steps_program(geom, lq, xs)(
+      params, opt_state, _ = rounding.run_steps.for_layer(geom, xs.shape, lq.kernel.shape)(
           geom, act, steps, fit.batch, lq, params,
                                                 opt_state, xs, ys, fit.key, np.int32(done),
                                                 rates, lr, reg, micro_batch=fit.micro,

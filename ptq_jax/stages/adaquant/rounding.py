@@ -16,7 +16,6 @@ quantizer's range and the bias stay as calibrated, the input quantizer is traine
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Dict
 
 import jax
@@ -28,7 +27,7 @@ from ptq_jax.quant.interceptor import LayerQuant, quantized_input, smoothed_kern
 from ptq_jax.quant.quantizer import reshape_for, scale_and_zero_point
 from ptq_jax.stages.adaquant.steps import run_loop
 from ptq_jax.trace import activation_fn
-from ptq_jax.xla_options import MEMORY_SCHEDULE, memory_schedule_pays
+from ptq_jax.xla_options import PerLayerJit
 
 ZETA, GAMMA = 1.1, -0.1
 BETA_START, BETA_END, WARMUP = 20.0, 2.0, 0.2
@@ -134,17 +133,9 @@ def _steps(geom: LayerGeometry, activation: str, steps: int, batch: int, lq: Lay
                   micro_batch)
 
 
-_STATIC = dict(static_argnums=(0, 1, 2, 3), static_argnames=('micro_batch', 'drop_prob'))
-run_steps = jax.jit(_steps, **_STATIC)
-run_steps_memory_scheduled = jax.jit(_steps, compiler_options=MEMORY_SCHEDULE, **_STATIC)
-
-
-def steps_program(geom: LayerGeometry, lq: LayerQuant, xs):
-  """The compiled learned-rounding step program for this layer
-  (:mod:`ptq_jax.xla_options`)."""
-  if memory_schedule_pays(geom, xs.shape, lq.kernel.shape):
-    return run_steps_memory_scheduled
-  return run_steps
+# (Per layer, the default or the memory-optimised schedule: ptq_jax.xla_options.)
+run_steps = PerLayerJit(_steps, static_argnums=(0, 1, 2, 3),
+                        static_argnames=('micro_batch', 'drop_prob'))
 
 
 def drop_key(key: jax.Array, step, part) -> jax.Array:
