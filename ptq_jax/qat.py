@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ptq_jax.data.augment import augment
 from ptq_jax.quant.attention import AttentionQuant
+from ptq_jax.quant.matmuls import MatmulQuant
 from ptq_jax.quant.interceptor import LayerQuant, apply_quantized
 from ptq_jax.quantized_model import QuantizedModel
 
@@ -99,7 +100,7 @@ def qat_train(qm: QuantizedModel, images: np.ndarray, labels: np.ndarray,
 def _train_step(qm: QuantizedModel, preprocess, config: QATConfig, steps: int, key: jax.Array):
   """The jitted ``(state, opt_state, raw, labels, i) -> (state, opt_state, loss)`` and
   its optimiser: Adam per group (weights; quantizer ranges and offsets)."""
-  groups = {path: jax.tree.map(lambda _: 'ranges', lq) if isinstance(lq, AttentionQuant)
+  groups = {path: jax.tree.map(lambda _: 'ranges', lq) if isinstance(lq, (AttentionQuant, MatmulQuant))
             else LayerQuant('weights', 'weights', _ranges(lq.w_quant), _ranges(lq.a_quant),
                             None if lq.smooth is None else 'ranges',
                             tuple(_ranges(q) for q in lq.site_a_quants))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -20,6 +20,7 @@ import numpy as np
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant.attention import OPERANDS, AttentionQuant
+from ptq_jax.quant.matmuls import OPERANDS as MATMUL_OPERANDS, MatmulQuant
 from ptq_jax.quant.bias_grid import integer_biases
 from ptq_jax.quant.interceptor import (LayerQuant, QState, apply_quantized, layer_states,
                                        quantized_weight, smoothed_kernel)
@@ -94,9 +95,10 @@ class QuantizedModel:
             for p, lq in layer_states(self.qstate).items()}
 
   def matmul_bits(self) -> Dict[str, int]:
-    """Operand bits of every attention site whose matmuls are quantized
+    """Operand bits of every attention site and matmul site whose matmuls are quantized
     (``quantize_matmuls=True``); empty otherwise."""
-    return {p: q.bits for p, q in self.qstate.items() if isinstance(q, AttentionQuant)}
+    return {p: q.bits for p, q in self.qstate.items()
+            if isinstance(q, (AttentionQuant, MatmulQuant))}
 
   @property
   def report(self) -> List[Dict[str, Any]]:
@@ -114,7 +116,8 @@ class QuantizedModel:
                    'weight_bits_total': layer.params * (w or 32),
                    'weight_rel_mse': float(err)})
     for p, b in self.matmul_bits().items():   # quantize_matmuls: no weights
-      rows.append({'path': p, 'kind': 'attention matmuls', 'kernel_shape': '', 'groups': '',
+      kind = 'attention matmuls' if isinstance(self.qstate[p], AttentionQuant) else 'matmul'
+      rows.append({'path': p, 'kind': kind, 'kernel_shape': '', 'groups': '',
                    'folded_bn': '', 'activation': '', 'w_bits': None, 'a_bits': b, 'params': 0,
                    'macs': '', 'weight_bits_total': 0, 'weight_rel_mse': 0.0})
     for op in self.float_ops:   # kept in float32 (unsupported='keep_float')
@@ -138,9 +141,10 @@ class QuantizedModel:
   def save(self, path: str) -> None:
     """Writes the original variables, the quantization state and the settings atomically."""
     qtree = {p: layer_to_tree(lq) for p, lq in layer_states(self.qstate).items()}
-    qtree.update({p: {n: {'range': getattr(q, n).range, 'low': getattr(q, n).low}
-                      for n in OPERANDS}
-                  for p, q in self.qstate.items() if isinstance(q, AttentionQuant)})
+    for operands, kind in ((OPERANDS, AttentionQuant), (MATMUL_OPERANDS, MatmulQuant)):
+      qtree.update({p: {n: {'range': getattr(q, n).range, 'low': getattr(q, n).low}
+                        for n in operands}
+                    for p, q in self.qstate.items() if isinstance(q, kind)})
     meta = {'kind': 'quantized', 'settings': self.settings,
             'input_shape': list(self.input_shape),
             'bits': {p: list(b) for p, b in self.bits().items()},
@@ -190,7 +194,7 @@ class QuantizedModel:
       raise ckpt.CheckpointError(f'{path} was saved from another model: {type(e).__name__}: '
                                  f'{str(e)[:200]}') from e
     paths = {l.path for l in layers}
-    sites = {s.path for s in traced.attention}
+    sites = {s.path for s in traced.attention} | {s.name for s in traced.matmul_sites}
     if (paths != set(bits) or not set(matmul_bits) <= sites
         or set(qtree) != paths | set(matmul_bits)):
       raise ckpt.CheckpointError(f'{path} was saved from another model: its layers '
@@ -199,7 +203,8 @@ class QuantizedModel:
     qstate = {l.path: checked_layer(qtree[l.path], l, bits[l.path],
                                     (weight_symmetric, symmetric), path, fix)
               for l in layers}
-    qstate.update({p: checked_attention(qtree[p], p, b, path, fix)
+    attention = {s.path for s in traced.attention}
+    qstate.update({p: checked_attention(qtree[p], p, b, path, fix, p not in attention)
                    for p, b in matmul_bits.items()})
     return cls(model, variables, layers, qstate, settings, input_shape,
                float_ops=list(traced.float_ops))
@@ -270,10 +275,12 @@ def checked_layer(tree: Any, layer: LayerInfo, bits: Any, symmetric: Tuple[bool,
   return layer_from_tree(tree, w_bits, a_bits, symmetric, layer.sites)
 
 
-def checked_attention(tree: Any, site: str, bits: Any, path: str, fix: str) -> AttentionQuant:
-  """An attention site's operand quantizers read from a file, checked: bits 2..8,
-  per-tensor finite ranges >= 0; raises CheckpointError naming the field."""
-  where = f'{path}: attention site {site}'
+def checked_attention(tree: Any, site: str, bits: Any, path: str, fix: str,
+                      matmul: bool = False) -> Union[AttentionQuant, MatmulQuant]:
+  """An attention site's (or with ``matmul``, a matmul site's) operand quantizers read
+  from a file, checked: bits 2..8, per-tensor finite ranges >= 0; raises
+  CheckpointError naming the field."""
+  where = f'{path}: {"matmul" if matmul else "attention"} site {site}'
   try:
     bits = check_bits(bits, 'matmul bits')
     if bits is None:
@@ -281,7 +288,7 @@ def checked_attention(tree: Any, site: str, bits: Any, path: str, fix: str) -> A
   except (TypeError, ValueError) as e:
     raise ckpt.CheckpointError(f'{where}: {e}; {fix}.') from e
   quantizers = []
-  for name in OPERANDS:
+  for name in MATMUL_OPERANDS if matmul else OPERANDS:
     fields = tree.get(name) if isinstance(tree, dict) else None
     if not isinstance(fields, dict) or set(fields) != {'range', 'low'}:
       raise ckpt.CheckpointError(f'{where}: the {name} quantizer is missing or malformed; {fix}.')
@@ -294,7 +301,7 @@ def checked_attention(tree: Any, site: str, bits: Any, path: str, fix: str) -> A
     if r < 0:
       raise ckpt.CheckpointError(f'{where}: {name}/range is negative; {fix}.')
     quantizers.append(QuantizerState(jnp.asarray(r), jnp.asarray(low), bits, False))
-  return AttentionQuant(*quantizers)
+  return MatmulQuant(*quantizers) if matmul else AttentionQuant(*quantizers)
 
 
 def layer_to_tree(lq: LayerQuant) -> Dict[str, Any]:

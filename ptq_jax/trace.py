@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax.calling import inference_kwargs
-from ptq_jax.float_ops import FloatOp, find_activation_matmuls, find_float_ops, relative_stack
+from ptq_jax.float_ops import FloatOp, find_float_ops, relative_stack
 from ptq_jax.linear import LayerGeometry, dense_general_view, einsum_view, geometry_of
 from ptq_jax.nnx_bridge import NNXModel
 from ptq_jax.attention_sites import AttentionCore, attention_fn_swapped, is_linen_site
+from ptq_jax.matmul_sites import MatmulSite, find_sites, loop_sites
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +224,11 @@ class Traced:
   layers: List[LayerInfo]
   float_ops: List[FloatOp]
   attention: List[AttentionSite] = dataclasses.field(default_factory=list)
+  # Activation x activation matmuls quantize_matmuls cannot quantize (inside a loop or
+  # branch, or in an attention module called more than once).
   other_matmuls: List[FloatOp] = dataclasses.field(default_factory=list)
+  # Those it can: the matmul sites (ptq_jax.quant.matmul_sites).
+  matmul_sites: List[MatmulSite] = dataclasses.field(default_factory=list)
 
 
 def _site(path: str, args, kwargs) -> AttentionSite:
@@ -288,9 +293,16 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
                 for op in find_float_ops(closed, is_param, is_data, root, calls, seen.modules)]
   attention = [s for p, s in seen.sites.items() if seen.site_calls[p] == 1]
   seen.modules.update({p: 'attention' for p in seen.sites if p not in seen.modules})
-  other = find_activation_matmuls(closed, is_param, is_data, root,
-                                  list(calls) + [s.path for s in attention], seen.modules)
-  return Traced(kept, float_ops, attention, other)
+  sites = find_sites(closed, is_data, root, list(calls) + list(seen.sites), seen.modules)
+  other = [FloatOp(p, seen.modules.get(p, ''), 'attention module call', 0,
+                   f'an attention module called {n} times (quantize_matmuls quantizes the '
+                   'matmuls of an attention module called once)')
+           for p, n in seen.site_calls.items() if n > 1]
+  other += [FloatOp(s.name, seen.modules.get(s.path, ''), 'dot_general', 0,
+                    f'an activation x activation matmul inside a {s.inside} body, which '
+                    'ptq_jax cannot quantize in place (move the matmul out of the loop, e.g. '
+                    'unroll the nn.scan)') for s in loop_sites(sites)]
+  return Traced(kept, float_ops, attention, other, [s for s in sites if not s.inside])
 
 
 def _named_explicit(op: FloatOp, explicit: Dict[str, str]) -> FloatOp:

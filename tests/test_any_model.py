@@ -438,28 +438,3 @@ def test_a_head_applied_with_explicit_parameters_is_named_and_kept_float_on_requ
   np.testing.assert_allclose(qm.apply(x), model.apply(variables, x), rtol=1e-5, atol=1e-5)
 
 
-class OwnAttention(nn.Module):
-  """Attention written as public transformer code writes it: its own einsums."""
-
-  @nn.compact
-  def __call__(self, x):
-    heads = lambda name: nn.Dense(16, name=name)(x).reshape(x.shape[:2] + (2, 8))
-    w = nn.dot_product_attention_weights(heads('q'), heads('k'))
-    o = jnp.einsum('bhqk,bkhd->bqhd', w, heads('v')).reshape(x.shape[:2] + (16,))
-    return nn.Dense(4, name='out')(o).mean(1)
-
-
-def test_matmuls_outside_attention_modules_are_an_error_or_float_on_request():
-  """README's promise: with quantize_matmuls, an activation x activation matmul ptq_jax
-  does not quantize is an error by default and, with keep_float, float with a warning
-  (not 'no attention module' refused either way)."""
-  x = data((16, 6, 8))
-  model = OwnAttention()
-  variables = model.init(jax.random.key(0), x)
-  with pytest.raises(UnsupportedLayerError, match='activation x activation matmul'):
-    ptq_jax.quantize(model, variables, x, quantize_matmuls=True, progress=False)
-  with pytest.warns(UserWarning, match='Kept in float32'):
-    qm = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, quantize_matmuls=True,
-                          unsupported='keep_float', progress=False)
-  assert qm.matmul_bits() == {} and [l.path for l in qm.layers] == ['q', 'k', 'v', 'out']
-  assert sum(op.primitive == 'dot_general' and op.params == 0 for op in qm.float_ops) == 2

@@ -253,6 +253,8 @@ LONG_OR_WIDE = {
     'quant/attention.py:quantized_attention': "Flax's attention_fn signature",
     'deploy/integer.py:integer_attention': "Flax's attention_fn signature",
     'quant/interceptor.py:apply_quantized': 'the forward pass and its four optional hooks',
+    'quant/interceptor.py:make_interceptor': 'the forward pass and its optional hooks',
+    'quant/matmuls.py:apply_with_sites': 'the forward pass, how sites are named, its hooks',
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 import ptq_jax
 from ptq_jax import checkpoint as ckpt
 from ptq_jax.models import create_model
-from ptq_jax.quant import export
+from ptq_jax.quant import export, quantizer
 from ptq_jax.quant.folding import fold_batchnorm
 from ptq_jax.quant.percentile import percentile as sort_free_percentile
 from ptq_jax.quant.interceptor import LayerQuant, apply_quantized, quantized_layer_output
@@ -91,6 +91,24 @@ def test_mse_and_percentile_clip_outliers():
     q = init_range(x, 4, method)
     assert float(q.range) < float(full.range)
     assert float(jnp.mean((fake_quant(x, q) - x)**2)) < float(jnp.mean((fake_quant(x, full) - x)**2))
+
+
+@pytest.mark.parametrize('dist,bits,symmetric', [
+    ('normal', 4, False), ('relu', 8, False), ('student', 4, True), ('discrete', 2, False),
+    ('lognormal', 8, True), ('constant', 4, False)])
+def test_mse_search_from_histogram_is_the_exhaustive_search(dist, bits, symmetric):
+  """The per-tensor MSE range from the histogram (ptq_jax.quant.mse_search) is the one
+  scoring every candidate on the tensor picks: catches a wrong moment formula, a
+  candidate dropped from the exact re-scoring or a score other than the plain one."""
+  rng = np.random.default_rng(bits)
+  x = {'normal': rng.normal(size=(40, 50)), 'relu': np.maximum(rng.normal(size=(8, 9, 9, 30)), 0),
+       'student': rng.standard_t(2.0, size=20000), 'lognormal': np.exp(2 * rng.normal(size=5000)),
+       'discrete': np.round(3 * rng.normal(size=20000)) / 3,
+       'constant': np.full(100, 0.5)}[dist].astype(np.float32)
+  got = jax.jit(lambda v: init_range(v, bits, 'mse', symmetric=symmetric))(x)
+  want = jax.jit(lambda v: quantizer.init_mse(v, bits, None, symmetric, exhaustive=True))(x)
+  np.testing.assert_array_equal(got.range, want.range)
+  np.testing.assert_array_equal(got.low, want.low)
 
 
 def test_per_channel_ranges():
@@ -308,10 +326,13 @@ def test_wrong_calibration_shape_is_named():
                                  (3001, 60.0), (1, 99.0)])
 def test_percentile_by_order_statistics_is_jnp_percentile(n, p):
   """The sort-free percentile (ptq_jax.quant.percentile) gives jnp.percentile's very
-  numbers, both tails, per channel, with ties and signed zeros: catches an off-by-one
-  rank, other interpolation weights or a wrong float ordering of negative numbers."""
+  numbers, both tails, per channel and per tensor, with ties and signed zeros: catches
+  an off-by-one rank or digit, other interpolation weights or a wrong float ordering of negative numbers."""
   x = np.random.default_rng(n).normal(size=(n, 3)).astype(np.float32)
   x[::7], x[::11], x[5:50] = 0.0, -0.0, 1.5
   for q in (p, 100 - p):
     want = jax.jit(lambda v: jnp.percentile(v, q, axis=0))(x)
     np.testing.assert_array_equal(jax.jit(lambda v: sort_free_percentile(v, q))(x), want)
+    # one tensor (the radix select), not per channel (the binary search)
+    np.testing.assert_array_equal(jax.jit(lambda v: sort_free_percentile(v, q))(x[:, 1]),
+                                  want[1])

@@ -37,6 +37,7 @@ from ptq_jax.quant.attention import (MIX, OPERANDS, SCORES, AttentionQuant,
 from ptq_jax.quant.interceptor import (LayerQuant, layer_forward, layer_geometry,
                                        smoothed_kernel)
 from ptq_jax.quant.export import pack_codes, unsigned_codes
+from ptq_jax.quant.matmuls import MatmulQuant
 from ptq_jax.quant.quantizer import QuantizerState, reshape_for, scale_and_zero_point
 
 
@@ -210,6 +211,17 @@ def integer_attention(query, key, value, bias=None, mask=None, *,
   scores = matmul(SCORES, query, key, 'q', 'k') / jnp.sqrt(query.shape[-1]).astype(dtype)
   probs = attention_probs(scores.astype(dtype), bias, mask, is_causal, dtype)
   return matmul(MIX, probs, value, 'probs', 'v').astype(dtype)
+
+
+def integer_matmul(quant: MatmulQuant, lhs: jnp.ndarray, rhs: jnp.ndarray, dot,
+                   cpu: str = 'float') -> jnp.ndarray:
+  """A quantized matmul site from its operands' codes: one integer ``dot_general`` of
+  centered codes (the site's own, ``dot``) and one rescale, as
+  :func:`~ptq_jax.quant.matmuls.quantized_matmul` computes it in float."""
+  a, b = input_codes(quant.lhs), input_codes(quant.rhs)
+  linear = lambda x, y, acc_type: dot(x, y, preferred_element_type=acc_type)
+  return contract(linear, centered_input(a, lhs), centered_input(b, rhs), a.scale, b.scale,
+                  max(a.bits, b.bits), cpu)
 
 
 def uses_integer_arithmetic(layer: IntegerLayer, geometry: Optional[LayerGeometry]) -> bool:

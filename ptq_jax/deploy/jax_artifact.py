@@ -24,18 +24,17 @@ import json
 import os
 from typing import Any, Callable, Dict, Sequence, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import export as jax_export
 
 from ptq_jax.checkpoint import CheckpointError
-from ptq_jax.calling import inference_kwargs
 from ptq_jax.deploy.integer import (CPU_ARITHMETIC, IntegerLayer, integer_attention,
-                                    integer_layer, integer_output, uses_integer_arithmetic)
+                                    integer_layer, integer_matmul, integer_output,
+                                    uses_integer_arithmetic)
 from ptq_jax.io import atomic_write_bytes, atomic_write_json, check_output_file
-from ptq_jax.quant.interceptor import layer_states, make_interceptor
+from ptq_jax.quant.interceptor import apply_quantized, layer_states
 
 PLATFORMS = ('cpu', 'cuda')
 FORMAT = 'ptq_jax.jax_export/1'
@@ -51,7 +50,7 @@ class ExportReport:
   sha256: str
   integer_layers: Tuple[str, ...]     # every call computed in integers
   float_layers: Tuple[str, ...]       # some call computed in float (kept float, no lax form)
-  integer_attention: Tuple[str, ...]  # attention sites whose two matmuls are integer
+  integer_attention: Tuple[str, ...]  # attention and matmul sites computed in integers
   platforms: Tuple[str, ...]
   cpu_arithmetic: str = 'float'       # integers contracted in float32 on CPU, or in int32
   bias_rounding: float = 0.0          # ONNX: largest change of a bias on its int32 grid, in steps
@@ -76,12 +75,11 @@ def integer_program(qmodel: Any, cpu: str = 'float'
     return integer_output(layers[path], module, x, site, cpu)
 
   attention = functools.partial(integer_attention, cpu=cpu)
-  kwargs = inference_kwargs(model)
+  matmul = functools.partial(integer_matmul, cpu=cpu)
 
   def forward(x):   # (the layers' float kernels are never read, so never in the program)
-    with nn.intercept_methods(make_interceptor(qstate, folded, layer_output=layer_output,
-                                               attention_fn=attention)):
-      return model.apply(variables, x, **kwargs)
+    return apply_quantized(model, variables, qstate, folded, x, layer_output=layer_output,
+                           attention_fn=attention, matmul=matmul)
   return forward, layers
 
 

@@ -28,7 +28,6 @@ import os
 import tempfile
 from typing import Any, Callable, Dict, Sequence, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,10 +44,11 @@ from ptq_jax.deploy.onnx_graph import OPSET, Dequantized, NotExportable, convert
 from ptq_jax.deploy.onnx_ops import RULES
 from ptq_jax.io import atomic_write_bytes, atomic_write_json, check_output_file
 from ptq_jax.quant.attention import quantized_attention
+from ptq_jax.quant.matmuls import quantized_matmul
 from ptq_jax.quant.export import unpack_codes
 from ptq_jax.linear import apply_linear
-from ptq_jax.quant.interceptor import (layer_forward, layer_geometry, layer_states,
-                                       make_interceptor)
+from ptq_jax.quant.interceptor import (apply_quantized, layer_forward, layer_geometry,
+                                       layer_states)
 
 FORMAT = 'ptq_jax.onnx/1'   # (ptq_jax.deploy.ONNX_FORMAT)
 # Operators that show ONNX Runtime computing in integers after its graph optimisation.
@@ -149,17 +149,17 @@ def qdq_program(qmodel: Any) -> Tuple[Callable[[jnp.ndarray], jnp.ndarray], Dict
       return layer_forward(module, x, kernel, jnp.asarray(layer.bias))
     return apply_linear(geom, x, kernel, one_op=True) + jnp.asarray(layer.bias)
 
+  marked = lambda x, q: _quantize_input(x, input_codes(q))
+
   def attention(*args, **kwargs):
-    marked = lambda x, q: _quantize_input(x, input_codes(q))
     return quantized_attention(*args, quantizer=marked, **kwargs)
 
-  model, variables, kwargs = qmodel.model, qmodel.variables, inference_kwargs(qmodel.model)
+  def matmul(quant, lhs, rhs, dot):
+    return quantized_matmul(quant, lhs, rhs, dot, quantizer=marked)
 
   def forward(x):
-    with nn.intercept_methods(make_interceptor(qmodel.qstate, qmodel.folded_bns,
-                                               layer_output=layer_output,
-                                               attention_fn=attention)):
-      return model.apply(variables, x, **kwargs)
+    return apply_quantized(qmodel.model, qmodel.variables, qmodel.qstate, qmodel.folded_bns,
+                           x, layer_output=layer_output, attention_fn=attention, matmul=matmul)
   return forward, layers
 
 

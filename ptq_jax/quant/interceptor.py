@@ -21,6 +21,8 @@ from ptq_jax.linear import (LayerGeometry, apply_linear, flatten_input, geometry
                             unflatten_output)
 from ptq_jax.attention_sites import AttentionCore, attention_fn_swapped, is_linen_site
 from ptq_jax.quant.attention import AttentionQuant, quantized_attention
+from ptq_jax.matmul_sites import model_root, scoped_modules
+from ptq_jax.quant.matmuls import MatmulQuant, apply_with_sites, quantized_matmul
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant, reshape_for
 from ptq_jax.trace import LAYER_TYPES
 
@@ -119,7 +121,8 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
                      layer_output: Optional[Callable[[str, nn.Module, jnp.ndarray, int],
                                                      jnp.ndarray]] = None,
                      on_operand: Optional[Callable[[str, str, jnp.ndarray], None]] = None,
-                     attention_fn: Callable = quantized_attention):
+                     attention_fn: Callable = quantized_attention,
+                     on_module: Optional[Callable[[str, nn.Module], None]] = None):
   """An ``nn.intercept_methods`` interceptor applying ``qstate``.
 
   ``on_layer(key, x)``, if given, is called with each quantized layer's float
@@ -133,6 +136,8 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
   then compute their attention explicitly.
   ``attention_fn`` computes a quantized attention site (the deployed program's integer
   one, say) with :func:`~ptq_jax.quant.attention.quantized_attention`'s signature.
+  ``on_module(path, module)``, if given, sees every module call (the matmul sites are
+  named after the modules they run in).
   """
   if layer_output is None:
     layer_output = lambda path, module, x, site: quantized_layer_output(
@@ -153,6 +158,8 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
     if context.method_name != '__call__' or not args or not module.path:
       return next_fun(*args, **kwargs)
     path = '/'.join(module.path)
+    if on_module is not None:
+      on_module(path, module)
     if isinstance(module, AttentionCore) or is_linen_site(module):
       fn = attention(path)
       if fn is None:
@@ -179,9 +186,29 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
 def apply_quantized(model: nn.Module, variables: Mapping[str, Any],
                     qstate: Mapping[str, Any], folded_bns: frozenset,
                     x: jnp.ndarray, on_layer=None, layer_output=None, on_operand=None,
-                    **apply_kwargs) -> jnp.ndarray:
-  """Runs ``model`` on ``x`` with every layer (and attention site) in ``qstate``
-  quantized."""
-  with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer, layer_output,
-                                             on_operand)):
-    return model.apply(variables, x, **{**inference_kwargs(model), **apply_kwargs})
+                    attention_fn: Callable = quantized_attention,
+                    matmul: Callable = quantized_matmul, **apply_kwargs) -> jnp.ndarray:
+  """Runs ``model`` on ``x`` with every layer, attention site and matmul site in
+  ``qstate`` quantized (hooks as :func:`make_interceptor`'s; ``on_operand`` also sees the
+  matmul sites' operands, :mod:`ptq_jax.matmul_sites`). ``attention_fn`` and ``matmul``
+  compute a quantized attention site and matmul site (:mod:`ptq_jax.quant.matmuls`)."""
+  kwargs = {**inference_kwargs(model), **apply_kwargs}
+  sites = {p: q for p, q in qstate.items() if isinstance(q, MatmulQuant)}
+  if not sites and on_operand is None:
+    with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer, layer_output,
+                                               None, attention_fn)):
+      return model.apply(variables, x, **kwargs)
+  modules: Dict[str, str] = dict(scoped_modules(model))
+  covered = []
+
+  def on_module(path, module):
+    modules.setdefault(path, type(module).__name__)
+    if isinstance(module, (AttentionCore, LAYER_TYPES)) or is_linen_site(module):
+      covered.append(path)
+
+  def run(x, on_layer_, on_operand_):
+    with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer_, layer_output,
+                                               on_operand_, attention_fn, on_module)):
+      return model.apply(variables, x, **kwargs)
+  return apply_with_sites(run, x, model_root(model), modules, covered, sites, on_layer,
+                          on_operand, matmul)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ptq_jax.quant import mse_search
 from ptq_jax.quant.percentile import percentile as order_statistic_percentile
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -156,16 +157,23 @@ def init_percentile(x: jnp.ndarray, bits: int, channel_axis: Optional[int] = Non
 
 
 def init_mse(x: jnp.ndarray, bits: int, channel_axis: Optional[int] = None,
-             symmetric: bool = False, grid: int = 100, min_fraction: float = 0.2
-             ) -> QuantizerState:
+             symmetric: bool = False, grid: int = 100, min_fraction: float = 0.2,
+             exhaustive: bool = False) -> QuantizerState:
   """Range minimising ``||x - q(x)||^2`` over shrunken min/max ranges.
 
   Searches ``grid`` fractions of the min/max range in ``[min_fraction, 1]``
-  independently per channel (all candidates in one vectorised pass).
+  independently per channel (all candidates in one vectorised pass). A per-tensor
+  search (``channel_axis=None``) scores the candidates from a histogram of ``x`` and
+  only the close ones on ``x`` itself (:mod:`ptq_jax.quant.mse_search`), with the same
+  result; ``exhaustive=True`` scores every candidate on ``x``.
   """
   full = init_minmax(x, bits, channel_axis, symmetric)
   axes = _reduce_axes(x, channel_axis)
   fractions = jnp.linspace(min_fraction, 1.0, grid)
+  if channel_axis is None and not exhaustive:
+    best = mse_search.best_fraction(x, full, fractions, fake_quant,
+                                     lambda q: scale_and_zero_point(q)[0])
+    return QuantizerState(full.range * best, full.low * best, bits, symmetric)
 
   def error(fraction):
     q = QuantizerState(full.range * fraction, full.low * fraction, bits, symmetric)

@@ -1,18 +1,23 @@
 """The attention-matmul stage (``quantize_matmuls=True``): per-tensor quantizers for the
 operands of Q·Kᵀ and attention·V at every attention site
-(:mod:`ptq_jax.quant.attention`), calibrated and then optimised like a layer input.
+(:mod:`ptq_jax.quant.attention`) and of every other activation x activation matmul (the
+matmul sites, :mod:`ptq_jax.matmul_sites`), calibrated and then optimised like a layer
+input.
 
 It runs after the layers are quantized (ranges, AdaQuant or mixed precision), so the
 operands it sees are those the quantized network produces. Calibration: the range
 method of the :class:`~ptq_jax.stages.ranges.RangeConfig`, per tensor and asymmetric,
 averaged over calibration batches. Optimisation (with an :class:`AdaQuantConfig`): the
-four ranges and low ends of a site are fitted by Adam (``lr_a_quant``, its schedule,
-iterations and minibatch) to the site's float attention output on the same operands,
-with the guard keeping the best state measured on all calibration images.
+ranges and low ends of a site (four for attention, two for a matmul site) are fitted by
+Adam (``lr_a_quant``, its schedule, iterations and minibatch) to the site's float output
+on the same operands, with the guard keeping the best state measured on all calibration
+images. A matmul site whose operands do not have the examples on their first axis (a
+product over the examples) keeps its calibrated ranges.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
@@ -22,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ptq_jax.matmul_sites import MatmulSite
 from ptq_jax.quant.attention import OPERANDS, AttentionQuant, quantized_attention
+from ptq_jax.quant.matmuls import MatmulQuant, quantized_matmul
 from ptq_jax.quant.interceptor import QState, apply_quantized, layer_states
 from ptq_jax.quant.quantizer import QuantizerState, check_bits, init_range
 from ptq_jax.stages.adaquant.config import AdaQuantConfig
@@ -62,14 +69,21 @@ def calibrate_attention(prepared: Prepared, qstate: QState, bits: int,
     count += len(batch)
   ranges = jax.tree.map(lambda a: a / count, totals)
   out = dict(qstate)
+  missing = [s.name for s in prepared.matmul_sites if (s.name, 'lhs') not in ranges]
+  if missing:
+    raise ValueError(f'Matmul sites {missing} did not run on the calibration images; was the '
+                     'model prepared with another input shape?')
   for site in prepared.attention:
     out[site.path] = AttentionQuant(*(ranges[(site.path, name)] for name in OPERANDS))
+  for site in prepared.matmul_sites:
+    out[site.name] = MatmulQuant(ranges[(site.name, 'lhs')], ranges[(site.name, 'rhs')])
   return out
 
 
 def _capture(prepared: Prepared, qstate: QState, batch_size: int
              ) -> Dict[Tuple[str, str], np.ndarray]:
-  """Every site's q, k, v operands over all calibration images (host memory)."""
+  """Every site's operands but attention's probabilities, over all calibration images
+  (host memory)."""
   run = _operand_pass(prepared, qstate, lambda v: v)
   parts: Dict[Tuple[str, str], List[np.ndarray]] = {}
   for start in range(0, len(prepared.images), batch_size):
@@ -80,26 +94,43 @@ def _capture(prepared: Prepared, qstate: QState, batch_size: int
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _error_sum(quant, q, k, v, batch: int) -> Tuple[float, float]:
+def _attention(quant, q, k, v):
+  return quantized_attention(q, k, v, quant=quant)
+
+
+def _dot(dims):
+  return lambda a, b: jax.lax.dot_general(a, b, dims)
+
+
+def _site_matmul(dims):
+  """The matmul site's computation on its operands: float with no state, else quantized."""
+  dot = _dot(dims)
+  return lambda quant, a, b: dot(a, b) if quant is None else quantized_matmul(quant, a, b, dot)
+
+
+def _error_sum(compute, quant, operands, batch: int) -> Tuple[float, float]:
   """Sum of squared output errors and of squared float outputs, in batches."""
   err, ref = 0.0, 0.0
-  for s in range(0, len(q), batch):
-    e, r = _batch_error(quant, q[s:s + batch], k[s:s + batch], v[s:s + batch])
+  for s in range(0, len(operands[0]), batch):
+    e, r = _batch_error(compute, quant, tuple(o[s:s + batch] for o in operands))
     err, ref = err + float(e), ref + float(r)
   return err, ref
 
 
-@jax.jit
-def _batch_error(quant, q, k, v):
-  target = quantized_attention(q, k, v)
-  out = quantized_attention(q, k, v, quant=quant)
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_error(compute, quant, operands):
+  target = compute(None, *operands)
+  out = compute(quant, *operands)
   return jnp.sum((out - target)**2), jnp.sum(target**2)
 
 
-def _fit(quant: AttentionQuant, q, k, v, config: AdaQuantConfig, key: jax.Array
-         ) -> Tuple[AttentionQuant, Dict[str, Any]]:
-  """Adam on the four quantizers' ranges and low ends; the best checked state kept."""
-  steps, batch, n = config.iterations, min(config.batch_size, len(q)), len(q)
+def _fit(compute, quant: Any, operands: Tuple[np.ndarray, ...], config: AdaQuantConfig,
+         key: jax.Array) -> Tuple[Any, Dict[str, Any]]:
+  """Adam on the site's quantizers' ranges and low ends; the best checked state kept.
+  ``compute(state or None, *operands)``: the site's output (None: float); examples on
+  the operands' first axis."""
+  steps, n = config.iterations, len(operands[0])
+  batch = min(config.batch_size, n)
   rate = config.lr_a_quant
   schedule = (optax.cosine_decay_schedule(rate, max(steps, 1))
               if config.lr_schedule == 'cosine' else rate)
@@ -108,11 +139,11 @@ def _fit(quant: AttentionQuant, q, k, v, config: AdaQuantConfig, key: jax.Array
   @jax.jit
   def step(state, opt_state, i):
     idx = jax.random.choice(jax.random.fold_in(key, i), n, (batch,), replace=False)
-    qb, kb, vb = q[idx], k[idx], v[idx]
-    target = quantized_attention(qb, kb, vb)
+    chosen = tuple(o[idx] for o in operands)
+    target = compute(None, *chosen)
 
     def loss(s):
-      return jnp.mean((quantized_attention(qb, kb, vb, quant=s) - target)**2)
+      return jnp.mean((compute(s, *chosen) - target)**2)
     value, grads = jax.value_and_grad(loss)(state)
     updates, opt_state = tx.update(grads, opt_state, state)
     state = optax.apply_updates(state, updates)
@@ -122,9 +153,9 @@ def _fit(quant: AttentionQuant, q, k, v, config: AdaQuantConfig, key: jax.Array
                          is_leaf=lambda s: isinstance(s, QuantizerState))
     return state, opt_state, value
 
-  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+  operands = tuple(jnp.asarray(o) for o in operands)
   eval_batch = max(batch, 256)
-  err, ref = _error_sum(quant, q, k, v, eval_batch)
+  err, ref = _error_sum(compute, quant, operands, eval_batch)
   start_error = err / max(ref, 1e-30)
   best, best_error, best_iter = quant, start_error, 0
   checks = config.check_steps()
@@ -133,12 +164,19 @@ def _fit(quant: AttentionQuant, q, k, v, config: AdaQuantConfig, key: jax.Array
     for i in range(done, check):
       state, opt_state, _ = step(state, opt_state, i)
     done = check
-    err, _ = _error_sum(state, q, k, v, eval_batch)
+    err, _ = _error_sum(compute, state, operands, eval_batch)
     error = err / max(ref, 1e-30)
     if not config.guard or error < best_error:
       best, best_error, best_iter = state, error, check
   return best, {'rel_error_before': start_error, 'rel_error_after': best_error,
                 'kept_iteration': best_iter, 'guard_acted': config.guard and best_iter != steps}
+
+
+def examples_first(site: MatmulSite) -> bool:
+  """Whether both operands of a matmul site hold the examples on their first axis (a
+  batch axis of the product), so that they can be captured and sampled by example."""
+  (_, _), (lhs_batch, rhs_batch) = site.dimension_numbers
+  return bool(lhs_batch) and lhs_batch[0] == 0 and rhs_batch[0] == 0
 
 
 def optimize_attention(prepared: Prepared, qstate: QState, config: AdaQuantConfig,
@@ -152,6 +190,7 @@ def optimize_attention(prepared: Prepared, qstate: QState, config: AdaQuantConfi
     warnings.warn(f'Attention sites {masked} are called with a mask, bias or is_causal: their '
                   'matmul quantizers keep their calibrated ranges (quantized, not optimised).',
                   UserWarning, stacklevel=2)
+  matmuls = [s for s in prepared.matmul_sites if isinstance(qstate.get(s.name), MatmulQuant)]
   operands = _capture(prepared, qstate, capture_batch)
   out, reports = dict(qstate), []
   for index, site in enumerate(sites):
@@ -160,9 +199,19 @@ def optimize_attention(prepared: Prepared, qstate: QState, config: AdaQuantConfi
     if site.masked:
       reports.append(dict(row, optimised=False))
       continue
-    q, k, v = (operands[(site.path, name)] for name in ('q', 'k', 'v'))
-    out[site.path], fit = _fit(qstate[site.path], q, k, v, config,
+    qkv = tuple(operands[(site.path, name)] for name in ('q', 'k', 'v'))
+    out[site.path], fit = _fit(_attention, qstate[site.path], qkv, config,
                                jax.random.fold_in(key, 100_000 + index))
+    reports.append(dict(row, optimised=True, **fit, seconds=time.time() - start))
+  for index, site in enumerate(matmuls):
+    start = time.time()
+    row = {'path': site.name, 'kind': 'matmul', 'a_bits': qstate[site.name].bits}
+    if not examples_first(site):
+      reports.append(dict(row, optimised=False))
+      continue
+    pair = (operands[(site.name, 'lhs')], operands[(site.name, 'rhs')])
+    out[site.name], fit = _fit(_site_matmul(site.dimension_numbers), qstate[site.name], pair,
+                               config, jax.random.fold_in(key, 200_000 + index))
     reports.append(dict(row, optimised=True, **fit, seconds=time.time() - start))
   return out, reports
 

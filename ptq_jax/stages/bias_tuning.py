@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ptq_jax.calling import inference_kwargs
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.quant.attention import AttentionQuant
+from ptq_jax.quant.matmuls import MatmulQuant
 from ptq_jax.quant.interceptor import LayerQuant, QState, apply_quantized
 from ptq_jax.stages.prepare import Prepared, Stage
 
@@ -45,7 +46,7 @@ def _labels(qstate: Mapping[str, LayerQuant], target: str, tune_quantizers: bool
     return None if q is None else q.replace(range='train' if tune_quantizers else 'freeze',
                                             low='train' if tune_quantizers else 'freeze')
   def labels(lq):
-    if isinstance(lq, AttentionQuant):   # operand quantizers: ranges like the layers'
+    if isinstance(lq, (AttentionQuant, MatmulQuant)):   # operand quantizers: like ranges
       return jax.tree.map(lambda _: 'train' if tune_quantizers else 'freeze', lq)
     return LayerQuant('train' if target == 'all' else 'freeze', 'train', quant(lq.w_quant),
                       quant(lq.a_quant), None if lq.smooth is None else 'freeze',

@@ -22,6 +22,7 @@ from ptq_jax.quant.folding import fold_batchnorm
 from ptq_jax.quant.interceptor import LayerQuant, QState
 from ptq_jax.nnx_bridge import as_linen
 from ptq_jax.float_ops import UNSUPPORTED_POLICIES, FloatOp, check_unsupported
+from ptq_jax.matmul_sites import MatmulSite
 from ptq_jax.trace import AttentionSite, LayerInfo, trace_model
 
 
@@ -61,6 +62,8 @@ class Prepared:
   float_ops: Tuple[FloatOp, ...] = ()
   # Attention modules whose matmuls quantize_matmuls=True quantizes.
   attention: Tuple[AttentionSite, ...] = ()
+  # Other activation x activation matmuls it quantizes (ptq_jax.matmul_sites).
+  matmul_sites: Tuple[MatmulSite, ...] = ()
   # The one switch for progress bars of every stage that reads this (no stage prints).
   progress: bool = True
 
@@ -83,9 +86,10 @@ def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: An
   Any other parameter-carrying linear operation (``ptq_jax.float_ops``) is an
   :class:`~ptq_jax.float_ops.UnsupportedLayerError`, or with
   ``unsupported='keep_float'`` stays float32 with a warning. With
-  ``quantize_matmuls``, so is an activation x activation matmul outside the
-  recognised attention sites, and a model with neither a site nor (with keep_float)
-  such a matmul is a ValueError.
+  ``quantize_matmuls``, every activation x activation matmul is quantized: the
+  recognised attention modules' and the matmul sites anywhere else
+  (:mod:`ptq_jax.matmul_sites`); one it cannot reach (inside a loop) is refused or kept
+  float the same way, and a model with no such matmul at all is a ValueError.
   ``progress``: whether the stages run on this show progress bars."""
   if unsupported not in UNSUPPORTED_POLICIES:
     raise ValueError(f'unsupported must be one of {UNSUPPORTED_POLICIES}, got {unsupported!r}.')
@@ -103,10 +107,9 @@ def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: An
     raise TypeError(f'quantize_matmuls must be True or False, got {quantize_matmuls!r}.')
   if quantize_matmuls:
     check_unsupported(traced.other_matmuls, unsupported)   # (keep_float: warned, kept float)
-    if not traced.attention and not (unsupported == 'keep_float' and traced.other_matmuls):
-      raise ValueError('quantize_matmuls=True, but the model has no attention module whose '
-                       'matmuls ptq_jax can quantize (nn.MultiHeadDotProductAttention or '
-                       'nnx.MultiHeadAttention with the default attention function).')
+    if not (traced.attention or traced.matmul_sites or traced.other_matmuls):
+      raise ValueError('quantize_matmuls=True, but the model has no activation x activation '
+                       'matmul (such as attention\'s) to quantize; leave quantize_matmuls off.')
   if not layers:
     raise ValueError('The model has no nn.Conv or nn.Dense layer to quantize.')
   folded = fold_batchnorm(layers, variables)
@@ -114,7 +117,7 @@ def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: An
   return Prepared(model, dict(variables), tuple(layers), float_state, images, model_name,
                   tuple(traced.float_ops) + (tuple(traced.other_matmuls) if quantize_matmuls
                                              else ()), tuple(traced.attention),
-                  bool(progress))
+                  tuple(traced.matmul_sites) if quantize_matmuls else (), bool(progress))
 
 
 StageFn = Callable[[Prepared, QState, jax.Array], Tuple[QState, Any]]

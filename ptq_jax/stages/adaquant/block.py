@@ -31,6 +31,7 @@ import optax
 from tqdm.auto import tqdm
 
 from ptq_jax.quant.attention import AttentionQuant
+from ptq_jax.quant.matmuls import MatmulQuant
 from ptq_jax.quant.blocks import Block, BlockProgram
 from ptq_jax.quant.interceptor import (LayerQuant, layer_forward, layer_states, quantized_input,
                                       quantized_weight)
@@ -111,7 +112,7 @@ def _programs(prepared: Prepared, qstate: Mapping[str, Any], float_state: Mappin
   model, variables, folded_bns = prepared.model, prepared.variables, prepared.folded_bns
   example = np.asarray(prepared.images[:batch], np.float32)
   program = BlockProgram(model, variables, qstate, folded_bns, example)
-  if not any(isinstance(v, AttentionQuant) for v in qstate.values()):
+  if not any(isinstance(v, (AttentionQuant, MatmulQuant)) for v in qstate.values()):
     return program, program
   float_program = BlockProgram(model, variables, float_state, folded_bns, example)
   if ([(b.paths, b.needs_input) for b in float_program.blocks] !=

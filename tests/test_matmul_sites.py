@@ -1,0 +1,176 @@
+"""quantize_matmuls on transformer code as people write it: activation x activation
+matmuls anywhere (ptq_jax.matmul_sites, ptq_jax.quant.matmuls)."""
+
+import flax.linen as nn
+import jax
+import jax.extend.core as jex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ptq_jax
+from ptq_jax.deploy import export, load_exported
+from ptq_jax.float_ops import UnsupportedLayerError
+from ptq_jax.quant.interceptor import apply_quantized
+from ptq_jax.stages.attention import calibrate_attention, optimize_attention
+from ptq_jax.stages.prepare import prepare
+from ptq_jax.stages.ranges import BitsRule, calibrate_ranges
+
+
+class EinsumAttention(nn.Module):
+  """Own attention: nn.dot_product_attention_weights with a causal mask (under jax.jit),
+  then an einsum with V (under jax.checkpoint)."""
+
+  @nn.compact
+  def __call__(self, x):
+    b, length, _ = x.shape
+    heads = lambda name: nn.Dense(16, name=name)(x).reshape(b, length, 2, 8)
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    weights = jax.jit(lambda q, k, m: nn.dot_product_attention_weights(q, k, mask=m))
+    mix = jax.checkpoint(lambda w, v: jnp.einsum('bhqk,bkhd->bqhd', w, v))
+    o = mix(weights(heads('q'), heads('k'), mask), heads('v')).reshape(b, length, 16)
+    return nn.Dense(16, name='out')(o)
+
+
+class PreNormBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = x + EinsumAttention(name='attn')(nn.LayerNorm(name='ln1')(x))
+    return x + nn.Dense(16, name='mlp')(nn.gelu(nn.LayerNorm(name='ln2')(x)))
+
+
+class Encoder(nn.Module):
+  """Two pre-LayerNorm blocks, as public code stacks them."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(16, name='embed')(x)
+    x = PreNormBlock(name='block_0')(x)
+    x = PreNormBlock(name='block_1')(x)
+    return nn.Dense(4, name='head')(x.mean(1))
+
+
+class MixStep(nn.Module):
+  """Parameter-free self-attention mixing: two activation matmuls, no layer."""
+
+  @nn.compact
+  def __call__(self, carry, _):
+    h = carry.reshape(carry.shape[:2] + (2, 8))
+    w = nn.dot_product_attention_weights(h, h)
+    return carry + jnp.einsum('bhqk,bkhd->bqhd', w, h).reshape(carry.shape), None
+
+
+class ScannedEncoder(nn.Module):
+  """Mixing steps under nn.scan: their matmuls run inside the loop's body."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(16, name='embed')(x)
+    x, _ = nn.scan(MixStep, length=2)(name='mix')(x, None)
+    return nn.Dense(4, name='head')(x.mean(1))
+
+
+def data(n=32, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, 6, 8)).astype(np.float32)
+
+
+def activation_matmuls(model, variables, x) -> int:
+  """The model's dot_generals whose two operands both depend on the input, counted from
+  its jaxpr here (independently of the library), loop bodies included."""
+  closed = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x)
+
+  def count(jaxpr, data):
+    flags, total = dict(zip(jaxpr.invars, data)), 0
+    for eqn in jaxpr.eqns:
+      ins = [False if isinstance(v, jex.Literal) else flags.get(v, False) for v in eqn.invars]
+      total += eqn.primitive.name == 'dot_general' and ins[0] and ins[1]
+      for sub in jex.jaxprs_in_params(eqn.params):
+        total += count(sub, ins if len(sub.invars) == len(ins) else [any(ins)] * len(sub.invars))
+      for v in eqn.outvars:
+        flags[v] = any(ins)
+    return total
+  leaves = len(jax.tree.leaves(variables))
+  return count(closed.jaxpr, [False] * leaves + [True])
+
+
+def test_einsum_attention_matmuls_are_quantized_reported_and_reloaded(tmp_path):
+  """Catches: matmuls outside recognised attention modules left float (or refused), a
+  site missing from the report or the size, a site inside jax.jit / jax.checkpoint not
+  reached, sites lost on save/load, an exported program that computes them otherwise."""
+  x = data()
+  model = Encoder()
+  variables = model.init(jax.random.key(0), x[:1])
+  fp = model.apply(variables, x)
+  off = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False)
+  on = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, quantize_matmuls=True,
+                        progress=False)
+  sites = {f'block_{i}/attn:matmul{k}': 8 for i in range(2) for k in range(2)}
+  assert on.matmul_bits() == sites and off.matmul_bits() == {}
+  assert len(sites) == activation_matmuls(model, variables, x[:1]) == 4
+  rows = {r['path']: r for r in on.report}
+  assert all(rows[s]['kind'] == 'matmul' and rows[s]['a_bits'] == 8 for s in sites)
+  assert on.size_bits() == off.size_bits()   # operands only: no weights
+  assert np.abs(on.apply(x) - off.apply(x)).max() > 1e-4   # the matmuls changed
+  assert np.abs(on.apply(x) - fp).mean() < 0.03 * np.abs(fp).mean()   # close at 8 bits
+  on.save(str(tmp_path / 'q.msgpack'))
+  again = ptq_jax.QuantizedModel.load(str(tmp_path / 'q.msgpack'), model)
+  assert again.matmul_bits() == sites
+  np.testing.assert_array_equal(again.apply(x), on.apply(x))
+  export(on, str(tmp_path / 'q.jaxexport'))
+  np.testing.assert_allclose(load_exported(str(tmp_path / 'q.jaxexport'))(x), on.apply(x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_float_sites_are_exact_and_hooks_see_their_operands():
+  """Evaluating the traced program with no site quantized is the model itself, and
+  ``on_operand`` sees each site's two operands: catches an interpreter that drops or
+  reorders an equation, or names sites other than the trace does."""
+  x = data(4)
+  model = Encoder()
+  variables = model.init(jax.random.key(0), x[:1])
+  seen = {}
+  out = apply_quantized(model, variables, {}, frozenset(), jnp.asarray(x),
+                        on_operand=lambda site, name, v: seen.setdefault((site, name), v.shape))
+  np.testing.assert_array_equal(out, model.apply(variables, x))
+  assert sorted(seen) == sorted((f'block_{i}/attn:matmul{k}', n) for i in range(2)
+                                for k in range(2) for n in ('lhs', 'rhs'))
+
+
+def test_a_matmul_inside_scan_is_refused_by_name_or_kept_float():
+  """Catches: a loop body's matmul silently left float, or a raw error from the
+  interpreter, instead of the site named with the fix."""
+  x = data(16)
+  model = ScannedEncoder()
+  variables = model.init(jax.random.key(0), x[:1])
+  assert activation_matmuls(model, variables, x[:1]) == 2
+  with pytest.raises(UnsupportedLayerError, match=r'mix:matmul0 .*inside a scan body'):
+    ptq_jax.quantize(model, variables, x, quantize_matmuls=True, progress=False)
+  with pytest.warns(UserWarning, match='Kept in float32'):
+    qm = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, quantize_matmuls=True,
+                          unsupported='keep_float', progress=False)
+  assert qm.matmul_bits() == {}
+  assert sum(op.primitive == 'dot_general' for op in qm.float_ops) == 2
+
+
+def test_matmul_sites_are_optimised_and_never_made_worse():
+  """The matmul stage fits a site's operand quantizers like an attention site's: catches
+  a site skipped by the optimiser or a fit kept though it made the output worse."""
+  x = data(48)
+  model = Encoder()
+  variables = model.init(jax.random.key(0), x[:1])
+  prepared = prepare(model, variables, x, quantize_matmuls=True, progress=False)
+  state = calibrate_ranges(prepared, BitsRule(8, 4, None).assign(prepared.layers))
+  state = calibrate_attention(prepared, state, 4)
+  config = ptq_jax.AdaQuantConfig(iterations=30, batch_size=16)
+  fitted, rows = optimize_attention(prepared, state, config, jax.random.key(0))
+  assert [r['path'] for r in rows] == sorted(prepared_names(prepared))
+  assert all(r['kind'] == 'matmul' and r['optimised'] for r in rows)
+  assert all(r['rel_error_after'] <= r['rel_error_before'] for r in rows)
+  assert any(r['rel_error_after'] < r['rel_error_before'] for r in rows)
+  changed = [r['path'] for r in rows if r['rel_error_after'] < r['rel_error_before']]
+  assert all(float(fitted[p].lhs.range) != float(state[p].lhs.range)
+             or float(fitted[p].rhs.range) != float(state[p].rhs.range) for p in changed)
+
+
+def prepared_names(prepared):
+  return [s.name for s in prepared.matmul_sites]
