@@ -140,7 +140,7 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
       calibration data unlike the training data; see ptq_jax.stages.bn_tuning).
     unsupported: 'error' or 'keep_float' for operations ptq_jax cannot quantize
       (see :func:`ptq_jax.quantize`; fixed-bit pipelines only).
-    quantize_matmuls: also quantize the attention matmuls at ``a_bits`` (a stage after
+    quantize_matmuls: also quantize the activation matmuls at ``a_bits`` (a stage after
       the layers' bits are set; optimised in the advanced and sequential pipelines).
     stage_guard: keep AdaQuant, BN tuning and bias tuning (``GUARDED_STAGES``) only
       where they lower the KL divergence of the network's outputs to FP32's on the

@@ -65,8 +65,9 @@ def quantize(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: A
       ``nn.Conv`` / ``nn.Dense`` layer called once: 'error' (the default: raises
       ``UnsupportedLayerError`` naming it) or 'keep_float' (it stays float32, with a
       warning, counted at 32 bits in ``size_bits``).
-    quantize_matmuls: also quantize the two activation x activation matmuls of every
-      attention module (Q·Kᵀ and attention·V at ``a_bits``; ``ptq_jax.stages.attention``).
+    quantize_matmuls: also quantize every activation x activation matmul at ``a_bits``:
+      attention modules' Q·Kᵀ and attention·V and any other (``ptq_jax.matmul_sites``;
+      ``ptq_jax.stages.attention``).
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r} is not one of {METHODS}.')

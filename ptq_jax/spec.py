@@ -28,7 +28,7 @@ class QuantSpec:
   ``adaquant``: AdaQuant's hyper-parameters, or None for calibrated ranges only;
   ``mode``: its 'parallel' or 'sequential' inputs; ``runtime`` and ``devices``: where
   and how fast it runs. ``bn_target`` and ``bias_steps``: BN and bias tuning (the
-  pipelines). ``quantize_matmuls``: also attention's activation matmuls.
+  pipelines). ``quantize_matmuls``: also the activation x activation matmuls.
   ``stage_guard``: keep a refining stage only if it lowers the KL to FP32.
   """
 
