@@ -45,7 +45,7 @@ class FloatOp:
 def relative_stack(stack: str, root: str) -> str:
   """A jaxpr name stack relative to the model: its leading ``root`` scopes dropped (a
   subclass whose ``__call__`` calls ``super().__call__`` opens the root scope twice)."""
-  parts = stack.split('/') if stack else []
+  parts = [p for p in stack.split('/') if p]   # (a nested program's prefix may be '/')
   while parts and parts[0] == root:
     parts = parts[1:]
   return '/'.join(parts)
@@ -78,6 +78,33 @@ def _linear_eqns(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[bo
         flags[v] = out
 
   yield from walk(closed.jaxpr, list(param_mask), list(data_mask), '')
+
+
+# Nested programs that are plain calls: a layer inside one is traced like any other.
+TRANSPARENT = ('jit', 'pjit', 'closed_call', 'core_call', 'custom_jvp_call', 'custom_vjp_call',
+               'custom_vjp_call_jaxpr')
+
+
+def nested_layers(closed: Any, root: str, paths: Iterable[str]) -> Dict[str, str]:
+  """The layers (of ``paths``) whose computation runs inside a nested program that is not
+  a plain call (a loop body such as ``nn.scan``'s, a rematerialised ``nn.remat``
+  function): path -> that program's primitive. Their inputs cannot be captured from
+  outside it, so they are not quantized."""
+  paths, found = list(paths), {}
+
+  def walk(jaxpr, prefix: str, inside: str):
+    for eqn in jaxpr.eqns:
+      stack = relative_stack(prefix + str(eqn.source_info.name_stack), root)
+      if inside and eqn.primitive.name in LINEAR_PRIMITIVES:
+        for path in paths:
+          if stack == path or stack.startswith(path + '/'):
+            found.setdefault(path, inside)
+      name = eqn.primitive.name
+      for sub in _sub_jaxprs(eqn):
+        walk(sub, stack + '/', inside or ('' if name in TRANSPARENT else name))
+
+  walk(closed.jaxpr, '', '')
+  return found
 
 
 def _module_of(stack: str, modules: Dict[str, str]) -> str:

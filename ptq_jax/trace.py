@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax.calling import inference_kwargs
-from ptq_jax.float_ops import FloatOp, find_float_ops, relative_stack
+from ptq_jax.float_ops import FloatOp, find_float_ops, nested_layers, relative_stack
 from ptq_jax.linear import LayerGeometry, dense_general_view, einsum_view, geometry_of
 from ptq_jax.nnx_bridge import NNXModel
 from ptq_jax.attention_sites import AttentionCore, attention_fn_swapped, is_linen_site
@@ -278,9 +278,10 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
                         {p: b for p, b in seen.bn_of.items() if p not in shared})
   single = {l.path: dataclasses.replace(l, bn_epsilon=seen.bn_eps[l.bn_path]) if l.bn_path
             else l for l in single}
+  nested = nested_layers(closed, root, [l.path for l in layers])
   kept = [single[l.path] if l.path not in shared
           else dataclasses.replace(l, sites=calls[l.path], macs=l.macs * calls[l.path])
-          for l in layers if l.path not in mismatched]
+          for l in layers if l.path not in mismatched and l.path not in nested]
   leaves = jax.tree_util.tree_flatten_with_path((variables, x))[0]
   is_param = [len(k) > 1 and getattr(k[0], 'idx', None) == 0
               and getattr(k[1], 'key', None) == 'params' for k, _ in leaves]
@@ -289,6 +290,11 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
                        f'called {calls[l.path]} times with different input shapes (shared '
                        'weights are quantized when every call has the same input shape)')
                for l in layers if l.path in mismatched]
+  float_ops += [FloatOp(l.path, seen.modules.get(l.path, ''), 'module call', l.params,
+                       f'runs inside a {nested[l.path]} program (nn.scan, nn.remat or a loop), '
+                       'where ptq_jax cannot capture a layer\'s inputs; quantize the model '
+                       'written without that transform (the same parameters)')
+                for l in layers if l.path in nested and l.path not in mismatched]
   float_ops += [_named_explicit(op, seen.explicit)
                 for op in find_float_ops(closed, is_param, is_data, root, calls, seen.modules)]
   attention = [s for p, s in seen.sites.items() if seen.site_calls[p] == 1]

@@ -3,8 +3,9 @@
 The search (``quantizer.init_mse``) scores each of ``grid`` shrunken min/max ranges by
 ``sum (x - q(x))^2`` and keeps the best. Scoring every candidate on the whole tensor is
 ``grid`` passes over an activation tensor of millions of values. Here one pass builds a
-fine histogram of the tensor (16,384 bins) with each bin's count and centred first and second moments;
-a candidate's error is then exact for every bin that ``q`` maps to one level
+fine histogram of the tensor (16,384 bins), each bin's count and first and second
+moments about its centre; a candidate's error is then exact for every bin that ``q``
+maps to one level
 (``sum (d + c - v)^2`` with ``d = x - c`` about the bin centre ``c``), and bounded for the
 few bins where ``q`` changes level. Candidates whose bounded estimate could still be the
 minimum are scored on the tensor itself, exactly as the plain search scores them, so the

@@ -102,11 +102,12 @@ def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: An
     raise ValueError(f'The model cannot run with these variables on calibration images of '
                      f'shape {images.shape[1:]} (are they this model\'s variables and its input '
                      f'shape?): {type(e).__name__}: {str(e)[:300]}') from e
-  check_unsupported(traced.float_ops, unsupported)
   if not isinstance(quantize_matmuls, bool):
     raise TypeError(f'quantize_matmuls must be True or False, got {quantize_matmuls!r}.')
+  # (keep_float: warned, kept float)
+  check_unsupported(list(traced.float_ops) + (list(traced.other_matmuls) if quantize_matmuls
+                                              else []), unsupported)
   if quantize_matmuls:
-    check_unsupported(traced.other_matmuls, unsupported)   # (keep_float: warned, kept float)
     if not (traced.attention or traced.matmul_sites or traced.other_matmuls):
       raise ValueError('quantize_matmuls=True, but the model has no activation x activation '
                        'matmul (such as attention\'s) to quantize; leave quantize_matmuls off.')
