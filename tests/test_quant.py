@@ -105,7 +105,7 @@ def test_mse_search_from_histogram_is_the_exhaustive_search(dist, bits, symmetri
        'student': rng.standard_t(2.0, size=20000), 'lognormal': np.exp(2 * rng.normal(size=5000)),
        'discrete': np.round(3 * rng.normal(size=20000)) / 3,
        'constant': np.full(100, 0.5)}[dist].astype(np.float32)
-  got = jax.jit(lambda v: init_range(v, bits, 'mse', symmetric=symmetric))(x)
+  got = jax.jit(lambda v: quantizer.init_mse(v, bits, None, symmetric, exhaustive=False))(x)
   want = jax.jit(lambda v: quantizer.init_mse(v, bits, None, symmetric, exhaustive=True))(x)
   np.testing.assert_array_equal(got.range, want.range)
   np.testing.assert_array_equal(got.low, want.low)
@@ -334,5 +334,6 @@ def test_percentile_by_order_statistics_is_jnp_percentile(n, p):
     want = jax.jit(lambda v: jnp.percentile(v, q, axis=0))(x)
     np.testing.assert_array_equal(jax.jit(lambda v: sort_free_percentile(v, q))(x), want)
     # one tensor (the radix select), not per channel (the binary search)
-    np.testing.assert_array_equal(jax.jit(lambda v: sort_free_percentile(v, q))(x[:, 1]),
-                                  want[1])
+    for radix in (True, False):
+      np.testing.assert_array_equal(
+          jax.jit(lambda v: sort_free_percentile(v, q, radix))(x[:, 1]), want[1])

@@ -187,16 +187,19 @@ def apply_quantized(model: nn.Module, variables: Mapping[str, Any],
                     qstate: Mapping[str, Any], folded_bns: frozenset,
                     x: jnp.ndarray, on_layer=None, layer_output=None, on_operand=None,
                     attention_fn: Callable = quantized_attention,
-                    matmul: Callable = quantized_matmul, **apply_kwargs) -> jnp.ndarray:
+                    matmul: Callable = quantized_matmul, matmul_operands: bool = True,
+                    **apply_kwargs) -> jnp.ndarray:
   """Runs ``model`` on ``x`` with every layer, attention site and matmul site in
   ``qstate`` quantized (hooks as :func:`make_interceptor`'s; ``on_operand`` also sees the
   matmul sites' operands, :mod:`ptq_jax.matmul_sites`). ``attention_fn`` and ``matmul``
-  compute a quantized attention site and matmul site (:mod:`ptq_jax.quant.matmuls`)."""
+  compute a quantized attention site and matmul site (:mod:`ptq_jax.quant.matmuls`).
+  ``matmul_operands=False``: ``on_operand`` sees the attention sites' operands only (the
+  program is not evaluated for matmul sites unless ``qstate`` quantizes one)."""
   kwargs = {**inference_kwargs(model), **apply_kwargs}
   sites = {p: q for p, q in qstate.items() if isinstance(q, MatmulQuant)}
-  if not sites and on_operand is None:
+  if not sites and (on_operand is None or not matmul_operands):
     with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer, layer_output,
-                                               None, attention_fn)):
+                                               on_operand, attention_fn)):
       return model.apply(variables, x, **kwargs)
   modules: Dict[str, str] = dict(scoped_modules(model))
   covered = []

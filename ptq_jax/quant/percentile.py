@@ -4,16 +4,17 @@ A percentile of ``n`` values is one or two order statistics (ranks fixed by ``n`
 the percentile) and a linear interpolation between them. Sorting finds them at
 ``O(n log n)`` (XLA's CPU sort, and its top-k, take seconds for an ImageNet
 activation tensor); here each is found among the 2^32 float32 values in their sort
-order: for one tensor by a radix select (two counts of 16-bit digits), per channel by a
-binary search, each step one count of the elements at or below the candidate (32 cheap
-passes over the data); the next one by two more passes. The ranks, the interpolation weights and the
-arithmetic are ``jnp.percentile``'s own (method 'linear', float32), so the result is
+order: for one large tensor by a radix select (two counts of 16-bit digits), per channel
+(or for a small tensor) by a binary search, each step one count of the elements at or
+below the candidate (32 cheap passes over the data); the next one by two more passes.
+The ranks, the interpolation weights and the arithmetic are ``jnp.percentile``'s own
+(method 'linear', float32), so the result is
 the same number.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,15 @@ def _unsortable(key: jnp.ndarray) -> jnp.ndarray:
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _order_key(keys: jnp.ndarray, rank: Any) -> jnp.ndarray:
-  """The key of the ``rank``-th smallest (0-based) along axis 0, per remaining index."""
-  if keys.ndim == 1:
+RADIX_MIN_SIZE = 1 << 18   # elements from which one tensor's order statistic is a radix select
+
+
+def _order_key(keys: jnp.ndarray, rank: Any, radix: Optional[bool] = None) -> jnp.ndarray:
+  """The key of the ``rank``-th smallest (0-based) along axis 0, per remaining index
+  (``radix``: by counts of digits, for a 1-D tensor; None: from ``RADIX_MIN_SIZE``)."""
+  if radix is None:
+    radix = keys.ndim == 1 and keys.shape[0] >= RADIX_MIN_SIZE
+  if radix:
     return _order_key_by_counts(keys, rank)
   lo = jnp.zeros(keys.shape[1:], jnp.uint32)
   hi = jnp.full(keys.shape[1:], _ALL, jnp.uint32)
@@ -76,10 +83,12 @@ def order_statistic(x: jnp.ndarray, rank: Any) -> jnp.ndarray:
   return _unsortable(_order_key(_sortable(jnp.asarray(x, jnp.float32)), rank))
 
 
-def percentile(x: jnp.ndarray, percentile: float) -> jnp.ndarray:
+def percentile(x: jnp.ndarray, percentile: float, radix: Optional[bool] = None
+               ) -> jnp.ndarray:
   """``jnp.percentile(x, percentile, axis=0)`` of float32 ``x``, by order statistics.
   The ranks and weights are computed by ``jnp.percentile``'s own operations, in the
-  same program, so they round as it does."""
+  same program, so they round as it does. ``radix``: how a 1-D tensor's order
+  statistics are found (see ``_order_key``)."""
   x = jnp.asarray(x, jnp.float32)
   q = jnp.asarray(percentile, jnp.float32) / 100.0
   n = jnp.float32(x.shape[0])
@@ -89,7 +98,7 @@ def percentile(x: jnp.ndarray, percentile: float) -> jnp.ndarray:
   low_weight = 1.0 - high_weight
   rank = lambda r: jnp.clip(r, 0.0, n - 1).astype(jnp.int32)
   keys = _sortable(x)
-  low_key = _order_key(keys, rank(low))
+  low_key = _order_key(keys, rank(low), radix)
   # The next rank is the same value while enough elements tie with it, else the
   # smallest key above it: one more pass instead of a second search.
   ties = jnp.sum(keys <= low_key, axis=0, dtype=jnp.int32) >= rank(high) + 1

@@ -24,6 +24,7 @@ from ptq_jax.quant.percentile import percentile as order_statistic_percentile
 
 MIN_BITS, MAX_BITS = 2, 8
 RANGE_METHODS = ('minmax', 'mse', 'percentile')
+HISTOGRAM_MIN_SIZE = 1 << 18   # elements from which init_mse searches from a histogram
 _EPS = 1e-8
 
 
@@ -158,18 +159,22 @@ def init_percentile(x: jnp.ndarray, bits: int, channel_axis: Optional[int] = Non
 
 def init_mse(x: jnp.ndarray, bits: int, channel_axis: Optional[int] = None,
              symmetric: bool = False, grid: int = 100, min_fraction: float = 0.2,
-             exhaustive: bool = False) -> QuantizerState:
+             exhaustive: Optional[bool] = None) -> QuantizerState:
   """Range minimising ``||x - q(x)||^2`` over shrunken min/max ranges.
 
   Searches ``grid`` fractions of the min/max range in ``[min_fraction, 1]``
   independently per channel (all candidates in one vectorised pass). A per-tensor
-  search (``channel_axis=None``) scores the candidates from a histogram of ``x`` and
-  only the close ones on ``x`` itself (:mod:`ptq_jax.quant.mse_search`), with the same
-  result; ``exhaustive=True`` scores every candidate on ``x``.
+  search (``channel_axis=None``) of a large tensor scores the candidates from a
+  histogram of ``x`` and only the close ones on ``x`` itself
+  (:mod:`ptq_jax.quant.mse_search`), with the same result; ``exhaustive``: True scores
+  every candidate on ``x``, False always uses the histogram, None (default) uses it from
+  ``HISTOGRAM_MIN_SIZE`` elements (below, the plain search is cheaper to compile and run).
   """
   full = init_minmax(x, bits, channel_axis, symmetric)
   axes = _reduce_axes(x, channel_axis)
   fractions = jnp.linspace(min_fraction, 1.0, grid)
+  if exhaustive is None:
+    exhaustive = x.size < HISTOGRAM_MIN_SIZE
   if channel_axis is None and not exhaustive:
     best = mse_search.best_fraction(x, full, fractions, fake_quant,
                                      lambda q: scale_and_zero_point(q)[0])

@@ -48,7 +48,8 @@ def _operand_pass(prepared: Prepared, qstate: QState, fn):
 
     def on_operand(path, name, value):
       found.setdefault((path, name), fn(value))
-    apply_quantized(model, variables, state, folded, x, on_operand=on_operand)
+    apply_quantized(model, variables, state, folded, x, on_operand=on_operand,
+                    matmul_operands=bool(prepared.matmul_sites))
     return found
   return lambda x: run(qstate, x)
 
