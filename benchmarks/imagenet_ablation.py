@@ -13,6 +13,10 @@ Debian photos (as ``benchmarks/imagenet.py`` calibrates):
   this chooses nothing, it explains).
 * ``per-channel inputs`` rows: W8A4 and W4A4 with one 4-bit range per input channel
   (``RangeConfig(per_channel_inputs=True)``, not expressible in the integer export).
+* ``reconstructed`` rows: W8A4 (first and last 8-bit) through the sequential pipeline
+  with the project's best reconstruction (block-wise, learned rounding, QDrop 0.5,
+  stage guard; BN tuning towards FP32, no bias tuning), each stage's agreement: whether
+  reconstruction recovers 4-bit inputs when the weights are not the problem.
 
   python benchmarks/imagenet_ablation.py
 """
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import jax
 import numpy as np
@@ -39,6 +43,9 @@ from ptq_jax.stages.sensitivity import sensitivity_table
 flags.DEFINE_integer('calib_size', 256, 'Unlabelled Debian photos for calibration.')
 flags.DEFINE_integer('sensitivity_images', 128, 'Calibration photos the sensitivity pass uses.')
 flags.DEFINE_list('keep', ['0', '1', '2', '4', '8', '16'], 'k: most sensitive layers kept at A8.')
+flags.DEFINE_list('parts', ['sensitivity', 'keep', 'per_channel', 'reconstruct'],
+                  'Which rows to (re)measure.')
+flags.DEFINE_integer('reconstruct_iterations', 200, 'AdaQuant iterations per block.')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 FLAGS = flags.FLAGS
 NAME = 'imagenet_ablation'
@@ -52,17 +59,13 @@ def channel_shares(channel_max: np.ndarray, step: float) -> Dict[str, float]:
           'channels_under_two_steps_pct': round(100 * float(np.mean(channel_max < 2 * step)), 1)}
 
 
-def main(_):
-  model, variables = torchvision_mobilenet.load_mobilenet_v2()
-  preprocess = torchvision_mobilenet.preprocess_images
-  calib_photos, held_out = photos.photo_splits(FLAGS.calib_size, seed=0)
-  calib = preprocess(photos.load_photos(calib_photos))
-  evaluation = preprocess(photos.load_photos(held_out))
-  fp32 = np.asarray(batched_predict(jax.jit(lambda x: model.apply(variables, x)), evaluation,
-                                    50)).argmax(-1)
-  rows: List[Dict[str, Any]] = []
+def agreement(qmodel, evaluation: np.ndarray, fp32: np.ndarray) -> float:
+  predicted = np.asarray(batched_predict(jax.jit(qmodel.apply), evaluation, 50)).argmax(-1)
+  return round(100 * float(np.mean(predicted == fp32)), 2)
 
-  start = time.time()
+
+def sensitivity_rows(model, variables, calib) -> Tuple[List[Dict[str, Any]], List[str]]:
+  """The per-layer rows, and the layers by decreasing W8A4 sensitivity."""
   options = {(8, 4): None, (4, 8): None}
   for option in options:
     options[option] = ptq_jax.quantize(model, variables, calib, w_bits=option[0],
@@ -73,6 +76,7 @@ def main(_):
   state = options[(8, 4)].qstate
   kinds = {l.path: l.kind for l in prepared.layers}
   channel_max = input_channel_absmax(prepared, table.paths, 32)
+  rows = []
   for i, path in enumerate(table.paths):
     a = state[path].a_quant
     rows.append({'model': 'mobilenet_v2', 'stage': 'sensitivity', 'layer': path,
@@ -84,34 +88,65 @@ def main(_):
                  'kl_w4a8': float(f'{table.raw_delta[i, 1]:.4g}'),
                  'seconds': round(table.seconds, 1)})
   print(f'sensitivity: {table.seconds:.0f} s', flush=True)
-  order = [table.paths[i] for i in np.argsort(-table.raw_delta[:, 0])]
+  return rows, [table.paths[i] for i in np.argsort(-table.raw_delta[:, 0])]
 
-  for w_bits in (8, 4):
+
+def main(_):
+  parts = set(FLAGS.parts)
+  if 'keep' in parts and 'sensitivity' not in parts:
+    raise app.UsageError('--parts=keep needs sensitivity (it keeps the most sensitive layers).')
+  model, variables = torchvision_mobilenet.load_mobilenet_v2()
+  preprocess = torchvision_mobilenet.preprocess_images
+  calib_photos, held_out = photos.photo_splits(FLAGS.calib_size, seed=0)
+  calib = preprocess(photos.load_photos(calib_photos))
+  evaluation = preprocess(photos.load_photos(held_out))
+  fp32 = np.asarray(batched_predict(jax.jit(lambda x: model.apply(variables, x)), evaluation,
+                                    50)).argmax(-1)
+  rows: List[Dict[str, Any]] = []
+  common = {'model': 'mobilenet_v2', 'a_bits': 4, 'calib_size': FLAGS.calib_size,
+            'eval_images': len(evaluation)}
+  order: List[str] = []
+  if 'sensitivity' in parts:
+    found, order = sensitivity_rows(model, variables, calib)
+    rows += found
+
+  for w_bits in (8, 4) if 'keep' in parts else ():
     for k in (int(v) for v in FLAGS.keep):
       start = time.time()
       overrides = {p: {'a_bits': 8} for p in order[:k]}
       qmodel = ptq_jax.quantize(model, variables, calib, w_bits=w_bits, a_bits=4,
                                 first_last_bits=8, overrides=overrides or None,
                                 model_name='mobilenet_v2', progress=False)
-      predicted = np.asarray(batched_predict(jax.jit(qmodel.apply), evaluation, 50)).argmax(-1)
-      rows.append({'model': 'mobilenet_v2', 'stage': f'keep_a8 k={k}', 'w_bits': w_bits,
-                   'a_bits': 4, 'calib_size': FLAGS.calib_size,
+      rows.append({**common, 'stage': f'keep_a8 k={k}', 'w_bits': w_bits,
                    'kept_at_a8': ', '.join(order[:k]),
-                   'top1_agreement_pct': round(100 * float(np.mean(predicted == fp32)), 2),
-                   'eval_images': len(evaluation), 'seconds': round(time.time() - start, 1)})
+                   'top1_agreement_pct': agreement(qmodel, evaluation, fp32),
+                   'seconds': round(time.time() - start, 1)})
       print(rows[-1], flush=True)
 
-  for w_bits in (8, 4):   # the same, each input channel with its own 4-bit range
-    start = time.time()
+  for w_bits in (8, 4) if 'per_channel' in parts else ():
+    start = time.time()   # each input channel with its own 4-bit range
     qmodel = ptq_jax.quantize(model, variables, calib, w_bits=w_bits, a_bits=4,
                               first_last_bits=8, model_name='mobilenet_v2', progress=False,
                               ranges=ptq_jax.RangeConfig(per_channel_inputs=True))
-    predicted = np.asarray(batched_predict(jax.jit(qmodel.apply), evaluation, 50)).argmax(-1)
-    rows.append({'model': 'mobilenet_v2', 'stage': 'per-channel inputs', 'w_bits': w_bits,
-                 'a_bits': 4, 'calib_size': FLAGS.calib_size,
-                 'top1_agreement_pct': round(100 * float(np.mean(predicted == fp32)), 2),
-                 'eval_images': len(evaluation), 'seconds': round(time.time() - start, 1)})
+    rows.append({**common, 'stage': 'per-channel inputs', 'w_bits': w_bits,
+                 'top1_agreement_pct': agreement(qmodel, evaluation, fp32),
+                 'seconds': round(time.time() - start, 1)})
     print(rows[-1], flush=True)
+
+  if 'reconstruct' in parts:   # W8A4: does reconstruction recover the 4-bit inputs?
+    start = time.time()
+    result = ptq_jax.run_pipeline(
+        model, variables, calib, 'sequential', w_bits=8, a_bits=4, first_last_bits=8,
+        adaquant=ptq_jax.AdaQuantConfig(iterations=FLAGS.reconstruct_iterations, unit='block',
+                                        rounding='learned', drop_prob=0.5),
+        bias_steps=0, bn_target='fp', stage_guard=True, model_name='mobilenet_v2',
+        progress=False)
+    for stage in result.stages:
+      rows.append({**common, 'stage': f'reconstructed: {stage.name}', 'w_bits': 8,
+                   'top1_agreement_pct': agreement(stage.model, evaluation, fp32),
+                   'seconds': round(stage.seconds, 1)})
+      print(rows[-1], flush=True)
+    print(f'reconstruction: {time.time() - start:.0f} s', flush=True)
 
   fields = {'device': describe_device(), 'command': COMMAND, **concurrency_fields()}
   rows = [{**r, **fields} for r in rows]
@@ -130,8 +165,10 @@ def main(_):
                       '(calibration photos) is under half a 4-bit step of that range (every '
                       'value rounds to the zero point) or under two steps. `keep_a8 k`: every layer quantized (first and last '
                       '8-bit) but the k most W8A4-sensitive layers with 8-bit inputs; '
-                      '`per-channel inputs`: every input channel its own 4-bit range; top-1 '
-                      'agreement with FP32 on the held-out Debian photos.')
+                      '`per-channel inputs`: every input channel its own 4-bit range; '
+                      '`reconstructed`: W8A4 through block-wise learned rounding with QDrop '
+                      'and the stage guard (each stage); top-1 agreement with FP32 on the '
+                      'held-out Debian photos.')
 
 
 if __name__ == '__main__':
