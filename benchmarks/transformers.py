@@ -28,6 +28,7 @@ from flax import nnx
 from common import concurrency_fields, describe_device, merge_records, write_results
 import ptq_jax
 from ptq_jax.bundled import resolve_checkpoint
+from ptq_jax.evaluation import batched_predict
 from ptq_jax.nnx_bridge import to_nnx
 from ptq_jax.quant.attention import AttentionQuant
 
@@ -96,7 +97,9 @@ def vit_rows() -> List[Dict[str, Any]]:
     if style == 'own einsums':
       for block in module.blocks:
         block.attn = EinsumAttention(block.attn)
-    fp32 = ptq_jax.top1_accuracy_pct(_predict(module, images), labels)
+    forward = nnx.jit(lambda m, x: m(x))
+    fp32 = ptq_jax.top1_accuracy_pct(
+        batched_predict(lambda x, m=module: forward(m, x), images, 500), labels)
     rows.append(_vit_row(style, 'FP32', 32, 32, 0, fp32, len(calib), len(images), 0.0))
     for w_bits, a_bits in ((8, 8), (4, 4)):
       start = time.time()
@@ -114,12 +117,6 @@ def matmuls_quantized(qm) -> int:
   per matmul site."""
   return sum(2 if isinstance(q, AttentionQuant) else 1 for q in
              (qm.qstate[p] for p in qm.matmul_bits()))
-
-
-def _predict(module, images, batch=500):
-  forward = nnx.jit(lambda m, x: m(x))
-  return np.concatenate([np.asarray(forward(module, jnp.asarray(images[s:s + batch])))
-                         for s in range(0, len(images), batch)])
 
 
 def _vit_row(style, method, w_bits, a_bits, matmuls, top1, calib_size, eval_size, seconds):

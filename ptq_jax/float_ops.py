@@ -67,7 +67,7 @@ def _linear_eqns(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[bo
       stack = relative_stack(prefix + str(eqn.source_info.name_stack), root)
       if eqn.primitive.name in LINEAR_PRIMITIVES and len(ins) >= 2:
         yield eqn, stack, ins
-      for sub in _sub_jaxprs(eqn):
+      for sub in sub_jaxprs(eqn):
         if len(sub.invars) == len(ins):
           yield from walk(sub, [p for p, _ in ins], [d for _, d in ins], stack + '/')
         else:   # unknown calling convention: assume every input may be anything
@@ -100,7 +100,7 @@ def nested_layers(closed: Any, root: str, paths: Iterable[str]) -> Dict[str, str
           if stack == path or stack.startswith(path + '/'):
             found.setdefault(path, inside)
       name = eqn.primitive.name
-      for sub in _sub_jaxprs(eqn):
+      for sub in sub_jaxprs(eqn):
         walk(sub, stack + '/', inside or ('' if name in TRANSPARENT else name))
 
   walk(closed.jaxpr, '', '')
@@ -116,7 +116,8 @@ def _module_of(stack: str, modules: Dict[str, str]) -> str:
   return ''
 
 
-def _inside(stack: str, covered: Sequence[str]) -> bool:
+def inside(stack: str, covered: Sequence[str]) -> bool:
+  """Whether ``stack`` is one of the ``covered`` module paths or below one."""
   return any(stack == c or stack.startswith(c + '/') for c in covered)
 
 
@@ -130,28 +131,11 @@ def find_float_ops(closed: Any, param_mask: Sequence[bool], data_mask: Sequence[
   for eqn, stack, ins in _linear_eqns(closed, param_mask, data_mask, root):
     (p0, d0), (p1, d1) = ins[0], ins[1]
     weight = 1 if (p1 and not d1 and d0) else 0 if (p0 and not d0 and d1) else None
-    if weight is not None and not _inside(stack, covered):
+    if weight is not None and not inside(stack, covered):
       path = _module_of(stack, modules)
       found.append(FloatOp(path, modules.get(path, ''), eqn.primitive.name,
                            int(np.prod(eqn.invars[weight].aval.shape)),
                            _reason(modules.get(path, ''))))
-  return found
-
-
-def find_activation_matmuls(closed: Any, param_mask: Sequence[bool],
-                            data_mask: Sequence[bool], root: str, covered: Iterable[str],
-                            modules: Dict[str, str]) -> List[FloatOp]:
-  """The contractions of two data-dependent operands (activation x activation, as in
-  attention) outside the ``covered`` module paths: what ``quantize_matmuls`` would
-  leave in float."""
-  covered, found = list(covered), []
-  for eqn, stack, ins in _linear_eqns(closed, param_mask, data_mask, root):
-    if ins[0][1] and ins[1][1] and not _inside(stack, covered):
-      path = _module_of(stack, modules)
-      found.append(FloatOp(path, modules.get(path, ''), eqn.primitive.name, 0,
-                           'an activation x activation matmul outside a recognised attention '
-                           'module (nn.MultiHeadDotProductAttention / nnx.MultiHeadAttention '
-                           'with the default attention function)'))
   return found
 
 
@@ -165,7 +149,8 @@ def _reason(module: str) -> str:
           'jnp.dot on self.param), not in an nn.Conv / nn.Dense')
 
 
-def _sub_jaxprs(eqn) -> List[Any]:
+def sub_jaxprs(eqn) -> List[Any]:
+  """The jaxprs ``eqn`` calls (its parameters' jaxprs, closed or open)."""
   subs = []
   for value in eqn.params.values():
     for item in value if isinstance(value, (tuple, list)) else (value,):

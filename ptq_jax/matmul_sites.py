@@ -7,7 +7,8 @@ two operands both depend on the model's input, outside the layers and the recogn
 attention modules (:mod:`ptq_jax.attention_sites`). It is named by the module path where
 it runs and its index among that module's sites, ``'encoder/attn:matmul0'``. Sites are
 found here, from the program alone (this module imports nothing of the library but the
-NNX bridge); :mod:`ptq_jax.quant.matmuls` quantizes them.
+NNX bridge and the program walkers of ``float_ops``); :mod:`ptq_jax.quant.matmuls`
+quantizes them.
 
 A site inside a loop or a branch (``scan``, ``while``, ``cond``) cannot be reached by
 evaluating the program equation by equation and is listed apart (:func:`loop_sites`).
@@ -22,6 +23,7 @@ import jax
 import jax.extend.core as jex
 import numpy as np
 
+from ptq_jax.float_ops import inside as _inside, relative_stack, sub_jaxprs
 from ptq_jax.nnx_bridge import NNXModel
 
 # Programs called inside the model that are evaluated inline when they hold a site.
@@ -58,15 +60,6 @@ def scoped_modules(model: Any) -> Dict[str, str]:
   return {}
 
 
-def _relative(stack: str, root: str) -> str:
-  """A name stack relative to the model: empty scopes and its leading ``root`` scopes
-  dropped."""
-  parts = [p for p in stack.split('/') if p]
-  while parts and parts[0] == root:
-    parts = parts[1:]
-  return '/'.join(parts)
-
-
 def _module_of(stack: str, modules: Mapping[str, str]) -> str:
   """The deepest known module path prefixing ``stack``; else (a module the tracer did not
   see, such as one inside ``nn.scan``) its leading scopes that are Python names (an
@@ -81,10 +74,6 @@ def _module_of(stack: str, modules: Mapping[str, str]) -> str:
       break
     names.append(part)
   return '/'.join(names)
-
-
-def _inside(path: str, covered: Sequence[str]) -> bool:
-  return any(path == c or path.startswith(c + '/') for c in covered)
 
 
 def inline_call(eqn) -> Optional[Tuple[Any, Sequence[Any]]]:
@@ -102,17 +91,6 @@ def inline_call(eqn) -> Optional[Tuple[Any, Sequence[Any]]]:
     if len(inner[0].invars) == len(eqn.invars) and len(inner[0].outvars) == len(eqn.outvars):
       return inner
   return None
-
-
-def _nested(eqn) -> List[Any]:
-  subs = []
-  for value in eqn.params.values():
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-      if isinstance(item, jex.ClosedJaxpr):
-        subs.append(item.jaxpr)
-      elif isinstance(item, jex.Jaxpr):
-        subs.append(item)
-  return subs
 
 
 @dataclasses.dataclass
@@ -138,7 +116,7 @@ def program_sites(closed: Any, data_mask: Sequence[bool], root: str, covered: It
     holds = False
     for eqn in jaxpr.eqns:
       ins = [flag(v) for v in eqn.invars]
-      stack = _relative(prefix + str(eqn.source_info.name_stack), root)
+      stack = relative_stack(prefix + str(eqn.source_info.name_stack), root)
       if eqn.primitive.name == 'dot_general' and ins[0] and ins[1]:
         path = _module_of(stack, modules)
         if not _inside(path, covered):
@@ -160,7 +138,7 @@ def program_sites(closed: Any, data_mask: Sequence[bool], root: str, covered: It
           found.inline.add(id(eqn))
           holds = True
       else:
-        for inner in _nested(eqn):
+        for inner in sub_jaxprs(eqn):
           same = len(inner.invars) == len(ins)
           walk(inner, ins if same else [any(ins)] * len(inner.invars), stack + '/',
                inside or eqn.primitive.name)

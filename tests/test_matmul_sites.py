@@ -181,7 +181,7 @@ def test_matmul_sites_are_optimised_and_never_made_worse():
   state = calibrate_attention(prepared, state, 4)
   config = ptq_jax.AdaQuantConfig(iterations=30, batch_size=16)
   fitted, rows = optimize_attention(prepared, state, config, jax.random.key(0))
-  assert [r['path'] for r in rows] == sorted(prepared_names(prepared))
+  assert [r["path"] for r in rows] == sorted(site.name for site in prepared.matmul_sites)
   assert all(r['kind'] == 'matmul' and r['optimised'] for r in rows)
   assert all(r['rel_error_after'] <= r['rel_error_before'] for r in rows)
   assert any(r['rel_error_after'] < r['rel_error_before'] for r in rows)
@@ -189,6 +189,3 @@ def test_matmul_sites_are_optimised_and_never_made_worse():
   assert all(float(fitted[p].lhs.range) != float(state[p].lhs.range)
              or float(fitted[p].rhs.range) != float(state[p].rhs.range) for p in changed)
 
-
-def prepared_names(prepared):
-  return [s.name for s in prepared.matmul_sites]

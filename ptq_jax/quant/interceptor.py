@@ -202,12 +202,12 @@ def apply_quantized(model: nn.Module, variables: Mapping[str, Any],
                                                on_operand, attention_fn)):
       return model.apply(variables, x, **kwargs)
   modules: Dict[str, str] = dict(scoped_modules(model))
-  covered = []
+  covered = set()
 
   def on_module(path, module):
     modules.setdefault(path, type(module).__name__)
     if isinstance(module, (AttentionCore, LAYER_TYPES)) or is_linen_site(module):
-      covered.append(path)
+      covered.add(path)
 
   def run(x, on_layer_, on_operand_):
     with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer_, layer_output,
