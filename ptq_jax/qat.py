@@ -103,7 +103,7 @@ def _train_step(qm: QuantizedModel, preprocess, config: QATConfig, steps: int, k
   groups = {path: jax.tree.map(lambda _: 'ranges', lq) if isinstance(lq, (AttentionQuant, MatmulQuant))
             else LayerQuant('weights', 'weights', _ranges(lq.w_quant), _ranges(lq.a_quant),
                             None if lq.smooth is None else 'ranges',
-                            tuple(_ranges(q) for q in lq.site_a_quants))
+                            tuple(_ranges(q) for q in lq.site_a_quants), lq.view)
             for path, lq in qm.qstate.items()}
   tx = optax.multi_transform(
       {'weights': optax.adam(optax.cosine_decay_schedule(config.learning_rate, steps)),

@@ -201,7 +201,8 @@ class QuantizedModel:
                                  f'{sorted(set(qtree) ^ (paths | set(matmul_bits)))[:5]} do not '
                                  'match.')
     qstate = {l.path: checked_layer(qtree[l.path], l, bits[l.path],
-                                    (weight_symmetric, symmetric), path, fix)
+                                    (weight_symmetric, symmetric), path, fix
+                                    ).replace(view=l.kernel_view)
               for l in layers}
     attention = {s.path for s in traced.attention}
     qstate.update({p: checked_attention(qtree[p], p, b, path, fix, p not in attention)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -26,6 +26,7 @@ from ptq_jax.calling import inference_kwargs
 from ptq_jax.float_ops import FloatOp, find_float_ops, nested_layers, relative_stack
 from ptq_jax.linear import LayerGeometry, dense_general_view, einsum_view, geometry_of
 from ptq_jax.nnx_bridge import NNXModel
+from ptq_jax.param_views import ParamView, find_views
 from ptq_jax.attention_sites import AttentionCore, attention_fn_swapped, is_linen_site
 from ptq_jax.matmul_sites import MatmulSite, find_sites, loop_sites
 
@@ -48,6 +49,10 @@ class LayerInfo:
   bn_epsilon: Optional[float] = None
   activation: str = 'none'         # 'relu' / 'relu6' if the (BN-)output feeds one directly
   sites: int = 1                   # calls per forward pass (> 1: shared weights)
+  # A layer applied with explicitly passed parameters (a tied head): how its kernel is
+  # made from another parameter (ptq_jax.param_views); None for a layer's own kernel.
+  kernel_view: Optional[ParamView] = None
+  bias_view: Optional[ParamView] = None
 
 
 def _conv_info(module: nn.Conv, path: str, x, y, variables) -> LayerInfo:
@@ -282,21 +287,15 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
   kept = [single[l.path] if l.path not in shared
           else dataclasses.replace(l, sites=calls[l.path], macs=l.macs * calls[l.path])
           for l in layers if l.path not in mismatched and l.path not in nested]
+  views = (explicit_views(model, variables, x, seen.explicit, **apply_kwargs)
+           if seen.explicit else {})
+  kept, untied = _with_views(kept, views, seen.modules)
   leaves = jax.tree_util.tree_flatten_with_path((variables, x))[0]
   is_param = [len(k) > 1 and getattr(k[0], 'idx', None) == 0
               and getattr(k[1], 'key', None) == 'params' for k, _ in leaves]
   is_data = [getattr(k[0], 'idx', None) == 1 for k, _ in leaves]
-  float_ops = [FloatOp(l.path, seen.modules.get(l.path, ''), 'module call', l.params,
-                       f'called {calls[l.path]} times with different input shapes (shared '
-                       'weights are quantized when every call has the same input shape)')
-               for l in layers if l.path in mismatched]
-  float_ops += [FloatOp(l.path, seen.modules.get(l.path, ''), 'module call', l.params,
-                       f'runs inside a {nested[l.path]} program (nn.scan, nn.remat or a loop), '
-                       'where ptq_jax cannot capture a layer\'s inputs; quantize the model '
-                       'written without that transform (the same parameters)')
-                for l in layers if l.path in nested and l.path not in mismatched]
-  float_ops += [_named_explicit(op, seen.explicit)
-                for op in find_float_ops(closed, is_param, is_data, root, calls, seen.modules)]
+  float_ops = (_unquantized_calls(seen, mismatched, nested) + untied
+               + find_float_ops(closed, is_param, is_data, root, calls, seen.modules))
   attention = [s for p, s in seen.sites.items() if seen.site_calls[p] == 1]
   seen.modules.update({p: 'attention' for p in seen.sites if p not in seen.modules})
   sites = find_sites(closed, is_data, root, list(calls) + list(seen.sites), seen.modules)
@@ -311,16 +310,101 @@ def trace_model(model: nn.Module, variables: Dict[str, Any], x: Any,
   return Traced(kept, float_ops, attention, other, [s for s in sites if not s.inside])
 
 
-def _named_explicit(op: FloatOp, explicit: Dict[str, str]) -> FloatOp:
-  """A top-level float operation named after the submodule(s) applied with explicit
-  parameters, which compute there (their own scope is not the model's)."""
-  if op.path or not explicit:
-    return op
-  return dataclasses.replace(
-      op, path=' or '.join(explicit), module='/'.join(sorted(set(explicit.values()))),
-      reason=f'{" or ".join(explicit)} is applied with explicitly passed parameters (e.g. a '
-             'tied head, module.apply({"params": ...}, x)): its kernel is computed from the '
-             "model's parameters, not one of them, so ptq_jax has no kernel to quantize")
+def _unquantized_calls(seen: '_Calls', mismatched: set, nested: Dict[str, str]
+                       ) -> List[FloatOp]:
+  """The traced layers that are not quantized: a shared layer called with different
+  input shapes, a layer inside a loop body or rematerialised function."""
+  ops = [FloatOp(l.path, seen.modules.get(l.path, ''), 'module call', l.params,
+                 f'called {seen.calls[l.path]} times with different input shapes (shared '
+                 'weights are quantized when every call has the same input shape)')
+         for l in seen.layers if l.path in mismatched]
+  return ops + [FloatOp(l.path, seen.modules.get(l.path, ''), 'module call', l.params,
+                        f'runs inside a {nested[l.path]} program (nn.scan, nn.remat or a '
+                        'loop), where ptq_jax cannot capture a layer\'s inputs; quantize the '
+                        'model written without that transform (the same parameters)')
+                for l in seen.layers if l.path in nested and l.path not in mismatched]
+
+
+def _with_views(layers: List[LayerInfo], views: Dict[str, Any], modules: Dict[str, str]
+                ) -> Tuple[List[LayerInfo], List[FloatOp]]:
+  """The layers applied with explicitly passed parameters, given their kernel's (and
+  bias's) :class:`ParamView`; float operations instead where a passed parameter is no
+  view of one parameter, or its parameter is already another layer's kernel."""
+  owned = {f'{l.path}/kernel' for l in layers if f'{l.path}/kernel' not in views}
+  kept, refused = [], []
+  for layer in layers:
+    kernel, bias = views.get(f'{layer.path}/kernel'), views.get(f'{layer.path}/bias')
+    if kernel is None:   # (its own kernel)
+      kept.append(layer)
+      continue
+    why = next((f'its {name} {v}' for name, v in (('kernel', kernel), ('bias', bias))
+                if isinstance(v, str)), None)
+    if why is None and kernel.name in owned:
+      why = (f'its kernel is {kernel.name}, which another layer quantizes with its own '
+             'weight quantizer')
+    if why is None:
+      owned.add(kernel.name)
+      kept.append(dataclasses.replace(layer, kernel_view=kernel, bias_view=bias))
+    else:
+      refused.append(FloatOp(
+          layer.path, modules.get(layer.path, ''), 'module call', layer.params,
+          f'{layer.path} is applied with explicitly passed parameters and {why}; ptq_jax '
+          'quantizes such a layer (a tied head) when its kernel is a transpose or reshape '
+          'of one parameter that no other layer uses as its kernel'))
+  return kept, refused
+
+
+class CallPaths:
+  """The path at which each intercepted module call runs (an interceptor enters and
+  exits it around every call): the module's own path, or for a module applied with
+  explicitly passed parameters (``self.head.apply({'params': ...}, x)``, whose own path
+  is empty) the caller's path joined with its name, its submodules below that."""
+
+  def __init__(self):
+    self.stack: List[str] = []
+    self.roots: Dict[int, str] = {}   # id(root scope of an explicit apply) -> its path
+
+  def enter(self, module: nn.Module) -> Tuple[str, bool]:
+    """``(path, explicit)`` of this call: explicit if applied with passed parameters."""
+    if not self.stack:
+      self.roots = {}   # the outermost call: the model itself
+    root = id(module.scope.root) if module.scope is not None else 0
+    if not module.path and module.name is not None and root not in self.roots:
+      parent = self.stack[-1] if self.stack else ''   # (applied inside its caller)
+      self.roots[root] = f'{parent}/{module.name}' if parent else module.name
+    prefix = self.roots.get(root, '')
+    path = '/'.join(p for p in (prefix, *module.path) if p)
+    self.stack.append(path)
+    return path, bool(prefix)
+
+  def exit(self) -> None:
+    self.stack.pop()
+
+
+def explicit_views(model: nn.Module, variables: Mapping[str, Any], x: Any,
+                   paths: Sequence[str], **apply_kwargs) -> Dict[str, Any]:
+  """``'path/kernel'`` (and ``'path/bias'``) -> the :class:`ParamView` making that
+  explicitly passed parameter of the layer applied at ``path``, or why it is not one."""
+  wanted = set(paths)
+
+  def passed(variables):
+    calls, got = CallPaths(), {}
+
+    def intercept(next_fun, args, kwargs, context):
+      path, explicit = calls.enter(context.module)
+      try:
+        if explicit and path in wanted and context.method_name == '__call__':
+          for name, value in context.module.variables.get('params', {}).items():
+            got.setdefault(f'{path}/{name}', value)
+        return next_fun(*args, **kwargs)
+      finally:
+        calls.exit()
+
+    with nn.intercept_methods(intercept):
+      model.apply(variables, x, **{**inference_kwargs(model), **apply_kwargs})
+    return got
+
+  return find_views(passed, variables)
 
 
 class _Calls:
@@ -338,18 +422,20 @@ class _Calls:
     self.sites: Dict[str, AttentionSite] = {}
     self.site_calls: Dict[str, int] = {}
     self.shapes: Dict[str, set] = {}    # layer path -> {(input shape, geometry)} over calls
-    # Submodules applied with explicitly passed parameters (``self.head.apply({'params':
-    # ...}, x)``, a tied head): name -> class. Their kernels are not the model's leaves.
-    self.explicit: Dict[str, str] = {}
+    # Layers applied with explicitly passed parameters (a tied head): their paths.
+    self.explicit: List[str] = []
+    self.paths = CallPaths()
 
   def intercept(self, next_fun, args, kwargs, context):
     """The ``nn.intercept_methods`` interceptor: records the call, changes nothing."""
+    path, explicit = self.paths.enter(context.module)
+    try:
+      return self._record(next_fun, args, kwargs, context, path, explicit)
+    finally:
+      self.paths.exit()
+
+  def _record(self, next_fun, args, kwargs, context, path: str, explicit: bool):
     module = context.module
-    path = '/'.join(module.path)
-    if not module.path and module.name is not None:   # applied with explicit parameters
-      if context.method_name == '__call__':
-        self.explicit.setdefault(module.name, type(module).__name__)
-      return next_fun(*args, **kwargs)
     if context.method_name == '__call__' and isinstance(module, AttentionCore):
       self.site_calls[path] = self.site_calls.get(path, 0) + 1
       self.sites.setdefault(path, _site(path, args, kwargs))
@@ -362,7 +448,7 @@ class _Calls:
       return y
     self.modules.setdefault(path, type(module).__name__)
     if isinstance(module, nn.BatchNorm):
-      producer = self.outputs.get(id(args[0]))
+      producer = None if explicit else self.outputs.get(id(args[0]))
       if (producer is not None and producer not in self.bn_of
           and _normalises_last_axis(module, np.ndim(args[0]))):
         self.bn_of[producer] = path
@@ -372,16 +458,18 @@ class _Calls:
       if isinstance(module, cls):
         info = handler(module, path, args[0], y, module.variables['params'])
         if info is not None:   # (None: not a layer this library quantizes: a float op)
-          self._layer(path, info, y)
+          self._layer(path, info, y, explicit)
         break
     return y
 
-  def _layer(self, path: str, info: LayerInfo, y) -> None:
+  def _layer(self, path: str, info: LayerInfo, y, explicit: bool) -> None:
     self.calls[path] = self.calls.get(path, 0) + 1
     self.shapes.setdefault(path, set()).add((info.input_shape, info.geometry))
     if self.calls[path] == 1:
       self.layers.append(info)
-      if info.kernel_shape[-1] == np.shape(y)[-1]:   # features last: BN may fold
+      if explicit:   # (its kernel is another parameter's view: no BatchNorm folds into it)
+        self.explicit.append(path)
+      elif info.kernel_shape[-1] == np.shape(y)[-1]:   # features last: BN may fold
         self.outputs[id(y)] = path
 
   def _recorder(self, path: str, original):

@@ -406,35 +406,3 @@ def test_pipelines_and_mixed_precision_take_a_range_config():
     ptq_jax.run_pipeline(model, variables, x, 'light', ranges=3, progress=False)
 
 
-class TiedLM(nn.Module):
-  """A language model whose head is the embedding, applied with explicit parameters (as
-  public LM code writes it)."""
-
-  def setup(self):
-    self.embed = nn.Embed(50, 16)
-    self.body = nn.Dense(16)
-    self.decoder = nn.Dense(50, use_bias=False)
-
-  def __call__(self, x):
-    h = jnp.tanh(self.body(self.embed(x.astype(jnp.int32))))
-    return self.decoder.apply({'params': {'kernel': self.embed.embedding.T}}, h)
-
-
-def test_a_head_applied_with_explicit_parameters_is_named_and_kept_float_on_request():
-  """Catches the tied head traced as a layer at the top level (named '<top level>', and
-  a raw KeyError in folding with keep_float): it is refused by its module's name, and
-  with keep_float computed in float exactly, the rest quantized."""
-  x = np.random.default_rng(0).integers(0, 50, size=(32, 8)).astype(np.float32)
-  model = TiedLM()
-  variables = model.init(jax.random.key(0), x)
-  with pytest.raises(UnsupportedLayerError, match='decoder .*explicitly passed parameters'):
-    ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False)
-  with pytest.warns(UserWarning, match='Kept in float32'):
-    qm = ptq_jax.quantize(model, variables, x, w_bits=8, a_bits=8, progress=False,
-                          unsupported='keep_float', overrides={'body': {'w_bits': None,
-                                                                        'a_bits': None}})
-  assert [l.path for l in qm.layers] == ['body'] and qm.float_ops[0].path == 'decoder'
-  assert qm.float_ops[0].params == 50 * 16   # (the tied kernel, counted once)
-  np.testing.assert_allclose(qm.apply(x), model.apply(variables, x), rtol=1e-5, atol=1e-5)
-
-

@@ -125,6 +125,15 @@ def centered_weights(layer: IntegerLayer) -> jnp.ndarray:
   return codes - jnp.asarray(layer.w_zero_point, jnp.int16)
 
 
+def dequantized_weights(layer: IntegerLayer) -> jnp.ndarray:
+  """The float kernel the layer's codes stand for (divided back by any smoothing): what
+  a tied layer writes into the parameter it shares."""
+  if layer.w_bits is None:
+    return jnp.asarray(layer.float_kernel)
+  kernel = centered_weights(layer).astype(jnp.float32) * jnp.asarray(layer.w_scale)
+  return kernel if layer.smooth is None else kernel / jnp.asarray(layer.smooth)[:, None]
+
+
 def centered_input(codes: InputCodes, x: jnp.ndarray) -> jnp.ndarray:
   """The input's codes minus its zero point (int32), exactly as the simulation rounds:
   ``clip(round(x / s) + zp, 0, code_max) - zp``."""

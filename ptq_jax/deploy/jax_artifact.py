@@ -30,7 +30,8 @@ import numpy as np
 from jax import export as jax_export
 
 from ptq_jax.checkpoint import CheckpointError
-from ptq_jax.deploy.integer import (CPU_ARITHMETIC, IntegerLayer, integer_attention,
+from ptq_jax.deploy.integer import (CPU_ARITHMETIC, IntegerLayer, dequantized_weights,
+                                    integer_attention,
                                     integer_layer, integer_matmul, integer_output,
                                     uses_integer_arithmetic)
 from ptq_jax.io import atomic_write_bytes, atomic_write_json, check_output_file
@@ -79,7 +80,8 @@ def integer_program(qmodel: Any, cpu: str = 'float'
 
   def forward(x):   # (the layers' float kernels are never read, so never in the program)
     return apply_quantized(model, variables, qstate, folded, x, layer_output=layer_output,
-                           attention_fn=attention, matmul=matmul)
+                           attention_fn=attention, matmul=matmul,
+                           tied_weight=lambda path, lq: dequantized_weights(layers[path]))
   return forward, layers
 
 

@@ -34,7 +34,12 @@ def get_path(tree: Mapping[str, Any], path: str) -> Any:
 
 def fold_layer(layer: LayerInfo, variables: Mapping[str, Any]) -> FoldedLayer:
   """The folded kernel and bias of one layer."""
-  params = get_path(variables['params'], layer.path)
+  if layer.kernel_view is not None:   # a tied layer: its kernel views another parameter
+    params = {'kernel': layer.kernel_view.of(variables['params'])}
+    if layer.bias_view is not None:
+      params['bias'] = layer.bias_view.of(variables['params'])
+  else:
+    params = get_path(variables['params'], layer.path)
   # (A DenseGeneral's kernel is viewed as the layer's (in, out) matrix.)
   kernel = jnp.asarray(params['kernel'], jnp.float32).reshape(layer.kernel_shape)
   bias = jnp.asarray(params['bias'], jnp.float32).reshape(-1) if 'bias' in params else \

@@ -24,7 +24,8 @@ from ptq_jax.quant.attention import AttentionQuant, quantized_attention
 from ptq_jax.matmul_sites import model_root, scoped_modules
 from ptq_jax.quant.matmuls import MatmulQuant, apply_with_sites, quantized_matmul
 from ptq_jax.quant.quantizer import QuantizerState, fake_quant, reshape_for
-from ptq_jax.trace import LAYER_TYPES
+from ptq_jax.param_views import ParamView
+from ptq_jax.trace import LAYER_TYPES, CallPaths
 
 
 @struct.dataclass
@@ -41,6 +42,10 @@ class LayerQuant:
   # A layer called at several sites (shared weights): the input quantizers of its 2nd,
   # 3rd, ... call (``a_quant`` is the first's); empty for a layer called once.
   site_a_quants: Tuple[Optional[QuantizerState], ...] = ()
+  # A tied layer (applied with another parameter's view as its kernel): that view. Its
+  # quantized kernel is written back into the parameter, so every other use of it (the
+  # embedding lookup) reads the same quantized weights. None: the layer's own kernel.
+  view: Optional[ParamView] = struct.field(pytree_node=False, default=None)
 
   def for_site(self, site: int) -> 'LayerQuant':
     """The layer as its ``site``-th call (0-based) computes it: its own input quantizer,
@@ -77,6 +82,30 @@ def quantized_weight(lq: LayerQuant) -> jnp.ndarray:
   if lq.w_quant is None:
     return kernel
   return fake_quant(kernel, reshape_for(lq.w_quant, kernel.ndim))
+
+
+def effective_weight(lq: LayerQuant) -> jnp.ndarray:
+  """The kernel the layer computes with in float terms: ``Q(s W) / s`` (``W`` for float
+  weights); what a tied layer writes back into its parameter."""
+  weight = quantized_weight(lq)
+  return weight if lq.smooth is None else weight / lq.smooth[:, None]
+
+
+def tied_variables(variables: Mapping[str, Any], qstate: Mapping[str, Any],
+                   weight: Callable[[str, LayerQuant], jnp.ndarray] = None
+                   ) -> Mapping[str, Any]:
+  """``variables`` with each tied layer's weight (``weight(path, lq)``, default
+  :func:`effective_weight`) written back into the parameter its kernel views
+  (unchanged when ``qstate`` has no tied layer, or its weights are float)."""
+  tied = {p: lq for p, lq in layer_states(qstate).items()
+          if lq.view is not None and lq.w_quant is not None}
+  if not tied:
+    return variables
+  params = variables['params']
+  for path, lq in tied.items():
+    params = lq.view.write(params, effective_weight(lq) if weight is None
+                           else weight(path, lq))
+  return {**variables, 'params': params}
 
 
 def quantized_input(lq: LayerQuant, x: jnp.ndarray) -> jnp.ndarray:
@@ -143,6 +172,7 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
     layer_output = lambda path, module, x, site: quantized_layer_output(
         module, qstate[path].for_site(site), x)
   calls: Dict[str, int] = {}   # per traced forward pass: a layer's calls so far
+  paths = CallPaths()
 
   def attention(path: str):
     """The attention function of site ``path``, or None to leave it untouched."""
@@ -154,10 +184,16 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
         *a, quant=quant if isinstance(quant, AttentionQuant) else None, on_operand=hook, **k)
 
   def interceptor(next_fun, args, kwargs, context):
+    path, _ = paths.enter(context.module)
+    try:
+      return intercepted(next_fun, args, kwargs, context, path)
+    finally:
+      paths.exit()
+
+  def intercepted(next_fun, args, kwargs, context, path):
     module = context.module
-    if context.method_name != '__call__' or not args or not module.path:
+    if context.method_name != '__call__' or not args or not path:
       return next_fun(*args, **kwargs)
-    path = '/'.join(module.path)
     if on_module is not None:
       on_module(path, module)
     if isinstance(module, AttentionCore) or is_linen_site(module):
@@ -188,14 +224,19 @@ def apply_quantized(model: nn.Module, variables: Mapping[str, Any],
                     x: jnp.ndarray, on_layer=None, layer_output=None, on_operand=None,
                     attention_fn: Callable = quantized_attention,
                     matmul: Callable = quantized_matmul, matmul_operands: bool = True,
+                    tied_weight: Optional[Callable[[str, LayerQuant], jnp.ndarray]] = None,
                     **apply_kwargs) -> jnp.ndarray:
   """Runs ``model`` on ``x`` with every layer, attention site and matmul site in
   ``qstate`` quantized (hooks as :func:`make_interceptor`'s; ``on_operand`` also sees the
   matmul sites' operands, :mod:`ptq_jax.matmul_sites`). ``attention_fn`` and ``matmul``
   compute a quantized attention site and matmul site (:mod:`ptq_jax.quant.matmuls`).
   ``matmul_operands=False``: ``on_operand`` sees the attention sites' operands only (the
-  program is not evaluated for matmul sites unless ``qstate`` quantizes one)."""
+  program is not evaluated for matmul sites unless ``qstate`` quantizes one).
+  A tied layer's quantized weight (``tied_weight(path, lq)``, default
+  :func:`effective_weight`) replaces the parameter its kernel views
+  (:func:`tied_variables`)."""
   kwargs = {**inference_kwargs(model), **apply_kwargs}
+  variables = tied_variables(variables, qstate, tied_weight)
   sites = {p: q for p, q in qstate.items() if isinstance(q, MatmulQuant)}
   if not sites and (on_operand is None or not matmul_operands):
     with nn.intercept_methods(make_interceptor(qstate, folded_bns, on_layer, layer_output,

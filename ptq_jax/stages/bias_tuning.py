@@ -50,7 +50,7 @@ def _labels(qstate: Mapping[str, LayerQuant], target: str, tune_quantizers: bool
       return jax.tree.map(lambda _: 'train' if tune_quantizers else 'freeze', lq)
     return LayerQuant('train' if target == 'all' else 'freeze', 'train', quant(lq.w_quant),
                       quant(lq.a_quant), None if lq.smooth is None else 'freeze',
-                      tuple(quant(q) for q in lq.site_a_quants))
+                      tuple(quant(q) for q in lq.site_a_quants), lq.view)
   return {p: labels(lq) for p, lq in qstate.items()}
 
 

@@ -114,7 +114,8 @@ def prepare(model: Any, variables: Optional[Mapping[str, Any]] = None, calib: An
   if not layers:
     raise ValueError('The model has no nn.Conv or nn.Dense layer to quantize.')
   folded = fold_batchnorm(layers, variables)
-  float_state = {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias) for l in layers}
+  float_state = {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias,
+                                    view=l.kernel_view) for l in layers}
   return Prepared(model, dict(variables), tuple(layers), float_state, images, model_name,
                   tuple(traced.float_ops) + (tuple(traced.other_matmuls) if quantize_matmuls
                                              else ()), tuple(traced.attention),

@@ -169,7 +169,8 @@ def calibrate_ranges(prepared: Prepared, bits: LayerBits,
                                          config.percentile)
   return {l.path: LayerQuant(folded[l.path].kernel, folded[l.path].bias,
                              w_quants.get(l.path), a_quants.get(l.path), smooth.get(l.path),
-                             tuple(a_quants.get(site_key(l.path, s)) for s in range(1, l.sites)))
+                             tuple(a_quants.get(site_key(l.path, s)) for s in range(1, l.sites)),
+                             l.kernel_view)
           for l in prepared.layers}
 
 

@@ -95,8 +95,9 @@ def _gated_output(float_state, option_state, gates):
 
 def _loss_sum(logits, target, loss, n_valid):
   """The summed loss of the first ``n_valid`` rows (the rest is batch padding)."""
-  if loss == 'kl':
+  if loss == 'kl':   # (an output per position, a language model's: summed per example)
     per_row = kl_per_row(target, logits)
+    per_row = per_row.reshape(per_row.shape[0], -1).sum(axis=1)
   else:
     per_row = -jnp.take_along_axis(jax.nn.log_softmax(logits), target[:, None], axis=-1)[:, 0]
   return jnp.sum(jnp.where(jnp.arange(per_row.shape[0]) < n_valid, per_row, 0.0))

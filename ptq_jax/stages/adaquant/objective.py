@@ -27,7 +27,7 @@ def param_labels(lq: LayerQuant) -> LayerQuant:
     return None if q is None else q.replace(range=name, low=name)
   return LayerQuant('kernel', 'bias', group(lq.w_quant, 'w_quant'), group(lq.a_quant, 'a_quant'),
                     None if lq.smooth is None else 'frozen',
-                    tuple(group(q, 'a_quant') for q in lq.site_a_quants))
+                    tuple(group(q, 'a_quant') for q in lq.site_a_quants), lq.view)
 
 
 def make_optimizer(rates: jnp.ndarray, labels: LayerQuant, schedule: str
