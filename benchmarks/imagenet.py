@@ -41,6 +41,9 @@ flags.DEFINE_list('models', ['mobilenet_v2', 'efficientnet_lite0'], 'Models.')
 flags.DEFINE_list('runs', ['fp32', 'ptq', 'mixed', 'parallel', 'sequential', 'best'], 'Runs.')
 flags.DEFINE_list('bits', ['W8A8', 'W4A8', 'W4A4'], 'Fixed bit widths of the ptq run.')
 flags.DEFINE_list('adaquant_bits', ['W4A8', 'W4A4'], 'Bit widths of the AdaQuant runs.')
+flags.DEFINE_list('best_bits', ['W4A4'], 'Bit widths of the best-recipe run.')
+flags.DEFINE_enum('act_ranges', 'minmax', ['minmax', 'mse'],
+                  'Activation range initialisation of the AdaQuant runs (weights: min/max).')
 flags.DEFINE_integer('calib_size', 256, 'Unlabelled Debian photos for calibration.')
 flags.DEFINE_integer('iterations', 1000, 'AdaQuant iterations per layer or block.')
 flags.DEFINE_integer('batch_size', 32, 'AdaQuant batch size.')
@@ -111,7 +114,8 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
   for run, pipeline, bits_list, kwargs in (
       ('parallel', 'advanced', FLAGS.adaquant_bits, {}),
       ('sequential', 'sequential', FLAGS.adaquant_bits, {}),
-      ('best', 'sequential', ['W4A4'], dict(unit='block', rounding='learned', drop_prob=0.5))):
+      ('best', 'sequential', FLAGS.best_bits,
+       dict(unit='block', rounding='learned', drop_prob=0.5))):
     if run not in runs:
       continue
     for bits in bits_list:
@@ -119,8 +123,11 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
       label = {'parallel': 'AdaQuant parallel (paper), advanced',
                'sequential': 'AdaQuant sequential (paper), BN + bias tuning',
                'best': 'block-wise learned rounding, QDrop, guards'}[run]
+      if FLAGS.act_ranges != 'minmax':
+        label += f', {FLAGS.act_ranges.upper()} activation ranges'
       yield label, bits, lambda w=w, a=a, pipeline=pipeline, kwargs=kwargs: ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=w, a_bits=a, first_last_bits=8,
+          ranges=ptq_jax.RangeConfig(method=FLAGS.act_ranges, weight_method='minmax'),
           adaquant=config(**kwargs), stage_guard=run == 'best', bn_target='fp',
           bias_steps=FLAGS.bias_steps,
           model_name=name, progress=False)

@@ -19,6 +19,7 @@ Debian photos (as ``benchmarks/imagenet.py`` calibrates):
   reconstruction recovers 4-bit inputs when the weights are not the problem.
 
   python benchmarks/imagenet_ablation.py
+  python benchmarks/imagenet_ablation.py --parts=sensitivity --act_ranges=mse
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ flags.DEFINE_list('keep', ['0', '1', '2', '4', '8', '16'], 'k: most sensitive la
 flags.DEFINE_list('parts', ['sensitivity', 'keep', 'per_channel', 'reconstruct'],
                   'Which rows to (re)measure.')
 flags.DEFINE_integer('reconstruct_iterations', 200, 'AdaQuant iterations per block.')
+flags.DEFINE_enum('act_ranges', 'minmax', ['minmax', 'mse'],
+                  'Activation range initialisation of the sensitivity rows (weights: min/max).')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 FLAGS = flags.FLAGS
 NAME = 'imagenet_ablation'
@@ -70,6 +73,8 @@ def sensitivity_rows(model, variables, calib) -> Tuple[List[Dict[str, Any]], Lis
   for option in options:
     options[option] = ptq_jax.quantize(model, variables, calib, w_bits=option[0],
                                        a_bits=option[1], first_last_bits=None,
+                                       ranges=ptq_jax.RangeConfig(FLAGS.act_ranges,
+                                                                  weight_method='minmax'),
                                        model_name='mobilenet_v2', progress=False)
   prepared = prepare(model, variables, calib[:FLAGS.sensitivity_images], progress=False)
   table = sensitivity_table(prepared, {o: q.qstate for o, q in options.items()})
@@ -79,7 +84,9 @@ def sensitivity_rows(model, variables, calib) -> Tuple[List[Dict[str, Any]], Lis
   rows = []
   for i, path in enumerate(table.paths):
     a = state[path].a_quant
-    rows.append({'model': 'mobilenet_v2', 'stage': 'sensitivity', 'layer': path,
+    stage = 'sensitivity' + ('' if FLAGS.act_ranges == 'minmax' else
+                             f', {FLAGS.act_ranges.upper()} activation ranges')
+    rows.append({'model': 'mobilenet_v2', 'stage': stage, 'layer': path,
                  'kind': kinds[path], 'calib_size': FLAGS.sensitivity_images,
                  'input_low': round(float(a.low), 3),
                  'input_high': round(float(a.low + a.range), 3),
@@ -161,7 +168,8 @@ def main(_):
                       '`sensitivity`: KL(FP32 || model) on the calibration photos with only '
                       'that layer quantized (W8A4: its input at 4 bits; W4A8: its weights at '
                       '4 bits), every other layer float; `input_low`/`input_high`: its '
-                      '4-bit input range; `channels_under_...`: input channels whose max |x| '
+                      '4-bit input range (`MSE activation ranges`: from the MSE search, '
+                      'weights still min/max); `channels_under_...`: input channels whose max |x| '
                       '(calibration photos) is under half a 4-bit step of that range (every '
                       'value rounds to the zero point) or under two steps. `keep_a8 k`: every layer quantized (first and last '
                       '8-bit) but the k most W8A4-sensitive layers with 8-bit inputs; '

@@ -3,6 +3,8 @@
   python benchmarks/reconstruction.py                     # ResNet-20, W4A4 and W2A4
   python benchmarks/reconstruction.py --models=resnet20,mobilenet_v2_fmnist --bits=4/4,2/4
   python benchmarks/reconstruction.py --start=mse       # every method from MSE ranges
+  python benchmarks/reconstruction.py --first_last_bits=0 --input_bits=0,8   # all layers 4-bit,
+                                                        # input 4-bit / kept 8-bit
 
 For each model and bit width (first and last layer 8-bit): the starting point
 (calibrated min/max or, with --start=mse, MSE ranges), then each reconstruction method
@@ -17,6 +19,7 @@ results/reconstruction.{json,md} by (model, start, method, bits, mode, iteration
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 
@@ -63,6 +66,8 @@ flags.DEFINE_enum('start', 'minmax', ['minmax', 'mse'], 'Range initialisation ev
 flags.DEFINE_integer('iterations', 1000, 'AdaQuant iterations per layer (or block).')
 flags.DEFINE_integer('first_last_bits', 8, 'Bits of the first and last layer; 0: the same as '
                      'every other layer.')
+flags.DEFINE_list('input_bits', ['0'], "Bits of the network input (the first layer's input), "
+                  'each a run; 0: as the first layer is quantized. The image is 8-bit data.')
 flags.DEFINE_integer('calib_size', 1000, 'Calibration images.')
 flags.DEFINE_integer('val_size', 5000, 'Held-out train images for validation.')
 flags.DEFINE_integer('seed', 0, 'Calibration sample and AdaQuant seed.')
@@ -87,9 +92,14 @@ def main(_):
     model, variables, _ = ptq_jax.load_model(ptq_jax.bundled_checkpoints()[f'{name}_fashion_mnist'])
     fp32_test = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables, test_images),
                                           test.labels)
-    for w_bits, a_bits in bits:
+    for (w_bits, a_bits), input_bits in itertools.product(bits, map(int, FLAGS.input_bits)):
       common = dict(w_bits=w_bits, a_bits=a_bits, first_last_bits=FLAGS.first_last_bits or None,
                     progress=False, ranges=ptq_jax.RangeConfig(FLAGS.start))
+      policy = FLAGS.first_last_bits or 'alike'
+      if input_bits:   # the first layer's input at the data's own bits
+        first = ptq_jax.trace(model, variables, calib.images[:1])[0].path
+        common['overrides'] = {first: {'a_bits': input_bits}}
+        policy = f'{policy}, input {input_bits}-bit'
       start = time.time()
       base = ptq_jax.quantize(model, variables, calib, **common)
       seconds = time.time() - start
@@ -100,7 +110,7 @@ def main(_):
         start_row = method.startswith('ptq_')
         records.append({
             'model': name, 'start': FLAGS.start, 'method': method, 'w_bits': w_bits,
-            'a_bits': a_bits, 'first_last_bits': FLAGS.first_last_bits or 'alike',
+            'a_bits': a_bits, 'first_last_bits': policy,
             'mode': FLAGS.mode if not start_row else '-',
             'iterations': FLAGS.iterations if not start_row else 0,
             'calib_size': FLAGS.calib_size, 'start_val_top1_pct': round(start_val, 2),
@@ -149,7 +159,8 @@ def save(records) -> None:
                          'layers_worse_at_last_step', 'layers_guarded',
                          'mean_layer_error_ratio', 'seconds', 'device', 'command'],
                 notes='`first_last_bits`: the bits of the first and last layer (`alike`: '
-                      'the same as the others). `start`: the range initialisation '
+                      'the same as the others; `input 8-bit`: the network input, 8-bit data, '
+                      'kept at 8 bits). `start`: the range initialisation '
                       '(min/max or MSE) every method of that row begins from; `start_*`: that '
                       'calibrated start\'s accuracy. `val_top1_pct`: 5000 train images outside '
                       'the calibration set; `top1_pct`: the test split (reported, never used '

@@ -96,9 +96,9 @@ def tied_variables(variables: Mapping[str, Any], qstate: Mapping[str, Any],
                    ) -> Mapping[str, Any]:
   """``variables`` with each tied layer's weight (``weight(path, lq)``, default
   :func:`effective_weight`) written back into the parameter its kernel views
-  (unchanged when ``qstate`` has no tied layer, or its weights are float)."""
-  tied = {p: lq for p, lq in layer_states(qstate).items()
-          if lq.view is not None and lq.w_quant is not None}
+  (unchanged when ``qstate`` has no tied layer). A float kernel is written back too: a
+  stage may have changed it (bias tuning of every weight)."""
+  tied = {p: lq for p, lq in layer_states(qstate).items() if lq.view is not None}
   if not tied:
     return variables
   params = variables['params']
