@@ -19,7 +19,7 @@ Debian photos (as ``benchmarks/imagenet.py`` calibrates):
   reconstruction recovers 4-bit inputs when the weights are not the problem.
 
   python benchmarks/imagenet_ablation.py
-  python benchmarks/imagenet_ablation.py --parts=sensitivity --act_ranges=mse
+  python benchmarks/imagenet_ablation.py --parts=sensitivity,keep --act_ranges=mse
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ flags.DEFINE_list('parts', ['sensitivity', 'keep', 'per_channel', 'reconstruct']
                   'Which rows to (re)measure.')
 flags.DEFINE_integer('reconstruct_iterations', 200, 'AdaQuant iterations per block.')
 flags.DEFINE_enum('act_ranges', 'minmax', ['minmax', 'mse'],
-                  'Activation range initialisation of the sensitivity rows (weights: min/max).')
+                  'Activation range initialisation of the sensitivity and keep rows (weights: '
+                  'min/max).')
 flags.DEFINE_string('out', 'results', 'Output directory.')
 FLAGS = flags.FLAGS
 NAME = 'imagenet_ablation'
@@ -85,7 +86,7 @@ def sensitivity_rows(model, variables, calib) -> Tuple[List[Dict[str, Any]], Lis
   for i, path in enumerate(table.paths):
     a = state[path].a_quant
     stage = 'sensitivity' + ('' if FLAGS.act_ranges == 'minmax' else
-                             f', {FLAGS.act_ranges.upper()} activation ranges')
+                             f', {FLAGS.act_ranges.upper()} activation ranges')   # (as keep's)
     rows.append({'model': 'mobilenet_v2', 'stage': stage, 'layer': path,
                  'kind': kinds[path], 'calib_size': FLAGS.sensitivity_images,
                  'input_low': round(float(a.low), 3),
@@ -117,14 +118,17 @@ def main(_):
     found, order = sensitivity_rows(model, variables, calib)
     rows += found
 
+  suffix = '' if FLAGS.act_ranges == 'minmax' else f', {FLAGS.act_ranges.upper()} activation ranges'
   for w_bits in (8, 4) if 'keep' in parts else ():
     for k in (int(v) for v in FLAGS.keep):
       start = time.time()
       overrides = {p: {'a_bits': 8} for p in order[:k]}
       qmodel = ptq_jax.quantize(model, variables, calib, w_bits=w_bits, a_bits=4,
                                 first_last_bits=8, overrides=overrides or None,
+                                ranges=ptq_jax.RangeConfig(FLAGS.act_ranges,
+                                                           weight_method='minmax'),
                                 model_name='mobilenet_v2', progress=False)
-      rows.append({**common, 'stage': f'keep_a8 k={k}', 'w_bits': w_bits,
+      rows.append({**common, 'stage': f'keep_a8 k={k}{suffix}', 'w_bits': w_bits,
                    'kept_at_a8': ', '.join(order[:k]),
                    'top1_agreement_pct': agreement(qmodel, evaluation, fp32),
                    'seconds': round(time.time() - start, 1)})
