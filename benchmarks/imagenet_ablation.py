@@ -68,6 +68,13 @@ def agreement(qmodel, evaluation: np.ndarray, fp32: np.ndarray) -> float:
   return round(100 * float(np.mean(predicted == fp32)), 2)
 
 
+def ranges_suffix() -> str:
+  """What a row's stage name says of ``--act_ranges`` (nothing for min/max)."""
+  if FLAGS.act_ranges == 'minmax':
+    return ''
+  return f', {FLAGS.act_ranges.upper()} activation ranges'
+
+
 def sensitivity_rows(model, variables, calib) -> Tuple[List[Dict[str, Any]], List[str]]:
   """The per-layer rows, and the layers by decreasing W8A4 sensitivity."""
   options = {(8, 4): None, (4, 8): None}
@@ -85,9 +92,8 @@ def sensitivity_rows(model, variables, calib) -> Tuple[List[Dict[str, Any]], Lis
   rows = []
   for i, path in enumerate(table.paths):
     a = state[path].a_quant
-    stage = 'sensitivity' + ('' if FLAGS.act_ranges == 'minmax' else
-                             f', {FLAGS.act_ranges.upper()} activation ranges')   # (as keep's)
-    rows.append({'model': 'mobilenet_v2', 'stage': stage, 'layer': path,
+    rows.append({'model': 'mobilenet_v2', 'stage': 'sensitivity' + ranges_suffix(),
+                 'layer': path,
                  'kind': kinds[path], 'calib_size': FLAGS.sensitivity_images,
                  'input_low': round(float(a.low), 3),
                  'input_high': round(float(a.low + a.range), 3),
@@ -118,7 +124,6 @@ def main(_):
     found, order = sensitivity_rows(model, variables, calib)
     rows += found
 
-  suffix = '' if FLAGS.act_ranges == 'minmax' else f', {FLAGS.act_ranges.upper()} activation ranges'
   for w_bits in (8, 4) if 'keep' in parts else ():
     for k in (int(v) for v in FLAGS.keep):
       start = time.time()
@@ -128,7 +133,7 @@ def main(_):
                                 ranges=ptq_jax.RangeConfig(FLAGS.act_ranges,
                                                            weight_method='minmax'),
                                 model_name='mobilenet_v2', progress=False)
-      rows.append({**common, 'stage': f'keep_a8 k={k}{suffix}', 'w_bits': w_bits,
+      rows.append({**common, 'stage': f'keep_a8 k={k}{ranges_suffix()}', 'w_bits': w_bits,
                    'kept_at_a8': ', '.join(order[:k]),
                    'top1_agreement_pct': agreement(qmodel, evaluation, fp32),
                    'seconds': round(time.time() - start, 1)})

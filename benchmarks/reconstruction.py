@@ -92,12 +92,12 @@ def main(_):
     model, variables, _ = ptq_jax.load_model(ptq_jax.bundled_checkpoints()[f'{name}_fashion_mnist'])
     fp32_test = ptq_jax.top1_accuracy_pct(ptq_jax.predict_logits(model, variables, test_images),
                                           test.labels)
+    first = ptq_jax.trace(model, variables, calib.images[:1])[0].path   # (its input: the image)
     for (w_bits, a_bits), input_bits in itertools.product(bits, map(int, FLAGS.input_bits)):
       common = dict(w_bits=w_bits, a_bits=a_bits, first_last_bits=FLAGS.first_last_bits or None,
                     progress=False, ranges=ptq_jax.RangeConfig(FLAGS.start))
       policy = FLAGS.first_last_bits or 'alike'
       if input_bits:   # the first layer's input at the data's own bits
-        first = ptq_jax.trace(model, variables, calib.images[:1])[0].path
         common['overrides'] = {first: {'a_bits': input_bits}}
         policy = f'{policy}, input {input_bits}-bit'
       start = time.time()

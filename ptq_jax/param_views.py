@@ -27,8 +27,9 @@ _NO_OPS = ('copy', 'copy_p')
 
 @dataclasses.dataclass(frozen=True)
 class ParamView:
-  """``kernel = ops(params[param])``: ``ops`` are ``('transpose', perm)``,
-  ``('reshape', in_shape, out_shape)`` and ``('convert', in_dtype, out_dtype)``."""
+  """``kernel = ops(params[param])``. Each op is ``(kind, before, after)``: ``kind``
+  'transpose', 'reshape' or 'astype', ``after`` its argument going to the view (a
+  permutation, shape or dtype) and ``before`` the one coming back."""
 
   param: Tuple[str, ...]          # the parameter's path in variables['params']
   shape: Tuple[int, ...]          # the view's (the passed kernel's) shape
@@ -41,30 +42,26 @@ class ParamView:
   def of(self, params: Mapping[str, Any]) -> jnp.ndarray:
     """The view computed from the ``params`` collection."""
     value = jnp.asarray(_get(params, self.param))
-    for op in self.ops:
-      if op[0] == 'transpose':
-        value = jnp.transpose(value, op[1])
-      elif op[0] == 'reshape':
-        value = jnp.reshape(value, op[2])
-      else:
-        value = value.astype(op[2])
+    for kind, _, after in self.ops:
+      value = _step(value, kind, after)
     return value
 
   def back(self, value: jnp.ndarray) -> jnp.ndarray:
     """The parameter whose view is ``value`` (the ops undone in reverse)."""
-    for op in reversed(self.ops):
-      if op[0] == 'transpose':
-        value = jnp.transpose(value, tuple(np.argsort(op[1])))
-      elif op[0] == 'reshape':
-        value = jnp.reshape(value, op[1])
-      else:
-        value = value.astype(op[1])
+    for kind, before, _ in reversed(self.ops):
+      value = _step(value, kind, before)
     return value
 
   def write(self, params: Mapping[str, Any], value: jnp.ndarray) -> Dict[str, Any]:
     """A copy of ``params`` whose viewed parameter is replaced by ``back(value)``
     (``value``: the view's elements, in any shape of that size)."""
     return _set(params, self.param, self.back(jnp.reshape(value, self.shape)))
+
+
+def _step(value: jnp.ndarray, kind: str, arg: Any) -> jnp.ndarray:
+  if kind == 'transpose':
+    return jnp.transpose(value, arg)
+  return jnp.reshape(value, arg) if kind == 'reshape' else value.astype(arg)
 
 
 def _get(tree: Mapping[str, Any], path: Tuple[str, ...]) -> Any:
@@ -106,11 +103,12 @@ def _view(var: Any, sources: Dict[Any, Tuple[str, ...]], producer: Dict[Any, Any
     if len(inputs) != 1:
       return f'is computed from several arrays ({name})'
     if name == 'transpose':
-      ops.append(('transpose', tuple(eqn.params['permutation'])))
+      perm = tuple(eqn.params['permutation'])
+      ops.append(('transpose', tuple(int(i) for i in np.argsort(perm)), perm))
     elif name in _RESHAPES and int(np.prod(src.shape)) == int(np.prod(dst.shape)):
       ops.append(('reshape', tuple(src.shape), tuple(dst.shape)))
     elif name == 'convert_element_type' and jnp.issubdtype(dst.dtype, jnp.floating):
-      ops.append(('convert', np.dtype(src.dtype).name, np.dtype(dst.dtype).name))
+      ops.append(('astype', np.dtype(src.dtype).name, np.dtype(dst.dtype).name))
     elif name not in _NO_OPS:
       return f'is computed from a parameter by {name}, not only transposed or reshaped'
     var = eqn.invars[0]

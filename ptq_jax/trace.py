@@ -380,6 +380,17 @@ class CallPaths:
   def exit(self) -> None:
     self.stack.pop()
 
+  def interceptor(self, body):
+    """An ``nn.intercept_methods`` interceptor running ``body(next_fun, args, kwargs,
+    context, path, explicit)`` with the call entered (:meth:`enter`) and left around it."""
+    def intercept(next_fun, args, kwargs, context):
+      path, explicit = self.enter(context.module)
+      try:
+        return body(next_fun, args, kwargs, context, path, explicit)
+      finally:
+        self.exit()
+    return intercept
+
 
 def explicit_views(model: nn.Module, variables: Mapping[str, Any], x: Any,
                    paths: Sequence[str], **apply_kwargs) -> Dict[str, Any]:
@@ -388,19 +399,15 @@ def explicit_views(model: nn.Module, variables: Mapping[str, Any], x: Any,
   wanted = set(paths)
 
   def passed(variables):
-    calls, got = CallPaths(), {}
+    got = {}
 
-    def intercept(next_fun, args, kwargs, context):
-      path, explicit = calls.enter(context.module)
-      try:
-        if explicit and path in wanted and context.method_name == '__call__':
-          for name, value in context.module.variables.get('params', {}).items():
-            got.setdefault(f'{path}/{name}', value)
-        return next_fun(*args, **kwargs)
-      finally:
-        calls.exit()
+    def record(next_fun, args, kwargs, context, path, explicit):
+      if explicit and path in wanted and context.method_name == '__call__':
+        for name, value in context.module.variables.get('params', {}).items():
+          got.setdefault(f'{path}/{name}', value)
+      return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(intercept):
+    with nn.intercept_methods(CallPaths().interceptor(record)):
       model.apply(variables, x, **{**inference_kwargs(model), **apply_kwargs})
     return got
 
@@ -424,15 +431,8 @@ class _Calls:
     self.shapes: Dict[str, set] = {}    # layer path -> {(input shape, geometry)} over calls
     # Layers applied with explicitly passed parameters (a tied head): their paths.
     self.explicit: List[str] = []
-    self.paths = CallPaths()
-
-  def intercept(self, next_fun, args, kwargs, context):
-    """The ``nn.intercept_methods`` interceptor: records the call, changes nothing."""
-    path, explicit = self.paths.enter(context.module)
-    try:
-      return self._record(next_fun, args, kwargs, context, path, explicit)
-    finally:
-      self.paths.exit()
+    # The ``nn.intercept_methods`` interceptor: records each call, changes nothing.
+    self.intercept = CallPaths().interceptor(self._record)
 
   def _record(self, next_fun, args, kwargs, context, path: str, explicit: bool):
     module = context.module

@@ -125,12 +125,18 @@ def centered_weights(layer: IntegerLayer) -> jnp.ndarray:
   return codes - jnp.asarray(layer.w_zero_point, jnp.int16)
 
 
-def dequantized_weights(layer: IntegerLayer) -> jnp.ndarray:
-  """The float kernel the layer's codes stand for (divided back by any smoothing): what
-  a tied layer writes into the parameter it shares."""
+def _kernel(layer: IntegerLayer) -> jnp.ndarray:
+  """The float kernel the layer computes with: its codes times their scales, or its
+  float kernel where the weights are not quantized."""
   if layer.w_bits is None:
     return jnp.asarray(layer.float_kernel)
-  kernel = centered_weights(layer).astype(jnp.float32) * jnp.asarray(layer.w_scale)
+  return centered_weights(layer).astype(jnp.float32) * jnp.asarray(layer.w_scale)
+
+
+def dequantized_weights(layer: IntegerLayer) -> jnp.ndarray:
+  """The float kernel the layer's codes stand for, divided back by any smoothing: what
+  a tied layer writes into the parameter it shares."""
+  kernel = _kernel(layer)
   return kernel if layer.smooth is None else kernel / jnp.asarray(layer.smooth)[:, None]
 
 
@@ -187,11 +193,7 @@ def _float_output(layer: IntegerLayer, module: nn.Module, x: jnp.ndarray,
   without a plain lax form (masked, CIRCULAR padding)."""
   if codes is not None:
     x = centered_input(codes, x).astype(jnp.float32) * codes.scale
-  if layer.w_bits is None:
-    kernel = jnp.asarray(layer.float_kernel)
-  else:
-    kernel = centered_weights(layer).astype(jnp.float32) * jnp.asarray(layer.w_scale)
-  return layer_forward(module, x, kernel, jnp.asarray(layer.bias))
+  return layer_forward(module, x, _kernel(layer), jnp.asarray(layer.bias))
 
 
 def integer_attention(query, key, value, bias=None, mask=None, *,

@@ -172,7 +172,6 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
     layer_output = lambda path, module, x, site: quantized_layer_output(
         module, qstate[path].for_site(site), x)
   calls: Dict[str, int] = {}   # per traced forward pass: a layer's calls so far
-  paths = CallPaths()
 
   def attention(path: str):
     """The attention function of site ``path``, or None to leave it untouched."""
@@ -183,14 +182,8 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
     return lambda *a, **k: attention_fn(
         *a, quant=quant if isinstance(quant, AttentionQuant) else None, on_operand=hook, **k)
 
-  def interceptor(next_fun, args, kwargs, context):
-    path, _ = paths.enter(context.module)
-    try:
-      return intercepted(next_fun, args, kwargs, context, path)
-    finally:
-      paths.exit()
-
-  def intercepted(next_fun, args, kwargs, context, path):
+  def intercepted(next_fun, args, kwargs, context, path, explicit):
+    del explicit
     module = context.module
     if context.method_name != '__call__' or not args or not path:
       return next_fun(*args, **kwargs)
@@ -216,7 +209,7 @@ def make_interceptor(qstate: Mapping[str, Any], folded_bns: frozenset,
       return out.astype(module.dtype) if module.dtype is not None else out
     return next_fun(*args, **kwargs)
 
-  return interceptor
+  return CallPaths().interceptor(intercepted)
 
 
 def apply_quantized(model: nn.Module, variables: Mapping[str, Any],
