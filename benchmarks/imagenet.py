@@ -13,7 +13,7 @@ top-1/top-5 on the 1,000 photos, the difference from FP32 with a paired 95 % int
 errors), the stage's seconds, the device and the command. Rows already in
 ``results/imagenet.json`` are kept and not rerun (``--redo`` reruns them).
 
-Runs: ``fp32``; ``ptq`` (min/max ranges at W8A8, W4A8 and W4A4, first and last layer
+Runs: ``fp32``; ``ptq`` (ranges only at W8A8, W4A8 and W4A4, first and last layer
 8-bit); ``mixed`` (light pipeline at 13 % of the FP32 size, options W8A8 / W4A4);
 ``parallel`` and ``sequential`` (the paper's layer-wise AdaQuant, the advanced pipeline
 with BN and bias tuning, at W4A8 and W4A4); ``best`` (sequential, block-wise, learned
@@ -43,7 +43,8 @@ flags.DEFINE_list('bits', ['W8A8', 'W4A8', 'W4A4'], 'Fixed bit widths of the ptq
 flags.DEFINE_list('adaquant_bits', ['W4A8', 'W4A4'], 'Bit widths of the AdaQuant runs.')
 flags.DEFINE_list('best_bits', ['W4A4'], 'Bit widths of the best-recipe run.')
 flags.DEFINE_enum('act_ranges', 'minmax', ['minmax', 'mse'],
-                  'Activation range initialisation of the AdaQuant runs (weights: min/max).')
+                  'Activation range initialisation of the ptq and AdaQuant runs (weights: '
+                  'min/max).')
 flags.DEFINE_integer('calib_size', 256, 'Unlabelled Debian photos for calibration.')
 flags.DEFINE_integer('iterations', 1000, 'AdaQuant iterations per layer or block.')
 flags.DEFINE_integer('batch_size', 32, 'AdaQuant batch size.')
@@ -99,12 +100,15 @@ def paired_delta(correct: np.ndarray, fp32_correct: np.ndarray) -> Dict[str, flo
 def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, Any]]:
   """(method, bits, PipelineResult or QuantizedModel) of each requested run."""
   runs = FLAGS.runs
+  ranges = ptq_jax.RangeConfig(method=FLAGS.act_ranges, weight_method='minmax')
   if 'ptq' in runs:
     for bits in FLAGS.bits:
       w, a = (int(v) for v in bits[1:].split('A'))
-      yield 'baseline PTQ (min/max)', bits, lambda w=w, a=a: ptq_jax.quantize(
-          model, variables, calib, w_bits=w, a_bits=a, first_last_bits=8, model_name=name,
-          progress=False)
+      method = ('baseline PTQ (min/max)' if FLAGS.act_ranges == 'minmax' else
+                f'baseline PTQ ({FLAGS.act_ranges.upper()} activation ranges)')
+      yield method, bits, lambda w=w, a=a: ptq_jax.quantize(
+          model, variables, calib, w_bits=w, a_bits=a, first_last_bits=8, ranges=ranges,
+          model_name=name, progress=False)
   if 'mixed' in runs:
     yield 'light, mixed precision', '13% size', lambda: ptq_jax.run_pipeline(
         model, variables, calib, 'light', size_pct=13, options=('W8A8', 'W4A4'),
@@ -127,8 +131,7 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
         label += f', {FLAGS.act_ranges.upper()} activation ranges'
       yield label, bits, lambda w=w, a=a, pipeline=pipeline, kwargs=kwargs: ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=w, a_bits=a, first_last_bits=8,
-          ranges=ptq_jax.RangeConfig(method=FLAGS.act_ranges, weight_method='minmax'),
-          adaquant=config(**kwargs), stage_guard=run == 'best', bn_target='fp',
+          ranges=ranges, adaquant=config(**kwargs), stage_guard=run == 'best', bn_target='fp',
           bias_steps=FLAGS.bias_steps,
           model_name=name, progress=False)
 

@@ -8,7 +8,8 @@ Rows (``results/roofline.{json,md}``):
 
 * ``attainable``: a 2048^3 matmul and a 3x3 conv (32x56x56x128 -> 128) through XLA,
   the best of five calls each; the larger is the attainable fp32 FLOP/s every other row
-  is divided by.
+  is divided by. ``attainable memory``: ``a * c + d`` over a 512 MiB float32 array (far
+  beyond the caches), best of five: the bandwidth of the memory roof.
 * single-layer step kinds (W4A4, minibatch 50 of ``--calib_size`` cached inputs, the
   default settings): dense (64 tokens x 384 -> 384), 3x3 conv (32 -> 32 at 14x14),
   1x1 conv (96 -> 96 at 14x14), depthwise 3x3 (96 channels at 14x14), a stride-2 3x3
@@ -24,6 +25,12 @@ ms per iteration is the difference of two runs that differ only in their iterati
 (compilation, captures, the float targets and the guard's error passes cancel),
 divided by that difference. FLOPs are counted from the shapes: 6 x MACs x minibatch
 per layer (forward, input gradient and kernel gradient), elementwise work not counted.
+Bytes likewise: the minibatch's inputs and outputs in float32, each read in the forward
+pass and again in the backward pass (2 x 4 x minibatch x (input + output elements) per
+layer), a lower bound of a step's traffic. ``roof_ms`` = max(FLOPs / attainable FLOP/s,
+bytes / attainable bandwidth): what the step would take at the roof that binds it
+(``bound``); ``fraction_of_roof`` = roof_ms / ms_per_iteration. A working set that stays
+in the caches can beat the memory roof (the fraction is then above what DRAM allows).
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ MODELS = ('resnet20', 'resnet20_blocks', 'mobilenet_v2_fmnist', 'mobilenet_v2_fm
           'efficientnet_lite0', 'mobilenet_v2_224')
 flags.DEFINE_list('kinds', list(KINDS), f'Single-layer step kinds: {", ".join(KINDS)}.')
 flags.DEFINE_list('models', list(MODELS), f'Whole-model iterations: {", ".join(MODELS)}.')
+flags.DEFINE_list('forward', ['resnet20'], 'Bundled models whose W4A4 quantized forward '
+                  'pass over 250 images is timed (the unit of the BN-tuning, sensitivity and '
+                  'evaluation passes).')
 flags.DEFINE_list('ranges', ['minmax', 'mse', 'percentile'],
                   'Activation-range methods timed on MobileNetV2 at 224x224.')
 flags.DEFINE_integer('calib_size', 1000, 'Cached inputs of a single layer.')
@@ -86,6 +96,13 @@ def attainable() -> List[Dict[str, Any]]:
   conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
   rows = []
+  big = jnp.ones((128 * 2**20,), jnp.float32)   # 512 MiB
+  stream = jax.jit(lambda a: a * 1.0001 + 1.0)
+  seconds = best_seconds(lambda: stream(big))
+  rows.append({'model': 'stream a*c+d over 512 MiB', 'stage': 'attainable memory',
+               'mbytes': round(2 * big.nbytes / 1e6, 1), 'ms_per_iteration': round(1000 * seconds, 3),
+               'gbytes_per_s': round(2 * big.nbytes / seconds / 1e9, 2)})
+  del big
   for name, flops, fn in (('matmul 2048^3', 2 * 2048**3, lambda: mm(a)),
                           ('conv 3x3 32x56x56x128->128', 2 * 32 * 56 * 56 * 9 * 128 * 128,
                            lambda: conv(x, k))):
@@ -149,7 +166,15 @@ def single_layer(kind: str) -> Dict[str, Any]:
   return {'timed_iterations': FLAGS.iterations, 'model': f'{kind} ({_shape_label(layer)})', 'stage': 'adaquant step',
           'w_bits': 4, 'a_bits': 4, 'calib_size': FLAGS.calib_size, 'minibatch': MINIBATCH,
           'layers': 1, 'gflop': round(6 * layer.macs * MINIBATCH / 1e9, 4),
+          'mbytes': round(_step_bytes([layer], MINIBATCH) / 1e6, 2),
           'ms_per_iteration': round(1000 * seconds, 3)}
+
+
+def _step_bytes(layers, minibatch: int) -> int:
+  """Lower bound of one step's memory traffic: each layer's minibatch inputs and outputs
+  (float32) read in the forward and again in the backward pass."""
+  return sum(2 * 4 * minibatch * (int(np.prod(l.input_shape)) + int(np.prod(l.output_shape)))
+             for l in layers)
 
 
 def _shape_label(layer: LayerInfo) -> str:
@@ -198,7 +223,28 @@ def whole_model(name: str) -> Dict[str, Any]:
           'calib_size': FLAGS.model_calib, 'minibatch': batch, 'layers': len(layers),
           'timed_iterations': extra,
           'gflop': round(sum(6 * l.macs * batch for l in layers) / 1e9, 3),
+          'mbytes': round(_step_bytes(layers, batch) / 1e6, 1),
           'ms_per_iteration': round(1000 * seconds, 1)}
+
+
+def forward_row(name: str) -> Dict[str, Any]:
+  """ms of one W4A4 quantized forward pass (``QuantizedModel.predict``'s program) over a
+  batch of 250 images: the unit every whole-network pass of the stages is made of."""
+  from ptq_jax.quant.interceptor import apply_quantized
+  model, variables, shape, _ = _model(name)
+  images = jax.random.uniform(jax.random.key(0), (250,) + shape)
+  base = ptq_jax.quantize(model, variables, np.asarray(images[:16]), w_bits=4, a_bits=4,
+                          first_last_bits=8)
+  prepared = prepare(model, variables, np.asarray(images[:16]), progress=False)
+  forward = jax.jit(lambda s, x: apply_quantized(model, variables, s, prepared.folded_bns, x))
+  seconds = best_seconds(lambda: forward(base.qstate, images))
+  layers = [l for l in base.layers if l.geometry is not None]
+  return {'model': f'{name} (250 images)', 'stage': 'quantized forward', 'w_bits': 4,
+          'a_bits': 4, 'minibatch': 250, 'layers': len(layers),
+          'gflop': round(sum(2 * l.macs * 250 for l in layers) / 1e9, 3),
+          'mbytes': round(sum(4 * 250 * (int(np.prod(l.input_shape))
+                                         + int(np.prod(l.output_shape))) for l in layers) / 1e6, 1),
+          'ms_per_iteration': round(1000 * seconds, 2)}
 
 
 def range_rows() -> List[Dict[str, Any]]:
@@ -223,10 +269,11 @@ def range_rows() -> List[Dict[str, Any]]:
 def main(_):
   # The attainable rows are the denominators of the step rows measured beside them: a
   # run with neither step kinds nor models (range rows only) leaves them as they are.
-  peak = attainable() if FLAGS.kinds or FLAGS.models else []
+  peak = attainable() if FLAGS.kinds or FLAGS.models or FLAGS.forward else []
   for row in peak:
     print(row, flush=True)
-  best = max([r['gflop_per_s'] for r in peak] or [0.0])
+  best = max([r['gflop_per_s'] for r in peak if 'gflop_per_s' in r] or [0.0])
+  bandwidth = max([r['gbytes_per_s'] for r in peak if 'gbytes_per_s' in r] or [0.0])
   rows = list(peak)
   for kind in FLAGS.kinds:
     rows.append(single_layer(kind))
@@ -234,10 +281,17 @@ def main(_):
   for name in FLAGS.models:
     rows.append(whole_model(name))
     print(rows[-1], flush=True)
+  for name in FLAGS.forward:
+    rows.append(forward_row(name))
+    print(rows[-1], flush=True)
   for row in rows:
     if 'gflop' in row and row['stage'] != 'attainable':
       row['gflop_per_s'] = round(row['gflop'] / (row['ms_per_iteration'] / 1000), 1)
       row['fraction_of_attainable'] = round(row['gflop_per_s'] / best, 3)
+      compute_ms, memory_ms = row['gflop'] / best * 1e3, row['mbytes'] / bandwidth
+      row['roof_ms'] = round(max(compute_ms, memory_ms), 3)
+      row['bound'] = 'compute' if compute_ms >= memory_ms else 'memory'
+      row['fraction_of_roof'] = round(row['roof_ms'] / row['ms_per_iteration'], 3)
   if FLAGS.ranges:
     rows += range_rows()
   fields = {'device': describe_device(), 'command': COMMAND, **concurrency_fields()}
@@ -249,14 +303,21 @@ def write(records):
   write_results(FLAGS.out, NAME, records, 'Roofline: AdaQuant step kinds against attainable '
                 'fp32 FLOP/s',
                 columns=['model', 'stage', 'w_bits', 'a_bits', 'calib_size', 'minibatch',
-                         'layers', 'gflop', 'ms_per_iteration', 'gflop_per_s',
-                         'fraction_of_attainable', 'seconds', 'device', 'command',
+                         'layers', 'gflop', 'mbytes', 'ms_per_iteration', 'gflop_per_s',
+                         'fraction_of_attainable', 'gbytes_per_s', 'roof_ms', 'bound',
+                         'fraction_of_roof', 'seconds', 'device', 'command',
                          'concurrent_processes'],
                 notes='`attainable` rows: the best of five calls of a large matmul and a '
                       'large conv through XLA, measured in the same run as the others; '
                       '`fraction_of_attainable` divides by the larger. `gflop`: 6 x MACs x '
                       'minibatch per layer (forward, input and kernel gradients; '
-                      'elementwise work not counted). ms per iteration: the difference of '
+                      'elementwise work not counted). `attainable memory`: a*c+d streamed over '
+                      'a 512 MiB array (read and write). `mbytes`: 2 x 4 x minibatch x (input + '
+                      'output elements) per layer (inputs and outputs read in the forward and '
+                      'in the backward pass), a lower bound of the traffic. `roof_ms`: '
+                      'max(gflop / attainable FLOP/s, mbytes / attainable bandwidth), the roof '
+                      'that binds (`bound`); `fraction_of_roof` = roof_ms / ms_per_iteration '
+                      '(working sets held in the caches can beat the memory roof). ms per iteration: the difference of '
                       'two runs differing only in iteration count, divided by it '
                       '(compilation, captures and error passes cancel). Whole-model rows '
                       'run parallel AdaQuant on random inputs (the cost does not depend on '
