@@ -14,7 +14,9 @@ errors), the stage's seconds, the device and the command. Rows already in
 ``results/imagenet.json`` are kept and not rerun (``--redo`` reruns them).
 
 Runs: ``fp32``; ``ptq`` (ranges only at W8A8, W4A8 and W4A4, first and last layer
-8-bit); ``mixed`` (light pipeline at 13 % of the FP32 size, options W8A8 / W4A4);
+8-bit); ``light`` (the paper's light pipeline at ``--light_bits``: ranges, then BN
+tuning towards the FP32 network's statistics, kept only if it lowers the KL to FP32);
+``mixed`` (light pipeline at 13 % of the FP32 size, options W8A8 / W4A4);
 ``parallel`` and ``sequential`` (the paper's layer-wise AdaQuant, the advanced pipeline
 with BN and bias tuning, at W4A8 and W4A4); ``best`` (sequential, block-wise, learned
 rounding, QDrop 0.5, stage guard, at W4A4).
@@ -38,8 +40,10 @@ from ptq_jax.evaluation import batched_predict
 from ptq_jax.importers import efficientnet, torchvision_mobilenet
 
 flags.DEFINE_list('models', ['mobilenet_v2', 'efficientnet_lite0'], 'Models.')
-flags.DEFINE_list('runs', ['fp32', 'ptq', 'mixed', 'parallel', 'sequential', 'best'], 'Runs.')
+flags.DEFINE_list('runs', ['fp32', 'ptq', 'light', 'mixed', 'parallel', 'sequential', 'best'],
+                  'Runs.')
 flags.DEFINE_list('bits', ['W8A8', 'W4A8', 'W4A4'], 'Fixed bit widths of the ptq run.')
+flags.DEFINE_list('light_bits', ['W8A8'], 'Bit widths of the light run.')
 flags.DEFINE_list('adaquant_bits', ['W4A8', 'W4A4'], 'Bit widths of the AdaQuant runs.')
 flags.DEFINE_list('best_bits', ['W4A4'], 'Bit widths of the best-recipe run.')
 flags.DEFINE_enum('act_ranges', 'minmax', ['minmax', 'mse'],
@@ -109,6 +113,14 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
       yield method, bits, lambda w=w, a=a: ptq_jax.quantize(
           model, variables, calib, w_bits=w, a_bits=a, first_last_bits=8, ranges=ranges,
           model_name=name, progress=False)
+  if 'light' in runs:   # the paper's light pipeline at fixed bits: ranges, BN tuning
+    for bits in FLAGS.light_bits:
+      w, a = (int(v) for v in bits[1:].split('A'))
+      method = 'light: BN tuning to FP32, guard' + (
+          '' if FLAGS.act_ranges == 'minmax' else f', {FLAGS.act_ranges.upper()} activation ranges')
+      yield method, bits, lambda w=w, a=a: ptq_jax.run_pipeline(
+          model, variables, calib, 'light', w_bits=w, a_bits=a, first_last_bits=8,
+          ranges=ranges, stage_guard=True, bn_target='fp', model_name=name, progress=False)
   if 'mixed' in runs:
     yield 'light, mixed precision', '13% size', lambda: ptq_jax.run_pipeline(
         model, variables, calib, 'light', size_pct=13, options=('W8A8', 'W4A4'),

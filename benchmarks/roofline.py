@@ -100,7 +100,8 @@ def attainable() -> List[Dict[str, Any]]:
   stream = jax.jit(lambda a: a * 1.0001 + 1.0)
   seconds = best_seconds(lambda: stream(big))
   rows.append({'model': 'stream a*c+d over 512 MiB', 'stage': 'attainable memory',
-               'mbytes': round(2 * big.nbytes / 1e6, 1), 'ms_per_iteration': round(1000 * seconds, 3),
+               'mbytes': round(2 * big.nbytes / 1e6, 1),
+               'ms_per_iteration': round(1000 * seconds, 3),
                'gbytes_per_s': round(2 * big.nbytes / seconds / 1e9, 2)})
   del big
   for name, flops, fn in (('matmul 2048^3', 2 * 2048**3, lambda: mm(a)),
@@ -163,7 +164,8 @@ def single_layer(kind: str) -> Dict[str, Any]:
     return adaquant.optimize_layer(layer, lq, xs, ys, config, jax.random.key(1),
                                    runtime=AdaQuantRuntime())[0]
   seconds = _difference(run, 4, FLAGS.iterations)
-  return {'timed_iterations': FLAGS.iterations, 'model': f'{kind} ({_shape_label(layer)})', 'stage': 'adaquant step',
+  return {'timed_iterations': FLAGS.iterations, 'model': f'{kind} ({_shape_label(layer)})',
+          'stage': 'adaquant step',
           'w_bits': 4, 'a_bits': 4, 'calib_size': FLAGS.calib_size, 'minibatch': MINIBATCH,
           'layers': 1, 'gflop': round(6 * layer.macs * MINIBATCH / 1e9, 4),
           'mbytes': round(_step_bytes([layer], MINIBATCH) / 1e6, 2),
@@ -317,9 +319,11 @@ def write(records):
                       'in the backward pass), a lower bound of the traffic. `roof_ms`: '
                       'max(gflop / attainable FLOP/s, mbytes / attainable bandwidth), the roof '
                       'that binds (`bound`); `fraction_of_roof` = roof_ms / ms_per_iteration '
-                      '(working sets held in the caches can beat the memory roof). ms per iteration: the difference of '
-                      'two runs differing only in iteration count, divided by it '
-                      '(compilation, captures and error passes cancel). Whole-model rows '
+                      '(working sets held in the caches can beat the memory roof). ms per '
+                      'iteration: the difference of two runs differing only in iteration '
+                      'count, divided by it (compilation, captures and error passes cancel). '
+                      '`quantized forward`: one W4A4 forward pass over 250 images (FLOPs 2 x '
+                      'MACs, bytes each layer\'s input and output once). Whole-model rows '
                       'run parallel AdaQuant on random inputs (the cost does not depend on '
                       'the values). `ranges (...)`: seconds of `ptq_jax.quantize` with '
                       'that activation-range method, after a compiling call.')
