@@ -38,6 +38,7 @@ import ptq_jax
 from ptq_jax.data import loader, photos
 from ptq_jax.evaluation import batched_predict
 from ptq_jax.importers import efficientnet, torchvision_mobilenet
+from ptq_jax.quant.quantizer import parse_option
 
 flags.DEFINE_list('models', ['mobilenet_v2', 'efficientnet_lite0'], 'Models.')
 flags.DEFINE_list('runs', ['fp32', 'ptq', 'light', 'mixed', 'parallel', 'sequential', 'best'],
@@ -105,19 +106,20 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
   """(method, bits, PipelineResult or QuantizedModel) of each requested run."""
   runs = FLAGS.runs
   ranges = ptq_jax.RangeConfig(method=FLAGS.act_ranges, weight_method='minmax')
+  # Rows from non-default activation ranges name them (part of the row's key).
+  named_ranges = ('' if FLAGS.act_ranges == 'minmax' else
+                  f'{FLAGS.act_ranges.upper()} activation ranges')
   if 'ptq' in runs:
     for bits in FLAGS.bits:
-      w, a = (int(v) for v in bits[1:].split('A'))
-      method = ('baseline PTQ (min/max)' if FLAGS.act_ranges == 'minmax' else
-                f'baseline PTQ ({FLAGS.act_ranges.upper()} activation ranges)')
+      w, a = parse_option(bits)
+      method = f'baseline PTQ ({named_ranges or "min/max"})'
       yield method, bits, lambda w=w, a=a: ptq_jax.quantize(
           model, variables, calib, w_bits=w, a_bits=a, first_last_bits=8, ranges=ranges,
           model_name=name, progress=False)
   if 'light' in runs:   # the paper's light pipeline at fixed bits: ranges, BN tuning
     for bits in FLAGS.light_bits:
-      w, a = (int(v) for v in bits[1:].split('A'))
-      method = 'light: BN tuning to FP32, guard' + (
-          '' if FLAGS.act_ranges == 'minmax' else f', {FLAGS.act_ranges.upper()} activation ranges')
+      w, a = parse_option(bits)
+      method = 'light: BN tuning to FP32, guard' + (named_ranges and f', {named_ranges}')
       yield method, bits, lambda w=w, a=a: ptq_jax.run_pipeline(
           model, variables, calib, 'light', w_bits=w, a_bits=a, first_last_bits=8,
           ranges=ranges, stage_guard=True, bn_target='fp', model_name=name, progress=False)
@@ -135,12 +137,11 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
     if run not in runs:
       continue
     for bits in bits_list:
-      w, a = (int(v) for v in bits[1:].split('A'))
+      w, a = parse_option(bits)
       label = {'parallel': 'AdaQuant parallel (paper), advanced',
                'sequential': 'AdaQuant sequential (paper), BN + bias tuning',
                'best': 'block-wise learned rounding, QDrop, guards'}[run]
-      if FLAGS.act_ranges != 'minmax':
-        label += f', {FLAGS.act_ranges.upper()} activation ranges'
+      label += named_ranges and f', {named_ranges}'
       yield label, bits, lambda w=w, a=a, pipeline=pipeline, kwargs=kwargs: ptq_jax.run_pipeline(
           model, variables, calib, pipeline, w_bits=w, a_bits=a, first_last_bits=8,
           ranges=ranges, adaquant=config(**kwargs), stage_guard=run == 'best', bn_target='fp',

@@ -172,11 +172,11 @@ def single_layer(kind: str) -> Dict[str, Any]:
           'ms_per_iteration': round(1000 * seconds, 3)}
 
 
-def _step_bytes(layers, minibatch: int) -> int:
-  """Lower bound of one step's memory traffic: each layer's minibatch inputs and outputs
-  (float32) read in the forward and again in the backward pass."""
-  return sum(2 * 4 * minibatch * (int(np.prod(l.input_shape)) + int(np.prod(l.output_shape)))
-             for l in layers)
+def _step_bytes(layers, minibatch: int, passes: int = 2) -> int:
+  """Lower bound of a step's memory traffic: each layer's minibatch inputs and outputs
+  (float32) read once per pass (a step: the forward and the backward pass)."""
+  return sum(passes * 4 * minibatch * (int(np.prod(l.input_shape))
+                                       + int(np.prod(l.output_shape))) for l in layers)
 
 
 def _shape_label(layer: LayerInfo) -> str:
@@ -232,20 +232,16 @@ def whole_model(name: str) -> Dict[str, Any]:
 def forward_row(name: str) -> Dict[str, Any]:
   """ms of one W4A4 quantized forward pass (``QuantizedModel.predict``'s program) over a
   batch of 250 images: the unit every whole-network pass of the stages is made of."""
-  from ptq_jax.quant.interceptor import apply_quantized
   model, variables, shape, _ = _model(name)
   images = jax.random.uniform(jax.random.key(0), (250,) + shape)
   base = ptq_jax.quantize(model, variables, np.asarray(images[:16]), w_bits=4, a_bits=4,
                           first_last_bits=8)
-  prepared = prepare(model, variables, np.asarray(images[:16]), progress=False)
-  forward = jax.jit(lambda s, x: apply_quantized(model, variables, s, prepared.folded_bns, x))
-  seconds = best_seconds(lambda: forward(base.qstate, images))
+  seconds = best_seconds(lambda: base.apply(images))
   layers = [l for l in base.layers if l.geometry is not None]
   return {'model': f'{name} (250 images)', 'stage': 'quantized forward', 'w_bits': 4,
           'a_bits': 4, 'minibatch': 250, 'layers': len(layers),
           'gflop': round(sum(2 * l.macs * 250 for l in layers) / 1e9, 3),
-          'mbytes': round(sum(4 * 250 * (int(np.prod(l.input_shape))
-                                         + int(np.prod(l.output_shape))) for l in layers) / 1e6, 1),
+          'mbytes': round(_step_bytes(layers, 250, passes=1) / 1e6, 1),
           'ms_per_iteration': round(1000 * seconds, 2)}
 
 
