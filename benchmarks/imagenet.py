@@ -18,7 +18,9 @@ Runs: ``fp32``; ``ptq`` (ranges only at W8A8, W4A8 and W4A4, first and last laye
 tuning towards the FP32 network's statistics, kept only if it lowers the KL to FP32);
 ``mixed`` (light pipeline at 13 % of the FP32 size, options W8A8 / W4A4);
 ``parallel`` and ``sequential`` (the paper's layer-wise AdaQuant, the advanced pipeline
-with BN and bias tuning, at W4A8 and W4A4); ``best`` (sequential, block-wise, learned
+with BN and bias tuning, at W4A8 and W4A4; parallel computes AdaQuant at its bits and
+8-bit only); ``advanced_mixed`` (the advanced pipeline at 13 % of the FP32 size from the
+parallel W4A8 run's per-option states, W8A8 / W4A8); ``best`` (sequential, block-wise, learned
 rounding, QDrop 0.5, stage guard, at W4A4).
 """
 
@@ -41,7 +43,8 @@ from ptq_jax.importers import efficientnet, torchvision_mobilenet
 from ptq_jax.quant.quantizer import parse_option
 
 flags.DEFINE_list('models', ['mobilenet_v2', 'efficientnet_lite0'], 'Models.')
-flags.DEFINE_list('runs', ['fp32', 'ptq', 'light', 'mixed', 'parallel', 'sequential', 'best'],
+flags.DEFINE_list('runs', ['fp32', 'ptq', 'light', 'mixed', 'parallel', 'advanced_mixed',
+                           'sequential', 'best'],
                   'Runs.')
 flags.DEFINE_list('bits', ['W8A8', 'W4A8', 'W4A4'], 'Fixed bit widths of the ptq run.')
 flags.DEFINE_list('light_bits', ['W8A8'], 'Bit widths of the light run.')
@@ -54,12 +57,19 @@ flags.DEFINE_integer('calib_size', 256, 'Unlabelled Debian photos for calibratio
 flags.DEFINE_integer('iterations', 1000, 'AdaQuant iterations per layer or block.')
 flags.DEFINE_integer('batch_size', 32, 'AdaQuant batch size.')
 flags.DEFINE_integer('bias_steps', 800, 'KD bias-tuning steps of the pipelines.')
+flags.DEFINE_enum('bias_optimizer', 'adam', ['sgd', 'adam'],
+                  "Bias tuning's optimiser ('sgd', the paper's lr 0.1, overshoots on these "
+                  'networks: results/imagenet_ablation.md).')
 flags.DEFINE_bool('redo', False, 'Rerun rows already in the results file.')
 flags.DEFINE_string('out', 'results', 'Directory for imagenet.json / imagenet.md.')
 FLAGS = flags.FLAGS
 NAME = 'imagenet'
 COMMAND = ' '.join(['python benchmarks/imagenet.py'] + sys.argv[1:])
-KEY = ('model', 'method', 'bits', 'stage')
+# AdaQuant rows are also keyed by their iterations (a longer run is a new row).
+# The advanced mixed run's options: the parallel W4A8 run's states (its first and last
+# layer at 8 bits), so the integer program picks 4- or 8-bit weights per layer.
+MIXED_OPTIONS = ('W8A8', 'W4A8')
+KEY = ('model', 'method', 'bits', 'stage', 'adaquant_iterations')
 
 # Published full-validation-set numbers (50,000 images), cited (None: FP32 not cited).
 CITED = [
@@ -105,6 +115,7 @@ def paired_delta(correct: np.ndarray, fp32_correct: np.ndarray) -> Dict[str, flo
 def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, Any]]:
   """(method, bits, PipelineResult or QuantizedModel) of each requested run."""
   runs = FLAGS.runs
+  states = {}   # the parallel runs' per-option AdaQuant states, reused by advanced_mixed
   ranges = ptq_jax.RangeConfig(method=FLAGS.act_ranges, weight_method='minmax')
   # Rows from non-default activation ranges name them (part of the row's key).
   named_ranges = ('' if FLAGS.act_ranges == 'minmax' else
@@ -142,11 +153,28 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
                'sequential': 'AdaQuant sequential (paper), BN + bias tuning',
                'best': 'block-wise learned rounding, QDrop, guards'}[run]
       label += named_ranges and f', {named_ranges}'
-      yield label, bits, lambda w=w, a=a, pipeline=pipeline, kwargs=kwargs: ptq_jax.run_pipeline(
-          model, variables, calib, pipeline, w_bits=w, a_bits=a, first_last_bits=8,
-          ranges=ranges, adaquant=config(**kwargs), stage_guard=run == 'best', bn_target='fp',
-          bias_steps=FLAGS.bias_steps,
-          model_name=name, progress=False)
+      def fixed(w=w, a=a, bits=bits, run=run, pipeline=pipeline, kwargs=kwargs):
+        # A parallel run whose bits an earlier one computed (its 8-bit first/last states:
+        # W8A8) reuses those states: the same AdaQuant, not run twice.
+        prior = next((m for m in states.values() if run == 'parallel'
+                      and {(w, a), (8, 8)} <= set(m.option_states)), None)
+        result = ptq_jax.run_pipeline(
+            model, variables, calib, pipeline, w_bits=w, a_bits=a, first_last_bits=8,
+            ranges=ranges, adaquant=config(**kwargs), stage_guard=run == 'best',
+            bn_target='fp', bias_steps=FLAGS.bias_steps, bias_optimizer=FLAGS.bias_optimizer,
+            model_name=name, progress=False, options=(bits,), mixed=prior)   # parallel: AdaQuant at these bits (and 8-bit) only
+        if run == 'parallel' and prior is None:
+          states[bits] = result.mixed
+        return result
+      yield label, bits, fixed
+  if 'advanced_mixed' in runs:   # the paper's advanced pipeline at 13 % of the FP32 size
+    yield (f'AdaQuant parallel (paper), advanced, mixed {"/".join(MIXED_OPTIONS)}'
+           + (named_ranges and f', {named_ranges}'), '13% size',
+           lambda: ptq_jax.run_pipeline(
+               model, variables, calib, 'advanced', size_pct=13, options=MIXED_OPTIONS,
+               mixed=states.get('W4A8'), ranges=ranges, adaquant=config(), bn_target='fp',
+               bias_steps=FLAGS.bias_steps, bias_optimizer=FLAGS.bias_optimizer,
+               model_name=name, progress=False))
 
 
 def stage_models(result: Any) -> List[Tuple[str, Any, float]]:
@@ -168,9 +196,16 @@ def row(name, method, bits, stage, logits, labels, fp32, seconds, calib_size) ->
               **concurrency_fields())
 
 
+def reconstructs(method: str) -> bool:
+  return method.startswith(('AdaQuant', 'block-wise'))
+
+
 def done(records: List[Dict[str, Any]], name: str, method: str, bits: str) -> bool:
+  iterations = FLAGS.iterations if reconstructs(method) else None
   return not FLAGS.redo and any(r['model'] == name and r['method'] == method
-                                and r['bits'] == bits for r in records)
+                                and r['bits'] == bits
+                                and r.get('adaquant_iterations') == iterations
+                                for r in records)
 
 
 def main(_):
@@ -194,17 +229,41 @@ def main(_):
       if done(records, name, method, bits):
         continue
       for stage, qm, seconds in stage_models(run()):
+        if stage == 'adaquant' and qm.layer_reports:
+          write_units(name, method, bits, qm.layer_reports)
         logits = np.asarray(qm.predict(images, batch_size=50))
         new.append(row(name, method, bits, stage, logits, evaluation.labels, fp32_top1,
                        seconds, FLAGS.calib_size))
-        if method.startswith(('AdaQuant', 'block-wise')):
-          new[-1].update(adaquant_iterations=FLAGS.iterations, bias_steps=FLAGS.bias_steps)
+        if reconstructs(method):
+          new[-1].update(adaquant_iterations=FLAGS.iterations, bias_steps=FLAGS.bias_steps,
+                         bias_optimizer=FLAGS.bias_optimizer)
         print({k: v for k, v in new[-1].items() if k not in ('command', 'device')}, flush=True)
       records = merge_records(FLAGS.out, NAME, records + new, KEY)
       write(records)
       new = []
     records = merge_records(FLAGS.out, NAME, records + new, KEY)
     write(records)
+
+
+def write_units(name: str, method: str, bits: str, reports: List[Any]) -> None:
+  """``results/imagenet_units.{json,md}``: each reconstructed layer's or block's error
+  before and after AdaQuant (where a target is missed, which units keep the error)."""
+  rows = [{'model': name, 'method': method, 'bits': bits, 'unit': r.unit, 'path': r.path,
+           'w_bits': r.w_bits, 'a_bits': r.a_bits, 'calib_size': FLAGS.calib_size,
+           'adaquant_iterations': FLAGS.iterations,
+           'rel_error_before': float(f'{r.rel_error_before:.4g}'),
+           'rel_error_after': float(f'{r.rel_error_after:.4g}'),
+           'kept_iteration': r.kept_iteration, 'seconds': round(r.seconds, 1),
+           'device': describe_device(), 'command': COMMAND} for r in reports]
+  write_results(FLAGS.out, f'{NAME}_units', merge_records(
+      FLAGS.out, f'{NAME}_units', rows,
+      ('model', 'method', 'bits', 'path', 'w_bits', 'adaquant_iterations')),
+      'ImageNet networks: reconstruction error of each layer or block',
+      notes='Each layer (or block) AdaQuant optimised in a `benchmarks/imagenet.py` run: '
+            'its relative reconstruction error (squared error over the float target\'s '
+            'energy, on the calibration photos) before and after, and the iteration the '
+            'guard kept (0: the start); the first and last layer at 8 bits. Made by '
+            '`python benchmarks/imagenet.py`.')
 
 
 def write(records: List[Dict[str, Any]]) -> None:
@@ -215,6 +274,9 @@ def write(records: List[Dict[str, Any]]) -> None:
             'device': 'n/a (cited)', 'command': 'cited'} for m, method, bits, fp32, top1, source
            in CITED]
   measured = [r for r in records if not str(r['method']).startswith('cited')]
+  for r in measured:   # rows from before the option: bias tuning had SGD (lr 0.1) only
+    if r.get('bias_steps') and not r.get('bias_optimizer'):
+      r['bias_optimizer'] = 'sgd'
   write_results(FLAGS.out, NAME, measured + cited,
                 'ImageNet top-1 against labels (1,000 photos of the NIPS 2017 dev set)',
                 notes='Each measured row: top-1/top-5 of the quantized model after the stage '

@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Fraction of the calibration images held out of AdaQuant for its guard (0: none).
   config.quant.guard_holdout = 0.0
   config.quant.bias_steps = 800      # KD bias-tuning steps
+  # Bias tuning's optimiser: 'sgd' (lr 0.1, the paper's) or 'adam' (lr 1e-3; ImageNet-size
+  # networks, where SGD's steps overshoot and the KD loss rises).
+  config.quant.bias_optimizer = 'sgd'
   # BN tuning: 'data' re-estimates the statistics on the calibration images (the paper's);
   # 'fp' matches the FP network's statistics on them (calibration data unlike training data).
   config.quant.bn_target = 'data'

@@ -118,7 +118,8 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
                  cache_dir: Optional[str] = None, model_name: str = 'model',
                  mixed: Optional[MixedPrecision] = None, bn_target: str = 'data',
                  unsupported: str = 'error', quantize_matmuls: bool = False,
-                 stage_guard: bool = False, progress: bool = True) -> PipelineResult:
+                 stage_guard: bool = False, bias_optimizer: str = 'sgd',
+                 progress: bool = True) -> PipelineResult:
   """Runs one pipeline (the keywords map onto a :class:`~ptq_jax.spec.QuantSpec`).
 
   Args:
@@ -132,7 +133,9 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
       serve a later mixed run; otherwise only the ones it needs).
     ranges: 'minmax', 'mse', 'percentile', or a RangeConfig (smoothing, say).
     adaquant, runtime: AdaQuant's hyper-parameters and runtime settings.
-    bias_steps: KD bias-tuning steps (minibatch 50, SGD lr 0.1, the reference's).
+    bias_steps: KD bias-tuning steps (minibatch 50).
+    bias_optimizer: bias tuning's optimiser: 'sgd' (lr 0.1, the reference's) or 'adam'
+      (lr 1e-3; for ImageNet-size networks, where SGD's steps overshoot).
     mixed: a previous run's ``result.mixed`` (same model, images and method) to reuse
       its per-option states and sensitivity table instead of recomputing them.
     bn_target: BN tuning's 'data' (re-estimate the statistics on the calibration
@@ -152,7 +155,7 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
                    None if pipeline == 'light' else adaquant or AdaQuantConfig(),
                    'sequential' if pipeline == 'sequential' else 'parallel',
                    runtime or AdaQuantRuntime(), None, bn_target, bias_steps,
-                   quantize_matmuls, stage_guard)
+                   quantize_matmuls, stage_guard, bias_optimizer)
   stages = recipes.pipeline(pipeline, spec, options, size_pct, bops_pct, mixed, cache_dir)
   prepared = prepare(model, variables, calib, model_name=model_name, unsupported=unsupported,
                      quantize_matmuls=quantize_matmuls, progress=progress)

@@ -121,7 +121,7 @@ def _with_matmuls(spec: QuantSpec, head: List[Stage], optimise: bool) -> List[St
 def _tail(spec: QuantSpec, bias: bool) -> List[Stage]:
   tail = [bn_tuning_stage(spec.bn_target)]
   if bias and spec.bias_steps:
-    tail.append(bias_tuning_stage(spec.bias_steps))
+    tail.append(bias_tuning_stage(spec.bias_steps, optimizer=spec.bias_optimizer))
   return tail
 
 

@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ptq_jax.stages.adaquant import MODES, AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.allocation import Allocation
+from ptq_jax.stages.bias_tuning import bias_optimizer
 from ptq_jax.stages.bn_tuning import TARGETS
 from ptq_jax.stages.ranges import Bits, BitsRule, RangeConfig, as_range_config, range_options
 from ptq_jax.validate import check_int
@@ -27,8 +28,8 @@ class QuantSpec:
   ``ranges``: how quantizer ranges start (a :class:`RangeConfig` or a method name).
   ``adaquant``: AdaQuant's hyper-parameters, or None for calibrated ranges only;
   ``mode``: its 'parallel' or 'sequential' inputs; ``runtime`` and ``devices``: where
-  and how fast it runs. ``bn_target`` and ``bias_steps``: BN and bias tuning (the
-  pipelines). ``quantize_matmuls``: also the activation x activation matmuls.
+  and how fast it runs. ``bn_target``, ``bias_steps`` and ``bias_optimizer``: BN and bias
+  tuning (the pipelines). ``quantize_matmuls``: also the activation x activation matmuls.
   ``stage_guard``: keep a refining stage only if it lowers the KL to FP32.
   """
 
@@ -45,6 +46,7 @@ class QuantSpec:
   bias_steps: int = 800
   quantize_matmuls: bool = False
   stage_guard: bool = False
+  bias_optimizer: str = 'sgd'
 
   def __post_init__(self):
     BitsRule(self.w_bits, self.a_bits, self.first_last_bits, self.overrides)  # (checks them)
@@ -65,6 +67,7 @@ class QuantSpec:
     if self.bn_target not in TARGETS:
       raise ValueError(f'bn_target={self.bn_target!r} is not one of {TARGETS}.')
     check_int(self.bias_steps, 'bias_steps')
+    bias_optimizer(self.bias_optimizer)   # (checks the name)
     for name in ('quantize_matmuls', 'stage_guard'):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f'{name} must be True or False, got {getattr(self, name)!r}.')
@@ -102,7 +105,8 @@ class QuantSpec:
       meta.update(mode=self.mode, adaquant=dataclasses.asdict(self.adaquant))
     if pipeline is not None:
       meta.update(pipeline=pipeline, stages=list(stages or []), bn_target=self.bn_target,
-                  bias_steps=self.bias_steps, stage_guard=self.stage_guard)
+                  bias_steps=self.bias_steps, bias_optimizer=self.bias_optimizer,
+                  stage_guard=self.stage_guard)
     if allocation is not None:
       meta.update(w_bits=None, a_bits=None, first_last_bits=None,
                   overrides=allocation.overrides(), method='mixed_precision',

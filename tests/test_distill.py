@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import ptq_jax
@@ -38,6 +39,15 @@ def test_kd_tuning_lowers_the_loss_and_touches_only_its_target(toy_w3a3, target)
     np.testing.assert_array_equal(lq.a_quant.low, old.a_quant.low)
     kernel_same = bool(jnp.all(lq.kernel == old.kernel))
     assert kernel_same == (target == 'bias')
+
+
+def test_kd_tuning_warns_when_its_steps_raise_the_loss(toy_w3a3):
+  """Steps far too large for the network (SGD lr 0.1 on an ImageNet-size one did this)
+  must not pass silently: the stage says the loss rose and what to change."""
+  model, variables, x, base = toy_w3a3
+  with pytest.warns(UserWarning, match="raised the KD loss.*bias_optimizer='adam'"):
+    kd_tune(prepare(model, variables, x, progress=False), base.qstate, steps=5,
+            batch_size=16, optimizer=optax.sgd(1e4))
 
 
 def test_bad_target(toy_w3a3):

@@ -27,6 +27,7 @@ from ptq_jax.jobs.results import render_markdown
 from ptq_jax.pipelines import PIPELINES, parse_run, run_label, run_pipeline
 from ptq_jax.quant.quantizer import parse_option
 from ptq_jax.stages.adaquant import AdaQuantConfig
+from ptq_jax.stages.bias_tuning import bias_optimizer
 from ptq_jax.stages.ranges import RangeConfig
 
 
@@ -47,6 +48,10 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
     raise ValueError(f'config.quant.range_method: {e}') from None
   for bits in [(q.w_bits, q.a_bits)] + ([(q.first_last_bits,) * 2] if q.first_last_bits else []):
     parse_option(bits)
+  try:
+    bias_optimizer(q.get('bias_optimizer', 'sgd'))
+  except ValueError as e:
+    raise ValueError(f'config.quant.{e}') from None
   inputs = load_job_inputs(config)
   model, variables, meta, calib = inputs.model, inputs.variables, inputs.meta, inputs.calib
   fp32 = inputs.fp32_top1()
@@ -66,6 +71,7 @@ def run_pipelines(config: ml_collections.ConfigDict, workdir: str) -> List[Dict[
           cache_dir=os.path.expanduser(q.cache_dir) if q.cache_dir else None,
           model_name=meta['model'], mixed=shared.get(pipeline),
           bn_target=q.get('bn_target', 'data'), stage_guard=q.get('stage_guard', False),
+          bias_optimizer=q.get('bias_optimizer', 'sgd'),
           progress=True)
       if result.mixed is not None:
         shared.setdefault(pipeline, result.mixed)

@@ -11,6 +11,7 @@ ranges stay fixed unless ``tune_quantizers`` is set.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
@@ -27,6 +28,20 @@ from ptq_jax.quant.interceptor import LayerQuant, QState, apply_quantized
 from ptq_jax.stages.prepare import Prepared, Stage
 
 TARGETS = ('bias', 'all')
+# Bias tuning's optimisers by name. 'sgd' is the reference's (plain SGD, lr 0.1), tuned
+# on CIFAR-size networks; on ImageNet-size ones (1,000 classes, a far-off start) its
+# steps overshoot and the KD loss rises. 'adam' (lr 1e-3) steps each bias by about the
+# learning rate whatever its gradient's scale (results/imagenet.md, docs/method.md).
+BIAS_OPTIMIZERS = {'sgd': lambda: optax.sgd(0.1), 'adam': lambda: optax.adam(1e-3)}
+
+
+def bias_optimizer(name: str) -> optax.GradientTransformation:
+  """The optimiser ``name`` of :data:`BIAS_OPTIMIZERS`."""
+  if name not in BIAS_OPTIMIZERS:
+    raise ValueError(f'bias_optimizer={name!r} is not one of {tuple(BIAS_OPTIMIZERS)}: '
+                     "'sgd' (the paper's, SGD lr 0.1) or 'adam' (Adam lr 1e-3, for "
+                     'ImageNet-size networks).')
+  return BIAS_OPTIMIZERS[name]()
 
 
 def kl_per_row(teacher_logits: jnp.ndarray, student_logits: jnp.ndarray) -> jnp.ndarray:
@@ -104,18 +119,25 @@ def kd_tune(prepared: Prepared, qstate: Mapping[str, LayerQuant], target: str = 
                 leave=False):
     state, opt_state, _ = step(state, opt_state, i)
   after = float(full_loss(state))
+  if not after <= before:   # (NaN included)
+    warnings.warn(f'KD tuning ({target}) raised the KD loss on the calibration images from '
+                  f'{before:.4g} to {after:.4g}: its steps overshoot. Use a smaller learning '
+                  "rate (bias tuning: bias_optimizer='adam') or stage_guard=True, which "
+                  'drops a stage that raises it.', stacklevel=2)
   return state, {'target': target, 'steps': steps, 'kd_loss_before': before,
                  'kd_loss_after': after, 'seconds': time.time() - start}
 
 
-def bias_tuning_stage(steps: int = 800, batch_size: int = 50) -> Stage:
-  """The bias-tuning stage: :func:`kd_tune` of the biases (SGD, lr 0.1, the
-  reference's), minibatches drawn from ``fold_in(key, 1)``."""
+def bias_tuning_stage(steps: int = 800, batch_size: int = 50, optimizer: str = 'sgd') -> Stage:
+  """The bias-tuning stage: :func:`kd_tune` of the biases with the optimiser named
+  ``optimizer`` (:data:`BIAS_OPTIMIZERS`; 'sgd' is the reference's), minibatches drawn
+  from ``fold_in(key, 1)``."""
   if steps < 0 or batch_size < 1:
     raise ValueError(f'bias tuning needs steps >= 0 and batch_size >= 1 (got {steps}, '
                      f'{batch_size}).')
+  bias_optimizer(optimizer)   # (a bad name fails before the work)
 
   def apply(prepared: Prepared, qstate: QState, key: jax.Array) -> Tuple[QState, Any]:
     return kd_tune(prepared, qstate, target='bias', steps=steps, batch_size=batch_size,
-                   key=jax.random.fold_in(key, 1))
+                   optimizer=bias_optimizer(optimizer), key=jax.random.fold_in(key, 1))
   return Stage('bias_tuning', apply)
