@@ -674,6 +674,8 @@ CLI_CASES = [  # (name, flags given a scratch dir, what the one line must say)
     ('dataset unknown', lambda t: ['--config.data.dataset=cifar99'], 'cifar99'),
     ('config pipeline unknown', lambda t: ['--config.pipelines=("turbo",)'], 'turbo'),
     ('config AdaQuant unit unknown', lambda t: ['--config.quant.unit=blocks'], "'blocks'"),
+    ('config bias optimizer unknown', lambda t: ['--config.quant.bias_optimizer=adamw'],
+     "config.quant.bias_optimizer='adamw' is not one of"),
     ('job unknown', lambda t: ['--config.job=fly'], 'fly'),
 ]
 
