@@ -19,9 +19,11 @@ tuning towards the FP32 network's statistics, kept only if it lowers the KL to F
 ``mixed`` (light pipeline at 13 % of the FP32 size, options W8A8 / W4A4);
 ``parallel`` and ``sequential`` (the paper's layer-wise AdaQuant, the advanced pipeline
 with BN and bias tuning, at W4A8 and W4A4; parallel computes AdaQuant at its bits and
-8-bit only); ``advanced_mixed`` (the advanced pipeline at 13 % of the FP32 size from the
-parallel W4A8 run's per-option states, W8A8 / W4A8); ``best`` (sequential, block-wise, learned
-rounding, QDrop 0.5, stage guard, at W4A4).
+8-bit only); ``advanced_mixed`` (the advanced pipeline at 13 % of the FP32 size from
+the parallel W4A8 run's per-option states, W8A8 / W4A8); ``best`` (sequential,
+block-wise, learned rounding, QDrop 0.5, stage guard, at W4A4). Bias tuning uses
+``--bias_optimizer`` (default Adam). Each reconstructing run also writes its layers' or
+blocks' errors before and after to ``results/imagenet_units.{json,md}``.
 """
 
 from __future__ import annotations
@@ -66,10 +68,10 @@ FLAGS = flags.FLAGS
 NAME = 'imagenet'
 COMMAND = ' '.join(['python benchmarks/imagenet.py'] + sys.argv[1:])
 # AdaQuant rows are also keyed by their iterations (a longer run is a new row).
+KEY = ('model', 'method', 'bits', 'stage', 'adaquant_iterations')
 # The advanced mixed run's options: the parallel W4A8 run's states (its first and last
 # layer at 8 bits), so the integer program picks 4- or 8-bit weights per layer.
 MIXED_OPTIONS = ('W8A8', 'W4A8')
-KEY = ('model', 'method', 'bits', 'stage', 'adaquant_iterations')
 
 # Published full-validation-set numbers (50,000 images), cited (None: FP32 not cited).
 CITED = [
@@ -162,7 +164,8 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
             model, variables, calib, pipeline, w_bits=w, a_bits=a, first_last_bits=8,
             ranges=ranges, adaquant=config(**kwargs), stage_guard=run == 'best',
             bn_target='fp', bias_steps=FLAGS.bias_steps, bias_optimizer=FLAGS.bias_optimizer,
-            model_name=name, progress=False, options=(bits,), mixed=prior)   # parallel: AdaQuant at these bits (and 8-bit) only
+            model_name=name, progress=False,
+            options=(bits,), mixed=prior)   # parallel: AdaQuant at these bits (and 8) only
         if run == 'parallel' and prior is None:
           states[bits] = result.mixed
         return result
