@@ -30,14 +30,14 @@ from ptq_jax.stages.prepare import Prepared, Stage
 TARGETS = ('bias', 'all')
 # Bias tuning's optimisers by name. 'sgd' is the reference's (plain SGD, lr 0.1), tuned
 # on CIFAR-size networks; on ImageNet-size ones (1,000 classes, a far-off start) its
-# steps overshoot and the KD loss rises. 'adam' (lr 1e-3) steps each bias by about the
-# learning rate whatever its gradient's scale (results/imagenet.md, docs/method.md).
+# steps overshoot. 'adam' (lr 1e-3) steps each bias by about the learning rate whatever
+# its gradient's scale (results/imagenet_ablation.md, docs/method.md).
 BIAS_OPTIMIZERS = {'sgd': lambda: optax.sgd(0.1), 'adam': lambda: optax.adam(1e-3)}
 
 
 def bias_optimizer(name: str) -> optax.GradientTransformation:
   """The optimiser ``name`` of :data:`BIAS_OPTIMIZERS`."""
-  if name not in BIAS_OPTIMIZERS:
+  if not isinstance(name, str) or name not in BIAS_OPTIMIZERS:
     raise ValueError(f'bias_optimizer={name!r} is not one of {tuple(BIAS_OPTIMIZERS)}: '
                      "'sgd' (the paper's, SGD lr 0.1) or 'adam' (Adam lr 1e-3, for "
                      'ImageNet-size networks).')
