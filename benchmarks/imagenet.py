@@ -277,9 +277,6 @@ def write(records: List[Dict[str, Any]]) -> None:
             'device': 'n/a (cited)', 'command': 'cited'} for m, method, bits, fp32, top1, source
            in CITED]
   measured = [r for r in records if not str(r['method']).startswith('cited')]
-  for r in measured:   # rows from before the option: bias tuning had SGD (lr 0.1) only
-    if r.get('bias_steps') and not r.get('bias_optimizer'):
-      r['bias_optimizer'] = 'sgd'
   write_results(FLAGS.out, NAME, measured + cited,
                 'ImageNet top-1 against labels (1,000 photos of the NIPS 2017 dev set)',
                 notes='Each measured row: top-1/top-5 of the quantized model after the stage '
