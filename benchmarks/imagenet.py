@@ -22,8 +22,10 @@ with BN and bias tuning, at W4A8 and W4A4; parallel computes AdaQuant at its bit
 8-bit only); ``advanced_mixed`` (the advanced pipeline at 13 % of the FP32 size from
 the parallel W4A8 run's per-option states, W8A8 / W4A8); ``best`` (sequential,
 block-wise, learned rounding, QDrop 0.5, stage guard, at W4A4). Bias tuning uses
-``--bias_optimizer`` (default Adam). Each reconstructing run also writes its layers' or
-blocks' errors before and after to ``results/imagenet_units.{json,md}``.
+``--bias_optimizer`` (default Adam). AdaQuant saves each finished layer or block in
+``--cache_dir``, so a run killed part-way and started again resumes there. Each
+reconstructing run also writes its layers' or blocks' errors before and after to
+``results/imagenet_units.{json,md}``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ flags.DEFINE_integer('bias_steps', 800, 'KD bias-tuning steps of the pipelines.'
 flags.DEFINE_enum('bias_optimizer', 'adam', ['sgd', 'adam'],
                   "Bias tuning's optimiser ('sgd', the paper's lr 0.1, overshoots on these "
                   'networks: results/imagenet_ablation.md).')
+flags.DEFINE_string('cache_dir', '~/.cache/ptq_jax/imagenet',
+                    'Where AdaQuant saves each finished layer or block, so a killed run '
+                    'resumes from there (empty: nothing saved).')
 flags.DEFINE_bool('redo', False, 'Rerun rows already in the results file.')
 flags.DEFINE_string('out', 'results', 'Directory for imagenet.json / imagenet.md.')
 FLAGS = flags.FLAGS
@@ -164,7 +169,7 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
             model, variables, calib, pipeline, w_bits=w, a_bits=a, first_last_bits=8,
             ranges=ranges, adaquant=config(**kwargs), stage_guard=run == 'best',
             bn_target='fp', bias_steps=FLAGS.bias_steps, bias_optimizer=FLAGS.bias_optimizer,
-            model_name=name, progress=False,
+            model_name=name, progress=False, cache_dir=cache_dir(),
             options=(bits,), mixed=prior)   # parallel: AdaQuant at these bits (and 8) only
         if run == 'parallel' and prior is None:
           states[bits] = result.mixed
@@ -177,7 +182,11 @@ def pipelines(name: str, model, variables, calib) -> Iterator[Tuple[str, str, An
                model, variables, calib, 'advanced', size_pct=13, options=MIXED_OPTIONS,
                mixed=states.get('W4A8'), ranges=ranges, adaquant=config(), bn_target='fp',
                bias_steps=FLAGS.bias_steps, bias_optimizer=FLAGS.bias_optimizer,
-               model_name=name, progress=False))
+               model_name=name, progress=False, cache_dir=cache_dir()))
+
+
+def cache_dir():
+  return os.path.expanduser(FLAGS.cache_dir) if FLAGS.cache_dir else None
 
 
 def stage_models(result: Any) -> List[Tuple[str, Any, float]]:

@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.mixed.options = ('W8A8', 'W6A6', 'W4A8', 'W4A4', 'W3A3', 'W2A4')
   config.mixed.method = 'adaquant'   # 'adaquant' (advanced) | 'ptq' (calibrated ranges: light)
   config.mixed.iterations = 1000     # AdaQuant iterations per layer and option
-  config.mixed.cache_dir = './workdir/sensitivity_cache'
+  config.mixed.cache_dir = './workdir/sensitivity_cache'   # (also AdaQuant's progress)
   # Each budget: comma-separated size_pct / bops_pct (of FP32) / loss (predicted KL).
   config.budgets = ('size_pct=13', 'size_pct=16', 'bops_pct=2')
   return config

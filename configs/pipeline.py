@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   # True: AdaQuant, BN tuning and bias tuning are kept only if they lower the KL of the
   # outputs to FP32 on the calibration images (else the run goes on from the state before).
   config.quant.stage_guard = False
+  # The mixed-precision states and AdaQuant's finished layers (a killed run resumes);
+  # '' keeps nothing.
   config.quant.cache_dir = './workdir/sensitivity_cache'
   # Deployable artifacts of the last run's model: 'jax' (a jax.export program with integer
   # weights, quantized.jaxexport), 'onnx' (an ONNX QDQ model, quantized.onnx), 'jax,onnx'

@@ -140,11 +140,12 @@ def mixed_precision(model: Any, variables: Optional[Mapping[str, Any]] = None,
     labels: calibration labels, only to use the cross-entropy loss instead of the
       label-free KL divergence from the FP outputs.
     cache_dir: where to keep the states and the table (keyed by weights, images,
-      options and settings).
+      options and settings) and, unless ``runtime`` names another ``resume_dir``,
+      AdaQuant's finished layers, so a killed run resumes.
   """
   if method not in OPTION_METHODS:
     raise ValueError(f'method={method!r} is not one of {OPTION_METHODS}.')
-  spec = QuantSpec(ranges=ranges, runtime=runtime or AdaQuantRuntime(),
+  spec = QuantSpec(ranges=ranges, runtime=(runtime or AdaQuantRuntime()).resuming_in(cache_dir),
                    adaquant=(adaquant or AdaQuantConfig()) if method == 'adaquant' else None)
   check_key(key)
   prepared = prepare(model, variables, calib, model_name=model_name, progress=progress)

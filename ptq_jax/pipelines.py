@@ -8,12 +8,14 @@ AdaQuant pass.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
 from ptq_jax import recipes
+from ptq_jax.io import check_output_dir
 from ptq_jax.mixed_precision import MixedPrecision, MixedReport, reports_of
 from ptq_jax.quantized_model import QuantizedModel, quantized_model
 from ptq_jax.recipes import GUARDED_STAGES, PIPELINES
@@ -133,6 +135,9 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
       serve a later mixed run; otherwise only the ones it needs).
     ranges: 'minmax', 'mse', 'percentile', or a RangeConfig (smoothing, say).
     adaquant, runtime: AdaQuant's hyper-parameters and runtime settings.
+    cache_dir: where the mixed-precision states are cached and, unless ``runtime``
+      names another ``resume_dir``, where AdaQuant saves each finished layer or block,
+      so a killed run started again with the same inputs resumes from there.
     bias_steps: KD bias-tuning steps (minibatch 50).
     bias_optimizer: bias tuning's optimiser: 'sgd' (lr 0.1, the reference's) or 'adam'
       (lr 1e-3; for ImageNet-size networks, where SGD's steps overshoot).
@@ -151,10 +156,13 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
       (:mod:`ptq_jax.stages.stage_guard`; each stage's ``guard`` says what it measured).
   """
   check_key(key)
+  runtime = (runtime or AdaQuantRuntime()).resuming_in(cache_dir)
+  if runtime.resume_dir is not None and pipeline != 'light':
+    check_output_dir(os.path.expanduser(runtime.resume_dir), 'AdaQuantRuntime resume_dir')
   spec = QuantSpec(w_bits, a_bits, first_last_bits, None, ranges,
                    None if pipeline == 'light' else adaquant or AdaQuantConfig(),
                    'sequential' if pipeline == 'sequential' else 'parallel',
-                   runtime or AdaQuantRuntime(), None, bn_target, bias_steps,
+                   runtime, None, bn_target, bias_steps,
                    quantize_matmuls, stage_guard, bias_optimizer)
   stages = recipes.pipeline(pipeline, spec, options, size_pct, bops_pct, mixed, cache_dir)
   prepared = prepare(model, variables, calib, model_name=model_name, unsupported=unsupported,

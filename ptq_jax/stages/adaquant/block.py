@@ -39,6 +39,7 @@ from ptq_jax.stages.adaquant import rounding
 from ptq_jax.stages.adaquant.config import AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.adaquant.objective import (make_optimizer, param_labels, scaled_ranges,
                                               weight_range_scale)
+from ptq_jax.stages.adaquant.progress import Progress
 from ptq_jax.stages.adaquant.report import UnitReport, guard_outcome
 from ptq_jax.stages.adaquant.steps import run_loop, split_examples
 from ptq_jax.stages.prepare import Prepared
@@ -69,6 +70,7 @@ def run_blocks(prepared: Prepared, qstate: Mapping[str, Any], mode: str,
   inputs = jnp.asarray(images, jnp.float32)   # (blocks that read the model input)
   x_fp = x_q = inputs
   todo = [b for b in program.blocks if quantized & set(b.paths)]
+  progress = Progress.open(runtime.resume_dir, prepared, qstate, mode, config, key)
   bar = tqdm(total=len(todo), desc=f'Block reconstruction ({mode})',
              disable=not prepared.progress, leave=False)
   try:
@@ -78,7 +80,13 @@ def run_blocks(prepared: Prepared, qstate: Mapping[str, Any], mode: str,
       y_fp = _BlockFns(float_program, block, batch).outputs(float_state, (x_fp, model_input))
       fns = _BlockFns(program, block, batch)
       trained = [p for p in block.paths if p in quantized]
-      if trained:
+      unit = f'block {block.index}'
+      if trained and progress is not None and unit in progress:   # an earlier run's
+        states, report = progress.restored(unit)
+        new_state.update(states)
+        reports.append(report)
+        bar.update()
+      elif trained:
         x = (x_fp if mode == 'parallel' else x_q, model_input)
         micro = runtime.micro_batch_for(min(config.batch_size, n_train),
                                         [by_path[p] for p in block.paths])
@@ -88,6 +96,8 @@ def run_blocks(prepared: Prepared, qstate: Mapping[str, Any], mode: str,
         new_state.update(states)
         report.mode = mode
         reports.append(report)
+        if progress is not None:
+          progress.record(unit, states, report)
         bar.set_postfix_str(f'{block.label[:40]}: rel err {report.rel_error_before:.3g} '
                             f'-> {report.rel_error_after:.3g}')
         bar.update()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Optional, Sequence, Tuple
 
 import jax
@@ -183,6 +184,9 @@ class AdaQuantRuntime:
     large feature map stays in cache; the same gradient up to float rounding, except
     that QDrop draws each micro-batch's masks from a key of its own. None: automatic
     (:meth:`micro_batch_for`); 0: never split.
+  * ``resume_dir``: a directory where each finished layer or block is saved as it
+    ends, so a run killed part-way and started again with the same inputs goes on
+    from there (:mod:`~.progress`); None: nothing saved.
   """
 
   steps_per_call: Optional[int] = None
@@ -190,6 +194,7 @@ class AdaQuantRuntime:
   capture_batch_size: int = 100
   eval_batch_size: Optional[int] = None
   micro_batch: Optional[int] = None
+  resume_dir: Optional[str] = None
 
   def __post_init__(self):
     if self.steps_per_call is not None and self.steps_per_call < 1:
@@ -201,6 +206,15 @@ class AdaQuantRuntime:
       raise ValueError(f'eval_batch_size must be >= 1 or None, got {self.eval_batch_size}.')
     if self.micro_batch is not None and self.micro_batch < 0:
       raise ValueError(f'micro_batch must be >= 0 or None, got {self.micro_batch}.')
+    if self.resume_dir is not None and not isinstance(self.resume_dir, (str, os.PathLike)):
+      raise TypeError(f'resume_dir must be a directory path or None, got {self.resume_dir!r}.')
+
+  def resuming_in(self, cache_dir: Optional[str]) -> 'AdaQuantRuntime':
+    """These settings, saving finished units in ``cache_dir`` unless ``resume_dir`` is
+    set (an entry point's ``cache_dir`` holds both its cache and AdaQuant's progress)."""
+    if cache_dir is None or self.resume_dir is not None:
+      return self
+    return dataclasses.replace(self, resume_dir=cache_dir)
 
   def micro_batch_for(self, batch: int, layers: Sequence[LayerInfo]) -> int:
     """Examples per gradient pass when a step's program holds ``layers`` (one layer, or

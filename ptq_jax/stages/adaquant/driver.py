@@ -23,6 +23,7 @@ from ptq_jax.quant.interceptor import LayerQuant, layer_states, site_key
 from ptq_jax.stages.adaquant.block import run_blocks
 from ptq_jax.stages.adaquant.config import MODES, AdaQuantConfig, AdaQuantRuntime
 from ptq_jax.stages.adaquant.layer import commit, float_targets, optimize_layer
+from ptq_jax.stages.adaquant.progress import Progress
 from ptq_jax.stages.adaquant.report import UnitReport
 from ptq_jax.stages.adaquant.shared import optimize_shared_layer
 from ptq_jax.stages.prepare import Prepared
@@ -52,11 +53,14 @@ def run_adaquant(prepared: Prepared, qstate: Mapping[str, LayerQuant], mode: str
   if config.unit == 'block':
     return run_blocks(prepared, qstate, mode, config, key, runtime)
   todo = _layers_to_optimize(prepared, qstate, config)
-  run = _LayerRun(prepared, dict(qstate), mode, config, key, runtime, local_devices(devices))
+  progress = Progress.open(runtime.resume_dir, prepared, qstate, mode, config, key)
+  run = _LayerRun(prepared, dict(qstate), mode, config, key, runtime, local_devices(devices),
+                  progress)
   mine = {todo[k].path for k in process_share(len(todo))}  # this process's layers
   groups = capture_groups(todo, len(prepared.images), runtime.capture_budget_mb)
   bar = tqdm(total=len(todo), desc=f'AdaQuant ({mode})', disable=not prepared.progress,
              leave=False)
+  bar.update(run.restore(todo))
   try:
     for group in groups:
       if mode == 'sequential':
@@ -101,8 +105,9 @@ class _LayerRun:
 
   def __init__(self, prepared: Prepared, qstate: Dict[str, LayerQuant], mode: str,
                config: AdaQuantConfig, key: jax.Array, runtime: AdaQuantRuntime,
-               devices: Sequence[Any]):
+               devices: Sequence[Any], progress: Optional[Progress] = None):
     self.qstate, self.mode, self.config, self.key = qstate, mode, config, key
+    self.progress, self.restored = progress, set()
     self.runtime, self.devices, self.images = runtime, devices, prepared.images
     self.float_state = {p: LayerQuant(lq.kernel, lq.bias)
                         for p, lq in layer_states(qstate).items()}
@@ -112,10 +117,24 @@ class _LayerRun:
     self.capture = InputCapture(prepared.model, prepared.variables, prepared.folded_bns,
                                 runtime.capture_batch_size, devices)
 
+  def restore(self, todo: Sequence[LayerInfo]) -> int:
+    """Takes the layers an earlier, killed run finished from its progress file;
+    returns how many."""
+    for layer in todo:
+      if self.progress is not None and layer.path in self.progress:
+        states, self.reports[layer.path] = self.progress.restored(layer.path)
+        self.new_state.update(states)
+        self.restored.add(layer.path)
+    return len(self.restored)
+
   def sequential_group(self, group: Sequence[LayerInfo], bar) -> None:
     """Each layer fitted on the inputs of the already-optimised prefix, in order."""
     group_paths = [k for l in group for k in site_keys(l)]
-    fp_inputs = self.capture(self.float_state, self.images, group_paths)
+    group = [l for l in group if l.path not in self.restored]
+    if not group:
+      return
+    fp_inputs = self.capture(self.float_state, self.images, group_paths,
+                             keep=[k for l in group for k in site_keys(l)])
     for layer in group:
       x = self.capture(self.new_state, self.images, group_paths, keep=site_keys(layer))
       self._done(layer, *self._optimize(layer, [fp_inputs.pop(k) for k in site_keys(layer)],
@@ -125,6 +144,7 @@ class _LayerRun:
   def parallel_group(self, mine: Sequence[LayerInfo], group: Sequence[LayerInfo],
                      bar) -> None:
     """This process's layers of ``group`` fitted on the float inputs, dealt to devices."""
+    mine = [l for l in mine if l.path not in self.restored]
     if not mine:
       return
     fp_inputs = self.capture(self.float_state, self.images,
@@ -165,6 +185,8 @@ class _LayerRun:
   def _done(self, layer: LayerInfo, lq: LayerQuant, report: UnitReport, bar) -> None:
     self.new_state[layer.path] = lq
     self.reports[layer.path] = report
+    if self.progress is not None:
+      self.progress.record(layer.path, {layer.path: lq}, report)
     bar.set_postfix_str(f'{layer.path}: rel err {report.rel_error_before:.3g} -> '
                         f'{report.rel_error_after:.3g}')
     bar.update()
