@@ -80,24 +80,15 @@ def run_blocks(prepared: Prepared, qstate: Mapping[str, Any], mode: str,
       y_fp = _BlockFns(float_program, block, batch).outputs(float_state, (x_fp, model_input))
       fns = _BlockFns(program, block, batch)
       trained = [p for p in block.paths if p in quantized]
-      unit = f'block {block.index}'
-      if trained and progress is not None and unit in progress:   # an earlier run's
-        states, report = progress.restored(unit)
-        new_state.update(states)
-        reports.append(report)
-        bar.update()
-      elif trained:
+      if trained:
         x = (x_fp if mode == 'parallel' else x_q, model_input)
         micro = runtime.micro_batch_for(min(config.batch_size, n_train),
                                         [by_path[p] for p in block.paths])
-        states, report = optimize_block(program, block, new_state, trained, x, y_fp, config,
-                                        jax.random.fold_in(key, block.index), fns, runtime,
-                                        micro, holdout)
+        states, report = _resumed(progress, f'block {block.index}', mode, lambda: optimize_block(
+            program, block, new_state, trained, x, y_fp, config,
+            jax.random.fold_in(key, block.index), fns, runtime, micro, holdout))
         new_state.update(states)
-        report.mode = mode
         reports.append(report)
-        if progress is not None:
-          progress.record(unit, states, report)
         bar.set_postfix_str(f'{block.label[:40]}: rel err {report.rel_error_before:.3g} '
                             f'-> {report.rel_error_after:.3g}')
         bar.update()
@@ -112,6 +103,18 @@ def run_blocks(prepared: Prepared, qstate: Mapping[str, Any], mode: str,
     log.info('Block reconstruction guard: %d block(s) kept an earlier state, their error having '
              'risen by the last step.', len(guarded))
   return new_state, reports
+
+
+def _resumed(progress: Optional[Progress], unit: str, mode: str, fit
+             ) -> Tuple[Dict[str, Any], UnitReport]:
+  """``unit``'s states and report from an earlier, killed run, else ``fit()``'s (saved)."""
+  if progress is not None and unit in progress:
+    return progress.restored(unit)
+  states, report = fit()
+  report.mode = mode
+  if progress is not None:
+    progress.record(unit, states, report)
+  return states, report
 
 
 def _programs(prepared: Prepared, qstate: Mapping[str, Any], float_state: Mapping[str, Any],
