@@ -52,7 +52,7 @@ def _same(a, b):
     ('sequential', BLOCKS, (block_module, 'optimize_block'))],
     ids=['layers-sequential', 'layers-parallel', 'blocks-sequential'])
 def test_a_killed_run_resumes_from_its_last_unit_and_ends_as_an_unbroken_one(
-    toy, tmp_path, monkeypatch, mode, config, fit):
+    toy, tmp_path, monkeypatch, caplog, mode, config, fit):
   """Catches a resumed run that redoes finished units, skips unfinished ones, restores a
   state into the wrong layer, or fits a later unit on inputs not recomputed from the
   restored prefix (the sequential runs would then differ from the unbroken one)."""
@@ -71,7 +71,9 @@ def test_a_killed_run_resumes_from_its_last_unit_and_ends_as_an_unbroken_one(
   module, name = fit
   fitted, original = [], getattr(module, name)
   monkeypatch.setattr(module, name, lambda *a, **k: fitted.append(1) or original(*a, **k))
-  state, reports = _run(toy, mode, config, str(tmp_path))
+  with caplog.at_level('INFO', logger='ptq_jax.stages.adaquant.progress'):
+    state, reports = _run(toy, mode, config, str(tmp_path))
+  assert '2 unit(s) finished by an earlier run' in caplog.text
   assert len(fitted) == len(unbroken_reports) - 2
   assert [r.path for r in reports] == [r.path for r in unbroken_reports]
   assert [r.rel_error_after for r in reports] == [r.rel_error_after for r in unbroken_reports]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -30,6 +31,7 @@ from ptq_jax.stages.adaquant.report import UnitReport
 from ptq_jax.stages.prepare import Prepared
 from ptq_jax.stages.sensitivity import program_text
 
+log = logging.getLogger(__name__)
 KIND = 'adaquant_progress'
 VERSION = 1
 FIX = 'delete it to start this reconstruction again'
@@ -102,6 +104,8 @@ class Progress:
                    qstate)
     if os.path.isfile(progress.path):
       progress._load()
+      log.info('AdaQuant resumes from %s: %d unit(s) finished by an earlier run.',
+               progress.path, len(progress.units))
     return progress
 
   def _load(self) -> None:
