@@ -16,8 +16,8 @@ from ptq_jax.stages.adaquant.progress import Progress
 from ptq_jax.stages.prepare import prepare
 from test_quant import ToyNet, random_variables
 
-LAYERS = ptq_jax.AdaQuantConfig(iterations=40, batch_size=16)
-BLOCKS = ptq_jax.AdaQuantConfig(iterations=40, batch_size=16, unit='block',
+LAYERS = ptq_jax.AdaQuantConfig(iterations=16, batch_size=16)
+BLOCKS = ptq_jax.AdaQuantConfig(iterations=16, batch_size=16, unit='block',
                                 rounding='learned', drop_prob=0.5)
 
 
@@ -86,7 +86,7 @@ def test_other_settings_do_not_reuse_the_progress_and_a_damaged_file_is_refused(
   """Catches a file named without the hyper-parameters (a run with other settings would
   take units fitted under the old ones) and a damaged file read as progress."""
   _run(toy, 'sequential', LAYERS, str(tmp_path))
-  other = ptq_jax.AdaQuantConfig(iterations=41, batch_size=16)
+  other = ptq_jax.AdaQuantConfig(iterations=17, batch_size=16)
   _run(toy, 'sequential', other, str(tmp_path))
   _run(toy, 'parallel', LAYERS, str(tmp_path))
   files = sorted(os.listdir(tmp_path))
