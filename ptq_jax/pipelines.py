@@ -8,14 +8,12 @@ AdaQuant pass.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 
 from ptq_jax import recipes
-from ptq_jax.io import check_output_dir
 from ptq_jax.mixed_precision import MixedPrecision, MixedReport, reports_of
 from ptq_jax.quantized_model import QuantizedModel, quantized_model
 from ptq_jax.recipes import GUARDED_STAGES, PIPELINES
@@ -157,8 +155,6 @@ def run_pipeline(model: Any, variables: Optional[Mapping[str, Any]] = None, cali
   """
   check_key(key)
   runtime = (runtime or AdaQuantRuntime()).resuming_in(cache_dir)
-  if runtime.resume_dir is not None and pipeline != 'light':
-    check_output_dir(os.path.expanduser(runtime.resume_dir), 'AdaQuantRuntime resume_dir')
   spec = QuantSpec(w_bits, a_bits, first_last_bits, None, ranges,
                    None if pipeline == 'light' else adaquant or AdaQuantConfig(),
                    'sequential' if pipeline == 'sequential' else 'parallel',

@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Tuple
 import jax
 import numpy as np
 
+from ptq_jax.io import check_output_dir
 from ptq_jax.linear import is_plain_depthwise, is_pointwise
 from ptq_jax.trace import LayerInfo
 
@@ -206,8 +207,10 @@ class AdaQuantRuntime:
       raise ValueError(f'eval_batch_size must be >= 1 or None, got {self.eval_batch_size}.')
     if self.micro_batch is not None and self.micro_batch < 0:
       raise ValueError(f'micro_batch must be >= 0 or None, got {self.micro_batch}.')
-    if self.resume_dir is not None and not isinstance(self.resume_dir, (str, os.PathLike)):
-      raise TypeError(f'resume_dir must be a directory path or None, got {self.resume_dir!r}.')
+    if self.resume_dir is not None:
+      if not isinstance(self.resume_dir, (str, os.PathLike)):
+        raise TypeError(f'resume_dir must be a directory path or None, got {self.resume_dir!r}.')
+      check_output_dir(os.path.expanduser(self.resume_dir), 'AdaQuantRuntime resume_dir')
 
   def resuming_in(self, cache_dir: Optional[str]) -> 'AdaQuantRuntime':
     """These settings, saving finished units in ``cache_dir`` unless ``resume_dir`` is

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptq_jax import checkpoint as ckpt
-from ptq_jax.io import check_output_dir, clean_stale_temps
+from ptq_jax.io import clean_stale_temps
 from ptq_jax.stages.adaquant.config import AdaQuantConfig
 from ptq_jax.stages.adaquant.report import UnitReport
 from ptq_jax.stages.prepare import Prepared
@@ -96,8 +96,7 @@ class Progress:
     directory. A damaged or foreign file is a CheckpointError naming the fix."""
     if directory is None:
       return None
-    directory = os.path.expanduser(directory)
-    check_output_dir(directory, 'AdaQuantRuntime resume_dir')
+    directory = os.path.expanduser(directory)   # (checked by AdaQuantRuntime)
     clean_stale_temps(directory)
     digest = progress_digest(prepared, qstate, mode, config, key)
     progress = cls(os.path.join(directory, f'adaquant-{digest}-p{jax.process_index()}.msgpack'),
